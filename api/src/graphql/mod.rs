@@ -1,0 +1,93 @@
+//! The GraphQL schema: per-request context, query and mutation roots, object types.
+
+mod mutation;
+mod query;
+mod types;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use async_graphql::{Context, EmptySubscription, Schema};
+use cloudtask_catalogue::{Scope, TenantHandle};
+use cloudtask_core::Error;
+use tokio::sync::OnceCell;
+
+use crate::AppState;
+use crate::auth::Identity;
+
+pub use mutation::MutationRoot;
+pub use query::QueryRoot;
+pub use types::encode_cursor;
+
+pub type AppSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
+
+/// Built once per HTTP request from its headers.
+#[derive(Clone)]
+pub struct RequestContext {
+    /// `None`: no token was sent. `Some(Err)`: one was sent and refused, with the reason.
+    pub auth: Option<Result<Identity, String>>,
+    pub client_ip: IpAddr,
+    tenant: OnceCell<TenantHandle>,
+}
+
+impl RequestContext {
+    pub fn new(auth: Option<Result<Identity, String>>, client_ip: IpAddr) -> Self {
+        RequestContext {
+            auth,
+            client_ip,
+            tenant: OnceCell::new(),
+        }
+    }
+}
+
+pub fn build_schema(state: Option<Arc<AppState>>) -> AppSchema {
+    let mut builder = Schema::build(QueryRoot, MutationRoot, EmptySubscription);
+    if let Some(state) = state {
+        builder = builder
+            .limit_depth(state.config.query_max_depth)
+            .limit_complexity(state.config.query_max_complexity)
+            .data(state);
+    }
+    builder.finish()
+}
+
+/// The SDL that `cloudtask export-schema` prints and `schema.graphql` holds.
+pub fn sdl() -> String {
+    build_schema(None).sdl()
+}
+
+pub(crate) fn state<'a>(ctx: &Context<'a>) -> &'a Arc<AppState> {
+    ctx.data_unchecked::<Arc<AppState>>()
+}
+
+pub(crate) fn request<'a>(ctx: &Context<'a>) -> &'a RequestContext {
+    ctx.data_unchecked::<RequestContext>()
+}
+
+/// The verified caller, or UNAUTHENTICATED.
+pub(crate) fn identity<'a>(ctx: &Context<'a>) -> Result<&'a Identity, Error> {
+    match &request(ctx).auth {
+        None => Err(Error::Unauthenticated("no access token".into())),
+        Some(Err(why)) => Err(Error::Unauthenticated(why.clone())),
+        Some(Ok(identity)) => Ok(identity),
+    }
+}
+
+/// The caller's tenant handle: the only way resolvers reach tenant data. Built once per
+/// request; the membership is checked against the catalogue, not taken from the token.
+pub(crate) async fn tenant<'a>(ctx: &Context<'a>) -> Result<&'a TenantHandle, Error> {
+    let identity = identity(ctx)?;
+    let tenant_id = identity.tenant_id.ok_or_else(|| {
+        Error::Forbidden("this token names no tenant; log in with a tenantId".into())
+    })?;
+    request(ctx)
+        .tenant
+        .get_or_try_init(|| {
+            state(ctx).catalogue.tenant(Scope {
+                tenant_id,
+                user_id: identity.user_id,
+                actor: identity.user_id.to_string(),
+            })
+        })
+        .await
+}

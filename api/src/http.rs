@@ -1,0 +1,282 @@
+//! HTTP routes around the GraphQL schema: request parsing with size limits, GraphiQL,
+//! health, package downloads, and the worker endpoints.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_graphql::BatchResponse;
+use async_graphql::http::{GraphiQLSource, MultipartOptions, receive_batch_body};
+use async_graphql_axum::{GraphQLResponse, GraphQLSubscription};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use cloudtask_catalogue::Scope;
+use cloudtask_core::Error;
+use cloudtask_core::task::is_sha256_hex;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::AppState;
+use crate::auth::{Identity, token_hash};
+use crate::graphql::{AppSchema, RequestContext, build_schema};
+
+#[derive(Clone)]
+struct Http {
+    state: Arc<AppState>,
+    schema: AppSchema,
+}
+
+/// Every route of the API.
+pub fn router(state: Arc<AppState>) -> axum::Router {
+    let schema = build_schema(Some(state.clone()));
+    let http = Http {
+        state,
+        schema: schema.clone(),
+    };
+    axum::Router::new()
+        .route("/graphql", post(graphql).get(graphiql))
+        .route_service("/graphql/ws", GraphQLSubscription::new(schema))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/packages/{sha256}", get(user_package))
+        .route("/worker/join", post(worker_join))
+        .route("/worker/packages/{sha256}", get(worker_package))
+        .with_state(http)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
+fn verify_user(state: &AppState, headers: &HeaderMap) -> Option<Result<Identity, String>> {
+    bearer(headers).map(|token| {
+        state.keys.verify_access(token).map_err(|e| match e {
+            Error::Unauthenticated(why) => why,
+            other => other.to_string(),
+        })
+    })
+}
+
+/// A GraphQL-shaped error for requests refused before they reach the schema.
+fn graphql_refusal(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        Json(json!({ "errors": [{ "message": message, "extensions": { "code": code } }] })),
+    )
+        .into_response()
+}
+
+async fn graphql(
+    State(http): State<Http>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let config = &http.state.config;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let multipart = content_type.is_some_and(|ct| ct.starts_with("multipart/"));
+    // Uploads may be as large as a package (plus the operations part); anything else is
+    // a query and stays small. A package above its limit but within this one is read and
+    // refused by the resolver with BAD_USER_INPUT naming the field.
+    let limit = if multipart {
+        (config.max_package_bytes as usize)
+            .saturating_mul(2)
+            .saturating_add(1 << 20)
+    } else {
+        config.max_request_bytes as usize
+    };
+    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
+        return graphql_refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "BAD_USER_INPUT",
+            format!("request body larger than {limit} bytes"),
+        );
+    };
+    let options = MultipartOptions::default()
+        .max_file_size(limit)
+        .max_num_files(4);
+    let batch = match receive_batch_body(content_type, &bytes[..], options).await {
+        Ok(batch) => batch,
+        Err(e) => {
+            return graphql_refusal(StatusCode::BAD_REQUEST, "BAD_USER_INPUT", e.to_string());
+        }
+    };
+    let context = RequestContext::new(verify_user(&http.state, &headers), peer.ip());
+    let batch = batch.data(context);
+    let mut response = http.schema.execute_batch(batch).await;
+    match &mut response {
+        BatchResponse::Single(r) => give_codes(r),
+        BatchResponse::Batch(rs) => rs.iter_mut().for_each(give_codes),
+    }
+    GraphQLResponse::from(response).into_response()
+}
+
+/// Resolver errors carry a code already (see `error.rs`). What is left are errors the
+/// request itself caused before any resolver ran: syntax, unknown fields, wrong argument
+/// types, depth and complexity limits. Those are the client's to fix.
+fn give_codes(response: &mut async_graphql::Response) {
+    for error in &mut response.errors {
+        let extensions = error.extensions.get_or_insert_with(Default::default);
+        if extensions.get("code").is_none() {
+            extensions.set("code", "BAD_USER_INPUT");
+        }
+    }
+}
+
+async fn graphiql() -> Html<String> {
+    Html(
+        GraphiQLSource::build()
+            .endpoint("/graphql")
+            .subscription_endpoint("/graphql/ws")
+            .finish(),
+    )
+}
+
+async fn readyz(State(http): State<Http>) -> Response {
+    match http.state.catalogue.ping().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response(),
+    }
+}
+
+fn error_response(e: Error) -> Response {
+    let status = match &e {
+        Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        Error::Forbidden(_) => StatusCode::FORBIDDEN,
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::BadInput { .. } => StatusCode::BAD_REQUEST,
+        Error::Conflict(_) => StatusCode::CONFLICT,
+        Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Internal(detail) => {
+            tracing::error!(%detail, "internal error");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    };
+    let message = match &e {
+        Error::Internal(_) => "internal error".to_owned(),
+        other => other.to_string(),
+    };
+    (status, Json(json!({ "error": message, "code": e.code() }))).into_response()
+}
+
+fn archive_response(content: Vec<u8>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        content,
+    )
+        .into_response()
+}
+
+fn check_sha(sha256: &str) -> Result<(), Error> {
+    if is_sha256_hex(sha256) {
+        Ok(())
+    } else {
+        Err(Error::NotFound("package"))
+    }
+}
+
+/// A user downloads one of their tenant's packages with their access token.
+async fn user_package(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    Path(sha256): Path<String>,
+) -> Response {
+    let result = async {
+        check_sha(&sha256)?;
+        let identity = match verify_user(&http.state, &headers) {
+            None => return Err(Error::Unauthenticated("no access token".into())),
+            Some(Err(why)) => return Err(Error::Unauthenticated(why)),
+            Some(Ok(identity)) => identity,
+        };
+        let tenant_id = identity
+            .tenant_id
+            .ok_or_else(|| Error::Forbidden("this token names no tenant".into()))?;
+        let handle = http
+            .state
+            .catalogue
+            .tenant(Scope {
+                tenant_id,
+                user_id: identity.user_id,
+                actor: identity.user_id.to_string(),
+            })
+            .await?;
+        handle.package_content(&sha256).await
+    }
+    .await;
+    result.map(archive_response).unwrap_or_else(error_response)
+}
+
+#[derive(Deserialize)]
+struct JoinRequest {
+    token: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JoinResponse {
+    credential: String,
+    expires_at: chrono::DateTime<chrono::Utc>,
+    tenant_id: String,
+    cluster_id: String,
+}
+
+/// A worker exchanges its cluster's join token for a credential scoped to that cluster.
+async fn worker_join(State(http): State<Http>, Json(request): Json<JoinRequest>) -> Response {
+    let result = async {
+        let cluster = http
+            .state
+            .catalogue
+            .cluster_by_join_token(&token_hash(&request.token))
+            .await?
+            .ok_or_else(|| Error::Unauthenticated("unknown join token".into()))?;
+        let issued = http.state.keys.issue_worker(
+            cluster.tenant_id,
+            cluster.id,
+            chrono::Duration::hours(12),
+        )?;
+        Ok(JoinResponse {
+            credential: issued.token,
+            expires_at: issued.expires_at,
+            tenant_id: cluster.tenant_id.to_string(),
+            cluster_id: cluster.id.to_string(),
+        })
+    }
+    .await;
+    result
+        .map(|r| Json(r).into_response())
+        .unwrap_or_else(error_response)
+}
+
+/// A worker downloads a package used by a task of its own cluster.
+async fn worker_package(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    Path(sha256): Path<String>,
+) -> Response {
+    let result = async {
+        check_sha(&sha256)?;
+        let token =
+            bearer(&headers).ok_or_else(|| Error::Unauthenticated("no credential".into()))?;
+        let worker = http.state.keys.verify_worker(token)?;
+        http.state
+            .catalogue
+            .package_for_cluster(worker.cluster_id, &sha256)
+            .await?
+            .ok_or(Error::NotFound("package"))
+    }
+    .await;
+    result.map(archive_response).unwrap_or_else(error_response)
+}

@@ -1,0 +1,84 @@
+//! Catalogue change notifications: the one seam for a Postgres-only feature.
+//!
+//! Every write that changes what the scheduler mirrors (a cluster or a task) notifies the
+//! cluster's id on the `cloudtask_changes` channel inside its transaction, so the
+//! notification is delivered exactly when the change commits. The scheduler leader
+//! listens and reconciles that cluster within moments; its slow sweep covers anything a
+//! lost connection made it miss (it is told to resync). Payloads are ids only, far below
+//! Postgres's 8,000-byte limit. On SQLite (standalone) notifications are not sent; the
+//! in-process scheduler relies on its sweep there.
+
+use cloudtask_core::ids::ClusterId;
+use cloudtask_core::{Error, Result};
+use sea_orm::sqlx::postgres::PgListener;
+use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
+
+use crate::{Catalogue, db_err};
+
+pub const CHANNEL: &str = "cloudtask_changes";
+
+pub(crate) async fn notify(conn: &impl ConnectionTrait, cluster: ClusterId) -> Result<()> {
+    if conn.get_database_backend() == DatabaseBackend::Postgres {
+        conn.execute_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [CHANNEL.into(), cluster.to_string().into()],
+        ))
+        .await
+        .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// What the listener heard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Something in this cluster (or the cluster itself) changed.
+    Cluster(ClusterId),
+    /// The connection was lost and re-established: notifications may have been missed.
+    Resync,
+}
+
+pub struct Changes {
+    listener: PgListener,
+}
+
+impl Catalogue {
+    /// Subscribes to change notifications (Postgres only).
+    pub async fn listen_changes(&self) -> Result<Changes> {
+        if self.backend() != DatabaseBackend::Postgres {
+            return Err(Error::internal("change notifications need Postgres"));
+        }
+        let mut listener = PgListener::connect_with(self.db.get_postgres_connection_pool())
+            .await
+            .map_err(|e| Error::internal(format!("LISTEN connection: {e}")))?;
+        listener
+            .listen(CHANNEL)
+            .await
+            .map_err(|e| Error::internal(format!("LISTEN: {e}")))?;
+        Ok(Changes { listener })
+    }
+}
+
+impl Changes {
+    /// The next change. While the database is unreachable this keeps retrying
+    /// (sqlx reconnects) and reports `Resync` once it is back.
+    pub async fn next(&mut self) -> Change {
+        loop {
+            match self.listener.try_recv().await {
+                Ok(Some(notification)) => match notification.payload().parse() {
+                    Ok(cluster) => return Change::Cluster(cluster),
+                    Err(_) => tracing::warn!(
+                        payload = notification.payload(),
+                        "ignoring a bad notification"
+                    ),
+                },
+                Ok(None) => return Change::Resync,
+                Err(e) => {
+                    tracing::warn!(error = %e, "change listener lost the database; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}

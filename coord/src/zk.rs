@@ -1,0 +1,291 @@
+//! The ZooKeeper implementation (the `zookeeper-client` crate). The connect string may
+//! carry a chroot (`host:2181,host2:2181/cloudtask`); it is created when missing, and
+//! every path is then relative to it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use zookeeper_client as zk;
+
+use crate::{
+    CoordError, Coordinator, Node, NodeKind, Op, Result, Session, SessionState, Version, Watch,
+    WatchEvent,
+};
+
+#[derive(Debug, Clone)]
+pub struct ZkCoordinator {
+    connect_string: String,
+    session_timeout: Duration,
+}
+
+impl ZkCoordinator {
+    pub fn new(connect_string: impl Into<String>, session_timeout: Duration) -> Self {
+        ZkCoordinator {
+            connect_string: connect_string.into(),
+            session_timeout,
+        }
+    }
+}
+
+pub struct ZkSession {
+    /// `None` once closed. Every operation works on a clone; the session ends when the
+    /// last clone is dropped.
+    client: std::sync::Mutex<Option<zk::Client>>,
+    state: watch::Receiver<SessionState>,
+}
+
+fn map_state(state: zk::SessionState) -> SessionState {
+    match state {
+        zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+            SessionState::Connected
+        }
+        zk::SessionState::Disconnected => SessionState::Disconnected,
+        zk::SessionState::Expired => SessionState::Expired,
+        zk::SessionState::Closed | zk::SessionState::AuthFailed => SessionState::Closed,
+    }
+}
+
+fn map_err(path: &str, e: zk::Error) -> CoordError {
+    match e {
+        zk::Error::NoNode => CoordError::NoNode(path.into()),
+        zk::Error::NodeExists => CoordError::NodeExists(path.into()),
+        zk::Error::BadVersion => CoordError::BadVersion(path.into()),
+        zk::Error::NotEmpty => CoordError::NotEmpty(path.into()),
+        zk::Error::SessionExpired | zk::Error::ClientClosed => CoordError::SessionExpired,
+        zk::Error::ConnectionLoss | zk::Error::Timeout | zk::Error::NoHosts => {
+            CoordError::ConnectionLoss
+        }
+        other => CoordError::Other(format!("{path}: {other}")),
+    }
+}
+
+fn create_mode(kind: NodeKind) -> zk::CreateMode {
+    match kind {
+        NodeKind::Persistent => zk::CreateMode::Persistent,
+        NodeKind::Ephemeral => zk::CreateMode::Ephemeral,
+        NodeKind::PersistentSequential => zk::CreateMode::PersistentSequential,
+        NodeKind::EphemeralSequential => zk::CreateMode::EphemeralSequential,
+    }
+}
+
+fn watch_of(watcher: zk::OneshotWatcher) -> Watch {
+    Watch::new(async move {
+        let event = watcher.changed().await;
+        match event.event_type {
+            zk::EventType::NodeCreated => WatchEvent::Created,
+            zk::EventType::NodeDeleted => WatchEvent::Deleted,
+            zk::EventType::NodeDataChanged => WatchEvent::DataChanged,
+            zk::EventType::NodeChildrenChanged => WatchEvent::ChildrenChanged,
+            zk::EventType::Session => WatchEvent::SessionEnded,
+        }
+    })
+}
+
+#[async_trait::async_trait]
+impl Coordinator for ZkCoordinator {
+    async fn connect(&self) -> Result<Arc<dyn Session>> {
+        Ok(Arc::new(
+            ZkSession::connect(&self.connect_string, self.session_timeout).await?,
+        ))
+    }
+}
+
+impl ZkSession {
+    pub async fn connect(connect_string: &str, session_timeout: Duration) -> Result<ZkSession> {
+        let client = zk::Client::connector()
+            .with_session_timeout(session_timeout)
+            .connect(connect_string)
+            .await
+            .map_err(|e| map_err(connect_string, e))?;
+        let root = client.path().to_owned();
+        if root != "/" {
+            // The chroot must exist before anything can be created under it.
+            let unrooted = client.clone().chroot("/").unwrap_or_else(|same| same);
+            let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+            match unrooted.mkdir(&root, &options).await {
+                Ok(()) | Err(zk::Error::NodeExists) => {}
+                Err(e) => return Err(map_err(&root, e)),
+            }
+        }
+        let (tx, rx) = watch::channel(map_state(client.state()));
+        let mut watcher = client.state_watcher();
+        tokio::spawn(async move {
+            loop {
+                let state = map_state(watcher.changed().await);
+                if tx.send(state).is_err() || state.is_terminal() {
+                    break;
+                }
+            }
+        });
+        Ok(ZkSession {
+            client: std::sync::Mutex::new(Some(client)),
+            state: rx,
+        })
+    }
+
+    fn client(&self) -> Result<zk::Client> {
+        self.client
+            .lock()
+            .expect("client lock")
+            .clone()
+            .ok_or(CoordError::SessionExpired)
+    }
+}
+
+#[async_trait::async_trait]
+impl Session for ZkSession {
+    async fn create(&self, path: &str, data: &[u8], kind: NodeKind) -> Result<String> {
+        let options = create_mode(kind).with_acls(zk::Acls::anyone_all());
+        let (_, sequence) = self
+            .client()?
+            .create(path, data, &options)
+            .await
+            .map_err(|e| map_err(path, e))?;
+        Ok(match kind {
+            NodeKind::PersistentSequential | NodeKind::EphemeralSequential => {
+                format!("{path}{sequence}")
+            }
+            _ => path.to_owned(),
+        })
+    }
+
+    async fn ensure_path(&self, path: &str) -> Result<()> {
+        let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+        match self.client()?.mkdir(path, &options).await {
+            Ok(()) | Err(zk::Error::NodeExists) => Ok(()),
+            Err(e) => Err(map_err(path, e)),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<Option<Node>> {
+        match self.client()?.get_data(path).await {
+            Ok((data, stat)) => Ok(Some(Node {
+                data,
+                version: stat.version,
+            })),
+            Err(zk::Error::NoNode) => Ok(None),
+            Err(e) => Err(map_err(path, e)),
+        }
+    }
+
+    async fn get_and_watch(&self, path: &str) -> Result<(Option<Node>, Watch)> {
+        match self.client()?.get_and_watch_data(path).await {
+            Ok((data, stat, watcher)) => Ok((
+                Some(Node {
+                    data,
+                    version: stat.version,
+                }),
+                watch_of(watcher),
+            )),
+            Err(zk::Error::NoNode) => {
+                // Absent: watch for its creation instead (and close the race with a
+                // creation in between by reading again after the watch is set).
+                let (stat, watcher) = self
+                    .client()?
+                    .check_and_watch_stat(path)
+                    .await
+                    .map_err(|e| map_err(path, e))?;
+                match stat {
+                    None => Ok((None, watch_of(watcher))),
+                    Some(_) => Ok((
+                        self.get(path).await?,
+                        Watch::new(async { WatchEvent::Created }),
+                    )),
+                }
+            }
+            Err(e) => Err(map_err(path, e)),
+        }
+    }
+
+    async fn set(&self, path: &str, data: &[u8], version: Option<Version>) -> Result<Version> {
+        let stat = self
+            .client()?
+            .set_data(path, data, version)
+            .await
+            .map_err(|e| map_err(path, e))?;
+        Ok(stat.version)
+    }
+
+    async fn delete(&self, path: &str, version: Option<Version>) -> Result<()> {
+        self.client()?
+            .delete(path, version)
+            .await
+            .map_err(|e| map_err(path, e))
+    }
+
+    async fn children(&self, path: &str) -> Result<Vec<String>> {
+        let mut children = self
+            .client()?
+            .list_children(path)
+            .await
+            .map_err(|e| map_err(path, e))?;
+        children.sort();
+        Ok(children)
+    }
+
+    async fn children_and_watch(&self, path: &str) -> Result<(Vec<String>, Watch)> {
+        let (mut children, watcher) = self
+            .client()?
+            .list_and_watch_children(path)
+            .await
+            .map_err(|e| map_err(path, e))?;
+        children.sort();
+        Ok((children, watch_of(watcher)))
+    }
+
+    async fn multi(&self, ops: Vec<Op>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let options = [
+            zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+            zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all()),
+            zk::CreateMode::PersistentSequential.with_acls(zk::Acls::anyone_all()),
+            zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all()),
+        ];
+        let client = self.client()?;
+        let mut writer = client.new_multi_writer();
+        for op in &ops {
+            let added = match op {
+                Op::Create { path, data, kind } => {
+                    let index = match kind {
+                        NodeKind::Persistent => 0,
+                        NodeKind::Ephemeral => 1,
+                        NodeKind::PersistentSequential => 2,
+                        NodeKind::EphemeralSequential => 3,
+                    };
+                    writer.add_create(path, data, &options[index])
+                }
+                Op::Set {
+                    path,
+                    data,
+                    version,
+                } => writer.add_set_data(path, data, *version),
+                Op::Delete { path, version } => writer.add_delete(path, *version),
+                Op::Check { path, version } => writer.add_check_version(path, *version),
+            };
+            added.map_err(|e| map_err("multi", e))?;
+        }
+        writer.commit().await.map(|_| ()).map_err(|e| match e {
+            zk::MultiWriteError::OperationFailed { index, source } => {
+                let path = match &ops[index] {
+                    Op::Create { path, .. }
+                    | Op::Set { path, .. }
+                    | Op::Delete { path, .. }
+                    | Op::Check { path, .. } => path.clone(),
+                };
+                map_err(&path, source)
+            }
+            zk::MultiWriteError::RequestFailed { source } => map_err("multi", source),
+        })
+    }
+
+    fn state(&self) -> watch::Receiver<SessionState> {
+        self.state.clone()
+    }
+
+    async fn close(&self) {
+        self.client.lock().expect("client lock").take();
+    }
+}

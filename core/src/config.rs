@@ -1,0 +1,370 @@
+//! Configuration: embedded defaults, then a TOML file, then `CLOUDTASK_*` environment
+//! variables. Loaded and validated once at start-up, then passed down by value.
+//!
+//! Every key is flat and snake_case, so `CLOUDTASK_DATABASE_URL` and `database_url` in the
+//! file name the same thing. An unknown key in the file stops start-up (it is a typo); an
+//! unknown `CLOUDTASK_*` variable is reported as a warning.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+pub const ENV_PREFIX: &str = "CLOUDTASK_";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Postgres URL of the catalogue.
+    pub database_url: String,
+    /// Address the API listens on.
+    pub listen: SocketAddr,
+    /// Where users reach the console and API; used in links in mails.
+    pub public_url: String,
+    /// HMAC secret for access tokens (at least 32 bytes). Required by `api`.
+    pub jwt_secret: Option<String>,
+    pub access_token_ttl_secs: u64,
+    pub refresh_token_ttl_secs: u64,
+    /// ZooKeeper connect string; a chroot suffix (`host:2181/root`) is honoured.
+    pub zookeeper: String,
+    pub zookeeper_session_timeout_ms: u64,
+    pub smtp_url: Option<String>,
+    /// The API a worker talks to.
+    pub api_url: String,
+    /// The join token a worker presents for its cluster.
+    pub cluster_token: Option<String>,
+    /// Worker cache and spool; the standalone database.
+    pub data_dir: PathBuf,
+    pub worker_name: Option<String>,
+    /// A worker's weight on the allocation ring (1 to 64).
+    pub worker_capacity: u32,
+    /// A worker's labels, comma-separated; tasks may require some.
+    pub worker_labels: String,
+    /// Standalone bootstrap admin.
+    pub admin_email: String,
+    pub admin_password: Option<String>,
+    /// Largest package archive accepted at upload.
+    pub max_package_bytes: u64,
+    /// Largest total size of a package's files once unpacked (archive-bomb guard).
+    pub max_unpacked_bytes: u64,
+    pub max_package_entries: u64,
+    /// Largest GraphQL request body that is not an upload.
+    pub max_request_bytes: u64,
+    pub query_max_depth: usize,
+    pub query_max_complexity: usize,
+    /// Failed logins allowed per account and per client address within the window.
+    pub login_max_attempts: u32,
+    pub login_window_secs: u64,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// A tracing filter such as `info` or `cloudtask_api=debug,info`.
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: "postgres://postgres@127.0.0.1:5432/cloudtask".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: "http://127.0.0.1:8080".into(),
+            jwt_secret: None,
+            access_token_ttl_secs: 15 * 60,
+            refresh_token_ttl_secs: 30 * 24 * 3600,
+            zookeeper: "127.0.0.1:2181/cloudtask".into(),
+            zookeeper_session_timeout_ms: 10_000,
+            smtp_url: None,
+            api_url: "http://127.0.0.1:8080".into(),
+            cluster_token: None,
+            data_dir: PathBuf::from("./cloudtask-data"),
+            worker_name: None,
+            worker_capacity: 1,
+            worker_labels: String::new(),
+            admin_email: "admin@localhost".into(),
+            admin_password: None,
+            max_package_bytes: 64 << 20,
+            max_unpacked_bytes: 512 << 20,
+            max_package_entries: 10_000,
+            max_request_bytes: 1 << 20,
+            query_max_depth: 12,
+            query_max_complexity: 2_000,
+            login_max_attempts: 5,
+            login_window_secs: 300,
+            log_format: "text".into(),
+            log_level: "info,sqlx=warn".into(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("configuration key `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The loaded configuration and what was noticed on the way.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// `CLOUDTASK_*` variables that name no key.
+    pub unknown_env: Vec<String>,
+}
+
+impl Config {
+    /// Every key the configuration knows, from the struct itself.
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => unreachable!("Config serialises to an object"),
+        }
+    }
+
+    /// Defaults, then `file`, then the given environment (normally `std::env::vars()`).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, ConfigError> {
+        let keys = Config::keys();
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("{} not found", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let mut unknown_env = Vec::new();
+        let mut known_env = Vec::new();
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if keys.contains(&key) {
+                known_env.push((key, value));
+            } else {
+                unknown_env.push(name);
+            }
+        }
+        for (key, value) in known_env {
+            figment = figment.merge(Serialized::default(&key, parse_env_value(&value)));
+        }
+        let config: Config = figment.extract().map_err(|e| {
+            let key = e.path.last().cloned().unwrap_or_else(|| "config".into());
+            ConfigError::new(&key, e.kind.to_string())
+        })?;
+        config.validate()?;
+        unknown_env.sort();
+        Ok(Loaded {
+            config,
+            unknown_env,
+        })
+    }
+
+    /// Checks that hold for every role; role-specific ones (a JWT secret for the API, a
+    /// cluster token for a worker) are in `require_*`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let scheme_ok = |url: &str, schemes: &[&str]| schemes.iter().any(|s| url.starts_with(s));
+        if !scheme_ok(
+            &self.database_url,
+            &["postgres://", "postgresql://", "sqlite:"],
+        ) {
+            return Err(ConfigError::new(
+                "database_url",
+                "must be a postgres:// or sqlite: URL",
+            ));
+        }
+        for (key, url) in [("public_url", &self.public_url), ("api_url", &self.api_url)] {
+            if !scheme_ok(url, &["http://", "https://"]) {
+                return Err(ConfigError::new(key, "must be an http:// or https:// URL"));
+            }
+        }
+        if let Some(smtp) = &self.smtp_url
+            && !scheme_ok(smtp, &["smtp://", "smtps://"])
+        {
+            return Err(ConfigError::new(
+                "smtp_url",
+                "must be an smtp:// or smtps:// URL",
+            ));
+        }
+        if self.zookeeper.trim().is_empty() {
+            return Err(ConfigError::new("zookeeper", "must not be empty"));
+        }
+        if !(1_000..=600_000).contains(&self.zookeeper_session_timeout_ms) {
+            return Err(ConfigError::new(
+                "zookeeper_session_timeout_ms",
+                "must be between 1000 and 600000",
+            ));
+        }
+        for (key, value) in [
+            ("access_token_ttl_secs", self.access_token_ttl_secs),
+            ("refresh_token_ttl_secs", self.refresh_token_ttl_secs),
+            ("max_package_bytes", self.max_package_bytes),
+            ("max_unpacked_bytes", self.max_unpacked_bytes),
+            ("max_package_entries", self.max_package_entries),
+            ("max_request_bytes", self.max_request_bytes),
+            ("login_window_secs", self.login_window_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        if !(1..=64).contains(&self.worker_capacity) {
+            return Err(ConfigError::new(
+                "worker_capacity",
+                "must be between 1 and 64",
+            ));
+        }
+        if let Some(name) = &self.worker_name
+            && !valid_segment(name)
+        {
+            return Err(ConfigError::new(
+                "worker_name",
+                "use letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if self.worker_label_set().iter().any(|l| !valid_segment(l)) {
+            return Err(ConfigError::new(
+                "worker_labels",
+                "labels use letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if self.login_max_attempts == 0 {
+            return Err(ConfigError::new(
+                "login_max_attempts",
+                "must be greater than 0",
+            ));
+        }
+        if self.query_max_depth == 0 || self.query_max_complexity == 0 {
+            return Err(ConfigError::new(
+                "query_max_depth",
+                "limits must be greater than 0",
+            ));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::new("log_format", "must be `text` or `json`"));
+        }
+        if let Some(secret) = &self.jwt_secret
+            && secret.len() < 32
+        {
+            return Err(ConfigError::new("jwt_secret", "must be at least 32 bytes"));
+        }
+        Ok(())
+    }
+
+    /// `worker_labels` as a set.
+    pub fn worker_label_set(&self) -> std::collections::BTreeSet<String> {
+        self.worker_labels
+            .split(',')
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    /// The API signs tokens: it needs a secret.
+    pub fn require_jwt_secret(&self) -> Result<&str, ConfigError> {
+        self.jwt_secret
+            .as_deref()
+            .ok_or_else(|| ConfigError::new("jwt_secret", "is required (CLOUDTASK_JWT_SECRET)"))
+    }
+}
+
+fn valid_segment(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Environment values are strings; numbers and booleans are recognised so that
+/// `CLOUDTASK_LOGIN_MAX_ATTEMPTS=10` reaches an integer field.
+fn parse_env_value(value: &str) -> figment::value::Value {
+    use figment::value::Value;
+    if let Ok(n) = value.parse::<u64>() {
+        return Value::from(n);
+    }
+    if let Ok(b) = value.parse::<bool>() {
+        return Value::from(b);
+    }
+    Value::from(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_then_file_then_env() {
+        let dir = std::env::temp_dir().join(format!("cloudtask-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "listen = \"0.0.0.0:9000\"\nlogin_max_attempts = 7\n").unwrap();
+        let loaded = Config::load(
+            Some(&file),
+            env(&[
+                ("CLOUDTASK_LOGIN_MAX_ATTEMPTS", "9"),
+                ("CLOUDTASK_DATABASE_URL", "postgres://x@y/z"),
+                ("CLOUDTASK_NOPE", "1"),
+                ("HOME", "/"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(loaded.config.listen.port(), 9000);
+        assert_eq!(loaded.config.login_max_attempts, 9);
+        assert_eq!(loaded.config.database_url, "postgres://x@y/z");
+        assert_eq!(loaded.unknown_env, vec!["CLOUDTASK_NOPE".to_string()]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Config::load(None, env(&[("CLOUDTASK_LISTEN", "not an address")])).unwrap_err();
+        assert_eq!(err.key, "listen");
+        let err = Config::load(
+            None,
+            env(&[("CLOUDTASK_ZOOKEEPER_SESSION_TIMEOUT_MS", "5")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "zookeeper_session_timeout_ms");
+        let err = Config::load(None, env(&[("CLOUDTASK_JWT_SECRET", "short")])).unwrap_err();
+        assert_eq!(err.key, "jwt_secret");
+        let err = Config::load(None, env(&[("CLOUDTASK_LOGIN_MAX_ATTEMPTS", "many")])).unwrap_err();
+        assert_eq!(err.key, "login_max_attempts");
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("cloudtask-config-u-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "lisen = \"0.0.0.0:9000\"\n").unwrap();
+        let err = Config::load(Some(&file), env(&[])).unwrap_err();
+        assert!(err.message.contains("lisen"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,18 @@
+//! Catalogue migrations. Written with sea-query's schema builder only, so the same
+//! migrations create the catalogue on Postgres and on SQLite (standalone mode). Nothing
+//! Postgres-specific belongs here: Postgres-only features (LISTEN/NOTIFY for the
+//! scheduler) go behind one module of the catalogue crate, with an in-process stand-in
+//! for SQLite.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261123_000001_catalogue;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261123_000001_catalogue::Migration)]
+    }
+}

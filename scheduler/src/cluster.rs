@@ -1,0 +1,332 @@
+//! One cluster as the leader sees it: the mirrored tasks, the live workers and the
+//! assignments, read from ZooKeeper once when leadership starts and then kept in step
+//! with every write the leader makes. Each reconcile computes what ZooKeeper should hold
+//! and writes only the difference: no change, no write.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cloudtask_catalogue::records::{Cluster, Task};
+use cloudtask_coord::layout::{self, ClusterNode, TaskNode, WorkerNode};
+use cloudtask_coord::{CoordError, NodeKind, Op, Result, Session};
+use cloudtask_core::ids::{ClusterId, TaskId};
+use cloudtask_core::task::TaskState;
+
+use crate::ring::{Member, Ring};
+
+/// Writes per ZooKeeper multi: small enough to stay far below `jute.maxbuffer`.
+const BATCH: usize = 1_000;
+
+/// How the worker set changed since the last look.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WorkerChanges {
+    pub joined: Vec<WorkerNode>,
+    /// Gone with a departure marker: a clean leave.
+    pub left: Vec<WorkerNode>,
+    /// Gone without one: the session died.
+    pub failed: Vec<WorkerNode>,
+}
+
+pub struct ClusterState {
+    pub cluster: Cluster,
+    tasks: BTreeMap<TaskId, TaskNode>,
+    /// task → worker whose assignment folder holds it.
+    assignments: HashMap<TaskId, String>,
+    /// Assignment folders present (live workers' and departed ones' not yet removed).
+    assignment_dirs: BTreeSet<String>,
+    workers: BTreeMap<String, WorkerNode>,
+}
+
+/// Leader fencing: every batch checks that our election node still exists, so a leader
+/// that lost its session can never write. Also counts the znode writes made.
+#[derive(Clone)]
+pub struct Fence {
+    pub election_node: String,
+    pub writes: Arc<AtomicU64>,
+}
+
+async fn apply(session: &dyn Session, fence: &Fence, ops: Vec<Op>) -> Result<()> {
+    for chunk in ops.chunks(BATCH) {
+        let mut batch = Vec::with_capacity(chunk.len() + 1);
+        batch.push(Op::Check {
+            path: fence.election_node.clone(),
+            version: 0,
+        });
+        batch.extend_from_slice(chunk);
+        session.multi(batch).await?;
+        fence
+            .writes
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+fn task_node(task: &Task) -> TaskNode {
+    TaskNode {
+        tenant: task.tenant_id,
+        name: task.name.clone(),
+        version: task.version,
+        paused: task.state == TaskState::Paused,
+        spec: task.spec.clone(),
+    }
+}
+
+impl ClusterState {
+    pub fn id(&self) -> ClusterId {
+        self.cluster.id
+    }
+
+    pub fn workers(&self) -> &BTreeMap<String, WorkerNode> {
+        &self.workers
+    }
+
+    /// task → worker, as written.
+    pub fn assignments(&self) -> &HashMap<TaskId, String> {
+        &self.assignments
+    }
+
+    /// Reads the cluster's state from ZooKeeper, creating its folders when missing.
+    pub async fn load(session: &dyn Session, cluster: Cluster) -> Result<ClusterState> {
+        let id = cluster.id;
+        let root = layout::cluster(id);
+        let payload = layout::encode(&ClusterNode {
+            tenant: cluster.tenant_id,
+            name: cluster.name.clone(),
+        });
+        match session.get(&root).await? {
+            Some(node) if node.data == payload => {}
+            Some(_) => {
+                session.set(&root, &payload, None).await?;
+            }
+            None => match session.create(&root, &payload, NodeKind::Persistent).await {
+                Ok(_) | Err(CoordError::NodeExists(_)) => {}
+                Err(CoordError::NoNode(_)) => {
+                    session.ensure_path(layout::CLUSTERS).await?;
+                    session
+                        .create(&root, &payload, NodeKind::Persistent)
+                        .await?;
+                }
+                Err(e) => return Err(e),
+            },
+        }
+        for dir in [
+            layout::tasks(id),
+            layout::workers(id),
+            layout::assignments(id),
+            layout::departures(id),
+        ] {
+            session.ensure_path(&dir).await?;
+        }
+        let mut tasks = BTreeMap::new();
+        for name in session.children(&layout::tasks(id)).await? {
+            let Ok(task_id) = name.parse::<TaskId>() else {
+                continue;
+            };
+            let path = layout::task(id, task_id);
+            if let Some(node) = session.get(&path).await? {
+                tasks.insert(task_id, layout::decode(&path, &node.data)?);
+            }
+        }
+        let mut assignments = HashMap::new();
+        let mut assignment_dirs = BTreeSet::new();
+        for worker in session.children(&layout::assignments(id)).await? {
+            for name in session
+                .children(&layout::worker_assignments(id, &worker))
+                .await?
+            {
+                if let Ok(task_id) = name.parse::<TaskId>() {
+                    // A task under two folders (never written by us) is repaired by the
+                    // next allocation: keep one, the other is seen as stale.
+                    assignments.entry(task_id).or_insert_with(|| worker.clone());
+                }
+            }
+            assignment_dirs.insert(worker);
+        }
+        let mut state = ClusterState {
+            cluster,
+            tasks,
+            assignments,
+            assignment_dirs,
+            workers: BTreeMap::new(),
+        };
+        state.workers = state.read_workers(session).await?;
+        Ok(state)
+    }
+
+    async fn read_workers(&self, session: &dyn Session) -> Result<BTreeMap<String, WorkerNode>> {
+        let mut workers = BTreeMap::new();
+        for name in session.children(&layout::workers(self.id())).await? {
+            let path = layout::worker(self.id(), &name);
+            if let Some(node) = session.get(&path).await? {
+                match layout::decode::<WorkerNode>(&path, &node.data) {
+                    Ok(worker) => {
+                        workers.insert(name, worker);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "ignoring a worker with a bad payload"),
+                }
+            }
+        }
+        Ok(workers)
+    }
+
+    /// Re-reads the live workers and tells joins, clean leaves and failures apart.
+    pub async fn refresh_workers(&mut self, session: &dyn Session) -> Result<WorkerChanges> {
+        let now = self.read_workers(session).await?;
+        let mut changes = WorkerChanges::default();
+        for (name, worker) in &self.workers {
+            if now
+                .get(name)
+                .is_some_and(|w| w.started_at == worker.started_at)
+            {
+                continue;
+            }
+            let marker = layout::departure(self.id(), name);
+            let left_cleanly = session.get(&marker).await?.is_some();
+            if left_cleanly {
+                match session.delete(&marker, None).await {
+                    Ok(()) | Err(CoordError::NoNode(_)) => {}
+                    Err(e) => return Err(e),
+                }
+                changes.left.push(worker.clone());
+            } else {
+                changes.failed.push(worker.clone());
+            }
+        }
+        for (name, worker) in &now {
+            if self
+                .workers
+                .get(name)
+                .is_some_and(|w| w.started_at == worker.started_at)
+            {
+                continue;
+            }
+            changes.joined.push(worker.clone());
+        }
+        self.workers = now;
+        Ok(changes)
+    }
+
+    /// Makes the mirrored tasks equal to the catalogue's.
+    pub async fn mirror(
+        &mut self,
+        session: &dyn Session,
+        fence: &Fence,
+        catalogue_tasks: &[Task],
+    ) -> Result<()> {
+        let id = self.id();
+        let desired: BTreeMap<TaskId, TaskNode> = catalogue_tasks
+            .iter()
+            .map(|t| (t.id, task_node(t)))
+            .collect();
+        let mut ops = Vec::new();
+        for (task_id, node) in &desired {
+            match self.tasks.get(task_id) {
+                Some(current) if current == node => {}
+                Some(_) => ops.push(Op::Set {
+                    path: layout::task(id, *task_id),
+                    data: layout::encode(node),
+                    version: None,
+                }),
+                None => ops.push(Op::Create {
+                    path: layout::task(id, *task_id),
+                    data: layout::encode(node),
+                    kind: NodeKind::Persistent,
+                }),
+            }
+        }
+        for task_id in self.tasks.keys().filter(|t| !desired.contains_key(t)) {
+            if let Some(worker) = self.assignments.remove(task_id) {
+                ops.push(Op::Delete {
+                    path: layout::assignment(id, &worker, *task_id),
+                    version: None,
+                });
+            }
+            ops.push(Op::Delete {
+                path: layout::task(id, *task_id),
+                version: None,
+            });
+        }
+        apply(session, fence, ops).await?;
+        self.tasks = desired;
+        Ok(())
+    }
+
+    /// Writes the assignments the ring gives for the live workers, touching only tasks
+    /// whose owner changes. Paused tasks and tasks no live worker can take are left
+    /// unassigned.
+    pub async fn allocate(&mut self, session: &dyn Session, fence: &Fence) -> Result<usize> {
+        let id = self.id();
+        let ring = Ring::new(self.workers.values().map(|w| Member {
+            id: w.name.clone(),
+            capacity: w.capacity,
+            labels: w.labels.clone(),
+        }));
+        let mut ops = Vec::new();
+        let mut new_dirs = BTreeSet::new();
+        let mut moved = 0;
+        let mut next = HashMap::with_capacity(self.tasks.len());
+        for (task_id, node) in &self.tasks {
+            let key = task_id.to_string();
+            let labels = layout::required_labels(&node.spec);
+            let owner = if node.paused {
+                None
+            } else {
+                ring.owner(&key, &labels).map(str::to_owned)
+            };
+            let current = self.assignments.get(task_id);
+            if current != owner.as_ref() {
+                moved += 1;
+                if let Some(old) = current {
+                    ops.push(Op::Delete {
+                        path: layout::assignment(id, old, *task_id),
+                        version: None,
+                    });
+                }
+                if let Some(new) = &owner {
+                    if !self.assignment_dirs.contains(new) && new_dirs.insert(new.clone()) {
+                        ops.push(Op::Create {
+                            path: layout::worker_assignments(id, new),
+                            data: Vec::new(),
+                            kind: NodeKind::Persistent,
+                        });
+                    }
+                    ops.push(Op::Create {
+                        path: layout::assignment(id, new, *task_id),
+                        data: Vec::new(),
+                        kind: NodeKind::Persistent,
+                    });
+                }
+            }
+            if let Some(owner) = owner {
+                next.insert(*task_id, owner);
+            }
+        }
+        // Folder creations must precede the assignments in them: they come first in
+        // `ops` only if created above before use, which the loop guarantees per folder.
+        apply(session, fence, ops).await?;
+        self.assignments = next;
+        self.assignment_dirs.extend(new_dirs);
+        // Folders of workers that are gone and now hold nothing.
+        let holding: BTreeSet<&String> = self.assignments.values().collect();
+        let stale: Vec<String> = self
+            .assignment_dirs
+            .iter()
+            .filter(|d| !self.workers.contains_key(*d) && !holding.contains(d))
+            .cloned()
+            .collect();
+        for dir in stale {
+            match session
+                .delete(&layout::worker_assignments(id, &dir), None)
+                .await
+            {
+                Ok(()) | Err(CoordError::NoNode(_)) => {
+                    self.assignment_dirs.remove(&dir);
+                }
+                Err(CoordError::NotEmpty(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(moved)
+    }
+}

@@ -1,0 +1,334 @@
+//! The scheduler: replicas elect one leader in ZooKeeper; the leader mirrors every
+//! cluster's tasks from the catalogue into ZooKeeper, watches each cluster's workers, and
+//! allocates tasks to workers on a consistent-hash ring, moving only what must move.
+
+pub mod cluster;
+pub mod election;
+pub mod ring;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use cloudtask_catalogue::changes::{Change, Changes};
+use cloudtask_catalogue::{Catalogue, WorkerEvent};
+use cloudtask_coord::{CoordError, Coordinator, Session, WatchEvent, delete_recursive, layout};
+use cloudtask_core::ids::ClusterId;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use cluster::{ClusterState, Fence, WorkerChanges};
+pub use ring::{Member, Ring, allocate};
+
+/// How often the leader reconciles everything, whatever it heard.
+pub const SWEEP: Duration = Duration::from_secs(60);
+
+pub struct Scheduler {
+    pub catalogue: Catalogue,
+    pub coordinator: Arc<dyn Coordinator>,
+    /// Shown in the election node, for operators.
+    pub identity: String,
+    pub sweep: Duration,
+    /// Znode writes made by this replica's leadership terms (for tests and benchmarks).
+    pub writes: Arc<AtomicU64>,
+}
+
+/// Why a leadership term ended.
+enum TermEnd {
+    Shutdown,
+    SessionLost,
+}
+
+impl Scheduler {
+    /// Campaigns, leads when elected, and campaigns again after losing a session, until
+    /// `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let session = match self.coordinator.connect().await {
+                Ok(session) => session,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach the coordination service; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            match self.term(session.clone(), &shutdown).await {
+                Ok(TermEnd::Shutdown) => {
+                    session.close().await;
+                    return Ok(());
+                }
+                Ok(TermEnd::SessionLost) => tracing::warn!("session lost; campaigning again"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "leadership term failed; campaigning again");
+                    session.close().await;
+                }
+            }
+        }
+    }
+
+    async fn term(
+        &self,
+        session: Arc<dyn Session>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<TermEnd> {
+        let node = election::campaign(session.as_ref(), &self.identity).await?;
+        let mut state = session.state();
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(TermEnd::Shutdown),
+            _ = session_ended(&mut state) => return Ok(TermEnd::SessionLost),
+            won = election::wait_for_leadership(session.as_ref(), &node) => match won {
+                Ok(()) => {}
+                Err(CoordError::SessionExpired) => return Ok(TermEnd::SessionLost),
+                Err(e) => return Err(e.into()),
+            },
+        }
+        tracing::info!(%node, "leading");
+        let changes = self.catalogue.listen_changes().await.ok();
+        let fence = Fence {
+            election_node: node,
+            writes: self.writes.clone(),
+        };
+        Leader::new(self, session, fence, changes)
+            .lead(shutdown)
+            .await
+    }
+}
+
+struct Leader<'a> {
+    scheduler: &'a Scheduler,
+    session: Arc<dyn Session>,
+    fence: Fence,
+    changes: Option<Changes>,
+    clusters: BTreeMap<ClusterId, ClusterState>,
+    watchers: BTreeMap<ClusterId, CancellationToken>,
+    dirty_tx: mpsc::UnboundedSender<ClusterId>,
+    dirty_rx: mpsc::UnboundedReceiver<ClusterId>,
+}
+
+impl<'a> Leader<'a> {
+    fn new(
+        scheduler: &'a Scheduler,
+        session: Arc<dyn Session>,
+        fence: Fence,
+        changes: Option<Changes>,
+    ) -> Self {
+        let (dirty_tx, dirty_rx) = mpsc::unbounded_channel();
+        Leader {
+            scheduler,
+            session,
+            fence,
+            changes,
+            clusters: BTreeMap::new(),
+            watchers: BTreeMap::new(),
+            dirty_tx,
+            dirty_rx,
+        }
+    }
+
+    async fn lead(mut self, shutdown: &CancellationToken) -> anyhow::Result<TermEnd> {
+        let result = self.lead_inner(shutdown).await;
+        for watcher in self.watchers.values() {
+            watcher.cancel();
+        }
+        result
+    }
+
+    async fn lead_inner(&mut self, shutdown: &CancellationToken) -> anyhow::Result<TermEnd> {
+        self.sweep().await?;
+        let mut state = self.session.state();
+        let mut sweep = tokio::time::interval(self.scheduler.sweep);
+        sweep.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(TermEnd::Shutdown),
+                _ = session_ended(&mut state) => return Ok(TermEnd::SessionLost),
+                Some(cluster) = self.dirty_rx.recv() => self.workers_changed(cluster).await?,
+                change = next_change(&mut self.changes) => match change {
+                    Change::Cluster(cluster) => self.reconcile(cluster).await?,
+                    Change::Resync => self.sweep().await?,
+                },
+                _ = sweep.tick() => self.sweep().await?,
+            }
+        }
+    }
+
+    /// Every cluster: mirror and allocate; forget clusters the catalogue no longer has.
+    async fn sweep(&mut self) -> anyhow::Result<()> {
+        let clusters = self.scheduler.catalogue.all_clusters().await?;
+        let known: Vec<ClusterId> = clusters.iter().map(|c| c.id).collect();
+        for cluster in clusters {
+            self.reconcile_cluster(cluster).await?;
+        }
+        let gone: Vec<ClusterId> = self
+            .clusters
+            .keys()
+            .filter(|c| !known.contains(c))
+            .copied()
+            .collect();
+        for cluster in gone {
+            self.remove_cluster(cluster).await?;
+        }
+        // Clusters in ZooKeeper that the catalogue no longer knows (deleted while no
+        // leader was there).
+        match self.session.children(layout::CLUSTERS).await {
+            Ok(names) => {
+                for name in names {
+                    if let Ok(id) = name.parse::<ClusterId>()
+                        && !known.contains(&id)
+                    {
+                        self.remove_cluster(id).await?;
+                    }
+                }
+            }
+            Err(CoordError::NoNode(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    async fn reconcile(&mut self, cluster: ClusterId) -> anyhow::Result<()> {
+        match self.scheduler.catalogue.cluster_by_id(cluster).await? {
+            Some(cluster) => self.reconcile_cluster(cluster).await,
+            None => self.remove_cluster(cluster).await,
+        }
+    }
+
+    async fn reconcile_cluster(
+        &mut self,
+        cluster: cloudtask_catalogue::records::Cluster,
+    ) -> anyhow::Result<()> {
+        let id = cluster.id;
+        let tasks = self.scheduler.catalogue.tasks_of_cluster(id).await?;
+        if !self.clusters.contains_key(&id) {
+            let state = ClusterState::load(self.session.as_ref(), cluster).await?;
+            self.clusters.insert(id, state);
+            self.watch_workers(id);
+        }
+        let state = self.clusters.get_mut(&id).expect("loaded above");
+        state
+            .mirror(self.session.as_ref(), &self.fence, &tasks)
+            .await?;
+        let moved = state.allocate(self.session.as_ref(), &self.fence).await?;
+        if moved > 0 {
+            tracing::info!(cluster = %id, moved, "allocation updated");
+        }
+        Ok(())
+    }
+
+    async fn remove_cluster(&mut self, cluster: ClusterId) -> anyhow::Result<()> {
+        if let Some(watcher) = self.watchers.remove(&cluster) {
+            watcher.cancel();
+        }
+        self.clusters.remove(&cluster);
+        delete_recursive(self.session.as_ref(), &layout::cluster(cluster)).await?;
+        tracing::info!(%cluster, "cluster removed from coordination");
+        Ok(())
+    }
+
+    async fn workers_changed(&mut self, cluster: ClusterId) -> anyhow::Result<()> {
+        let Some(state) = self.clusters.get_mut(&cluster) else {
+            return Ok(());
+        };
+        let changes = state.refresh_workers(self.session.as_ref()).await?;
+        if changes == WorkerChanges::default() {
+            return Ok(());
+        }
+        // Allocation first: the failed worker's tasks must find a new owner fast.
+        let moved = state.allocate(self.session.as_ref(), &self.fence).await?;
+        tracing::info!(%cluster, joined = changes.joined.len(), left = changes.left.len(),
+            failed = changes.failed.len(), moved, "workers changed");
+        let tenant = state.cluster.tenant_id;
+        for worker in &changes.failed {
+            let occurrence = worker.started_at.to_rfc3339();
+            self.scheduler
+                .catalogue
+                .record_worker_event(
+                    tenant,
+                    cluster,
+                    &worker.name,
+                    WorkerEvent::Offline,
+                    &occurrence,
+                )
+                .await?;
+        }
+        for worker in &changes.joined {
+            // Back online: it failed before (an offline event exists for an earlier
+            // incarnation) and now has a new session.
+            if self
+                .scheduler
+                .catalogue
+                .worker_was_offline(tenant, cluster, &worker.name)
+                .await?
+            {
+                let occurrence = worker.started_at.to_rfc3339();
+                self.scheduler
+                    .catalogue
+                    .record_worker_event(
+                        tenant,
+                        cluster,
+                        &worker.name,
+                        WorkerEvent::Online,
+                        &occurrence,
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Watches a cluster's worker folder; each change marks the cluster dirty.
+    fn watch_workers(&mut self, cluster: ClusterId) {
+        let token = CancellationToken::new();
+        self.watchers.insert(cluster, token.clone());
+        let session = self.session.clone();
+        let dirty = self.dirty_tx.clone();
+        tokio::spawn(async move {
+            let path = layout::workers(cluster);
+            let mut first = true;
+            loop {
+                let watch = match session.children_and_watch(&path).await {
+                    Ok((_, watch)) => watch,
+                    Err(e) => {
+                        tracing::debug!(%cluster, error = %e, "worker watch ended");
+                        return;
+                    }
+                };
+                // The leader read the workers before this watch was armed: a change in
+                // between would otherwise go unheard.
+                if std::mem::take(&mut first) && dirty.send(cluster).is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    event = watch.fired() => {
+                        if event == WatchEvent::SessionEnded || dirty.send(cluster).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Resolves when the session's state turns terminal (or its sender is gone).
+async fn session_ended(state: &mut tokio::sync::watch::Receiver<cloudtask_coord::SessionState>) {
+    let _ = state.wait_for(|s| s.is_terminal()).await.map(|_| ());
+}
+
+async fn next_change(changes: &mut Option<Changes>) -> Change {
+    match changes {
+        Some(changes) => changes.next().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The one test command: readies Postgres and ZooKeeper (installing and starting them when
+# absent), then runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/ensure-postgres.sh
+scripts/ensure-zookeeper.sh
+
+# Databases left behind by earlier runs (each test creates its own).
+psql -h 127.0.0.1 -U postgres -d postgres -Atc \
+  "SELECT datname FROM pg_database WHERE datname LIKE 'cloudtask\_test\_%'" |
+  while read -r db; do
+    psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\"" || true
+  done
+
+cargo test --workspace --all-targets "$@"

@@ -1,0 +1,196 @@
+//! `cloudtask`: one binary, one subcommand per role. Wiring only; each role lives in its crate.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cloudtask_catalogue::{Catalogue, NewUser};
+use cloudtask_coord::zk::ZkCoordinator;
+use cloudtask_core::config::Config;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "cloudtask", version, about = "Multi-tenant distributed cron")]
+struct Cli {
+    /// TOML configuration file; `CLOUDTASK_*` environment variables override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the GraphQL API.
+    Api,
+    /// Run a scheduler replica: one leader (elected in ZooKeeper) mirrors and allocates.
+    Scheduler,
+    /// Apply catalogue migrations (a no-op when up to date).
+    Migrate,
+    /// Bootstrap and maintenance.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Print the GraphQL schema (SDL).
+    ExportSchema,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create a user; the password is read from standard input.
+    CreateUser {
+        #[arg(long)]
+        email: String,
+        /// Read the password from stdin (the only way: never on the command line).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        /// May create tenants.
+        #[arg(long)]
+        platform_admin: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::ExportSchema = cli.command {
+        print!("{}", cloudtask_api::sdl());
+        return ExitCode::SUCCESS;
+    }
+    let loaded = match Config::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("cloudtask: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&loaded.config);
+    for name in &loaded.unknown_env {
+        tracing::warn!(variable = %name, "unknown configuration variable ignored");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
+    let result = runtime
+        .context("starting the async runtime")
+        .and_then(|rt| rt.block_on(run(cli.command, loaded.config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cloudtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::ExportSchema => unreachable!("handled before the runtime starts"),
+        Command::Migrate => {
+            let catalogue = Catalogue::connect(&config.database_url).await?;
+            catalogue.migrate().await?;
+            tracing::info!("catalogue is up to date");
+            Ok(())
+        }
+        Command::Admin {
+            command:
+                AdminCommand::CreateUser {
+                    email,
+                    password_stdin: _,
+                    platform_admin,
+                },
+        } => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_to_string(&mut password)
+                .context("reading the password")?;
+            let password = password.trim_end_matches(['\n', '\r']).to_owned();
+            cloudtask_api::auth::validate_password("password", &password)?;
+            let password_hash = cloudtask_api::auth::hash_password(&password)?;
+            let catalogue = Catalogue::connect(&config.database_url).await?;
+            let user = catalogue
+                .create_user(NewUser {
+                    email,
+                    password_hash,
+                    platform_admin,
+                })
+                .await?;
+            println!("{}", user.id);
+            Ok(())
+        }
+        Command::Scheduler => {
+            let catalogue = Catalogue::connect(&config.database_url).await?;
+            let coordinator = Arc::new(ZkCoordinator::new(
+                config.zookeeper.clone(),
+                Duration::from_millis(config.zookeeper_session_timeout_ms),
+            ));
+            let scheduler = cloudtask_scheduler::Scheduler {
+                catalogue,
+                coordinator,
+                identity: format!("{}/{}", hostname(), std::process::id()),
+                sweep: cloudtask_scheduler::SWEEP,
+                writes: Arc::default(),
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            tracing::info!("scheduler started");
+            scheduler.run(shutdown).await
+        }
+        Command::Api => {
+            let catalogue = Catalogue::connect(&config.database_url).await?;
+            let listen = config.listen;
+            let state = cloudtask_api::AppState::new(catalogue, config)?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            tracing::info!(address = %listener.local_addr()?, "API listening; GraphiQL at /graphql");
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            cloudtask_api::run(state, listener, shutdown).await?;
+            Ok(())
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Ctrl-C or SIGTERM cancels the one shutdown token.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

@@ -1,0 +1,344 @@
+//! Test-only helpers: a fresh Postgres database per test, the real API on port 0, and a
+//! small GraphQL client (JSON and multipart uploads).
+
+use std::sync::Arc;
+
+use cloudtask_api::AppState;
+use cloudtask_catalogue::{Catalogue, NewUser};
+use cloudtask_core::config::Config;
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Where tests create their databases: `CLOUDTASK_TEST_DATABASE_URL`, else the local
+/// server's maintenance database.
+pub fn admin_database_url() -> String {
+    std::env::var("CLOUDTASK_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Every test database starts with this prefix; `scripts/test.sh` drops leftovers.
+pub const TEST_DATABASE_PREFIX: &str = "cloudtask_test_";
+
+/// Creates an empty database with a unique name and returns its URL.
+pub async fn fresh_database() -> String {
+    let admin_url = admin_database_url();
+    let admin = Database::connect(&admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("Postgres at {admin_url} is not reachable: {e}"));
+    let name = format!("{TEST_DATABASE_PREFIX}{}", uuid::Uuid::new_v4().simple());
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+        .await
+        .expect("creating a test database");
+    admin.close().await.ok();
+    let (base, _) = admin_url.rsplit_once('/').expect("database URL has a path");
+    format!("{base}/{name}")
+}
+
+/// The real API, serving on 127.0.0.1:0 over a fresh, migrated database.
+pub struct TestApi {
+    pub url: String,
+    pub catalogue: Catalogue,
+    pub state: Arc<AppState>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApi {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+/// A configuration for tests: a fresh database URL and a known JWT secret.
+pub fn test_config(database_url: String) -> Config {
+    Config {
+        database_url,
+        jwt_secret: Some(TEST_JWT_SECRET.into()),
+        listen: "127.0.0.1:0".parse().expect("address"),
+        ..Config::default()
+    }
+}
+
+impl TestApi {
+    pub async fn start() -> TestApi {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts the API with a configuration adjusted by `adjust` (limits, TTLs).
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestApi {
+        let mut config = test_config(fresh_database().await);
+        adjust(&mut config);
+        config.validate().expect("test configuration is valid");
+        let catalogue = Catalogue::connect(&config.database_url)
+            .await
+            .expect("connect");
+        catalogue.migrate().await.expect("migrate");
+        let state = AppState::new(catalogue.clone(), config).expect("api state");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("local address"));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cloudtask_api::run(
+            state.clone(),
+            listener,
+            shutdown.clone(),
+        ));
+        TestApi {
+            url,
+            catalogue,
+            state,
+            shutdown,
+        }
+    }
+
+    /// A user created the way `cloudtask admin create-user` does.
+    pub async fn create_user(&self, email: &str, password: &str, platform_admin: bool) {
+        let password_hash = cloudtask_api::auth::hash_password(password).expect("hash");
+        self.catalogue
+            .create_user(NewUser {
+                email: email.into(),
+                password_hash,
+                platform_admin,
+            })
+            .await
+            .expect("create user");
+    }
+
+    /// A client without a token.
+    pub fn client(&self) -> Gql {
+        Gql {
+            http: reqwest::Client::new(),
+            url: self.url.clone(),
+            token: None,
+        }
+    }
+
+    /// Logs in and returns a client carrying the access token.
+    pub async fn login(&self, email: &str, password: &str, tenant_id: Option<&str>) -> Gql {
+        let response = self
+            .client()
+            .run(
+                "mutation($e: String!, $p: String!, $t: ID) {
+                    login(email: $e, password: $p, tenantId: $t) { accessToken }
+                }",
+                json!({ "e": email, "p": password, "t": tenant_id }),
+            )
+            .await;
+        let token = response.data()["login"]["accessToken"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+        self.client().with_token(&token)
+    }
+}
+
+/// A GraphQL-over-HTTP client, as any user's would be.
+#[derive(Clone)]
+pub struct Gql {
+    pub http: reqwest::Client,
+    pub url: String,
+    pub token: Option<String>,
+}
+
+/// The parsed answer: `data` and `errors` as the server sent them, and the HTTP status.
+#[derive(Debug)]
+pub struct GqlResponse {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl GqlResponse {
+    /// The data, panicking with the errors when there are any.
+    pub fn data(&self) -> &Value {
+        assert!(
+            self.body
+                .get("errors")
+                .is_none_or(|e| e.as_array().is_none_or(|a| a.is_empty())),
+            "unexpected GraphQL errors: {}",
+            self.body
+        );
+        &self.body["data"]
+    }
+
+    /// The first error's `extensions.code`.
+    pub fn code(&self) -> Option<&str> {
+        self.body["errors"][0]["extensions"]["code"].as_str()
+    }
+
+    /// The code, panicking when the request did not fail.
+    pub fn expect_code(&self) -> &str {
+        self.code()
+            .unwrap_or_else(|| panic!("expected an error, got {}", self.body))
+    }
+
+    pub fn message(&self) -> &str {
+        self.body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+    }
+}
+
+impl Gql {
+    pub fn with_token(mut self, token: &str) -> Gql {
+        self.token = Some(token.to_owned());
+        self
+    }
+
+    fn request(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    pub async fn run(&self, query: &str, variables: Value) -> GqlResponse {
+        let builder = self
+            .http
+            .post(format!("{}/graphql", self.url))
+            .json(&json!({ "query": query, "variables": variables }));
+        Self::parse(self.request(builder).send().await.expect("request sent")).await
+    }
+
+    /// A GraphQL multipart request: `files` are (variable path such as
+    /// `variables.file`, file name, bytes).
+    pub async fn upload(
+        &self,
+        query: &str,
+        variables: Value,
+        files: Vec<(&str, &str, Vec<u8>)>,
+    ) -> GqlResponse {
+        let operations = json!({ "query": query, "variables": variables });
+        let map: serde_json::Map<String, Value> = files
+            .iter()
+            .enumerate()
+            .map(|(i, (path, _, _))| (i.to_string(), json!([path])))
+            .collect();
+        let mut form = reqwest::multipart::Form::new()
+            .text("operations", operations.to_string())
+            .text("map", Value::Object(map).to_string());
+        for (i, (_, name, bytes)) in files.into_iter().enumerate() {
+            form = form.part(
+                i.to_string(),
+                reqwest::multipart::Part::bytes(bytes).file_name(name.to_owned()),
+            );
+        }
+        let builder = self
+            .http
+            .post(format!("{}/graphql", self.url))
+            .multipart(form);
+        Self::parse(self.request(builder).send().await.expect("request sent")).await
+    }
+
+    async fn parse(response: reqwest::Response) -> GqlResponse {
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("response body");
+        let body = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text }));
+        GqlResponse { status, body }
+    }
+}
+
+/// A ZooKeeper connect string with a fresh chroot: `CLOUDTASK_TEST_ZOOKEEPER` (default
+/// `127.0.0.1:2181`) plus `/cloudtask_test_<uuid>`, so tests run in parallel unaware of
+/// each other. The chroot is created on first connect.
+pub fn fresh_zookeeper() -> String {
+    let server =
+        std::env::var("CLOUDTASK_TEST_ZOOKEEPER").unwrap_or_else(|_| "127.0.0.1:2181".into());
+    format!("{server}/cloudtask_test_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A ZooKeeper server of the test's own (standalone, loopback, its own data folder), for
+/// tests that stop and restart the server and so must not share the suite's.
+pub struct PrivateZooKeeper {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateZooKeeper {
+    pub async fn start() -> PrivateZooKeeper {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("cloudtask-zk-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(dir.join("data")).expect("zookeeper folder");
+        std::fs::write(
+            dir.join("zoo.cfg"),
+            format!(
+                "tickTime=500\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
+                 minSessionTimeout=1000\nmaxSessionTimeout=60000\nadmin.enableServer=false\n\
+                 4lw.commands.whitelist=ruok\n",
+                dir.join("data").display()
+            ),
+        )
+        .expect("zoo.cfg");
+        let mut zk = PrivateZooKeeper { port, dir, child: None };
+        zk.restart().await;
+        zk
+    }
+
+    pub fn connect_string(&self, chroot: &str) -> String {
+        format!("127.0.0.1:{}{chroot}", self.port)
+    }
+
+    /// Kills the server (as a crash would) and keeps its data.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts (again) on the same port and data, and waits until it serves.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let mut classpath = String::from("/usr/share/java/zookeeper.jar");
+        for jar in ["/usr/share/java/slf4j-api.jar", "/usr/share/java/slf4j-simple.jar"] {
+            if std::path::Path::new(jar).exists() {
+                classpath.push(':');
+                classpath.push_str(jar);
+            }
+        }
+        let log = std::fs::File::create(self.dir.join("zk.log")).expect("zk log");
+        let child = std::process::Command::new("java")
+            .args(["-Xmx128m", "-cp", &classpath, "org.apache.zookeeper.server.ZooKeeperServerMain"])
+            .arg(self.dir.join("zoo.cfg"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("java starts (is the zookeeper package installed? scripts/ensure-zookeeper.sh)");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if self.ruok().await {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "private ZooKeeper did not start; see {}", self.dir.display());
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn ruok(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        if stream.write_all(b"ruok").await.is_err() {
+            return false;
+        }
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer).await;
+        answer == "imok"
+    }
+}
+
+impl Drop for PrivateZooKeeper {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real API over HTTP, on a fresh Postgres database per test.
+
+mod support;
+
+mod archives;
+mod bad_input;
+mod cluster_view;
+mod flow;
+mod isolation;
+mod roles;
+mod tokens;

@@ -1,0 +1,93 @@
+//! Shared setup: a platform admin, two tenants each with an owner, a cluster and a task.
+
+use cloudtask_testkit::{Gql, TestApi};
+use serde_json::{Value, json};
+
+pub const ADMIN_EMAIL: &str = "admin@example.com";
+pub const PASSWORD: &str = "correct horse battery";
+
+#[allow(dead_code)]
+pub struct Tenant {
+    pub id: String,
+    pub owner_email: String,
+    pub owner: Gql,
+    pub cluster_id: String,
+    pub join_token: String,
+    pub task_id: String,
+}
+
+#[allow(dead_code)]
+pub struct World {
+    pub api: TestApi,
+    pub admin: Gql,
+    pub a: Tenant,
+    pub b: Tenant,
+}
+
+pub const CREATE_TASK: &str = "mutation($input: CreateTaskInput!) {
+    createTask(input: $input) { id name version state schedule command package { sha256 } }
+}";
+
+impl World {
+    pub async fn new() -> World {
+        let api = TestApi::start().await;
+        api.create_user(ADMIN_EMAIL, PASSWORD, true).await;
+        let admin = api.login(ADMIN_EMAIL, PASSWORD, None).await;
+        let a = Self::tenant(&api, &admin, "alpha").await;
+        let b = Self::tenant(&api, &admin, "beta").await;
+        World { api, admin, a, b }
+    }
+
+    async fn tenant(api: &TestApi, admin: &Gql, name: &str) -> Tenant {
+        let owner_email = format!("owner@{name}.example");
+        let created = admin
+            .run(
+                "mutation($input: CreateTenantInput!) { createTenant(input: $input) { id name } }",
+                json!({ "input": { "name": name, "ownerEmail": owner_email, "ownerPassword": PASSWORD } }),
+            )
+            .await;
+        let id = created.data()["createTenant"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let owner = api.login(&owner_email, PASSWORD, Some(&id)).await;
+        let cluster = owner
+            .run(
+                "mutation($n: String!) { createCluster(name: $n) { cluster { id } joinToken } }",
+                json!({ "n": format!("{name}-cluster") }),
+            )
+            .await;
+        let cluster_id = cluster.data()["createCluster"]["cluster"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let join_token = cluster.data()["createCluster"]["joinToken"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let task = owner
+            .run(
+                CREATE_TASK,
+                json!({ "input": task_input(&cluster_id, &format!("{name}-task")) }),
+            )
+            .await;
+        let task_id = task.data()["createTask"]["id"].as_str().unwrap().to_owned();
+        Tenant {
+            id,
+            owner_email,
+            owner,
+            cluster_id,
+            join_token,
+            task_id,
+        }
+    }
+}
+
+pub fn task_input(cluster_id: &str, name: &str) -> Value {
+    json!({
+        "clusterId": cluster_id,
+        "name": name,
+        "schedule": "*/5 * * * *",
+        "command": "echo hello",
+    })
+}
