@@ -998,7 +998,6 @@ pub mod samples {
 mod tests {
     use std::io::Write;
     use std::path::{Path, PathBuf};
-    use std::time::{Duration, Instant};
 
     use super::samples::{tar_gz_bomb, tar_gz_of, zip_bomb, zip_of};
     use super::*;
@@ -1372,12 +1371,10 @@ mod tests {
 
     fn assert_bomb_refused(bytes: &[u8]) {
         assert!((bytes.len() as u64) < MIB, "bomb is {} bytes", bytes.len());
-        let start = Instant::now();
         assert_eq!(
             inspect(bytes, &limits()),
             Err(ArchiveError::UnpackedTooLarge { limit: 10 * MIB })
         );
-        assert!(start.elapsed() < Duration::from_secs(5));
         let (result, _dir) = unpack_contained(bytes);
         assert_eq!(
             result,

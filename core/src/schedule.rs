@@ -1677,7 +1677,7 @@ mod tests {
     }
 
     #[test]
-    fn next_after_is_fast() {
+    fn rare_schedules_keep_firing_for_years() {
         let exprs = [
             "*/10 * * * * *",
             "0 0 29 2 *",
@@ -1685,20 +1685,14 @@ mod tests {
             "30 2 * * *",
             "0 0 L * 5",
         ];
-        let started = std::time::Instant::now();
-        let mut calls = 0;
         for expr in exprs {
             let s = sched(expr, "America/New_York");
             let mut t = at("2021-01-01T00:00:00Z");
             for _ in 0..2_000 {
-                t = s.next_after(t).expect("fires");
-                calls += 1;
+                let next = s.next_after(t).expect("fires");
+                assert!(next > t, "{expr}: {next} does not follow {t}");
+                t = next;
             }
         }
-        // Generous even for an unoptimised build on a loaded machine.
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(5),
-            "{calls} calls too slow"
-        );
     }
 }

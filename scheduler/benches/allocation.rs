@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use cloudtask_catalogue::records::{Cluster, Task};
-use cloudtask_core::ids::{ClusterId, TaskId, TenantId};
-use cloudtask_core::task::{TaskSpec, TaskState};
 use cloudtask_coord::layout::{self, WorkerNode};
 use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_coord::{Coordinator, NodeKind, Op, Session, WatchEvent};
+use cloudtask_core::ids::{ClusterId, TaskId, TenantId};
+use cloudtask_core::task::{TaskSpec, TaskState};
 use cloudtask_scheduler::{ClusterState, Fence};
 
 fn tasks(cluster: &Cluster, n: usize) -> Vec<Task> {
@@ -49,7 +49,14 @@ async fn worker(coordinator: &ZkCoordinator, cluster: ClusterId, name: &str) -> 
         labels: BTreeSet::new(),
         started_at: Utc::now(),
     };
-    session.create(&layout::worker(cluster, name), &layout::encode(&node), NodeKind::Ephemeral).await.unwrap();
+    session
+        .create(
+            &layout::worker(cluster, name),
+            &layout::encode(&node),
+            NodeKind::Ephemeral,
+        )
+        .await
+        .unwrap();
     session
 }
 
@@ -63,8 +70,21 @@ async fn setup(coordinator: &ZkCoordinator, leader: &dyn Session) -> (Cluster, F
     };
     let _ = coordinator;
     leader.ensure_path(layout::ELECTION).await.unwrap();
-    let node = leader.create(layout::ELECTION_PREFIX, b"bench", NodeKind::EphemeralSequential).await.unwrap();
-    (cluster, Fence { election_node: node, writes: Arc::new(AtomicU64::new(0)) })
+    let node = leader
+        .create(
+            layout::ELECTION_PREFIX,
+            b"bench",
+            NodeKind::EphemeralSequential,
+        )
+        .await
+        .unwrap();
+    (
+        cluster,
+        Fence {
+            election_node: node,
+            writes: Arc::new(AtomicU64::new(0)),
+        },
+    )
 }
 
 #[tokio::main]
@@ -72,13 +92,18 @@ async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return; // `cargo test --all-targets` runs benches without `--bench`.
     }
-    let coordinator = ZkCoordinator::new(cloudtask_testkit::fresh_zookeeper(), Duration::from_secs(10));
+    let coordinator = ZkCoordinator::new(
+        cloudtask_testkit::fresh_zookeeper(),
+        Duration::from_secs(10),
+    );
     let leader = coordinator.connect().await.unwrap();
 
     // 1. Full allocation, 100k tasks over 20 workers.
     let (cluster, fence) = setup(&coordinator, leader.as_ref()).await;
     let all = tasks(&cluster, 100_000);
-    let mut state = ClusterState::load(leader.as_ref(), cluster.clone()).await.unwrap();
+    let mut state = ClusterState::load(leader.as_ref(), cluster.clone())
+        .await
+        .unwrap();
     let mut workers = Vec::new();
     for i in 0..20 {
         workers.push(worker(&coordinator, cluster.id, &format!("w{i:02}")).await);
@@ -96,13 +121,21 @@ async fn main() {
     let started = Instant::now();
     let again = state.allocate(leader.as_ref(), &fence).await.unwrap();
     let noop_time = started.elapsed();
-    assert_eq!((again, fence.writes.load(Ordering::Relaxed)), (0, 0), "no change, no write");
+    assert_eq!(
+        (again, fence.writes.load(Ordering::Relaxed)),
+        (0, 0),
+        "no change, no write"
+    );
 
     // Baseline: the same number of bare creates, same batch size.
     leader.ensure_path("/baseline").await.unwrap();
     let started = Instant::now();
     let ops: Vec<Op> = (0..100_000)
-        .map(|i| Op::Create { path: format!("/baseline/n{i}"), data: Vec::new(), kind: NodeKind::Persistent })
+        .map(|i| Op::Create {
+            path: format!("/baseline/n{i}"),
+            data: Vec::new(),
+            kind: NodeKind::Persistent,
+        })
         .collect();
     for chunk in ops.chunks(1_000) {
         leader.multi(chunk.to_vec()).await.unwrap();
@@ -112,13 +145,18 @@ async fn main() {
     // 2. Failover at 10k tasks over 10 workers.
     let (cluster2, fence2) = setup(&coordinator, leader.as_ref()).await;
     let some = tasks(&cluster2, 10_000);
-    let mut state2 = ClusterState::load(leader.as_ref(), cluster2.clone()).await.unwrap();
+    let mut state2 = ClusterState::load(leader.as_ref(), cluster2.clone())
+        .await
+        .unwrap();
     let mut sessions = Vec::new();
     for i in 0..10 {
         sessions.push(worker(&coordinator, cluster2.id, &format!("w{i}")).await);
     }
     state2.refresh_workers(leader.as_ref()).await.unwrap();
-    state2.mirror(leader.as_ref(), &fence2, &some).await.unwrap();
+    state2
+        .mirror(leader.as_ref(), &fence2, &some)
+        .await
+        .unwrap();
     state2.allocate(leader.as_ref(), &fence2).await.unwrap();
     let victim_tasks = state2.assignments().values().filter(|w| *w == "w3").count();
     fence2.writes.store(0, Ordering::Relaxed);
@@ -128,7 +166,10 @@ async fn main() {
     for round in 0..5 {
         let name = format!("w{}", 3 + round);
         let index = 3 + round;
-        let (_, watch) = leader.children_and_watch(&layout::workers(cluster2.id)).await.unwrap();
+        let (_, watch) = leader
+            .children_and_watch(&layout::workers(cluster2.id))
+            .await
+            .unwrap();
         let t0 = Instant::now();
         sessions[index].close().await;
         assert_eq!(watch.fired().await, WatchEvent::ChildrenChanged);
@@ -158,7 +199,10 @@ async fn main() {
         baseline_time.as_secs_f64() * 1000.0,
         mirror_time.as_secs_f64() / baseline_time.as_secs_f64()
     );
-    println!("| re-allocate with nothing changed | {:.1} | 0 | — | — |", noop_time.as_secs_f64() * 1000.0);
+    println!(
+        "| re-allocate with nothing changed | {:.1} | 0 | — | — |",
+        noop_time.as_secs_f64() * 1000.0
+    );
     println!(
         "| failover at 10k tasks / 10 workers (avg of 5, max) | {:.1} (max {:.1}) | {} total, ~{victim_tasks} tasks per failure | {:.1} (ZooKeeper's own notification) | {:.2} |",
         avg(&reaction),

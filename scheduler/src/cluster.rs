@@ -13,6 +13,7 @@ use cloudtask_coord::{CoordError, NodeKind, Op, Result, Session};
 use cloudtask_core::ids::{ClusterId, TaskId};
 use cloudtask_core::task::TaskState;
 
+use crate::balance::{self, Placement};
 use crate::ring::{Member, Ring};
 
 /// Writes per ZooKeeper multi: small enough to stay far below `jute.maxbuffer`.
@@ -252,8 +253,8 @@ impl ClusterState {
         Ok(())
     }
 
-    /// Writes the assignments the ring gives for the live workers, touching only tasks
-    /// whose owner changes. Paused tasks and tasks no live worker can take are left
+    /// Writes the assignments the balanced ring gives for the live workers, touching only
+    /// tasks whose owner changes. Paused tasks and tasks no live worker can take are left
     /// unassigned.
     pub async fn allocate(&mut self, session: &dyn Session, fence: &Fence) -> Result<usize> {
         let id = self.id();
@@ -262,48 +263,65 @@ impl ClusterState {
             capacity: w.capacity,
             labels: w.labels.clone(),
         }));
+        let active: Vec<(TaskId, String, BTreeSet<String>)> = self
+            .tasks
+            .iter()
+            .filter(|(_, node)| !node.paused)
+            .map(|(task_id, node)| {
+                (
+                    *task_id,
+                    task_id.to_string(),
+                    layout::required_labels(&node.spec),
+                )
+            })
+            .collect();
+        let placements: Vec<Placement<'_>> = active
+            .iter()
+            .map(|(task_id, key, labels)| Placement {
+                key,
+                labels,
+                current: self.assignments.get(task_id).map(String::as_str),
+            })
+            .collect();
+        let owners = balance::plan(&ring, &placements);
+        let mut next = HashMap::with_capacity(active.len());
+        for ((task_id, _, _), owner) in active.iter().zip(owners) {
+            if let Some(owner) = owner {
+                next.insert(*task_id, owner.to_owned());
+            }
+        }
         let mut ops = Vec::new();
         let mut new_dirs = BTreeSet::new();
         let mut moved = 0;
-        let mut next = HashMap::with_capacity(self.tasks.len());
-        for (task_id, node) in &self.tasks {
-            let key = task_id.to_string();
-            let labels = layout::required_labels(&node.spec);
-            let owner = if node.paused {
-                None
-            } else {
-                ring.owner(&key, &labels).map(str::to_owned)
-            };
+        for task_id in self.tasks.keys() {
             let current = self.assignments.get(task_id);
-            if current != owner.as_ref() {
-                moved += 1;
-                if let Some(old) = current {
-                    ops.push(Op::Delete {
-                        path: layout::assignment(id, old, *task_id),
-                        version: None,
-                    });
-                }
-                if let Some(new) = &owner {
-                    if !self.assignment_dirs.contains(new) && new_dirs.insert(new.clone()) {
-                        ops.push(Op::Create {
-                            path: layout::worker_assignments(id, new),
-                            data: Vec::new(),
-                            kind: NodeKind::Persistent,
-                        });
-                    }
+            let owner = next.get(task_id);
+            if current == owner {
+                continue;
+            }
+            moved += 1;
+            if let Some(old) = current {
+                ops.push(Op::Delete {
+                    path: layout::assignment(id, old, *task_id),
+                    version: None,
+                });
+            }
+            if let Some(new) = owner {
+                // A worker's folder is created in the batch before its first assignment.
+                if !self.assignment_dirs.contains(new) && new_dirs.insert(new.clone()) {
                     ops.push(Op::Create {
-                        path: layout::assignment(id, new, *task_id),
+                        path: layout::worker_assignments(id, new),
                         data: Vec::new(),
                         kind: NodeKind::Persistent,
                     });
                 }
-            }
-            if let Some(owner) = owner {
-                next.insert(*task_id, owner);
+                ops.push(Op::Create {
+                    path: layout::assignment(id, new, *task_id),
+                    data: Vec::new(),
+                    kind: NodeKind::Persistent,
+                });
             }
         }
-        // Folder creations must precede the assignments in them: they come first in
-        // `ops` only if created above before use, which the loop guarantees per folder.
         apply(session, fence, ops).await?;
         self.assignments = next;
         self.assignment_dirs.extend(new_dirs);

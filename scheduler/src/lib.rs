@@ -2,6 +2,7 @@
 //! cluster's tasks from the catalogue into ZooKeeper, watches each cluster's workers, and
 //! allocates tasks to workers on a consistent-hash ring, moving only what must move.
 
+pub mod balance;
 pub mod cluster;
 pub mod election;
 pub mod ring;

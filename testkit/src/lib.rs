@@ -264,7 +264,8 @@ impl PrivateZooKeeper {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let dir = std::env::temp_dir().join(format!("cloudtask-zk-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("cloudtask-zk-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(dir.join("data")).expect("zookeeper folder");
         std::fs::write(
             dir.join("zoo.cfg"),
@@ -276,7 +277,11 @@ impl PrivateZooKeeper {
             ),
         )
         .expect("zoo.cfg");
-        let mut zk = PrivateZooKeeper { port, dir, child: None };
+        let mut zk = PrivateZooKeeper {
+            port,
+            dir,
+            child: None,
+        };
         zk.restart().await;
         zk
     }
@@ -297,7 +302,10 @@ impl PrivateZooKeeper {
     pub async fn restart(&mut self) {
         self.stop();
         let mut classpath = String::from("/usr/share/java/zookeeper.jar");
-        for jar in ["/usr/share/java/slf4j-api.jar", "/usr/share/java/slf4j-simple.jar"] {
+        for jar in [
+            "/usr/share/java/slf4j-api.jar",
+            "/usr/share/java/slf4j-simple.jar",
+        ] {
             if std::path::Path::new(jar).exists() {
                 classpath.push(':');
                 classpath.push_str(jar);
@@ -305,19 +313,30 @@ impl PrivateZooKeeper {
         }
         let log = std::fs::File::create(self.dir.join("zk.log")).expect("zk log");
         let child = std::process::Command::new("java")
-            .args(["-Xmx128m", "-cp", &classpath, "org.apache.zookeeper.server.ZooKeeperServerMain"])
+            .args([
+                "-Xmx128m",
+                "-cp",
+                &classpath,
+                "org.apache.zookeeper.server.ZooKeeperServerMain",
+            ])
             .arg(self.dir.join("zoo.cfg"))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .expect("java starts (is the zookeeper package installed? scripts/ensure-zookeeper.sh)");
+            .expect(
+                "java starts (is the zookeeper package installed? scripts/ensure-zookeeper.sh)",
+            );
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             if self.ruok().await {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "private ZooKeeper did not start; see {}", self.dir.display());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "private ZooKeeper did not start; see {}",
+                self.dir.display()
+            );
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
