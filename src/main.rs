@@ -29,6 +29,8 @@ enum Command {
     Api,
     /// Run a scheduler replica: one leader (elected in ZooKeeper) mirrors and allocates.
     Scheduler,
+    /// Join a cluster (CLOUDTASK_CLUSTER_TOKEN) and run its tasks as they are assigned.
+    Worker,
     /// Apply catalogue migrations (a no-op when up to date).
     Migrate,
     /// Bootstrap and maintenance.
@@ -152,6 +154,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             tracing::info!("scheduler started");
             scheduler.run(shutdown).await
+        }
+        Command::Worker => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            cloudtask_worker::run(&config, shutdown).await
         }
         Command::Api => {
             let catalogue = Catalogue::connect(&config.database_url).await?;

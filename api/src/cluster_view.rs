@@ -102,4 +102,14 @@ impl ClusterView {
         }
         Ok(None)
     }
+
+    /// Whether the task is assigned to this worker right now.
+    pub async fn owns(&self, cluster: ClusterId, worker: &str, task: TaskId) -> Result<bool> {
+        let session = self.session().await?;
+        Ok(session
+            .get(&layout::assignment(cluster, worker, task))
+            .await
+            .map_err(unavailable)?
+            .is_some())
+    }
 }

@@ -15,12 +15,14 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use cloudtask_catalogue::Scope;
 use cloudtask_core::Error;
+use cloudtask_core::ids::RunId;
+use cloudtask_core::run::{Claim, Claimed, LogBatch, Outcome};
 use cloudtask_core::task::is_sha256_hex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::AppState;
-use crate::auth::{Identity, token_hash};
+use crate::auth::{Identity, WorkerIdentity, token_hash};
 use crate::graphql::{AppSchema, RequestContext, build_schema};
 
 #[derive(Clone)]
@@ -44,6 +46,10 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .route("/packages/{sha256}", get(user_package))
         .route("/worker/join", post(worker_join))
         .route("/worker/packages/{sha256}", get(worker_package))
+        .route("/worker/claims", post(worker_claim))
+        .route("/worker/tasks/{task_id}/cursor", get(worker_fire_cursor))
+        .route("/worker/runs/{run_id}/logs", post(worker_logs))
+        .route("/worker/runs/{run_id}/finish", post(worker_finish))
         .with_state(http)
 }
 
@@ -268,9 +274,7 @@ async fn worker_package(
 ) -> Response {
     let result = async {
         check_sha(&sha256)?;
-        let token =
-            bearer(&headers).ok_or_else(|| Error::Unauthenticated("no credential".into()))?;
-        let worker = http.state.keys.verify_worker(token)?;
+        let worker = verify_worker(&http.state, &headers)?;
         http.state
             .catalogue
             .package_for_cluster(worker.cluster_id, &sha256)
@@ -279,4 +283,122 @@ async fn worker_package(
     }
     .await;
     result.map(archive_response).unwrap_or_else(error_response)
+}
+
+fn verify_worker(state: &AppState, headers: &HeaderMap) -> Result<WorkerIdentity, Error> {
+    let token = bearer(headers).ok_or_else(|| Error::Unauthenticated("no credential".into()))?;
+    state.keys.verify_worker(token)
+}
+
+fn parse_run_id(text: &str) -> Result<RunId, Error> {
+    text.parse().map_err(|_| Error::NotFound("run"))
+}
+
+/// A worker claims one fire before it starts a process: the run is inserted under its
+/// unique key, or the claim is refused (CONFLICT: claimed already, paused, stale version,
+/// or the task is not this worker's any more).
+async fn worker_claim(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    Json(claim): Json<Claim>,
+) -> Response {
+    let result = async {
+        let worker = verify_worker(&http.state, &headers)?;
+        // A stale owner (the task moved while it was cut off) must not start it. When
+        // ZooKeeper cannot be asked, the unique key alone still keeps the fire single.
+        match http
+            .state
+            .cluster_view
+            .owns(worker.cluster_id, &claim.worker, claim.task_id)
+            .await
+        {
+            Ok(false) => {
+                return Err(Error::Conflict(
+                    "the task is not assigned to this worker".into(),
+                ));
+            }
+            Ok(true) => {}
+            Err(e) => tracing::warn!(error = %e, "claim accepted without an ownership check"),
+        }
+        let run = http
+            .state
+            .catalogue
+            .claim_run(worker.cluster_id, &claim)
+            .await?;
+        Ok(Claimed { run_id: run.id })
+    }
+    .await;
+    result
+        .map(|r| Json(r).into_response())
+        .unwrap_or_else(error_response)
+}
+
+/// A batch of a run's log lines; idempotent by (run, offset).
+async fn worker_logs(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+    Json(batch): Json<LogBatch>,
+) -> Response {
+    let result = async {
+        let worker = verify_worker(&http.state, &headers)?;
+        let run_id = parse_run_id(&run_id)?;
+        http.state
+            .catalogue
+            .append_run_logs(worker.cluster_id, run_id, &batch.lines)
+            .await
+    }
+    .await;
+    result
+        .map(|()| StatusCode::NO_CONTENT.into_response())
+        .unwrap_or_else(error_response)
+}
+
+/// How a run ended; a repeated report changes nothing.
+async fn worker_finish(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+    Json(outcome): Json<Outcome>,
+) -> Response {
+    let result = async {
+        let worker = verify_worker(&http.state, &headers)?;
+        let run_id = parse_run_id(&run_id)?;
+        http.state
+            .catalogue
+            .finish_run(worker.cluster_id, run_id, &outcome)
+            .await
+    }
+    .await;
+    result
+        .map(|_| StatusCode::NO_CONTENT.into_response())
+        .unwrap_or_else(error_response)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FireCursor {
+    since: chrono::DateTime<chrono::Utc>,
+}
+
+/// Where a worker taking a task over starts accounting for missed fires.
+async fn worker_fire_cursor(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+) -> Response {
+    let result = async {
+        let worker = verify_worker(&http.state, &headers)?;
+        let task_id = task_id.parse().map_err(|_| Error::NotFound("task"))?;
+        let since = http
+            .state
+            .catalogue
+            .fire_cursor(worker.cluster_id, task_id)
+            .await?;
+        Ok(FireCursor { since })
+    }
+    .await;
+    result
+        .map(|r| Json(r).into_response())
+        .unwrap_or_else(error_response)
 }

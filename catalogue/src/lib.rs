@@ -7,6 +7,7 @@ mod accounts;
 pub mod changes;
 mod entities;
 pub mod records;
+mod runs;
 mod system;
 mod tenant;
 
@@ -17,6 +18,7 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, SqlErr};
 use uuid::Uuid;
 
 pub use accounts::{NewUser, RefreshOutcome};
+pub use runs::{MAX_LOG_BATCH, RunFilter};
 pub use system::WorkerEvent;
 pub use tenant::{NewPackage, NewTask, Scope, TaskEdit, TaskFilter, TenantHandle};
 

@@ -2,8 +2,9 @@
 //! by `From` impls. No GraphQL, no SQL.
 
 use chrono::{DateTime, Utc};
-use cloudtask_core::ids::{ClusterId, TaskId, TenantId, UserId};
+use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId, UserId};
 use cloudtask_core::roles::Role;
+use cloudtask_core::run::{LogLine, LogStream, RunStatus, RunTrigger};
 use cloudtask_core::task::{TaskSpec, TaskState};
 
 use crate::entities;
@@ -193,6 +194,69 @@ impl TryFrom<entities::task_version::Model> for TaskVersion {
             spec: crate::decode_spec(m.spec)?,
             created_by: m.created_by.map(Into::into),
             created_at: m.created_at,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub id: RunId,
+    pub tenant_id: TenantId,
+    pub task_id: TaskId,
+    pub cluster_id: ClusterId,
+    pub task_version: u32,
+    pub trigger: RunTrigger,
+    pub scheduled_at: DateTime<Utc>,
+    pub attempt: u32,
+    pub status: RunStatus,
+    pub worker: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl TryFrom<entities::run::Model> for Run {
+    type Error = cloudtask_core::Error;
+
+    fn try_from(m: entities::run::Model) -> Result<Self, Self::Error> {
+        let bad = |what: &str, value: &str| {
+            cloudtask_core::Error::internal(format!("stored run {}: bad {what} {value:?}", m.id))
+        };
+        Ok(Run {
+            id: m.id.into(),
+            tenant_id: m.tenant_id.into(),
+            task_id: m.task_id.into(),
+            cluster_id: m.cluster_id.into(),
+            task_version: m.task_version as u32,
+            trigger: RunTrigger::parse(&m.trigger).ok_or_else(|| bad("trigger", &m.trigger))?,
+            scheduled_at: m.scheduled_at,
+            attempt: m.attempt as u32,
+            status: RunStatus::parse(&m.status).ok_or_else(|| bad("status", &m.status))?,
+            worker: m.worker_id,
+            started_at: m.started_at,
+            finished_at: m.finished_at,
+            exit_code: m.exit_code,
+            signal: m.signal,
+            error: m.error,
+            created_at: m.created_at,
+        })
+    }
+}
+
+impl TryFrom<entities::run_log_line::Model> for LogLine {
+    type Error = cloudtask_core::Error;
+
+    fn try_from(m: entities::run_log_line::Model) -> Result<Self, Self::Error> {
+        Ok(LogLine {
+            offset: m.offset as u64,
+            stream: LogStream::parse(&m.stream).ok_or_else(|| {
+                cloudtask_core::Error::internal(format!("stored log stream {:?}", m.stream))
+            })?,
+            at: m.at,
+            text: m.line,
         })
     }
 }

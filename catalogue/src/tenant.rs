@@ -32,7 +32,7 @@ pub struct Scope {
 
 #[derive(Debug, Clone)]
 pub struct TenantHandle {
-    db: DatabaseConnection,
+    pub(crate) db: DatabaseConnection,
     tenant_id: TenantId,
     user_id: UserId,
     actor: String,
@@ -116,7 +116,7 @@ impl TenantHandle {
         self.role
     }
 
-    fn require(&self, action: Action) -> Result<()> {
+    pub(crate) fn require(&self, action: Action) -> Result<()> {
         if self.role.allows(action) {
             Ok(())
         } else {

@@ -57,6 +57,13 @@ pub struct Config {
     /// Failed logins allowed per account and per client address within the window.
     pub login_max_attempts: u32,
     pub login_window_secs: u64,
+    /// Most log lines kept per run; past it, one SYSTEM line says how many were dropped.
+    pub run_max_log_lines: u64,
+    /// Longer output lines are split at this many bytes.
+    pub run_max_line_bytes: u64,
+    /// After SIGTERM (timeout, stop, shutdown), how long a run's process group has before
+    /// SIGKILL.
+    pub run_kill_grace_secs: u64,
     /// `text` or `json`.
     pub log_format: String,
     /// A tracing filter such as `info` or `cloudtask_api=debug,info`.
@@ -91,6 +98,9 @@ impl Default for Config {
             query_max_complexity: 2_000,
             login_max_attempts: 5,
             login_window_secs: 300,
+            run_max_log_lines: 100_000,
+            run_max_line_bytes: 16 << 10,
+            run_kill_grace_secs: 10,
             log_format: "text".into(),
             log_level: "info,sqlx=warn".into(),
         }
@@ -160,8 +170,10 @@ impl Config {
                 unknown_env.push(name);
             }
         }
+        let defaults = serde_json::to_value(Config::default()).expect("Config serialises");
         for (key, value) in known_env {
-            figment = figment.merge(Serialized::default(&key, parse_env_value(&value)));
+            let value = parse_env_value(&value, &defaults[key.as_str()]);
+            figment = figment.merge(Serialized::default(&key, value));
         }
         let config: Config = figment.extract().map_err(|e| {
             let key = e.path.last().cloned().unwrap_or_else(|| "config".into());
@@ -218,6 +230,8 @@ impl Config {
             ("max_package_entries", self.max_package_entries),
             ("max_request_bytes", self.max_request_bytes),
             ("login_window_secs", self.login_window_secs),
+            ("run_max_log_lines", self.run_max_log_lines),
+            ("run_max_line_bytes", self.run_max_line_bytes),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));
@@ -296,15 +310,21 @@ fn valid_segment(name: &str) -> bool {
 
 /// Environment values are strings; numbers and booleans are recognised so that
 /// `CLOUDTASK_LOGIN_MAX_ATTEMPTS=10` reaches an integer field.
-fn parse_env_value(value: &str) -> figment::value::Value {
+/// An environment value typed after the key's default: numbers and booleans for keys
+/// that hold them, text for the rest (so a password or a worker name of digits stays text).
+fn parse_env_value(value: &str, default: &serde_json::Value) -> figment::value::Value {
     use figment::value::Value;
-    if let Ok(n) = value.parse::<u64>() {
-        return Value::from(n);
+    match default {
+        serde_json::Value::Number(_) => match value.parse::<u64>() {
+            Ok(n) => Value::from(n),
+            Err(_) => Value::from(value.to_string()),
+        },
+        serde_json::Value::Bool(_) => match value.parse::<bool>() {
+            Ok(b) => Value::from(b),
+            Err(_) => Value::from(value.to_string()),
+        },
+        _ => Value::from(value.to_string()),
     }
-    if let Ok(b) = value.parse::<bool>() {
-        return Value::from(b);
-    }
-    Value::from(value.to_string())
 }
 
 #[cfg(test)]
@@ -316,6 +336,22 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn digits_stay_text_for_text_keys() {
+        let loaded = Config::load(
+            None,
+            env(&[
+                ("CLOUDTASK_ADMIN_PASSWORD", "12345678"),
+                ("CLOUDTASK_WORKER_NAME", "42"),
+                ("CLOUDTASK_WORKER_CAPACITY", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(loaded.config.admin_password.as_deref(), Some("12345678"));
+        assert_eq!(loaded.config.worker_name.as_deref(), Some("42"));
+        assert_eq!(loaded.config.worker_capacity, 3);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod roles;
+pub mod run;
 pub mod schedule;
 pub mod task;
 

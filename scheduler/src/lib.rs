@@ -250,6 +250,14 @@ impl<'a> Leader<'a> {
             failed = changes.failed.len(), moved, "workers changed");
         let tenant = state.cluster.tenant_id;
         for worker in &changes.failed {
+            let lost = self
+                .scheduler
+                .catalogue
+                .mark_worker_runs_lost(cluster, &worker.name)
+                .await?;
+            if lost > 0 {
+                tracing::warn!(%cluster, worker = %worker.name, lost, "runs lost with their worker");
+            }
             let occurrence = worker.started_at.to_rfc3339();
             self.scheduler
                 .catalogue

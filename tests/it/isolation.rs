@@ -9,7 +9,7 @@ use cloudtask_core::archive::samples;
 use cloudtask_testkit::{Gql, GqlResponse};
 use serde_json::{Value, json};
 
-use crate::support::{CREATE_TASK, PASSWORD, World, task_input};
+use crate::support::{CREATE_TASK, PASSWORD, World, add_run, task_input};
 
 /// Everything a tenant's owner can read about the tenant, for before/after comparisons.
 const SNAPSHOT: &str = "{
@@ -22,6 +22,7 @@ const SNAPSHOT: &str = "{
     members { role createdAt user { id email } }
     dashboard { clusterCount taskCount activeTaskCount pausedTaskCount memberCount }
     auditLog(first: 200) { edges { node { id operation objectType objectId } } }
+    runs(first: 200) { edges { node { id status finishedAt logs { offset text } } } }
 }";
 
 /// The tenant's state as its owner sees it.
@@ -128,6 +129,8 @@ enum Expect {
     Code(&'static str),
     /// Success, with an empty `tasks` connection: a filter naming A's object sees nothing.
     NoTasks,
+    /// Success, with an empty `runs` connection.
+    NoRuns,
 }
 
 /// One operation called by B's owner with one of A's references.
@@ -206,6 +209,7 @@ struct Alpha {
     paused_task_id: String,
     empty_cluster_id: String,
     package_sha: String,
+    run_id: String,
 }
 
 async fn populate_alpha(world: &World) -> Alpha {
@@ -253,12 +257,14 @@ async fn populate_alpha(world: &World) -> Alpha {
         .as_str()
         .unwrap()
         .to_owned();
+    let run_id = add_run(world, &world.a.cluster_id, &world.a.task_id).await;
     Alpha {
         owner_user_id,
         viewer_user_id,
         paused_task_id,
         empty_cluster_id,
         package_sha,
+        run_id,
     }
 }
 
@@ -295,6 +301,19 @@ fn cases(world: &World, alpha: &Alpha) -> Vec<Case> {
             |id| json!({ "id": id }),
         )
         .expect(Expect::NoTasks),
+        Case::new(
+            "run(id)",
+            "query($id: ID!) { run(id: $id) { id status } }",
+            &[&alpha.run_id],
+            |id| json!({ "id": id }),
+        ),
+        Case::new(
+            "runs(filter.taskId)",
+            "query($id: ID!) { runs(first: 50, filter: { taskId: $id }) { edges { node { id } } } }",
+            &tasks,
+            |id| json!({ "id": id }),
+        )
+        .expect(Expect::NoRuns),
         // ---- mutations ----
         // Choosing a tenant at login is refused as for a tenant that does not exist;
         // the resolver answers FORBIDDEN ("not a member of this tenant") for both.
@@ -424,6 +443,12 @@ fn check(case: &Case, reference: &str, response: &GqlResponse) {
             "{} with {reference} lists tasks",
             case.key
         ),
+        Expect::NoRuns => assert_eq!(
+            response.data()["runs"]["edges"],
+            json!([]),
+            "{} with {reference} lists runs",
+            case.key
+        ),
     }
 }
 
@@ -460,6 +485,7 @@ async fn every_operation_taking_an_id_refuses_another_tenants_id() {
         &alpha.owner_user_id,
         &alpha.viewer_user_id,
         &alpha.package_sha,
+        &alpha.run_id,
     ] {
         assert!(a_text.contains(id.as_str()), "{id} in A's snapshot");
     }

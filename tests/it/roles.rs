@@ -9,7 +9,7 @@ use cloudtask_testkit::{Gql, TestApi};
 use serde_json::{Value, json};
 
 use crate::isolation::{introspect, snapshot};
-use crate::support::{CREATE_TASK, PASSWORD, World, task_input};
+use crate::support::{CREATE_TASK, PASSWORD, World, add_run, task_input};
 
 const ROLES: [&str; 4] = ["OWNER", "ADMIN", "OPERATOR", "VIEWER"];
 
@@ -24,6 +24,8 @@ const CASES: &[&str] = &[
     "cluster",
     "tasks",
     "task",
+    "runs",
+    "run",
     "members",
     "dashboard",
     "auditLog",
@@ -54,7 +56,7 @@ const CASES: &[&str] = &[
 #[rustfmt::skip]
 const ALLOWED: [(&str, &[&str]); 4] = [
     ("OWNER", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "members", "dashboard",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard",
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
@@ -65,7 +67,7 @@ const ALLOWED: [(&str, &[&str]); 4] = [
                              "setMemberRole(OWNER->VIEWER)", "removeMember(OWNER)",
     ]),
     ("ADMIN", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "members", "dashboard",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard",
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
@@ -74,13 +76,13 @@ const ALLOWED: [(&str, &[&str]); 4] = [
         /* ReadAudit      */ "auditLog",
     ]),
     ("OPERATOR", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "members", "dashboard",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard",
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
     ]),
     ("VIEWER", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "members", "dashboard",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard",
     ]),
 ];
 
@@ -239,6 +241,11 @@ async fn prepare(world: &World, case: &str, tag: &str) -> Call {
         "task" => Call::new(
             "query($id: ID!) { task(id: $id) { id } }",
             json!({ "id": world.a.task_id }),
+        ),
+        "runs" => Call::new("{ runs(first: 10) { edges { node { id } } } }", json!({})),
+        "run" => Call::new(
+            "query($id: ID!) { run(id: $id) { id logs { text } } }",
+            json!({ "id": add_run(world, &world.a.cluster_id, &world.a.task_id).await }),
         ),
         "members" => Call::new("{ members { role } }", json!({})),
         "dashboard" => Call::new("{ dashboard { taskCount } }", json!({})),

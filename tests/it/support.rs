@@ -91,3 +91,27 @@ pub fn task_input(cluster_id: &str, name: &str) -> Value {
         "command": "echo hello",
     })
 }
+
+/// A finished run of one of the tenant's tasks, recorded as a worker would (a claim),
+/// for tests that need a run to exist; returns its id.
+#[allow(dead_code)]
+pub async fn add_run(world: &World, cluster_id: &str, task_id: &str) -> String {
+    use cloudtask_core::run::{Claim, RunStatus, RunTrigger};
+    let claim = Claim {
+        task_id: task_id.parse().unwrap(),
+        scheduled_at: chrono::Utc::now(),
+        attempt: 0,
+        task_version: 1,
+        worker: "w1".into(),
+        trigger: RunTrigger::Schedule,
+        status: RunStatus::Skipped,
+        reason: Some("recorded by a test".into()),
+    };
+    let run = world
+        .api
+        .catalogue
+        .claim_run(cluster_id.parse().unwrap(), &claim)
+        .await
+        .unwrap();
+    run.id.to_string()
+}

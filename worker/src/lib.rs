@@ -2,24 +2,35 @@
 //! in ZooKeeper, and follows the tasks the scheduler assigns to it. It talks to ZooKeeper
 //! and the API only, never to the database.
 //!
-//! So far: joining ([`join`]) and membership ([`Membership`]); timers and execution
-//! consume the published [`Assignments`] later.
+//! Joining ([`join`]) and membership ([`Membership`]) publish the assigned tasks; the
+//! [`engine`] fires them, [`exec`] runs them, and [`report`] ships logs and outcomes,
+//! spooling to disk what the API cannot take now.
 
 mod backoff;
+pub mod client;
+pub mod engine;
+pub mod exec;
 pub mod join;
 pub mod membership;
+pub mod packages;
+pub mod report;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use cloudtask_coord::layout::{self, WorkerNode};
 use cloudtask_coord::zk::ZkCoordinator;
+use cloudtask_core::archive;
 use cloudtask_core::config::Config;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use client::ApiClient;
+pub use engine::Engine;
+pub use exec::ExecLimits;
 pub use join::{JoinError, JoinedCluster, join};
 pub use membership::{Assignments, Membership, MembershipStatus, run_membership};
+pub use packages::Packages;
 
 /// The `cloudtask worker` entry point: runs until `shutdown`, then leaves the cluster.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -61,24 +72,61 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     };
     let session_timeout = Duration::from_millis(config.zookeeper_session_timeout_ms);
     let coordinator = Arc::new(ZkCoordinator::new(&config.zookeeper, session_timeout));
-    let (assignments, mut published) = watch::channel(Assignments::default());
-    // Until the timers exist, the assignments are only logged.
-    let logger = tokio::spawn(async move {
-        while published.changed().await.is_ok() {
-            let current = published.borrow_and_update().clone();
-            tracing::info!(
-                epoch = current.epoch,
-                tasks = current.tasks.len(),
-                "assignments changed"
-            );
-            tracing::debug!(tasks = ?current.tasks, "assigned tasks");
-        }
-    });
-    let result = Membership::new(coordinator, joined.cluster_id, me)
-        .previous_incarnation_wait(session_timeout * 2)
-        .run(assignments, shutdown)
-        .await;
-    logger.await.ok();
+    let (assignments, published) = watch::channel(Assignments::default());
+
+    // Runs stop before the membership leaves, and the reporter outlives both: a clean
+    // shutdown stops the processes, reports them STOPPED, then leaves the cluster.
+    let engine_stop = CancellationToken::new();
+    let reporter_stop = CancellationToken::new();
+    let client = Arc::new(ApiClient::new(
+        &config.api_url,
+        token,
+        joined.credential.clone(),
+        reporter_stop.clone(),
+    ));
+    let (reporter, reporter_task) = report::spawn(
+        client.clone(),
+        config.data_dir.join("spool"),
+        reporter_stop.clone(),
+    );
+    let packages = Arc::new(Packages::new(
+        &config.data_dir,
+        archive::Limits {
+            max_archive_bytes: config.max_package_bytes,
+            max_unpacked_bytes: config.max_unpacked_bytes,
+            max_entries: config.max_package_entries,
+        },
+        client.clone(),
+    ));
+    let engine = Engine {
+        cluster: joined.cluster_id,
+        worker: me.name.clone(),
+        coordinator: coordinator.clone(),
+        client,
+        reporter,
+        packages,
+        limits: ExecLimits {
+            max_lines: config.run_max_log_lines,
+            max_line_bytes: config.run_max_line_bytes as usize,
+            kill_grace: Duration::from_secs(config.run_kill_grace_secs),
+        },
+    };
+    let engine_task = tokio::spawn(engine.run(published, engine_stop.clone()));
+    let membership_stop = CancellationToken::new();
+    let membership = tokio::spawn(
+        Membership::new(coordinator, joined.cluster_id, me)
+            .previous_incarnation_wait(session_timeout * 2)
+            .run(assignments, membership_stop.clone()),
+    );
+    shutdown.cancelled().await;
+    engine_stop.cancel();
+    engine_task.await.ok();
+    membership_stop.cancel();
+    let result = membership
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("membership task failed: {e}")));
+    reporter_stop.cancel();
+    reporter_task.await.ok();
     result
 }
 

@@ -1,12 +1,12 @@
 use async_graphql::connection::Connection;
 use async_graphql::{Context, ID, InputObject, Object};
-use cloudtask_catalogue::TaskFilter;
+use cloudtask_catalogue::{RunFilter, TaskFilter};
 use cloudtask_core::task::TaskState;
 use cloudtask_core::{Error, Result};
 
 use super::types::{
-    AuditEntryObj, ClusterObj, Dashboard, MemberObj, TaskObj, TaskStateGql, TenantObj, UserObj,
-    connection, page_request, parse_id,
+    AuditEntryObj, ClusterObj, Dashboard, MemberObj, RunObj, RunStatusGql, TaskObj, TaskStateGql,
+    TenantObj, UserObj, connection, page_request, parse_id,
 };
 use super::{identity, state, tenant};
 use crate::error::ApiResult;
@@ -31,6 +31,25 @@ impl TaskFilterInput {
                 .transpose()?,
             state: self.state.map(Into::into),
             name_contains: self.name_contains,
+        })
+    }
+}
+
+#[derive(InputObject, Default)]
+pub struct RunFilterInput {
+    pub task_id: Option<ID>,
+    pub status: Option<RunStatusGql>,
+}
+
+impl RunFilterInput {
+    fn parse(self) -> Result<RunFilter> {
+        Ok(RunFilter {
+            task_id: self
+                .task_id
+                .as_ref()
+                .map(|id| parse_id("filter.taskId", id))
+                .transpose()?,
+            status: self.status.map(Into::into),
         })
     }
 }
@@ -102,6 +121,26 @@ impl QueryRoot {
         Ok(Some(TaskObj::from(
             handle.task(parse_id("id", &id)?).await?,
         )))
+    }
+
+    /// Runs of the caller's tenant, newest first.
+    async fn runs(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+        filter: Option<RunFilterInput>,
+    ) -> ApiResult<Connection<String, RunObj>> {
+        let request = page_request(first, after)?;
+        let filter = filter.unwrap_or_default().parse()?;
+        let page = tenant(ctx).await?.runs(&filter, request).await?;
+        Ok(connection(page, request, |r| r.id.into(), RunObj))
+    }
+
+    /// A run of the caller's tenant; any other id answers `NOT_FOUND`.
+    async fn run(&self, ctx: &Context<'_>, id: ID) -> ApiResult<Option<RunObj>> {
+        let handle = tenant(ctx).await?;
+        Ok(Some(RunObj(handle.run(parse_id("id", &id)?).await?)))
     }
 
     async fn members(&self, ctx: &Context<'_>) -> ApiResult<Vec<MemberObj>> {

@@ -9,9 +9,10 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use cloudtask_catalogue::records::{
-    AuditEntry, Cluster, Member, Membership, PackageInfo, Task, TaskVersion, Tenant, User,
+    AuditEntry, Cluster, Member, Membership, PackageInfo, Run, Task, TaskVersion, Tenant, User,
 };
-use cloudtask_catalogue::{Page, PageRequest, TaskFilter};
+use cloudtask_catalogue::{Page, PageRequest, RunFilter, TaskFilter};
+use cloudtask_core::run::LogLine;
 use cloudtask_core::task::TaskSpec;
 use cloudtask_core::{Error, Result};
 use uuid::Uuid;
@@ -48,6 +49,35 @@ pub enum OverlapPolicyGql {
 pub enum MisfirePolicyGql {
     Skip,
     RunOnce,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "RunStatus", remote = "cloudtask_core::run::RunStatus")]
+pub enum RunStatusGql {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Stopped,
+    Lost,
+    Skipped,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "RunTrigger", remote = "cloudtask_core::run::RunTrigger")]
+pub enum RunTriggerGql {
+    Schedule,
+    Manual,
+    Retry,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "LogStream", remote = "cloudtask_core::run::LogStream")]
+pub enum LogStreamGql {
+    Stdout,
+    Stderr,
+    System,
 }
 
 // ---- cursors and pages ------------------------------------------------------------------
@@ -360,11 +390,128 @@ impl TaskMeta {
             .await?
             .map(WorkerObj))
     }
+    /// The task's latest run.
+    async fn last_run(&self, ctx: &Context<'_>) -> ApiResult<Option<RunObj>> {
+        Ok(tenant(ctx).await?.last_run(self.0.id).await?.map(RunObj))
+    }
+    /// The task's runs, newest first.
+    async fn runs(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> ApiResult<Connection<String, RunObj>> {
+        let request = page_request(first, after)?;
+        let filter = RunFilter {
+            task_id: Some(self.0.id),
+            status: None,
+        };
+        let page = tenant(ctx).await?.runs(&filter, request).await?;
+        Ok(connection(page, request, |r| r.id.into(), RunObj))
+    }
     async fn created_at(&self) -> DateTime<Utc> {
         self.0.created_at
     }
     async fn updated_at(&self) -> DateTime<Utc> {
         self.0.updated_at
+    }
+}
+
+/// One fire of a task, or one manual run, and what became of it.
+pub struct RunObj(pub Run);
+
+/// Most log lines `Run.logs` returns at once.
+pub const MAX_LOG_PAGE: i32 = 5_000;
+
+#[Object(name = "Run")]
+impl RunObj {
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+    async fn task(&self, ctx: &Context<'_>) -> ApiResult<TaskObj> {
+        Ok(tenant(ctx).await?.task(self.0.task_id).await?.into())
+    }
+    /// The task version the run ran.
+    async fn task_version(&self) -> u32 {
+        self.0.task_version
+    }
+    /// The fire time (UTC) this run is for; for a manual run, when it was asked for.
+    async fn scheduled_at(&self) -> DateTime<Utc> {
+        self.0.scheduled_at
+    }
+    async fn started_at(&self) -> Option<DateTime<Utc>> {
+        self.0.started_at
+    }
+    async fn finished_at(&self) -> Option<DateTime<Utc>> {
+        self.0.finished_at
+    }
+    async fn status(&self) -> RunStatusGql {
+        self.0.status.into()
+    }
+    async fn trigger(&self) -> RunTriggerGql {
+        self.0.trigger.into()
+    }
+    /// 0 for the first attempt of a fire, then 1, 2… for retries.
+    async fn attempt(&self) -> u32 {
+        self.0.attempt
+    }
+    async fn exit_code(&self) -> Option<i32> {
+        self.0.exit_code
+    }
+    /// The signal that ended the process, if one did.
+    async fn signal(&self) -> Option<i32> {
+        self.0.signal
+    }
+    /// Why the run failed, was skipped, stopped or lost.
+    async fn error(&self) -> Option<&str> {
+        self.0.error.as_deref()
+    }
+    /// The worker that ran it.
+    async fn worker(&self) -> Option<&str> {
+        self.0.worker.as_deref()
+    }
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+    /// Log lines from `fromOffset` (default 0), in order, at most `limit` (default and
+    /// maximum 5000).
+    async fn logs(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 0)] from_offset: i32,
+        #[graphql(default = 5000)] limit: i32,
+    ) -> ApiResult<Vec<LogLineObj>> {
+        if from_offset < 0 {
+            return Err(Error::bad_input("fromOffset", "must not be negative").into());
+        }
+        if !(0..=MAX_LOG_PAGE).contains(&limit) {
+            return Err(
+                Error::bad_input("limit", format!("must be between 0 and {MAX_LOG_PAGE}")).into(),
+            );
+        }
+        let lines = tenant(ctx)
+            .await?
+            .run_logs(self.0.id, from_offset as u64, limit as u64)
+            .await?;
+        Ok(lines.into_iter().map(LogLineObj).collect())
+    }
+}
+
+pub struct LogLineObj(pub LogLine);
+
+#[Object(name = "LogLine")]
+impl LogLineObj {
+    async fn offset(&self) -> u64 {
+        self.0.offset
+    }
+    async fn stream(&self) -> LogStreamGql {
+        self.0.stream.into()
+    }
+    async fn at(&self) -> DateTime<Utc> {
+        self.0.at
+    }
+    async fn text(&self) -> &str {
+        &self.0.text
     }
 }
 

@@ -1,0 +1,294 @@
+//! Runs and their log lines. Workers write through the cluster their credential names
+//! (claims, log batches, outcomes); the scheduler marks a vanished worker's runs LOST;
+//! users read through their tenant handle.
+//!
+//! Exactly once per fire: a scheduled run's `fire_at` equals its `scheduled_at`, and
+//! (task, fire_at, attempt) is unique, so the insert of a claim is the one place that
+//! decides which claim of a fire wins. Ingest is idempotent: a log line is keyed by
+//! (run, offset) and an outcome only lands on a run that has none.
+
+use cloudtask_core::ids::{ClusterId, RunId, TaskId};
+use cloudtask_core::roles::Action;
+use cloudtask_core::run::{Claim, LogLine, Outcome, RunStatus, RunTrigger};
+use cloudtask_core::task::TaskState;
+use cloudtask_core::{Error, Result};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
+};
+use uuid::Uuid;
+
+use crate::entities::{run, run_log_line, task};
+use crate::records::Run;
+use crate::tenant::TenantHandle;
+use crate::{Catalogue, MAX_PAGE, Page, PageRequest, db_err, now};
+
+/// Most log lines one request may carry.
+pub const MAX_LOG_BATCH: usize = 5_000;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub task_id: Option<TaskId>,
+    pub status: Option<RunStatus>,
+}
+
+impl Catalogue {
+    /// Records a claim of one fire by a worker of `cluster_id`: a RUNNING run (the worker
+    /// may start the process) or a SKIPPED one. Refused with CONFLICT when the fire is
+    /// claimed already, the task is paused, or the worker's spec is not the current version;
+    /// NOT_FOUND when the task is not in this cluster.
+    pub async fn claim_run(&self, cluster_id: ClusterId, claim: &Claim) -> Result<Run> {
+        if !matches!(claim.status, RunStatus::Running | RunStatus::Skipped) {
+            return Err(Error::bad_input("status", "a claim is RUNNING or SKIPPED"));
+        }
+        if claim.trigger == RunTrigger::Manual {
+            return Err(Error::bad_input(
+                "trigger",
+                "manual runs are queued by the API",
+            ));
+        }
+        let txn = self.db.begin().await.map_err(db_err)?;
+        let task = task::Entity::find_by_id(Uuid::from(claim.task_id))
+            .filter(task::Column::ClusterId.eq(Uuid::from(cluster_id)))
+            .one(&txn)
+            .await
+            .map_err(db_err)?
+            .ok_or(Error::NotFound("task"))?;
+        if task.state == TaskState::Paused.as_str() && claim.status == RunStatus::Running {
+            return Err(Error::Conflict("the task is paused".into()));
+        }
+        if task.version as u32 != claim.task_version {
+            return Err(Error::Conflict(format!(
+                "stale task version {} (current {})",
+                claim.task_version, task.version
+            )));
+        }
+        let now = now();
+        let running = claim.status == RunStatus::Running;
+        let model = run::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            tenant_id: Set(task.tenant_id),
+            task_id: Set(task.id),
+            cluster_id: Set(task.cluster_id),
+            task_version: Set(task.version),
+            trigger: Set(claim.trigger.as_str().into()),
+            scheduled_at: Set(claim.scheduled_at),
+            fire_at: Set(Some(claim.scheduled_at)),
+            attempt: Set(claim.attempt as i32),
+            status: Set(claim.status.as_str().into()),
+            worker_id: Set(Some(claim.worker.clone())),
+            started_at: Set(running.then_some(now)),
+            finished_at: Set((!running).then_some(now)),
+            exit_code: Set(None),
+            signal: Set(None),
+            error: Set(claim.reason.clone()),
+            created_at: Set(now),
+        };
+        let inserted = run::Entity::insert(model)
+            .on_conflict_do_nothing_on([
+                run::Column::TaskId,
+                run::Column::FireAt,
+                run::Column::Attempt,
+            ])
+            .exec_with_returning(&txn)
+            .await
+            .map_err(db_err)?;
+        let sea_orm::TryInsertResult::Inserted(row) = inserted else {
+            return Err(Error::Conflict("this fire is claimed already".into()));
+        };
+        txn.commit().await.map_err(db_err)?;
+        row.try_into()
+    }
+
+    /// Stores a batch of a run's log lines; lines stored already (same offset) are left
+    /// as they are, so a batch delivered twice stores once.
+    pub async fn append_run_logs(
+        &self,
+        cluster_id: ClusterId,
+        run_id: RunId,
+        lines: &[LogLine],
+    ) -> Result<()> {
+        if lines.len() > MAX_LOG_BATCH {
+            return Err(Error::bad_input(
+                "lines",
+                format!("at most {MAX_LOG_BATCH} lines per batch"),
+            ));
+        }
+        self.run_of_cluster(cluster_id, run_id).await?;
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let rows = lines.iter().map(|line| run_log_line::ActiveModel {
+            run_id: Set(run_id.into()),
+            offset: Set(line.offset as i64),
+            stream: Set(line.stream.as_str().into()),
+            at: Set(line.at),
+            // Postgres text cannot hold NUL.
+            line: Set(line.text.replace('\0', "\u{fffd}")),
+        });
+        run_log_line::Entity::insert_many(rows)
+            .on_conflict_do_nothing_on([run_log_line::Column::RunId, run_log_line::Column::Offset])
+            .exec_without_returning(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Records how a run ended. Only a run still QUEUED or RUNNING takes an outcome: a
+    /// repeated report, or one for a run the scheduler marked LOST, changes nothing.
+    pub async fn finish_run(
+        &self,
+        cluster_id: ClusterId,
+        run_id: RunId,
+        outcome: &Outcome,
+    ) -> Result<Run> {
+        if !outcome.status.is_final() || outcome.status == RunStatus::Skipped {
+            return Err(Error::bad_input("status", "not an outcome"));
+        }
+        self.run_of_cluster(cluster_id, run_id).await?;
+        run::Entity::update_many()
+            .col_expr(run::Column::Status, Expr::value(outcome.status.as_str()))
+            .col_expr(run::Column::ExitCode, Expr::value(outcome.exit_code))
+            .col_expr(run::Column::Signal, Expr::value(outcome.signal))
+            .col_expr(run::Column::Error, Expr::value(outcome.error.clone()))
+            .col_expr(run::Column::FinishedAt, Expr::value(outcome.finished_at))
+            .filter(run::Column::Id.eq(Uuid::from(run_id)))
+            .filter(
+                run::Column::Status
+                    .is_in([RunStatus::Queued.as_str(), RunStatus::Running.as_str()]),
+            )
+            .exec(&self.db)
+            .await
+            .map_err(db_err)?;
+        self.run_of_cluster(cluster_id, run_id).await
+    }
+
+    /// The scheduler's verdict on a worker whose session ended without a clean leave:
+    /// its unfinished runs are LOST. Returns how many.
+    pub async fn mark_worker_runs_lost(&self, cluster_id: ClusterId, worker: &str) -> Result<u64> {
+        let result = run::Entity::update_many()
+            .col_expr(run::Column::Status, Expr::value(RunStatus::Lost.as_str()))
+            .col_expr(run::Column::FinishedAt, Expr::value(now()))
+            .col_expr(
+                run::Column::Error,
+                Expr::value("the worker's session ended while the run was going"),
+            )
+            .filter(run::Column::ClusterId.eq(Uuid::from(cluster_id)))
+            .filter(run::Column::WorkerId.eq(worker))
+            .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
+            .exec(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(result.rows_affected)
+    }
+
+    /// Where a new owner of the task starts accounting for fires: the latest scheduled
+    /// fire claimed so far, or the task's last change (creation, edit, resume) if later.
+    /// Fires after it and before now were due while nobody could run them: misfires.
+    pub async fn fire_cursor(
+        &self,
+        cluster_id: ClusterId,
+        task_id: TaskId,
+    ) -> Result<chrono::DateTime<chrono::Utc>> {
+        let task = task::Entity::find_by_id(Uuid::from(task_id))
+            .filter(task::Column::ClusterId.eq(Uuid::from(cluster_id)))
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .ok_or(Error::NotFound("task"))?;
+        let last_fire = run::Entity::find()
+            .filter(run::Column::TaskId.eq(task.id))
+            .filter(run::Column::FireAt.is_not_null())
+            .order_by_desc(run::Column::FireAt)
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .and_then(|r| r.fire_at);
+        Ok(last_fire.map_or(task.updated_at, |fire| fire.max(task.updated_at)))
+    }
+
+    async fn run_of_cluster(&self, cluster_id: ClusterId, run_id: RunId) -> Result<Run> {
+        run::Entity::find_by_id(Uuid::from(run_id))
+            .filter(run::Column::ClusterId.eq(Uuid::from(cluster_id)))
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .ok_or(Error::NotFound("run"))?
+            .try_into()
+    }
+}
+
+impl TenantHandle {
+    fn tenant_uuid(&self) -> Uuid {
+        self.tenant_id().into()
+    }
+
+    /// Runs of the tenant, newest first.
+    pub async fn runs(&self, filter: &RunFilter, request: PageRequest) -> Result<Page<Run>> {
+        self.require(Action::Read)?;
+        let mut query = run::Entity::find().filter(run::Column::TenantId.eq(self.tenant_uuid()));
+        if let Some(task_id) = filter.task_id {
+            query = query.filter(run::Column::TaskId.eq(Uuid::from(task_id)));
+        }
+        if let Some(status) = filter.status {
+            query = query.filter(run::Column::Status.eq(status.as_str()));
+        }
+        if let Some(after) = request.after {
+            query = query.filter(run::Column::Id.lt(after));
+        }
+        let first = request.first.min(MAX_PAGE);
+        let rows = query
+            .order_by_desc(run::Column::Id)
+            .limit(first + 1)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?;
+        let has_next = rows.len() as u64 > first;
+        let items = rows
+            .into_iter()
+            .take(first as usize)
+            .map(Run::try_from)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Page { items, has_next })
+    }
+
+    pub async fn run(&self, id: RunId) -> Result<Run> {
+        self.require(Action::Read)?;
+        run::Entity::find_by_id(Uuid::from(id))
+            .filter(run::Column::TenantId.eq(self.tenant_uuid()))
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .ok_or(Error::NotFound("run"))?
+            .try_into()
+    }
+
+    /// The task's latest run (by creation), if it has any.
+    pub async fn last_run(&self, task_id: TaskId) -> Result<Option<Run>> {
+        self.require(Action::Read)?;
+        run::Entity::find()
+            .filter(run::Column::TenantId.eq(self.tenant_uuid()))
+            .filter(run::Column::TaskId.eq(Uuid::from(task_id)))
+            .order_by_desc(run::Column::Id)
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .map(Run::try_from)
+            .transpose()
+    }
+
+    /// A run's log lines from `from_offset`, in order, at most `limit`.
+    pub async fn run_logs(&self, id: RunId, from_offset: u64, limit: u64) -> Result<Vec<LogLine>> {
+        self.run(id).await?;
+        let rows = run_log_line::Entity::find()
+            .filter(run_log_line::Column::RunId.eq(Uuid::from(id)))
+            .filter(run_log_line::Column::Offset.gte(from_offset as i64))
+            .order_by_asc(run_log_line::Column::Offset)
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?;
+        rows.into_iter().map(LogLine::try_from).collect()
+    }
+}

@@ -1,0 +1,170 @@
+//! The worker's side of the worker endpoints: claims, fire cursors, log batches,
+//! outcomes and package downloads, with the cluster credential (renewed by joining again
+//! when the API says it expired).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cloudtask_core::ids::{RunId, TaskId};
+use cloudtask_core::run::{Claim, Claimed, LogBatch, LogLine, Outcome};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
+
+use crate::join::{JoinError, join};
+
+/// Why a call did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The API answered and said no (a claim refused, a task that is not ours): final.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The API could not be reached or failed: try again later.
+    #[error("API unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    join_token: String,
+    credential: RwLock<String>,
+    shutdown: CancellationToken,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FireCursor {
+    since: DateTime<Utc>,
+}
+
+impl ApiClient {
+    pub fn new(
+        api_url: &str,
+        join_token: &str,
+        credential: String,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("a TLS backend is compiled in");
+        ApiClient {
+            http,
+            base: api_url.trim_end_matches('/').to_owned(),
+            join_token: join_token.to_owned(),
+            credential: RwLock::new(credential),
+            shutdown,
+        }
+    }
+
+    /// Sends a request built by `build` with the credential; on 401, joins again for a
+    /// fresh credential and sends it once more.
+    async fn send(
+        &self,
+        build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, CallError> {
+        for renewed in [false, true] {
+            let credential = self.credential.read().await.clone();
+            let response = build(&self.http, &self.base)
+                .bearer_auth(&credential)
+                .send()
+                .await
+                .map_err(|e| CallError::Unavailable(e.to_string()))?;
+            if response.status() != StatusCode::UNAUTHORIZED || renewed {
+                return classify(response).await;
+            }
+            self.renew(&credential).await?;
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+
+    async fn renew(&self, stale: &str) -> Result<(), CallError> {
+        let mut credential = self.credential.write().await;
+        if *credential != stale {
+            return Ok(()); // someone renewed it meanwhile
+        }
+        match join(&self.base, &self.join_token, &self.shutdown).await {
+            Ok(joined) => {
+                *credential = joined.credential;
+                Ok(())
+            }
+            Err(JoinError::Cancelled) => Err(CallError::Unavailable("shutting down".into())),
+            Err(e) => Err(CallError::Refused(e.to_string())),
+        }
+    }
+
+    pub async fn claim(&self, claim: &Claim) -> Result<RunId, CallError> {
+        let response = self
+            .send(|http, base| http.post(format!("{base}/worker/claims")).json(claim))
+            .await?;
+        let claimed: Claimed = response
+            .json()
+            .await
+            .map_err(|e| CallError::Unavailable(e.to_string()))?;
+        Ok(claimed.run_id)
+    }
+
+    pub async fn fire_cursor(&self, task: TaskId) -> Result<DateTime<Utc>, CallError> {
+        let response = self
+            .send(|http, base| http.get(format!("{base}/worker/tasks/{task}/cursor")))
+            .await?;
+        let cursor: FireCursor = response
+            .json()
+            .await
+            .map_err(|e| CallError::Unavailable(e.to_string()))?;
+        Ok(cursor.since)
+    }
+
+    pub async fn logs(&self, run: RunId, lines: &[LogLine]) -> Result<(), CallError> {
+        let batch = LogBatch {
+            lines: lines.to_vec(),
+        };
+        self.send(|http, base| {
+            http.post(format!("{base}/worker/runs/{run}/logs"))
+                .json(&batch)
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn finish(&self, run: RunId, outcome: &Outcome) -> Result<(), CallError> {
+        self.send(|http, base| {
+            http.post(format!("{base}/worker/runs/{run}/finish"))
+                .json(outcome)
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn package(&self, sha256: &str) -> Result<Vec<u8>, CallError> {
+        let response = self
+            .send(|http, base| http.get(format!("{base}/worker/packages/{sha256}")))
+            .await?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| CallError::Unavailable(e.to_string()))?;
+        Ok(bytes.to_vec())
+    }
+}
+
+/// 2xx passes; 5xx, 429 and 408 are worth retrying; any other answer is final.
+async fn classify(response: reqwest::Response) -> Result<reqwest::Response, CallError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    let detail = format!("{status}: {body}");
+    if status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+    {
+        Err(CallError::Unavailable(detail))
+    } else {
+        Err(CallError::Refused(detail))
+    }
+}

@@ -1,0 +1,624 @@
+//! Firing: one timer heap for every assigned task, fed by the mirrored specs, and the
+//! claim → run → report path of every fire (DESIGN §4).
+//!
+//! - One actor owns all state: assignments, specs, the heap of next fires, the runs in
+//!   flight. Timers are entries in one `BinaryHeap` and the actor sleeps until the
+//!   earliest, so thousands of schedules cost one sleeping future, not one each.
+//! - A newly assigned task first asks the API where its fires stand (the latest fire
+//!   claimed, or the task's last change): the fires due since, while nobody ran them,
+//!   are misfires. `SKIP` records each as a SKIPPED run; `RUN_ONCE` runs the latest one
+//!   that is still within the grace period and records the rest as SKIPPED.
+//! - Every fire is claimed before anything starts; a refused claim starts nothing.
+//! - Overlap: `SKIP` records a SKIPPED run, `ALLOW` starts another, `REPLACE` stops the
+//!   running ones first. Retries are new attempts of the same fire after a backoff.
+//! - When a task's assignment goes (moved, paused, deleted) or the session's epoch ends,
+//!   its processes are stopped and reported STOPPED.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cloudtask_coord::layout::{self, TaskNode};
+use cloudtask_coord::{Coordinator, SharedSession, WatchEvent};
+use cloudtask_core::ids::{ClusterId, TaskId};
+use cloudtask_core::run::{Claim, RunStatus, RunTrigger};
+use cloudtask_core::schedule::Schedule;
+use cloudtask_core::task::{MisfirePolicy, OverlapPolicy};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::client::{ApiClient, CallError};
+use crate::exec::{ExecLimits, RunSpec, execute};
+use crate::membership::Assignments;
+use crate::packages::Packages;
+use crate::report::{Report, Reporter};
+
+/// At most this many missed fires are accounted for on a takeover (the latest ones).
+const MAX_MISFIRES: usize = 1_000;
+/// A scheduled fire's claim is retried this long while the API is unreachable (longer
+/// for `RUN_ONCE`: its grace period).
+const CLAIM_PATIENCE: Duration = Duration::from_secs(5);
+
+/// What the engine needs from the rest of the worker.
+pub struct Engine {
+    pub cluster: ClusterId,
+    pub worker: String,
+    pub coordinator: Arc<dyn Coordinator>,
+    pub client: Arc<ApiClient>,
+    pub reporter: Reporter,
+    pub packages: Arc<Packages>,
+    pub limits: ExecLimits,
+}
+
+struct TaskEntry {
+    watcher: CancellationToken,
+    node: Option<TaskNode>,
+    schedule: Option<Schedule>,
+    /// Bumped on every spec change: heap entries of older generations are stale.
+    generation: u64,
+    /// The latest fire accounted for; None until the takeover catch-up is done.
+    cursor: Option<DateTime<Utc>>,
+    catching_up: bool,
+}
+
+struct ActiveRun {
+    id: u64,
+    stop: CancellationToken,
+}
+
+enum Event {
+    Spec(TaskId, Option<Box<TaskNode>>),
+    CaughtUp {
+        task: TaskId,
+        since: DateTime<Utc>,
+    },
+    Done {
+        task: TaskId,
+        id: u64,
+        retry: Option<(DateTime<Utc>, u32)>,
+    },
+}
+
+/// Everything one fire's task needs, cloned out of the actor.
+#[derive(Clone)]
+struct Shared {
+    worker: String,
+    client: Arc<ApiClient>,
+    reporter: Reporter,
+    packages: Arc<Packages>,
+    limits: ExecLimits,
+    events: mpsc::UnboundedSender<Event>,
+    shutdown: CancellationToken,
+}
+
+impl Engine {
+    /// Runs until `shutdown`; then stops every run, reports them, and returns.
+    pub async fn run(
+        self,
+        mut assignments: watch::Receiver<Assignments>,
+        shutdown: CancellationToken,
+    ) {
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let reads = Arc::new(SharedSession::new(self.coordinator.clone()));
+        let shared = Shared {
+            worker: self.worker.clone(),
+            client: self.client.clone(),
+            reporter: self.reporter.clone(),
+            packages: self.packages.clone(),
+            limits: self.limits,
+            events: events_tx,
+            shutdown: shutdown.clone(),
+        };
+        let mut actor = Actor {
+            cluster: self.cluster,
+            shared,
+            reads,
+            epoch: 0,
+            tasks: HashMap::new(),
+            heap: BinaryHeap::new(),
+            runs: HashMap::new(),
+            next_run: 0,
+            jobs: JoinSet::new(),
+        };
+        let current = assignments.borrow_and_update().clone();
+        actor.assignments_changed(current);
+        loop {
+            let next = actor.heap.peek().map(|Reverse((at, _, _))| *at);
+            let sleep = async {
+                match next {
+                    Some(at) => {
+                        let wait = (at - Utc::now()).to_std().unwrap_or_default();
+                        tokio::time::sleep(wait).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = assignments.changed() => {
+                    if changed.is_err() { break; }
+                    let current = assignments.borrow_and_update().clone();
+                    actor.assignments_changed(current);
+                }
+                Some(event) = events.recv() => actor.handle(event),
+                _ = sleep => actor.fire_due(),
+                Some(_) = actor.jobs.join_next(), if !actor.jobs.is_empty() => {}
+            }
+        }
+        actor.stop_all();
+        while actor.jobs.join_next().await.is_some() {}
+    }
+}
+
+struct Actor {
+    cluster: ClusterId,
+    shared: Shared,
+    reads: Arc<SharedSession>,
+    epoch: u64,
+    tasks: HashMap<TaskId, TaskEntry>,
+    heap: BinaryHeap<Reverse<(DateTime<Utc>, TaskId, u64)>>,
+    runs: HashMap<TaskId, Vec<ActiveRun>>,
+    next_run: u64,
+    jobs: JoinSet<()>,
+}
+
+impl Actor {
+    fn assignments_changed(&mut self, current: Assignments) {
+        if current.epoch != self.epoch {
+            // A new session: nothing read in the old one may be acted on.
+            let all: Vec<TaskId> = self.tasks.keys().copied().collect();
+            for task in all {
+                self.drop_task(task);
+            }
+            self.epoch = current.epoch;
+        }
+        let gone: Vec<TaskId> = self
+            .tasks
+            .keys()
+            .filter(|t| !current.tasks.contains(t))
+            .copied()
+            .collect();
+        for task in gone {
+            self.drop_task(task);
+        }
+        for task in current.tasks {
+            if !self.tasks.contains_key(&task) {
+                self.adopt(task);
+            }
+        }
+    }
+
+    fn adopt(&mut self, task: TaskId) {
+        let watcher = CancellationToken::new();
+        self.tasks.insert(
+            task,
+            TaskEntry {
+                watcher: watcher.clone(),
+                node: None,
+                schedule: None,
+                generation: 0,
+                cursor: None,
+                catching_up: false,
+            },
+        );
+        let path = layout::task(self.cluster, task);
+        let reads = self.reads.clone();
+        let events = self.shared.events.clone();
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            loop {
+                let read = match reads.get().await {
+                    Ok(session) => session.get_and_watch(&path).await,
+                    Err(e) => Err(e),
+                };
+                let watch = match read {
+                    Ok((node, watch)) => {
+                        backoff.reset();
+                        let node = node
+                            .and_then(|n| layout::decode::<TaskNode>(&path, &n.data).ok())
+                            .map(Box::new);
+                        if events.send(Event::Spec(task, node)).is_err() {
+                            return;
+                        }
+                        watch
+                    }
+                    Err(e) => {
+                        tracing::debug!(%task, error = %e, "cannot read the task spec; retrying");
+                        if !backoff.wait(&watcher).await {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                tokio::select! {
+                    _ = watcher.cancelled() => return,
+                    event = watch.fired() => {
+                        if event == WatchEvent::SessionEnded && !backoff.wait(&watcher).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn drop_task(&mut self, task: TaskId) {
+        if let Some(entry) = self.tasks.remove(&task) {
+            entry.watcher.cancel();
+        }
+        if let Some(runs) = self.runs.get(&task) {
+            for run in runs {
+                run.stop.cancel();
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        let all: Vec<TaskId> = self.tasks.keys().copied().collect();
+        for task in all {
+            self.drop_task(task);
+        }
+        for runs in self.runs.values() {
+            for run in runs {
+                run.stop.cancel();
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Spec(task, node) => self.spec_changed(task, node.map(|n| *n)),
+            Event::CaughtUp { task, since } => self.caught_up(task, since),
+            Event::Done { task, id, retry } => {
+                if let Some(runs) = self.runs.get_mut(&task) {
+                    runs.retain(|r| r.id != id);
+                    if runs.is_empty() {
+                        self.runs.remove(&task);
+                    }
+                }
+                if let Some((scheduled_at, attempt)) = retry
+                    && self.is_active(task)
+                {
+                    self.dispatch(task, scheduled_at, attempt, RunTrigger::Retry);
+                }
+            }
+        }
+    }
+
+    fn is_active(&self, task: TaskId) -> bool {
+        self.tasks
+            .get(&task)
+            .and_then(|e| e.node.as_ref())
+            .is_some_and(|n| !n.paused)
+    }
+
+    fn spec_changed(&mut self, task: TaskId, node: Option<TaskNode>) {
+        let Some(entry) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        if entry.node == node {
+            return;
+        }
+        entry.generation += 1;
+        entry.schedule = node.as_ref().and_then(|n| match n.spec.validate() {
+            Ok(schedule) => Some(schedule),
+            Err(e) => {
+                tracing::warn!(%task, error = %e, "the mirrored schedule does not parse");
+                None
+            }
+        });
+        entry.node = node;
+        if entry.node.as_ref().is_none_or(|n| n.paused) || entry.schedule.is_none() {
+            return;
+        }
+        match entry.cursor {
+            Some(cursor) => {
+                // An edit: fire on the new schedule from where the old one stood.
+                let from = cursor.max(Utc::now());
+                self.arm(task, from);
+            }
+            None if !entry.catching_up => {
+                entry.catching_up = true;
+                let client = self.shared.client.clone();
+                let events = self.shared.events.clone();
+                let shutdown = self.shared.shutdown.clone();
+                self.jobs.spawn(async move {
+                    let mut backoff =
+                        Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+                    loop {
+                        match client.fire_cursor(task).await {
+                            Ok(since) => {
+                                let _ = events.send(Event::CaughtUp { task, since });
+                                return;
+                            }
+                            Err(CallError::Refused(why)) => {
+                                tracing::warn!(%task, %why, "no fire cursor for the task");
+                                return;
+                            }
+                            Err(CallError::Unavailable(_)) => {
+                                if !backoff.wait(&shutdown).await {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+            None => {}
+        }
+    }
+
+    /// The takeover catch-up: account for the fires due in (since, now], then arm.
+    fn caught_up(&mut self, task: TaskId, since: DateTime<Utc>) {
+        let now = Utc::now();
+        let Some(entry) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        entry.catching_up = false;
+        let (Some(schedule), Some(node)) = (entry.schedule.clone(), entry.node.clone()) else {
+            return;
+        };
+        entry.cursor = Some(now);
+        let mut missed = Vec::new();
+        let mut at = since;
+        while let Some(next) = schedule.next_after(at) {
+            if next > now {
+                break;
+            }
+            missed.push(next);
+            at = next;
+        }
+        if missed.len() > MAX_MISFIRES {
+            missed.drain(..missed.len() - MAX_MISFIRES);
+        }
+        let grace = chrono::Duration::seconds(node.spec.misfire_grace_seconds as i64);
+        let run_once = match node.spec.misfire_policy {
+            MisfirePolicy::RunOnce => missed.last().copied().filter(|at| now - *at <= grace),
+            MisfirePolicy::Skip => None,
+        };
+        for at in &missed {
+            if Some(*at) != run_once {
+                self.record_skipped(task, &node, *at, "misfire: no worker could run it on time");
+            }
+        }
+        if let Some(at) = run_once {
+            self.dispatch(task, at, 0, RunTrigger::Schedule);
+        }
+        self.arm(task, now);
+    }
+
+    fn arm(&mut self, task: TaskId, after: DateTime<Utc>) {
+        let Some(entry) = self.tasks.get(&task) else {
+            return;
+        };
+        if let Some(next) = entry.schedule.as_ref().and_then(|s| s.next_after(after)) {
+            self.heap.push(Reverse((next, task, entry.generation)));
+        }
+    }
+
+    fn fire_due(&mut self) {
+        let now = Utc::now();
+        while let Some(Reverse((at, task, generation))) = self.heap.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.heap.pop();
+            let Some(entry) = self.tasks.get_mut(&task) else {
+                continue;
+            };
+            if entry.generation != generation || entry.cursor.is_none() {
+                continue;
+            }
+            entry.cursor = Some(at);
+            if !self.is_active(task) {
+                continue;
+            }
+            self.arm(task, at);
+            self.dispatch(task, at, 0, RunTrigger::Schedule);
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        task: TaskId,
+        scheduled_at: DateTime<Utc>,
+        attempt: u32,
+        trigger: RunTrigger,
+    ) {
+        let Some(node) = self.tasks.get(&task).and_then(|e| e.node.clone()) else {
+            return;
+        };
+        let running = self.runs.get(&task).is_some_and(|r| !r.is_empty());
+        if running {
+            match node.spec.overlap_policy {
+                OverlapPolicy::Skip => {
+                    self.record_skipped(
+                        task,
+                        &node,
+                        scheduled_at,
+                        "overlap: the previous run is still going",
+                    );
+                    return;
+                }
+                OverlapPolicy::Replace => {
+                    for run in &self.runs[&task] {
+                        run.stop.cancel();
+                    }
+                }
+                OverlapPolicy::Allow => {}
+            }
+        }
+        let id = self.next_run;
+        self.next_run += 1;
+        let stop = self.shared.shutdown.child_token();
+        self.runs.entry(task).or_default().push(ActiveRun {
+            id,
+            stop: stop.clone(),
+        });
+        let shared = self.shared.clone();
+        let claim = Claim {
+            task_id: task,
+            scheduled_at,
+            attempt,
+            task_version: node.version,
+            worker: shared.worker.clone(),
+            trigger,
+            status: RunStatus::Running,
+            reason: None,
+        };
+        self.jobs.spawn(async move {
+            let retry = run_fire(&shared, &node, claim, &stop).await;
+            let _ = shared.events.send(Event::Done { task, id, retry });
+        });
+    }
+
+    /// Records a fire that will not run, retrying until the API takes it.
+    fn record_skipped(
+        &mut self,
+        task: TaskId,
+        node: &TaskNode,
+        scheduled_at: DateTime<Utc>,
+        reason: &str,
+    ) {
+        let claim = Claim {
+            task_id: task,
+            scheduled_at,
+            attempt: 0,
+            task_version: node.version,
+            worker: self.shared.worker.clone(),
+            trigger: RunTrigger::Schedule,
+            status: RunStatus::Skipped,
+            reason: Some(reason.to_owned()),
+        };
+        let shared = self.shared.clone();
+        self.jobs.spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+            loop {
+                match shared.client.claim(&claim).await {
+                    Ok(_) | Err(CallError::Refused(_)) => return,
+                    Err(CallError::Unavailable(_)) => {
+                        if !backoff.wait(&shared.shutdown).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// One fire: claim, prepare, run, report. Returns the retry to schedule, if any.
+async fn run_fire(
+    shared: &Shared,
+    node: &TaskNode,
+    claim: Claim,
+    stop: &CancellationToken,
+) -> Option<(DateTime<Utc>, u32)> {
+    let spec = &node.spec;
+    let patience = match spec.misfire_policy {
+        MisfirePolicy::RunOnce => {
+            Duration::from_secs(spec.misfire_grace_seconds as u64).max(CLAIM_PATIENCE)
+        }
+        MisfirePolicy::Skip => CLAIM_PATIENCE,
+    };
+    let give_up = tokio::time::Instant::now() + patience;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let run_id = loop {
+        match shared.client.claim(&claim).await {
+            Ok(run_id) => break run_id,
+            Err(CallError::Refused(why)) => {
+                tracing::debug!(task = %claim.task_id, at = %claim.scheduled_at, %why, "claim refused");
+                return None;
+            }
+            Err(CallError::Unavailable(why)) => {
+                if tokio::time::Instant::now() >= give_up || stop.is_cancelled() {
+                    tracing::warn!(task = %claim.task_id, at = %claim.scheduled_at, %why,
+                        "cannot claim the fire in time; recording it as missed");
+                    tokio::spawn(record_missed(shared.clone(), claim));
+                    return None;
+                }
+                if !backoff.wait(stop).await {
+                    return None;
+                }
+            }
+        }
+    };
+    let outcome = match shared
+        .packages
+        .workdir(spec.package_sha256.as_deref())
+        .await
+    {
+        Ok(workdir) => {
+            let run = RunSpec {
+                run_id,
+                task_id: claim.task_id,
+                scheduled_at: claim.scheduled_at,
+                attempt: claim.attempt,
+                command: spec.command.clone(),
+                env: spec.env.clone(),
+                workdir,
+                timeout: spec.timeout_seconds.map(|s| Duration::from_secs(s as u64)),
+            };
+            execute(&run, shared.limits, &shared.reporter, stop).await
+        }
+        Err(e) => {
+            let message = e.to_string();
+            shared.reporter.send(Report::Logs {
+                run: run_id,
+                lines: vec![cloudtask_core::run::LogLine {
+                    offset: 0,
+                    stream: cloudtask_core::run::LogStream::System,
+                    at: Utc::now(),
+                    text: message.clone(),
+                }],
+            });
+            cloudtask_core::run::Outcome {
+                status: RunStatus::Failed,
+                exit_code: None,
+                signal: None,
+                error: Some(message),
+                finished_at: Utc::now(),
+            }
+        }
+    };
+    let retryable = matches!(outcome.status, RunStatus::Failed | RunStatus::TimedOut);
+    shared.reporter.send(Report::Finish {
+        run: run_id,
+        outcome,
+    });
+    if !retryable || claim.attempt >= spec.max_retries {
+        return None;
+    }
+    // Backoff doubles per attempt, with jitter, capped at an hour.
+    let base = Duration::from_secs(spec.retry_backoff_seconds.max(1) as u64);
+    let mut delay = Backoff::new(base, Duration::from_secs(3600));
+    let mut wait = delay.next_delay();
+    for _ in 0..claim.attempt {
+        wait = delay.next_delay();
+    }
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        _ = tokio::time::sleep(wait) => Some((claim.scheduled_at, claim.attempt + 1)),
+    }
+}
+
+/// A fire that could not be claimed in time is recorded SKIPPED once the API is back.
+async fn record_missed(shared: Shared, mut claim: Claim) {
+    claim.status = RunStatus::Skipped;
+    claim.reason = Some("misfire: the API could not be reached in time".into());
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match shared.client.claim(&claim).await {
+            Ok(_) | Err(CallError::Refused(_)) => return,
+            Err(CallError::Unavailable(_)) => {
+                if !backoff.wait(&shared.shutdown).await {
+                    return;
+                }
+            }
+        }
+    }
+}

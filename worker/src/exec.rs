@@ -1,0 +1,415 @@
+//! Running one claimed fire: `sh -c <command>` (`cmd /C` on Windows) in the unpacked
+//! package folder, in a process group of its own, with the task's environment plus the
+//! run's identity and nothing of the worker's own (no credentials). Output is read line by
+//! line from both streams, long lines split, invalid UTF-8 replaced, capped per run, and
+//! handed to the reporter in batches while the run goes. A timeout or a stop sends SIGTERM
+//! to the whole group, then SIGKILL after the grace period; when the main process exits,
+//! whatever it left running in its group is terminated the same way.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cloudtask_core::ids::{RunId, TaskId};
+use cloudtask_core::run::{LogLine, LogStream, Outcome, RunStatus};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::report::{Report, Reporter};
+
+/// Lines go to the reporter at least this often while a run is producing them.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+const FLUSH_LINES: usize = 500;
+
+/// Per-run limits, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecLimits {
+    pub max_lines: u64,
+    pub max_line_bytes: usize,
+    pub kill_grace: Duration,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub run_id: RunId,
+    pub task_id: TaskId,
+    pub scheduled_at: DateTime<Utc>,
+    pub attempt: u32,
+    pub command: String,
+    pub env: BTreeMap<String, String>,
+    pub workdir: PathBuf,
+    pub timeout: Option<Duration>,
+}
+
+/// Variables of the worker's own environment a program may see; everything else of the
+/// worker (its credentials above all) stays out.
+const INHERITED: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
+
+/// Runs the fire to its end and returns the outcome; the log lines have been handed to
+/// `reporter` by then. Cancelling `stop` ends the run as STOPPED.
+pub async fn execute(
+    spec: &RunSpec,
+    limits: ExecLimits,
+    reporter: &Reporter,
+    stop: &CancellationToken,
+) -> Outcome {
+    let (line_tx, line_rx) = mpsc::channel(1024);
+    let collector = tokio::spawn(collect(spec.run_id, line_rx, limits, reporter.clone()));
+    let outcome = supervise(spec, limits, stop, line_tx).await;
+    let _ = collector.await;
+    outcome
+}
+
+fn command(spec: &RunSpec) -> Command {
+    #[cfg(unix)]
+    let mut command = {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(&spec.command);
+        c.process_group(0);
+        c
+    };
+    #[cfg(windows)]
+    let mut command = {
+        let mut c = Command::new("cmd");
+        c.arg("/C").arg(&spec.command);
+        c
+    };
+    command.env_clear();
+    for name in INHERITED {
+        if let Ok(value) = std::env::var(name) {
+            command.env(name, value);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        command.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+    }
+    command
+        .envs(&spec.env)
+        .env("CLOUDTASK_RUN_ID", spec.run_id.to_string())
+        .env("CLOUDTASK_TASK_ID", spec.task_id.to_string())
+        .env("CLOUDTASK_SCHEDULED_AT", spec.scheduled_at.to_rfc3339())
+        .env("CLOUDTASK_ATTEMPT", spec.attempt.to_string())
+        .current_dir(&spec.workdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+type Line = (LogStream, String, DateTime<Utc>);
+
+async fn supervise(
+    spec: &RunSpec,
+    limits: ExecLimits,
+    stop: &CancellationToken,
+    lines: mpsc::Sender<Line>,
+) -> Outcome {
+    let mut child = match command(spec).spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = lines
+                .send((
+                    LogStream::System,
+                    format!("cannot start the command: {e}"),
+                    Utc::now(),
+                ))
+                .await;
+            return outcome(
+                RunStatus::Failed,
+                None,
+                None,
+                Some(format!("spawn failed: {e}")),
+            );
+        }
+    };
+    let group = child.id();
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(tokio::spawn(read_lines(
+            out,
+            LogStream::Stdout,
+            limits.max_line_bytes,
+            lines.clone(),
+        )));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(tokio::spawn(read_lines(
+            err,
+            LogStream::Stderr,
+            limits.max_line_bytes,
+            lines.clone(),
+        )));
+    }
+    let deadline = spec.timeout.map(|t| tokio::time::Instant::now() + t);
+    let timed_out = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    enum End {
+        Exited(std::io::Result<std::process::ExitStatus>),
+        TimedOut,
+        Stopped,
+    }
+    let end = tokio::select! {
+        status = child.wait() => End::Exited(status),
+        _ = timed_out => End::TimedOut,
+        _ = stop.cancelled() => End::Stopped,
+    };
+    let result = match end {
+        End::Exited(status) => {
+            // The main process is done; its group goes with it.
+            terminate_group(group, limits.kill_grace, &mut child, true).await;
+            match status {
+                Ok(status) => exit_outcome(status),
+                Err(e) => outcome(
+                    RunStatus::Failed,
+                    None,
+                    None,
+                    Some(format!("wait failed: {e}")),
+                ),
+            }
+        }
+        End::TimedOut => {
+            let note = format!(
+                "timed out after {} s: terminating the process group",
+                spec.timeout.unwrap_or_default().as_secs()
+            );
+            let _ = lines.send((LogStream::System, note, Utc::now())).await;
+            let status = terminate_group(group, limits.kill_grace, &mut child, false).await;
+            let mut o = status
+                .map(exit_outcome)
+                .unwrap_or_else(|| outcome(RunStatus::TimedOut, None, None, None));
+            o.status = RunStatus::TimedOut;
+            o.error = Some("timed out".into());
+            o
+        }
+        End::Stopped => {
+            let _ = lines
+                .send((
+                    LogStream::System,
+                    "stopped: terminating the process group".into(),
+                    Utc::now(),
+                ))
+                .await;
+            let status = terminate_group(group, limits.kill_grace, &mut child, false).await;
+            let mut o = status
+                .map(exit_outcome)
+                .unwrap_or_else(|| outcome(RunStatus::Stopped, None, None, None));
+            o.status = RunStatus::Stopped;
+            o.error = Some("stopped".into());
+            o
+        }
+    };
+    // Readers end when every holder of the pipes is gone, which the group kill ensures.
+    for reader in readers {
+        let _ = reader.await;
+    }
+    result
+}
+
+/// SIGTERM to the group, then SIGKILL after `grace` if anything of it is left. With
+/// `exited`, the main process is reaped already and only leftovers are signalled.
+/// Returns the main process's status when it was still running.
+async fn terminate_group(
+    group: Option<u32>,
+    grace: Duration,
+    child: &mut tokio::process::Child,
+    exited: bool,
+) -> Option<std::process::ExitStatus> {
+    #[cfg(unix)]
+    {
+        use nix::sys::signal::{Signal, killpg};
+        use nix::unistd::Pid;
+        let pgid = group.map(|g| Pid::from_raw(g as i32))?;
+        let alive = || killpg(pgid, None).is_ok();
+        if !alive() {
+            return if exited {
+                None
+            } else {
+                child.wait().await.ok()
+            };
+        }
+        let _ = killpg(pgid, Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut status = None;
+        if !exited {
+            status = tokio::time::timeout_at(deadline, child.wait())
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        // Leftovers of the group: poll until they are gone or the grace is over.
+        while alive() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if alive() {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        if status.is_none() && !exited {
+            status = child.wait().await.ok();
+        }
+        status
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (group, grace);
+        if exited {
+            return None;
+        }
+        let _ = child.start_kill();
+        child.wait().await.ok()
+    }
+}
+
+fn outcome(
+    status: RunStatus,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    error: Option<String>,
+) -> Outcome {
+    Outcome {
+        status,
+        exit_code,
+        signal,
+        error,
+        finished_at: Utc::now(),
+    }
+}
+
+fn exit_outcome(status: std::process::ExitStatus) -> Outcome {
+    #[cfg(unix)]
+    let signal = std::os::unix::process::ExitStatusExt::signal(&status);
+    #[cfg(not(unix))]
+    let signal = None;
+    match (status.code(), signal) {
+        (Some(0), _) => outcome(RunStatus::Succeeded, Some(0), None, None),
+        (Some(code), _) => outcome(
+            RunStatus::Failed,
+            Some(code),
+            None,
+            Some(format!("exit code {code}")),
+        ),
+        (None, Some(signal)) => outcome(
+            RunStatus::Failed,
+            None,
+            Some(signal),
+            Some(format!("killed by signal {signal}")),
+        ),
+        (None, None) => outcome(
+            RunStatus::Failed,
+            None,
+            None,
+            Some("ended without a status".into()),
+        ),
+    }
+}
+
+/// Reads one stream into lines of at most `max` bytes.
+async fn read_lines(
+    stream: impl AsyncRead + Unpin,
+    which: LogStream,
+    max: usize,
+    lines: mpsc::Sender<Line>,
+) {
+    let mut reader = BufReader::new(stream);
+    let mut line: Vec<u8> = Vec::new();
+    let emit = |line: &mut Vec<u8>| {
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        let text = String::from_utf8_lossy(line).into_owned();
+        line.clear();
+        (which, text, Utc::now())
+    };
+    while let Ok(available) = reader.fill_buf().await {
+        if available.is_empty() {
+            if !line.is_empty() && lines.send(emit(&mut line)).await.is_err() {
+                return;
+            }
+            break;
+        }
+        let room = max.saturating_sub(line.len()).max(1);
+        let window = &available[..available.len().min(room)];
+        let (used, complete) = match window.iter().position(|&b| b == b'\n') {
+            Some(newline) => {
+                line.extend_from_slice(&window[..newline]);
+                (newline + 1, true)
+            }
+            None => {
+                line.extend_from_slice(window);
+                (window.len(), line.len() >= max)
+            }
+        };
+        reader.consume(used);
+        if complete && lines.send(emit(&mut line)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Numbers the lines of both streams in arrival order, applies the cap, and hands
+/// batches to the reporter.
+async fn collect(run: RunId, mut rx: mpsc::Receiver<Line>, limits: ExecLimits, reporter: Reporter) {
+    let mut next_offset: u64 = 0;
+    let mut dropped: u64 = 0;
+    let mut batch: Vec<LogLine> = Vec::new();
+    let flush = |batch: &mut Vec<LogLine>| {
+        if !batch.is_empty() {
+            reporter.send(Report::Logs {
+                run,
+                lines: std::mem::take(batch),
+            });
+        }
+    };
+    loop {
+        let received = if batch.is_empty() {
+            rx.recv().await
+        } else {
+            match tokio::time::timeout(FLUSH_EVERY, rx.recv()).await {
+                Ok(line) => line,
+                Err(_) => {
+                    flush(&mut batch);
+                    continue;
+                }
+            }
+        };
+        let Some((stream, text, at)) = received else {
+            break;
+        };
+        // SYSTEM lines (timeouts, stops) are kept past the cap: they say why a run ended.
+        if next_offset >= limits.max_lines && stream != LogStream::System {
+            dropped += 1;
+            continue;
+        }
+        batch.push(LogLine {
+            offset: next_offset,
+            stream,
+            at,
+            text,
+        });
+        next_offset += 1;
+        if batch.len() >= FLUSH_LINES {
+            flush(&mut batch);
+        }
+    }
+    if dropped > 0 {
+        batch.push(LogLine {
+            offset: next_offset,
+            stream: LogStream::System,
+            at: Utc::now(),
+            text: format!(
+                "output capped at {} lines: {dropped} more lines were dropped",
+                limits.max_lines
+            ),
+        });
+    }
+    flush(&mut batch);
+}

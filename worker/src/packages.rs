@@ -1,0 +1,101 @@
+//! The package cache: each package is fetched once by its sha256, verified, unpacked
+//! with the same checks as at upload (no absolute paths, no `..`, no links out, size
+//! limits), and kept under `<data_dir>/packages/<sha256>` for every later run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cloudtask_core::archive::{self, Limits};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use crate::client::{ApiClient, CallError};
+
+pub struct Packages {
+    root: PathBuf,
+    limits: Limits,
+    client: Arc<ApiClient>,
+    /// One fetch at a time: two runs of a new package wait for one download.
+    fetching: Mutex<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    #[error("cannot fetch package {sha256}: {source}")]
+    Fetch { sha256: String, source: CallError },
+    #[error("package {sha256} does not match its hash (got {actual})")]
+    HashMismatch { sha256: String, actual: String },
+    #[error("package {sha256} refused: {source}")]
+    Unsafe {
+        sha256: String,
+        source: archive::ArchiveError,
+    },
+    #[error("package cache: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Marks a fully unpacked package folder.
+const COMPLETE: &str = ".cloudtask-complete";
+
+impl Packages {
+    pub fn new(data_dir: &std::path::Path, limits: Limits, client: Arc<ApiClient>) -> Self {
+        Packages {
+            root: data_dir.join("packages"),
+            limits,
+            client,
+            fetching: Mutex::new(()),
+        }
+    }
+
+    /// The folder a run of this package works in; with no package, an empty folder.
+    pub async fn workdir(&self, sha256: Option<&str>) -> Result<PathBuf, PackageError> {
+        let Some(sha256) = sha256 else {
+            let empty = self.root.join("none");
+            tokio::fs::create_dir_all(&empty).await?;
+            return Ok(empty);
+        };
+        let folder = self.root.join(sha256);
+        if tokio::fs::try_exists(folder.join(COMPLETE)).await? {
+            return Ok(folder);
+        }
+        let _one_at_a_time = self.fetching.lock().await;
+        if tokio::fs::try_exists(folder.join(COMPLETE)).await? {
+            return Ok(folder);
+        }
+        let bytes = self
+            .client
+            .package(sha256)
+            .await
+            .map_err(|source| PackageError::Fetch {
+                sha256: sha256.to_owned(),
+                source,
+            })?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if actual != sha256 {
+            return Err(PackageError::HashMismatch {
+                sha256: sha256.to_owned(),
+                actual,
+            });
+        }
+        let staging = self.root.join(format!(".staging-{sha256}"));
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+        let _ = tokio::fs::remove_dir_all(&folder).await;
+        tokio::fs::create_dir_all(&staging).await?;
+        let limits = self.limits;
+        let target = staging.clone();
+        let unpacked =
+            tokio::task::spawn_blocking(move || archive::unpack(&bytes, &target, &limits))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if let Err(source) = unpacked {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            return Err(PackageError::Unsafe {
+                sha256: sha256.to_owned(),
+                source,
+            });
+        }
+        tokio::fs::write(staging.join(COMPLETE), b"").await?;
+        tokio::fs::rename(&staging, &folder).await?;
+        Ok(folder)
+    }
+}

@@ -1,0 +1,257 @@
+//! The one writer of run results: every log batch and outcome goes through here, in
+//! order, to the API. What the API cannot take now is written to an on-disk spool under
+//! the data folder and delivered when it is back, in the same order; a spool left by an
+//! earlier process is delivered first. Ingest is idempotent (log lines by run and offset,
+//! outcomes only onto unfinished runs), so a report delivered twice lands once.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudtask_core::ids::RunId;
+use cloudtask_core::run::{LogLine, Outcome};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::client::{ApiClient, CallError};
+
+/// Lines per delivered batch, and bytes (well under the API's body limit).
+const BATCH_LINES: usize = 2_000;
+const BATCH_BYTES: usize = 512 << 10;
+/// How long a shutting-down worker keeps trying before it leaves the rest in the spool.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Report {
+    Logs { run: RunId, lines: Vec<LogLine> },
+    Finish { run: RunId, outcome: Outcome },
+}
+
+/// Hands reports to the writer. Cheap to clone.
+#[derive(Clone)]
+pub struct Reporter {
+    tx: mpsc::UnboundedSender<Report>,
+    /// Reports accepted but not delivered yet (for tests and shutdown).
+    pending: watch::Receiver<usize>,
+}
+
+impl Reporter {
+    pub fn send(&self, report: Report) {
+        // The writer outlives every sender but at the very end of shutdown.
+        let _ = self.tx.send(report);
+    }
+
+    /// Waits until everything sent so far has been delivered.
+    pub async fn delivered(&self) {
+        let mut pending = self.pending.clone();
+        let _ = pending.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// Starts the writer. It runs until `shutdown`, then delivers what it can for a few
+/// seconds and spools the rest.
+pub fn spawn(
+    client: Arc<ApiClient>,
+    spool_dir: PathBuf,
+    shutdown: CancellationToken,
+) -> (Reporter, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (pending_tx, pending) = watch::channel(0);
+    let writer = Writer {
+        client,
+        spool: spool_dir.join("reports.jsonl"),
+        spool_dir,
+        queue: VecDeque::new(),
+        spooling: false,
+        pending: pending_tx,
+    };
+    let handle = tokio::spawn(writer.run(rx, shutdown));
+    (Reporter { tx, pending }, handle)
+}
+
+struct Writer {
+    client: Arc<ApiClient>,
+    spool_dir: PathBuf,
+    spool: PathBuf,
+    queue: VecDeque<Report>,
+    /// The API failed: everything queued is in the spool file too, and what arrives is
+    /// appended to it before anything else happens.
+    spooling: bool,
+    pending: watch::Sender<usize>,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Report>, shutdown: CancellationToken) {
+        self.load_spool().await;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            self.take(&mut rx).await;
+            if self.queue.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    report = rx.recv() => match report {
+                        Some(report) => self.accept(report).await,
+                        None => break,
+                    },
+                }
+                continue;
+            }
+            match self.deliver_head().await {
+                Ok(()) => backoff.reset(),
+                Err(e) => {
+                    tracing::warn!(error = %e, queued = self.queue.len(),
+                        "cannot deliver run reports; spooling and retrying");
+                    self.spool_all().await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+        // Shutdown: a last bounded effort, then whatever is left waits in the spool.
+        rx.close();
+        self.take(&mut rx).await;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
+        while !self.queue.is_empty() && tokio::time::Instant::now() < deadline {
+            let attempt = tokio::time::timeout_at(deadline, self.deliver_head()).await;
+            if !matches!(attempt, Ok(Ok(()))) {
+                break;
+            }
+        }
+        self.spool_all().await;
+    }
+
+    /// Everything waiting in the channel, without blocking.
+    async fn take(&mut self, rx: &mut mpsc::UnboundedReceiver<Report>) {
+        while let Ok(report) = rx.try_recv() {
+            self.accept(report).await;
+        }
+    }
+
+    async fn accept(&mut self, report: Report) {
+        if self.spooling {
+            self.append(std::slice::from_ref(&report)).await;
+        }
+        self.queue.push_back(report);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        self.pending.send_replace(self.queue.len());
+    }
+
+    /// Delivers the head of the queue (consecutive log reports of one run go as one
+    /// batch) and drops it from the queue.
+    async fn deliver_head(&mut self) -> Result<(), CallError> {
+        let (taken, result) = match self.queue.front() {
+            None => return Ok(()),
+            Some(Report::Finish { run, outcome }) => (1, self.client.finish(*run, outcome).await),
+            Some(Report::Logs { run, .. }) => {
+                let run = *run;
+                let mut lines = Vec::new();
+                let mut bytes = 0;
+                let mut taken = 0;
+                for report in &self.queue {
+                    match report {
+                        Report::Logs { run: r, lines: l }
+                            if *r == run
+                                && (taken == 0
+                                    || (lines.len() + l.len() <= BATCH_LINES
+                                        && bytes < BATCH_BYTES)) =>
+                        {
+                            bytes += l.iter().map(|line| line.text.len() + 64).sum::<usize>();
+                            lines.extend_from_slice(l);
+                            taken += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                (taken, self.client.logs(run, &lines).await)
+            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(CallError::Refused(why)) => {
+                // Never deliverable (the run is unknown to the API): dropping it is the
+                // only way forward, and the log says so.
+                tracing::error!(%why, "a run report was refused and is dropped");
+            }
+            Err(e @ CallError::Unavailable(_)) => return Err(e),
+        }
+        self.queue.drain(..taken);
+        if self.queue.is_empty() && self.spooling {
+            self.clear_spool().await;
+        }
+        self.publish();
+        Ok(())
+    }
+
+    async fn load_spool(&mut self) {
+        let Ok(text) = tokio::fs::read_to_string(&self.spool).await else {
+            return;
+        };
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<Report>(line) {
+                Ok(report) => self.queue.push_back(report),
+                // A line cut short by a crash mid-write: what follows it was never written.
+                Err(e) => tracing::warn!(error = %e, "skipping an unreadable spool line"),
+            }
+        }
+        if !self.queue.is_empty() {
+            tracing::info!(
+                reports = self.queue.len(),
+                "delivering the spool of an earlier run"
+            );
+            self.spooling = true;
+            self.publish();
+        }
+    }
+
+    /// Rewrites the spool with the whole queue (entering spooling mode).
+    async fn spool_all(&mut self) {
+        if self.spooling || self.queue.is_empty() {
+            return;
+        }
+        let reports: Vec<Report> = self.queue.iter().cloned().collect();
+        self.append(&reports).await;
+        self.spooling = true;
+    }
+
+    async fn append(&self, reports: &[Report]) {
+        let mut text = String::new();
+        for report in reports {
+            text.push_str(&serde_json::to_string(report).expect("reports serialise"));
+            text.push('\n');
+        }
+        let result = async {
+            tokio::fs::create_dir_all(&self.spool_dir).await?;
+            let mut file = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.spool)
+                .await?;
+            file.write_all(text.as_bytes()).await?;
+            file.sync_data().await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, spool = %self.spool.display(),
+                "cannot write the spool; reports stay in memory only");
+        }
+    }
+
+    async fn clear_spool(&mut self) {
+        match tokio::fs::remove_file(&self.spool).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "cannot remove the delivered spool"),
+        }
+        self.spooling = false;
+    }
+}
