@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Timelike, Utc};
 use cloudtask_coord::zk::ZkCoordinator;
-use cloudtask_testkit::{Gql, TestApi};
+use cloudtask_testkit::{Gql, Proxy, TestApi};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -15,19 +15,27 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// API, scheduler and one worker for one tenant's cluster.
 struct Cluster {
-    api: TestApi,
+    /// Serves until dropped.
+    _api: TestApi,
     owner: Gql,
     cluster_id: String,
     zookeeper: String,
     join_token: String,
-    _data: tempfile::TempDir,
+    /// Workers reach the API through this proxy, so a test can cut them off from it.
+    api_proxy: Proxy,
+    data: tempfile::TempDir,
     stops: Vec<CancellationToken>,
+    processes: Vec<std::process::Child>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         for stop in &self.stops {
             stop.cancel();
+        }
+        for process in &mut self.processes {
+            let _ = process.kill();
+            let _ = process.wait();
         }
     }
 }
@@ -41,6 +49,7 @@ impl Cluster {
             c.zookeeper_session_timeout_ms = SESSION_TIMEOUT.as_millis() as u64;
         })
         .await;
+        let api_proxy = Proxy::start(api.url.trim_start_matches("http://")).await;
         api.create_user(ADMIN_EMAIL, PASSWORD, true).await;
         let admin = api.login(ADMIN_EMAIL, PASSWORD, None).await;
         let created = admin
@@ -84,25 +93,60 @@ impl Cluster {
         };
         tokio::spawn(scheduler.run(scheduler_stop.clone()));
         Cluster {
-            api,
+            _api: api,
             owner,
             cluster_id,
             zookeeper,
             join_token,
-            _data: tempfile::tempdir().unwrap(),
+            api_proxy,
+            data: tempfile::tempdir().unwrap(),
             stops: vec![scheduler_stop],
+            processes: Vec::new(),
         }
+    }
+
+    fn worker_api_url(&self) -> String {
+        format!("http://{}", self.api_proxy.addr)
+    }
+
+    /// Starts `cloudtask worker` as a process of its own; returns its index in
+    /// `processes`.
+    fn spawn_worker_process(&mut self, name: &str) -> usize {
+        let dir = self.data.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join("worker.log")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cloudtask"))
+            .arg("worker")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CLOUDTASK_API_URL", self.worker_api_url())
+            .env("CLOUDTASK_ZOOKEEPER", &self.zookeeper)
+            .env(
+                "CLOUDTASK_ZOOKEEPER_SESSION_TIMEOUT_MS",
+                SESSION_TIMEOUT.as_millis().to_string(),
+            )
+            .env("CLOUDTASK_CLUSTER_TOKEN", &self.join_token)
+            .env("CLOUDTASK_WORKER_NAME", name)
+            .env("CLOUDTASK_DATA_DIR", &dir)
+            .env("CLOUDTASK_LOG_LEVEL", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the worker binary");
+        self.processes.push(child);
+        self.processes.len() - 1
     }
 
     /// Starts a worker in this process, as `cloudtask worker` would run.
     fn start_worker(&mut self, name: &str) -> CancellationToken {
         let mut config = cloudtask_testkit::test_config(String::new());
-        config.api_url = self.api.url.clone();
+        config.api_url = self.worker_api_url();
+        config.run_kill_grace_secs = 1;
         config.zookeeper = self.zookeeper.clone();
         config.zookeeper_session_timeout_ms = SESSION_TIMEOUT.as_millis() as u64;
         config.cluster_token = Some(self.join_token.clone());
         config.worker_name = Some(name.into());
-        config.data_dir = self._data.path().join(name);
+        config.data_dir = self.data.path().join(name);
         let stop = CancellationToken::new();
         let token = stop.clone();
         tokio::spawn(async move { cloudtask_worker::run(&config, token).await });
@@ -147,6 +191,45 @@ impl Cluster {
         runs
     }
 
+    async fn pause(&self, task: &str) {
+        let paused = self
+            .owner
+            .run(
+                "mutation($id: ID!) { pauseTask(id: $id) { state } }",
+                json!({ "id": task }),
+            )
+            .await;
+        assert_eq!(
+            paused.data()["pauseTask"]["state"],
+            "PAUSED",
+            "{}",
+            paused.body
+        );
+    }
+
+    /// Pauses the task and waits for every run of it to end.
+    async fn pause_and_settle(&self, task: &str) -> Vec<Value> {
+        self.pause(task).await;
+        self.runs_until(task, "every run to end", |runs| {
+            runs.iter()
+                .all(|r| !matches!(status(r), "RUNNING" | "QUEUED"))
+        })
+        .await
+    }
+
+    async fn assigned_worker(&self, task: &str) -> Option<String> {
+        let response = self
+            .owner
+            .run(
+                "query($id: ID!) { task(id: $id) { assignedWorker { name } } }",
+                json!({ "id": task }),
+            )
+            .await;
+        response.data()["task"]["assignedWorker"]["name"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
     /// Polls the API (bounded) until `done` holds for the task's runs.
     async fn runs_until(
         &self,
@@ -154,7 +237,7 @@ impl Cluster {
         what: &str,
         done: impl Fn(&[Value]) -> bool,
     ) -> Vec<Value> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
         loop {
             let runs = self.runs(task).await;
             if done(&runs) {
@@ -202,23 +285,8 @@ async fn a_task_firing_every_second_runs_once_per_second_with_its_logs() {
             })
         })
         .await;
-    let paused = cluster
-        .owner
-        .run(
-            "mutation($id: ID!) { pauseTask(id: $id) { state } }",
-            json!({ "id": task }),
-        )
-        .await;
-    assert_eq!(paused.data()["pauseTask"]["state"], "PAUSED");
-    let runs = {
-        let _ = runs;
-        cluster
-            .runs_until(&task, "every run to finish", |runs| {
-                runs.iter()
-                    .all(|r| !matches!(status(r), "RUNNING" | "QUEUED"))
-            })
-            .await
-    };
+    drop(runs);
+    let runs = cluster.pause_and_settle(&task).await;
 
     let first = runs.iter().position(|r| status(r) != "SKIPPED").unwrap();
     // Fires before the worker took the new task over are accounted as misfires.
@@ -279,17 +347,276 @@ async fn a_task_firing_every_second_runs_once_per_second_with_its_logs() {
                 .any(|l| l["stream"] == "STDERR" && l["text"] == "err")
         );
     }
-    // Whatever else happened, no fire ran twice (the catalogue's unique key) and every
-    // fire since the first has a record.
-    let mut fires: Vec<DateTime<Utc>> = runs.iter().map(|r| at(r, "scheduledAt")).collect();
-    let total = fires.len();
-    fires.dedup();
-    assert_eq!(fires.len(), total, "a fire recorded twice");
-    for pair in fires[first..].windows(2) {
-        assert_eq!(
-            pair[1] - pair[0],
-            chrono::Duration::seconds(1),
-            "a fire unaccounted for"
+    ledger(&runs, chrono::Duration::seconds(1));
+}
+
+/// The exactly-once ledger of a task that fires every `period`: no (fire, attempt) twice,
+/// and from the first record to the last, every fire has one.
+fn ledger(runs: &[Value], period: chrono::Duration) {
+    let mut keys: Vec<(DateTime<Utc>, u64)> = runs
+        .iter()
+        .map(|r| (at(r, "scheduledAt"), r["attempt"].as_u64().unwrap()))
+        .collect();
+    keys.sort();
+    let total = keys.len();
+    keys.dedup();
+    let duplicates = total - keys.len();
+    let fires: Vec<DateTime<Utc>> = keys
+        .iter()
+        .filter(|(_, attempt)| *attempt == 0)
+        .map(|(t, _)| *t)
+        .collect();
+    let unaccounted: i64 = fires
+        .windows(2)
+        .map(|pair| ((pair[1] - pair[0]).num_milliseconds() / period.num_milliseconds()) - 1)
+        .sum();
+    assert_eq!(
+        (duplicates, unaccounted),
+        (0, 0),
+        "duplicates and unaccounted fires: {runs:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_worker_loses_its_run_and_a_survivor_fires_on_with_nothing_twice() {
+    let mut cluster = Cluster::start().await;
+    let mut index = std::collections::HashMap::new();
+    index.insert("w1".to_owned(), cluster.spawn_worker_process("w1"));
+    index.insert("w2".to_owned(), cluster.spawn_worker_process("w2"));
+    let task = cluster
+        .create_task(json!({
+            "name": "frequent",
+            "schedule": "* * * * * *",
+            "command": "echo start; sleep 0.7; echo end",
+        }))
+        .await;
+    cluster
+        .runs_until(&task, "a first success", |runs| {
+            runs.iter().any(|r| status(r) == "SUCCEEDED")
+        })
+        .await;
+    let owner = cluster.assigned_worker(&task).await.expect("an owner");
+    let survivor = if owner == "w1" { "w2" } else { "w1" };
+
+    // kill -9 in the middle of a run.
+    let runs = cluster
+        .runs_until(&task, "a run in flight on the owner", |runs| {
+            runs.iter()
+                .any(|r| status(r) == "RUNNING" && r["worker"] == owner.as_str())
+        })
+        .await;
+    let in_flight = runs
+        .iter()
+        .find(|r| status(r) == "RUNNING" && r["worker"] == owner.as_str())
+        .unwrap()["id"]
+        .clone();
+    let process = &mut cluster.processes[index[&owner]];
+    process.kill().unwrap();
+    process.wait().unwrap();
+    let killed_at = Utc::now();
+
+    // The run in flight ends LOST (the scheduler hears of the session's end), and the
+    // survivor takes the task over.
+    cluster
+        .runs_until(&task, "the run in flight to be LOST", |runs| {
+            runs.iter()
+                .any(|r| r["id"] == in_flight && status(r) == "LOST")
+        })
+        .await;
+    cluster
+        .runs_until(&task, "a run on the survivor", |runs| {
+            runs.iter()
+                .any(|r| r["worker"] == survivor && status(r) == "SUCCEEDED")
+        })
+        .await;
+
+    // The killed worker comes back; the task keeps firing, once per second.
+    cluster.spawn_worker_process(&owner);
+    let back_at = Utc::now();
+    cluster
+        .runs_until(&task, "three more seconds of runs", |runs| {
+            runs.iter()
+                .any(|r| at(r, "scheduledAt") > back_at + chrono::Duration::seconds(3))
+        })
+        .await;
+    let runs = cluster.pause_and_settle(&task).await;
+
+    ledger(&runs, chrono::Duration::seconds(1));
+    for run in &runs {
+        assert!(
+            matches!(status(run), "SUCCEEDED" | "SKIPPED" | "LOST" | "STOPPED"),
+            "unexpected outcome: {run}"
         );
     }
+    let lost: Vec<&Value> = runs.iter().filter(|r| status(r) == "LOST").collect();
+    assert_eq!(lost.len(), 1, "only the run in flight is lost: {lost:#?}");
+    // Fires while nobody owned the task are accounted as misfires (SKIP policy).
+    let gap: Vec<&Value> = runs
+        .iter()
+        .filter(|r| at(r, "scheduledAt") > killed_at && status(r) == "SKIPPED")
+        .collect();
+    assert!(
+        !gap.is_empty(),
+        "the fires missed during failover are recorded"
+    );
+    assert!(
+        gap.iter()
+            .all(|r| r["error"].as_str().unwrap().contains("misfire"))
+    );
+}
+
+#[tokio::test]
+async fn timeout_kills_the_whole_group_replace_stops_the_previous_run_skip_records_skips() {
+    let mut cluster = Cluster::start().await;
+    cluster.start_worker("w1");
+    // Ignores SIGTERM and leaves a grandchild: only SIGKILL to the group ends both.
+    let timeout = cluster
+        .create_task(json!({
+            "name": "stubborn",
+            "schedule": "*/3 * * * * *",
+            "timeoutSeconds": 1,
+            "command": "trap '' TERM; sleep 60 & echo $! > \"grandchild-$CLOUDTASK_RUN_ID\"; wait",
+        }))
+        .await;
+    let replace = cluster
+        .create_task(json!({
+            "name": "replaced",
+            "schedule": "*/2 * * * * *",
+            "overlapPolicy": "REPLACE",
+            "command": "echo started; sleep 30",
+        }))
+        .await;
+    let skip = cluster
+        .create_task(json!({
+            "name": "skipping",
+            "schedule": "* * * * * *",
+            "overlapPolicy": "SKIP",
+            "command": "sleep 2.5",
+        }))
+        .await;
+
+    let timed_out = cluster
+        .runs_until(&timeout, "a run to time out", |runs| {
+            runs.iter().any(|r| status(r) == "TIMED_OUT")
+        })
+        .await;
+    let run = timed_out.iter().find(|r| status(r) == "TIMED_OUT").unwrap();
+    assert_eq!(run["error"], "timed out");
+    let logs = run["logs"].as_array().unwrap();
+    assert!(
+        logs.iter()
+            .any(|l| l["stream"] == "SYSTEM" && l["text"].as_str().unwrap().contains("timed out"))
+    );
+    let pid_file = cluster
+        .data
+        .path()
+        .join("w1/packages/none")
+        .join(format!("grandchild-{}", run["id"].as_str().unwrap()));
+    let pid = std::fs::read_to_string(&pid_file).expect("the grandchild wrote its pid");
+    let proc = std::path::PathBuf::from(format!("/proc/{}", pid.trim()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while proc.exists()
+        && !std::fs::read_to_string(proc.join("stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the grandchild {} survived the timeout",
+            pid.trim()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let replaced = cluster
+        .runs_until(&replace, "two replaced runs", |runs| {
+            runs.iter().filter(|r| status(r) == "STOPPED").count() >= 2
+        })
+        .await;
+    // A replaced run ended before its replacement started.
+    let ordered: Vec<&Value> = replaced.iter().filter(|r| status(r) != "SKIPPED").collect();
+    for pair in ordered.windows(2) {
+        if status(pair[0]) == "STOPPED" && !pair[1]["startedAt"].is_null() {
+            assert!(
+                at(pair[0], "finishedAt") <= at(pair[1], "startedAt"),
+                "overlapping runs: {pair:#?}"
+            );
+        }
+    }
+
+    cluster
+        .runs_until(&skip, "overlap skips", |runs| {
+            runs.iter().any(|r| {
+                status(r) == "SKIPPED"
+                    && r["error"].as_str().unwrap_or_default().contains("overlap")
+            }) && runs.iter().any(|r| status(r) == "SUCCEEDED")
+        })
+        .await;
+    for (task, period) in [(&timeout, 3), (&replace, 2), (&skip, 1)] {
+        let runs = cluster.pause_and_settle(task).await;
+        ledger(&runs, chrono::Duration::seconds(period));
+    }
+}
+
+#[tokio::test]
+async fn outcomes_and_logs_survive_ten_seconds_without_the_api() {
+    let mut cluster = Cluster::start().await;
+    cluster.start_worker("w1");
+    let task = cluster
+        .create_task(json!({
+            "name": "chatty",
+            "schedule": "*/2 * * * * *",
+            "overlapPolicy": "ALLOW",
+            "command": "for i in 1 2 3 4 5; do echo \"line $i\"; sleep 1; done",
+        }))
+        .await;
+    cluster
+        .runs_until(&task, "two runs in flight", |runs| {
+            runs.iter().filter(|r| status(r) == "RUNNING").count() >= 2
+        })
+        .await;
+
+    // The API is out of the worker's reach for ten seconds while those runs finish.
+    cluster.api_proxy.cut();
+    let cut_at = Utc::now();
+    let spool = cluster.data.path().join("w1/spool/reports.jsonl");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut spooled = false;
+    while tokio::time::Instant::now() < deadline {
+        spooled |= spool.exists();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.api_proxy.restore();
+    assert!(spooled, "undeliverable reports went to the spool");
+
+    cluster
+        .runs_until(&task, "the runs of the outage to end", |runs| {
+            runs.iter()
+                .filter(|r| at(r, "scheduledAt") < cut_at)
+                .all(|r| status(r) != "RUNNING")
+        })
+        .await;
+    let runs = cluster.pause_and_settle(&task).await;
+    let before_cut: Vec<&Value> = runs
+        .iter()
+        .filter(|r| at(r, "scheduledAt") < cut_at && status(r) != "SKIPPED")
+        .collect();
+    assert!(before_cut.len() >= 2, "{before_cut:#?}");
+    for run in &before_cut {
+        assert_eq!(status(run), "SUCCEEDED", "{run}");
+        let texts: Vec<&str> = run["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            texts,
+            ["line 1", "line 2", "line 3", "line 4", "line 5"],
+            "every line once, in order: {run}"
+        );
+    }
+    // Fires during the outage could not be claimed: each is recorded, none twice.
+    ledger(&runs, chrono::Duration::seconds(2));
+    assert!(!spool.exists(), "the spool is emptied once delivered");
 }

@@ -68,6 +68,8 @@ struct TaskEntry {
 struct ActiveRun {
     id: u64,
     stop: CancellationToken,
+    /// Cancelled when the run's job ends (a REPLACE waits on it).
+    ended: CancellationToken,
 }
 
 enum Event {
@@ -433,6 +435,7 @@ impl Actor {
             return;
         };
         let running = self.runs.get(&task).is_some_and(|r| !r.is_empty());
+        let mut replaced = Vec::new();
         if running {
             match node.spec.overlap_policy {
                 OverlapPolicy::Skip => {
@@ -447,6 +450,7 @@ impl Actor {
                 OverlapPolicy::Replace => {
                     for run in &self.runs[&task] {
                         run.stop.cancel();
+                        replaced.push(run.ended.clone());
                     }
                 }
                 OverlapPolicy::Allow => {}
@@ -455,9 +459,11 @@ impl Actor {
         let id = self.next_run;
         self.next_run += 1;
         let stop = self.shared.shutdown.child_token();
+        let ended = CancellationToken::new();
         self.runs.entry(task).or_default().push(ActiveRun {
             id,
             stop: stop.clone(),
+            ended: ended.clone(),
         });
         let shared = self.shared.clone();
         let claim = Claim {
@@ -471,6 +477,11 @@ impl Actor {
             reason: None,
         };
         self.jobs.spawn(async move {
+            let _ended = ended.drop_guard();
+            // REPLACE: the runs it replaces end (stopped) before this one starts.
+            for previous in replaced {
+                previous.cancelled().await;
+            }
             let retry = run_fire(&shared, &node, claim, &stop).await;
             let _ = shared.events.send(Event::Done { task, id, retry });
         });
