@@ -207,13 +207,19 @@ impl Cluster {
         );
     }
 
-    /// Pauses the task and waits for every run of it to end.
-    async fn pause_and_settle(&self, task: &str) -> Vec<Value> {
+    /// Pauses the task (firing every `period`) and waits for every run of it to end and
+    /// every fire to have its record (skips are recorded asynchronously).
+    async fn pause_and_settle(&self, task: &str, period: i64) -> Vec<Value> {
         self.pause(task).await;
-        self.runs_until(task, "every run to end", |runs| {
-            runs.iter()
-                .all(|r| !matches!(status(r), "RUNNING" | "QUEUED"))
-        })
+        self.runs_until(
+            task,
+            "every run to end and every fire to be recorded",
+            |runs| {
+                runs.iter()
+                    .all(|r| !matches!(status(r), "RUNNING" | "QUEUED"))
+                    && ledger_counts(runs, chrono::Duration::seconds(period)).1 == 0
+            },
+        )
         .await
     }
 
@@ -286,7 +292,7 @@ async fn a_task_firing_every_second_runs_once_per_second_with_its_logs() {
         })
         .await;
     drop(runs);
-    let runs = cluster.pause_and_settle(&task).await;
+    let runs = cluster.pause_and_settle(&task, 1).await;
 
     let first = runs.iter().position(|r| status(r) != "SKIPPED").unwrap();
     // Fires before the worker took the new task over are accounted as misfires.
@@ -350,9 +356,9 @@ async fn a_task_firing_every_second_runs_once_per_second_with_its_logs() {
     ledger(&runs, chrono::Duration::seconds(1));
 }
 
-/// The exactly-once ledger of a task that fires every `period`: no (fire, attempt) twice,
-/// and from the first record to the last, every fire has one.
-fn ledger(runs: &[Value], period: chrono::Duration) {
+/// The exactly-once ledger of a task that fires every `period`: (fire, attempt) pairs
+/// recorded twice, and fires between the first record and the last that have none.
+fn ledger_counts(runs: &[Value], period: chrono::Duration) -> (usize, i64) {
     let mut keys: Vec<(DateTime<Utc>, u64)> = runs
         .iter()
         .map(|r| (at(r, "scheduledAt"), r["attempt"].as_u64().unwrap()))
@@ -370,8 +376,12 @@ fn ledger(runs: &[Value], period: chrono::Duration) {
         .windows(2)
         .map(|pair| ((pair[1] - pair[0]).num_milliseconds() / period.num_milliseconds()) - 1)
         .sum();
+    (duplicates, unaccounted)
+}
+
+fn ledger(runs: &[Value], period: chrono::Duration) {
     assert_eq!(
-        (duplicates, unaccounted),
+        ledger_counts(runs, period),
         (0, 0),
         "duplicates and unaccounted fires: {runs:#?}"
     );
@@ -439,7 +449,7 @@ async fn a_killed_worker_loses_its_run_and_a_survivor_fires_on_with_nothing_twic
                 .any(|r| at(r, "scheduledAt") > back_at + chrono::Duration::seconds(3))
         })
         .await;
-    let runs = cluster.pause_and_settle(&task).await;
+    let runs = cluster.pause_and_settle(&task, 1).await;
 
     ledger(&runs, chrono::Duration::seconds(1));
     for run in &runs {
@@ -553,7 +563,7 @@ async fn timeout_kills_the_whole_group_replace_stops_the_previous_run_skip_recor
         })
         .await;
     for (task, period) in [(&timeout, 3), (&replace, 2), (&skip, 1)] {
-        let runs = cluster.pause_and_settle(task).await;
+        let runs = cluster.pause_and_settle(task, period).await;
         ledger(&runs, chrono::Duration::seconds(period));
     }
 }
@@ -596,7 +606,7 @@ async fn outcomes_and_logs_survive_ten_seconds_without_the_api() {
                 .all(|r| status(r) != "RUNNING")
         })
         .await;
-    let runs = cluster.pause_and_settle(&task).await;
+    let runs = cluster.pause_and_settle(&task, 2).await;
     let before_cut: Vec<&Value> = runs
         .iter()
         .filter(|r| at(r, "scheduledAt") < cut_at && status(r) != "SKIPPED")
@@ -616,7 +626,8 @@ async fn outcomes_and_logs_survive_ten_seconds_without_the_api() {
             "every line once, in order: {run}"
         );
     }
-    // Fires during the outage could not be claimed: each is recorded, none twice.
+    // Fires during the outage could not be claimed: each is recorded (SKIPPED, once the
+    // API is back), none twice.
     ledger(&runs, chrono::Duration::seconds(2));
     assert!(!spool.exists(), "the spool is emptied once delivered");
 }

@@ -621,7 +621,7 @@ async fn run_fire(
 async fn record_missed(shared: Shared, mut claim: Claim) {
     claim.status = RunStatus::Skipped;
     claim.reason = Some("misfire: the API could not be reached in time".into());
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     loop {
         match shared.client.claim(&claim).await {
             Ok(_) | Err(CallError::Refused(_)) => return,
