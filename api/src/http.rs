@@ -48,6 +48,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .route("/worker/packages/{sha256}", get(worker_package))
         .route("/worker/claims", post(worker_claim))
         .route("/worker/tasks/{task_id}/cursor", get(worker_fire_cursor))
+        .route("/worker/runs/{run_id}/start", post(worker_start))
         .route("/worker/runs/{run_id}/logs", post(worker_logs))
         .route("/worker/runs/{run_id}/finish", post(worker_finish))
         .with_state(http)
@@ -396,6 +397,34 @@ async fn worker_fire_cursor(
             .fire_cursor(worker.cluster_id, task_id)
             .await?;
         Ok(FireCursor { since })
+    }
+    .await;
+    result
+        .map(|r| Json(r).into_response())
+        .unwrap_or_else(error_response)
+}
+
+#[derive(Deserialize)]
+struct StartRequest {
+    worker: String,
+}
+
+/// A worker starts a queued manual run it was handed (QUEUED → RUNNING, once).
+async fn worker_start(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+    Json(request): Json<StartRequest>,
+) -> Response {
+    let result = async {
+        let worker = verify_worker(&http.state, &headers)?;
+        let run_id = parse_run_id(&run_id)?;
+        let run = http
+            .state
+            .catalogue
+            .start_queued_run(worker.cluster_id, run_id, &request.worker)
+            .await?;
+        Ok(Claimed { run_id: run.id })
     }
     .await;
     result

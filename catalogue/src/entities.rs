@@ -272,6 +272,7 @@ pub mod run {
         pub signal: Option<i32>,
         pub error: Option<String>,
         pub created_at: DateTimeUtc,
+        pub stop_requested_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -19,6 +19,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use crate::changes::notify;
 use crate::entities::{run, run_log_line, task};
 use crate::records::Run;
 use crate::tenant::TenantHandle;
@@ -84,6 +85,7 @@ impl Catalogue {
             signal: Set(None),
             error: Set(claim.reason.clone()),
             created_at: Set(now),
+            stop_requested_at: Set(None),
         };
         let inserted = run::Entity::insert(model)
             .on_conflict_do_nothing_on([
@@ -180,7 +182,83 @@ impl Catalogue {
             .exec(&self.db)
             .await
             .map_err(db_err)?;
+        // Manual runs handed to it but not started go back to the queue, for the task's
+        // next owner.
+        run::Entity::update_many()
+            .col_expr(run::Column::WorkerId, Expr::value(Option::<String>::None))
+            .filter(run::Column::ClusterId.eq(Uuid::from(cluster_id)))
+            .filter(run::Column::WorkerId.eq(worker))
+            .filter(run::Column::Status.eq(RunStatus::Queued.as_str()))
+            .exec(&self.db)
+            .await
+            .map_err(db_err)?;
         Ok(result.rows_affected)
+    }
+
+    /// What the leader has to deliver to a cluster's workers: manual runs waiting to
+    /// start, and running runs a user asked to stop.
+    pub async fn pending_commands(&self, cluster_id: ClusterId) -> Result<(Vec<Run>, Vec<Run>)> {
+        let rows = run::Entity::find()
+            .filter(run::Column::ClusterId.eq(Uuid::from(cluster_id)))
+            .filter(
+                run::Column::Status
+                    .is_in([RunStatus::Queued.as_str(), RunStatus::Running.as_str()]),
+            )
+            .order_by_asc(run::Column::Id)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?;
+        let mut queued = Vec::new();
+        let mut stops = Vec::new();
+        for row in rows {
+            let stop = row.stop_requested_at.is_some();
+            let run = Run::try_from(row)?;
+            match run.status {
+                RunStatus::Queued => queued.push(run),
+                _ if stop => stops.push(run),
+                _ => {}
+            }
+        }
+        Ok((queued, stops))
+    }
+
+    /// Notes which worker a queued run was handed to.
+    pub async fn hand_queued_run(&self, run_id: RunId, worker: &str) -> Result<()> {
+        run::Entity::update_many()
+            .col_expr(run::Column::WorkerId, Expr::value(worker))
+            .filter(run::Column::Id.eq(Uuid::from(run_id)))
+            .filter(run::Column::Status.eq(RunStatus::Queued.as_str()))
+            .exec(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// A worker starts a queued manual run: QUEUED → RUNNING, once.
+    pub async fn start_queued_run(
+        &self,
+        cluster_id: ClusterId,
+        run_id: RunId,
+        worker: &str,
+    ) -> Result<Run> {
+        let result = run::Entity::update_many()
+            .col_expr(
+                run::Column::Status,
+                Expr::value(RunStatus::Running.as_str()),
+            )
+            .col_expr(run::Column::StartedAt, Expr::value(now()))
+            .col_expr(run::Column::WorkerId, Expr::value(worker))
+            .filter(run::Column::Id.eq(Uuid::from(run_id)))
+            .filter(run::Column::ClusterId.eq(Uuid::from(cluster_id)))
+            .filter(run::Column::Status.eq(RunStatus::Queued.as_str()))
+            .exec(&self.db)
+            .await
+            .map_err(db_err)?;
+        if result.rows_affected == 0 {
+            self.run_of_cluster(cluster_id, run_id).await?;
+            return Err(Error::Conflict("the run is not queued any more".into()));
+        }
+        self.run_of_cluster(cluster_id, run_id).await
     }
 
     /// Where a new owner of the task starts accounting for fires: the latest scheduled
@@ -222,6 +300,85 @@ impl Catalogue {
 impl TenantHandle {
     fn tenant_uuid(&self) -> Uuid {
         self.tenant_id().into()
+    }
+
+    /// Queues a manual run of the task; the scheduler hands it to the task's worker.
+    pub async fn queue_run(&self, task_id: TaskId) -> Result<Run> {
+        self.require(Action::RunTask)?;
+        let txn = self.db.begin().await.map_err(db_err)?;
+        let task = task::Entity::find_by_id(Uuid::from(task_id))
+            .filter(task::Column::TenantId.eq(self.tenant_uuid()))
+            .one(&txn)
+            .await
+            .map_err(db_err)?
+            .ok_or(Error::NotFound("task"))?;
+        let now = now();
+        let row = run::Entity::insert(run::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            tenant_id: Set(task.tenant_id),
+            task_id: Set(task.id),
+            cluster_id: Set(task.cluster_id),
+            task_version: Set(task.version),
+            trigger: Set(RunTrigger::Manual.as_str().into()),
+            scheduled_at: Set(now),
+            fire_at: Set(None),
+            attempt: Set(0),
+            status: Set(RunStatus::Queued.as_str().into()),
+            worker_id: Set(None),
+            started_at: Set(None),
+            finished_at: Set(None),
+            exit_code: Set(None),
+            signal: Set(None),
+            error: Set(None),
+            created_at: Set(now),
+            stop_requested_at: Set(None),
+        })
+        .exec_with_returning(&txn)
+        .await
+        .map_err(db_err)?;
+        self.audit(&txn, "runTaskNow", "run", RunId::from(row.id))
+            .await?;
+        notify(&txn, task.cluster_id.into()).await?;
+        txn.commit().await.map_err(db_err)?;
+        row.try_into()
+    }
+
+    /// Stops a run: a queued one at once, a running one through its worker (the run
+    /// turns STOPPED when the worker reports it). A run that has ended is a CONFLICT.
+    pub async fn request_stop(&self, run_id: RunId) -> Result<Run> {
+        self.require(Action::StopRun)?;
+        let txn = self.db.begin().await.map_err(db_err)?;
+        let row = run::Entity::find_by_id(Uuid::from(run_id))
+            .filter(run::Column::TenantId.eq(self.tenant_uuid()))
+            .one(&txn)
+            .await
+            .map_err(db_err)?
+            .ok_or(Error::NotFound("run"))?;
+        let now = now();
+        let update = run::Entity::update_many().filter(run::Column::Id.eq(row.id));
+        let update = match RunStatus::parse(&row.status) {
+            Some(RunStatus::Queued) => update
+                .col_expr(
+                    run::Column::Status,
+                    Expr::value(RunStatus::Stopped.as_str()),
+                )
+                .col_expr(run::Column::FinishedAt, Expr::value(now))
+                .col_expr(run::Column::Error, Expr::value("stopped before it started")),
+            Some(RunStatus::Running) => {
+                update.col_expr(run::Column::StopRequestedAt, Expr::value(now))
+            }
+            _ => return Err(Error::Conflict("the run has ended already".into())),
+        };
+        update.exec(&txn).await.map_err(db_err)?;
+        self.audit(&txn, "stopRun", "run", run_id).await?;
+        notify(&txn, row.cluster_id.into()).await?;
+        let run = run::Entity::find_by_id(row.id)
+            .one(&txn)
+            .await
+            .map_err(db_err)?
+            .ok_or(Error::NotFound("run"))?;
+        txn.commit().await.map_err(db_err)?;
+        run.try_into()
     }
 
     /// Runs of the tenant, newest first.

@@ -127,7 +127,7 @@ impl TenantHandle {
         }
     }
 
-    async fn audit(
+    pub(crate) async fn audit(
         &self,
         conn: &impl ConnectionTrait,
         operation: &str,

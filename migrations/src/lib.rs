@@ -7,12 +7,16 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_catalogue;
+mod m20261201_000001_run_control;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261123_000001_catalogue::Migration)]
+        vec![
+            Box::new(m20261123_000001_catalogue::Migration),
+            Box::new(m20261201_000001_run_control::Migration),
+        ]
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use cloudtask_catalogue::records::{Cluster, Task};
-use cloudtask_coord::layout::{self, ClusterNode, TaskNode, WorkerNode};
+use cloudtask_coord::layout::{self, ClusterNode, CommandNode, TaskNode, WorkerNode};
 use cloudtask_coord::{CoordError, NodeKind, Op, Result, Session};
 use cloudtask_core::ids::{ClusterId, TaskId};
 use cloudtask_core::task::TaskState;
@@ -85,6 +85,30 @@ impl ClusterState {
     /// task → worker, as written.
     pub fn assignments(&self) -> &HashMap<TaskId, String> {
         &self.assignments
+    }
+
+    /// Writes a command for one worker (run a queued run, stop a run), fenced like every
+    /// write of the leader.
+    pub async fn send_command(
+        &self,
+        session: &dyn Session,
+        fence: &Fence,
+        worker: &str,
+        command: &CommandNode,
+    ) -> Result<()> {
+        session
+            .ensure_path(&layout::commands(self.id(), worker))
+            .await?;
+        apply(
+            session,
+            fence,
+            vec![Op::Create {
+                path: layout::command_prefix(self.id(), worker),
+                data: layout::encode(command),
+                kind: NodeKind::PersistentSequential,
+            }],
+        )
+        .await
     }
 
     /// Reads the cluster's state from ZooKeeper, creating its folders when missing.

@@ -7,15 +7,16 @@ pub mod cluster;
 pub mod election;
 pub mod ring;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use cloudtask_catalogue::changes::{Change, Changes};
 use cloudtask_catalogue::{Catalogue, WorkerEvent};
+use cloudtask_coord::layout::CommandNode;
 use cloudtask_coord::{CoordError, Coordinator, Session, WatchEvent, delete_recursive, layout};
-use cloudtask_core::ids::ClusterId;
+use cloudtask_core::ids::{ClusterId, RunId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -114,6 +115,10 @@ struct Leader<'a> {
     watchers: BTreeMap<ClusterId, CancellationToken>,
     dirty_tx: mpsc::UnboundedSender<ClusterId>,
     dirty_rx: mpsc::UnboundedReceiver<ClusterId>,
+    /// Commands written this term, by (run, worker, kind): a queued run or a stop is
+    /// handed to a worker once (a new leader may hand it again; starting a queued run and
+    /// stopping a run are both idempotent at the worker and the API).
+    sent: HashSet<(RunId, String, &'static str)>,
 }
 
 impl<'a> Leader<'a> {
@@ -133,6 +138,7 @@ impl<'a> Leader<'a> {
             watchers: BTreeMap::new(),
             dirty_tx,
             dirty_rx,
+            sent: HashSet::new(),
         }
     }
 
@@ -223,6 +229,46 @@ impl<'a> Leader<'a> {
         if moved > 0 {
             tracing::info!(cluster = %id, moved, "allocation updated");
         }
+        self.deliver_commands(id).await
+    }
+
+    /// Hands queued manual runs to their task's worker and stop requests to the run's.
+    async fn deliver_commands(&mut self, cluster: ClusterId) -> anyhow::Result<()> {
+        let Some(state) = self.clusters.get(&cluster) else {
+            return Ok(());
+        };
+        let (queued, stops) = self.scheduler.catalogue.pending_commands(cluster).await?;
+        for run in queued {
+            let Some(worker) = state.assignments().get(&run.task_id) else {
+                continue; // no live owner yet: it waits in the queue
+            };
+            if !self.sent.insert((run.id, worker.clone(), "run")) {
+                continue;
+            }
+            self.scheduler
+                .catalogue
+                .hand_queued_run(run.id, worker)
+                .await?;
+            let command = CommandNode::RunNow {
+                task: run.task_id,
+                run: run.id,
+            };
+            state
+                .send_command(self.session.as_ref(), &self.fence, worker, &command)
+                .await?;
+        }
+        for run in stops {
+            let Some(worker) = run.worker.clone() else {
+                continue;
+            };
+            if !self.sent.insert((run.id, worker.clone(), "stop")) {
+                continue;
+            }
+            let command = CommandNode::Stop { run: run.id };
+            state
+                .send_command(self.session.as_ref(), &self.fence, &worker, &command)
+                .await?;
+        }
         Ok(())
     }
 
@@ -246,6 +292,8 @@ impl<'a> Leader<'a> {
         }
         // Allocation first: the failed worker's tasks must find a new owner fast.
         let moved = state.allocate(self.session.as_ref(), &self.fence).await?;
+        let failed: Vec<String> = changes.failed.iter().map(|w| w.name.clone()).collect();
+        self.sent.retain(|(_, worker, _)| !failed.contains(worker));
         tracing::info!(%cluster, joined = changes.joined.len(), left = changes.left.len(),
             failed = changes.failed.len(), moved, "workers changed");
         let tenant = state.cluster.tenant_id;
@@ -292,7 +340,7 @@ impl<'a> Leader<'a> {
                     .await?;
             }
         }
-        Ok(())
+        self.deliver_commands(cluster).await
     }
 
     /// Watches a cluster's worker folder; each change marks the cluster dirty.

@@ -631,3 +631,119 @@ async fn outcomes_and_logs_survive_ten_seconds_without_the_api() {
     ledger(&runs, chrono::Duration::seconds(2));
     assert!(!spool.exists(), "the spool is emptied once delivered");
 }
+
+#[tokio::test]
+async fn run_now_and_stop_reach_the_worker_within_a_second() {
+    let mut cluster = Cluster::start().await;
+    cluster.start_worker("w1");
+    // Fires once a year: every run here is a manual one.
+    let task = cluster
+        .create_task(json!({
+            "name": "on-demand",
+            "schedule": "0 0 1 1 *",
+            "command": "echo \"manual $CLOUDTASK_ATTEMPT\"; sleep ${NAP:-0}",
+            "env": [{ "name": "NAP", "value": "0" }],
+        }))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while cluster.assigned_worker(&task).await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the task was never assigned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let queued = cluster
+        .owner
+        .run(
+            "mutation($id: ID!) { runTaskNow(id: $id) { id status trigger } }",
+            json!({ "id": task }),
+        )
+        .await;
+    assert_eq!(
+        queued.data()["runTaskNow"]["status"],
+        "QUEUED",
+        "{}",
+        queued.body
+    );
+    assert_eq!(queued.data()["runTaskNow"]["trigger"], "MANUAL");
+    let run_id = queued.data()["runTaskNow"]["id"].clone();
+    let runs = cluster
+        .runs_until(&task, "the manual run to succeed", |runs| {
+            runs.iter()
+                .any(|r| r["id"] == run_id && status(r) == "SUCCEEDED")
+        })
+        .await;
+    let run = runs.iter().find(|r| r["id"] == run_id).unwrap();
+    let texts: Vec<&str> = run["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["manual 0"]);
+    let waited = at(run, "startedAt") - at(run, "scheduledAt");
+    assert!(
+        waited < chrono::Duration::seconds(1),
+        "queued to running took {waited}"
+    );
+
+    // A long manual run, stopped by the user.
+    let updated = cluster
+        .owner
+        .run(
+            "mutation($id: ID!) { updateTask(id: $id, input: { env: [{ name: \"NAP\", value: \"60\" }] }) { version } }",
+            json!({ "id": task }),
+        )
+        .await;
+    assert_eq!(
+        updated.data()["updateTask"]["version"],
+        2,
+        "{}",
+        updated.body
+    );
+    let long = cluster
+        .owner
+        .run(
+            "mutation($id: ID!) { runTaskNow(id: $id) { id } }",
+            json!({ "id": task }),
+        )
+        .await;
+    let long_id = long.data()["runTaskNow"]["id"].clone();
+    cluster
+        .runs_until(&task, "the long run to start", |runs| {
+            runs.iter()
+                .any(|r| r["id"] == long_id && status(r) == "RUNNING")
+        })
+        .await;
+    let stop = cluster
+        .owner
+        .run(
+            "mutation($id: ID!) { stopRun(id: $id) { id status } }",
+            json!({ "id": long_id }),
+        )
+        .await;
+    assert_eq!(stop.data()["stopRun"]["status"], "RUNNING", "{}", stop.body);
+    let asked = Utc::now();
+    let runs = cluster
+        .runs_until(&task, "the long run to stop", |runs| {
+            runs.iter()
+                .any(|r| r["id"] == long_id && status(r) == "STOPPED")
+        })
+        .await;
+    let stopped = runs.iter().find(|r| r["id"] == long_id).unwrap();
+    assert_eq!(stopped["error"], "stopped");
+    let took = at(stopped, "finishedAt") - asked;
+    assert!(took < chrono::Duration::seconds(2), "stop took {took}");
+
+    // A run that has ended cannot be stopped.
+    let again = cluster
+        .owner
+        .run(
+            "mutation($id: ID!) { stopRun(id: $id) { id } }",
+            json!({ "id": long_id }),
+        )
+        .await;
+    assert_eq!(again.code(), Some("CONFLICT"), "{}", again.body);
+}

@@ -402,6 +402,18 @@ fn cases(world: &World, alpha: &Alpha) -> Vec<Case> {
         )
         .upload("variables.file", "job.zip", zip()),
         Case::new(
+            "runTaskNow(id)",
+            "mutation($id: ID!) { runTaskNow(id: $id) { id status } }",
+            &tasks,
+            |id| json!({ "id": id }),
+        ),
+        Case::new(
+            "stopRun(id)",
+            "mutation($id: ID!) { stopRun(id: $id) { id status } }",
+            &[&alpha.run_id],
+            |id| json!({ "id": id }),
+        ),
+        Case::new(
             "pauseTask(id)",
             "mutation($id: ID!) { pauseTask(id: $id) { id state } }",
             &tasks,

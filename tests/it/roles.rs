@@ -38,6 +38,8 @@ const CASES: &[&str] = &[
     "uploadPackage",
     "pauseTask",
     "resumeTask",
+    "runTaskNow",
+    "stopRun",
     "createCluster",
     "rotateClusterToken",
     "deleteCluster",
@@ -60,6 +62,7 @@ const ALLOWED: [(&str, &[&str]); 4] = [
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
+        /* RunTask/StopRun */ "runTaskNow", "stopRun",
         /* ManageClusters */ "createCluster", "rotateClusterToken", "deleteCluster",
         /* ManageMembers  */ "addMember(VIEWER)", "setMemberRole(VIEWER->OPERATOR)", "removeMember(VIEWER)",
         /* ReadAudit      */ "auditLog",
@@ -71,6 +74,7 @@ const ALLOWED: [(&str, &[&str]); 4] = [
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
+        /* RunTask/StopRun */ "runTaskNow", "stopRun",
         /* ManageClusters */ "createCluster", "rotateClusterToken", "deleteCluster",
         /* ManageMembers  */ "addMember(VIEWER)", "setMemberRole(VIEWER->OPERATOR)", "removeMember(VIEWER)",
         /* ReadAudit      */ "auditLog",
@@ -80,6 +84,7 @@ const ALLOWED: [(&str, &[&str]); 4] = [
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
+        /* RunTask/StopRun */ "runTaskNow", "stopRun",
     ]),
     ("VIEWER", &[
         /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard",
@@ -301,6 +306,26 @@ async fn prepare(world: &World, case: &str, tag: &str) -> Call {
                     }),
                 )
             }
+        }
+        "runTaskNow" => Call::new(
+            "mutation($id: ID!) { runTaskNow(id: $id) { status trigger } }",
+            json!({ "id": add_task(world, &format!("{tag}-run-now"), false).await }),
+        ),
+        "stopRun" => {
+            // A queued manual run (no worker runs in this test): stopping it ends it.
+            let task = add_task(world, &format!("{tag}-stop"), false).await;
+            let queued = world
+                .a
+                .owner
+                .run(
+                    "mutation($id: ID!) { runTaskNow(id: $id) { id } }",
+                    json!({ "id": task }),
+                )
+                .await;
+            Call::new(
+                "mutation($id: ID!) { stopRun(id: $id) { status } }",
+                json!({ "id": text(&queued.data()["runTaskNow"]["id"]) }),
+            )
         }
         "pauseTask" => Call::new(
             "mutation($id: ID!) { pauseTask(id: $id) { state } }",

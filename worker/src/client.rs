@@ -107,6 +107,22 @@ impl ApiClient {
         Ok(claimed.run_id)
     }
 
+    /// Starts a queued manual run handed to this worker.
+    pub async fn start(&self, run: RunId, worker: &str) -> Result<RunId, CallError> {
+        let body = serde_json::json!({ "worker": worker });
+        let response = self
+            .send(|http, base| {
+                http.post(format!("{base}/worker/runs/{run}/start"))
+                    .json(&body)
+            })
+            .await?;
+        let claimed: Claimed = response
+            .json()
+            .await
+            .map_err(|e| CallError::Unavailable(e.to_string()))?;
+        Ok(claimed.run_id)
+    }
+
     pub async fn fire_cursor(&self, task: TaskId) -> Result<DateTime<Utc>, CallError> {
         let response = self
             .send(|http, base| http.get(format!("{base}/worker/tasks/{task}/cursor")))

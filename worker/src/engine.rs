@@ -16,13 +16,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use cloudtask_coord::layout::{self, TaskNode};
+use cloudtask_coord::layout::{self, CommandNode, TaskNode};
 use cloudtask_coord::{Coordinator, SharedSession, WatchEvent};
-use cloudtask_core::ids::{ClusterId, TaskId};
+use cloudtask_core::ids::{ClusterId, RunId, TaskId};
 use cloudtask_core::run::{Claim, RunStatus, RunTrigger};
 use cloudtask_core::schedule::Schedule;
 use cloudtask_core::task::{MisfirePolicy, OverlapPolicy};
@@ -83,6 +83,15 @@ enum Event {
         id: u64,
         retry: Option<(DateTime<Utc>, u32)>,
     },
+    Command(CommandNode),
+}
+
+/// How a run gets its record before it starts.
+enum Start {
+    /// A scheduled fire or a retry: claimed under its unique key.
+    Claim(Claim),
+    /// A manual run queued by a user and handed to this worker.
+    Queued(RunId),
 }
 
 /// Everything one fire's task needs, cloned out of the actor.
@@ -95,6 +104,8 @@ struct Shared {
     limits: ExecLimits,
     events: mpsc::UnboundedSender<Event>,
     shutdown: CancellationToken,
+    /// Runs in progress by id, for stop commands.
+    running: Arc<Mutex<HashMap<RunId, CancellationToken>>>,
 }
 
 impl Engine {
@@ -114,7 +125,15 @@ impl Engine {
             limits: self.limits,
             events: events_tx,
             shutdown: shutdown.clone(),
+            running: Arc::default(),
         };
+        tokio::spawn(watch_commands(
+            reads.clone(),
+            self.cluster,
+            self.worker.clone(),
+            shared.events.clone(),
+            shutdown.clone(),
+        ));
         let mut actor = Actor {
             cluster: self.cluster,
             shared,
@@ -275,6 +294,20 @@ impl Actor {
         match event {
             Event::Spec(task, node) => self.spec_changed(task, node.map(|n| *n)),
             Event::CaughtUp { task, since } => self.caught_up(task, since),
+            Event::Command(CommandNode::RunNow { task, run }) => {
+                if self.tasks.get(&task).is_some_and(|e| e.node.is_some()) {
+                    self.start_run(task, Start::Queued(run), Vec::new());
+                } else {
+                    tracing::warn!(%task, %run, "a manual run for a task not owned here");
+                }
+            }
+            Event::Command(CommandNode::Stop { run }) => {
+                let running = self.shared.running.lock().expect("run registry");
+                match running.get(&run) {
+                    Some(stop) => stop.cancel(),
+                    None => tracing::info!(%run, "stop for a run not going here"),
+                }
+            }
             Event::Done { task, id, retry } => {
                 if let Some(runs) = self.runs.get_mut(&task) {
                     runs.retain(|r| r.id != id);
@@ -456,6 +489,24 @@ impl Actor {
                 OverlapPolicy::Allow => {}
             }
         }
+        let claim = Claim {
+            task_id: task,
+            scheduled_at,
+            attempt,
+            task_version: node.version,
+            worker: self.shared.worker.clone(),
+            trigger,
+            status: RunStatus::Running,
+            reason: None,
+        };
+        self.start_run(task, Start::Claim(claim), replaced);
+    }
+
+    /// Starts a run's job; it first waits for the runs it replaces to end.
+    fn start_run(&mut self, task: TaskId, start: Start, replaced: Vec<CancellationToken>) {
+        let Some(node) = self.tasks.get(&task).and_then(|e| e.node.clone()) else {
+            return;
+        };
         let id = self.next_run;
         self.next_run += 1;
         let stop = self.shared.shutdown.child_token();
@@ -466,23 +517,13 @@ impl Actor {
             ended: ended.clone(),
         });
         let shared = self.shared.clone();
-        let claim = Claim {
-            task_id: task,
-            scheduled_at,
-            attempt,
-            task_version: node.version,
-            worker: shared.worker.clone(),
-            trigger,
-            status: RunStatus::Running,
-            reason: None,
-        };
         self.jobs.spawn(async move {
             let _ended = ended.drop_guard();
             // REPLACE: the runs it replaces end (stopped) before this one starts.
             for previous in replaced {
                 previous.cancelled().await;
             }
-            let retry = run_fire(&shared, &node, claim, &stop).await;
+            let retry = run_fire(&shared, task, &node, start, &stop).await;
             let _ = shared.events.send(Event::Done { task, id, retry });
         });
     }
@@ -525,10 +566,51 @@ impl Actor {
 /// One fire: claim, prepare, run, report. Returns the retry to schedule, if any.
 async fn run_fire(
     shared: &Shared,
+    task: TaskId,
     node: &TaskNode,
-    claim: Claim,
+    start: Start,
     stop: &CancellationToken,
 ) -> Option<(DateTime<Utc>, u32)> {
+    let (run_id, claim) = match start {
+        Start::Claim(claim) => (claim_fire(shared, node, &claim, stop).await?, claim),
+        Start::Queued(run) => match shared.client.start(run, &shared.worker).await {
+            Ok(run_id) => {
+                let claim = Claim {
+                    task_id: task,
+                    scheduled_at: Utc::now(),
+                    attempt: 0,
+                    task_version: node.version,
+                    worker: shared.worker.clone(),
+                    trigger: RunTrigger::Manual,
+                    status: RunStatus::Running,
+                    reason: None,
+                };
+                (run_id, claim)
+            }
+            Err(e) => {
+                tracing::warn!(%run, error = %e, "cannot start the queued run");
+                return None;
+            }
+        },
+    };
+    shared
+        .running
+        .lock()
+        .expect("run registry")
+        .insert(run_id, stop.clone());
+    let retry = execute_fire(shared, node, run_id, &claim, stop).await;
+    shared.running.lock().expect("run registry").remove(&run_id);
+    retry
+}
+
+/// Claims a scheduled fire, retrying while the API is unreachable for as long as the
+/// misfire policy allows; None when it is refused or given up (then recorded SKIPPED).
+async fn claim_fire(
+    shared: &Shared,
+    node: &TaskNode,
+    claim: &Claim,
+    stop: &CancellationToken,
+) -> Option<RunId> {
     let spec = &node.spec;
     let patience = match spec.misfire_policy {
         MisfirePolicy::RunOnce => {
@@ -538,9 +620,9 @@ async fn run_fire(
     };
     let give_up = tokio::time::Instant::now() + patience;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    let run_id = loop {
-        match shared.client.claim(&claim).await {
-            Ok(run_id) => break run_id,
+    loop {
+        match shared.client.claim(claim).await {
+            Ok(run_id) => return Some(run_id),
             Err(CallError::Refused(why)) => {
                 tracing::debug!(task = %claim.task_id, at = %claim.scheduled_at, %why, "claim refused");
                 return None;
@@ -549,7 +631,7 @@ async fn run_fire(
                 if tokio::time::Instant::now() >= give_up || stop.is_cancelled() {
                     tracing::warn!(task = %claim.task_id, at = %claim.scheduled_at, %why,
                         "cannot claim the fire in time; recording it as missed");
-                    tokio::spawn(record_missed(shared.clone(), claim));
+                    tokio::spawn(record_missed(shared.clone(), claim.clone()));
                     return None;
                 }
                 if !backoff.wait(stop).await {
@@ -557,7 +639,19 @@ async fn run_fire(
                 }
             }
         }
-    };
+    }
+}
+
+/// Runs a fire that has its record, reports the outcome, and returns the retry to
+/// schedule, if any.
+async fn execute_fire(
+    shared: &Shared,
+    node: &TaskNode,
+    run_id: RunId,
+    claim: &Claim,
+    stop: &CancellationToken,
+) -> Option<(DateTime<Utc>, u32)> {
+    let spec = &node.spec;
     let outcome = match shared
         .packages
         .workdir(spec.package_sha256.as_deref())
@@ -601,7 +695,7 @@ async fn run_fire(
         run: run_id,
         outcome,
     });
-    if !retryable || claim.attempt >= spec.max_retries {
+    if !retryable || claim.trigger == RunTrigger::Manual || claim.attempt >= spec.max_retries {
         return None;
     }
     // Backoff doubles per attempt, with jitter, capped at an hour.
@@ -627,6 +721,57 @@ async fn record_missed(shared: Shared, mut claim: Claim) {
             Ok(_) | Err(CallError::Refused(_)) => return,
             Err(CallError::Unavailable(_)) => {
                 if !backoff.wait(&shared.shutdown).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Watches this worker's command folder and hands each command to the actor, in
+/// sequence order, deleting it once handed over.
+async fn watch_commands(
+    reads: Arc<SharedSession>,
+    cluster: ClusterId,
+    worker: String,
+    events: mpsc::UnboundedSender<Event>,
+    shutdown: CancellationToken,
+) {
+    let folder = layout::commands(cluster, &worker);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let pass = async {
+            let session = reads.get().await?;
+            session.ensure_path(&folder).await?;
+            let (names, watch) = session.children_and_watch(&folder).await?;
+            for name in layout::by_sequence(names) {
+                let path = layout::join(&folder, &name);
+                if let Some(node) = session.get(&path).await? {
+                    match layout::decode::<CommandNode>(&path, &node.data) {
+                        Ok(command) => {
+                            let _ = events.send(Event::Command(command));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "ignoring a bad command"),
+                    }
+                }
+                match session.delete(&path, None).await {
+                    Ok(()) | Err(cloudtask_coord::CoordError::NoNode(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok::<_, cloudtask_coord::CoordError>(watch)
+        };
+        match pass.await {
+            Ok(watch) => {
+                backoff.reset();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = watch.fired() => {}
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read commands; retrying");
+                if !backoff.wait(&shutdown).await {
                     return;
                 }
             }

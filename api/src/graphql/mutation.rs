@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::types::{
     AuthPayload, ClusterObj, ClusterWithToken, MemberObj, MisfirePolicyGql, OverlapPolicyGql,
-    RoleGql, TaskObj, TenantObj, UserObj, parse_id,
+    RoleGql, RunObj, TaskObj, TenantObj, UserObj, parse_id,
 };
 use super::{identity, request, state, tenant};
 use crate::AppState;
@@ -505,6 +505,19 @@ impl MutationRoot {
         handle.task(id).await?;
         let package = read_package(ctx, "file", &file).await?;
         Ok(handle.set_task_package(id, package).await?.into())
+    }
+
+    /// Queues a manual run now; the task's worker starts it (QUEUED, then RUNNING).
+    async fn run_task_now(&self, ctx: &Context<'_>, id: ID) -> ApiResult<RunObj> {
+        let handle = tenant(ctx).await?;
+        Ok(RunObj(handle.queue_run(parse_id("id", &id)?).await?))
+    }
+
+    /// Stops a run: a queued one at once, a running one through its worker, which
+    /// terminates its process group and reports it STOPPED.
+    async fn stop_run(&self, ctx: &Context<'_>, id: ID) -> ApiResult<RunObj> {
+        let handle = tenant(ctx).await?;
+        Ok(RunObj(handle.request_stop(parse_id("id", &id)?).await?))
     }
 
     async fn pause_task(&self, ctx: &Context<'_>, id: ID) -> ApiResult<TaskObj> {
