@@ -56,7 +56,11 @@ impl Catalogue {
             .await
             .map_err(db_err)?
             .ok_or(Error::NotFound("task"))?;
-        if task.state == TaskState::Paused.as_str() && claim.status == RunStatus::Running {
+        // A paused task runs nothing; a fire it skipped is recorded only if it was due
+        // before the pause (fires after it are not due at all).
+        if task.state == TaskState::Paused.as_str()
+            && (claim.status == RunStatus::Running || claim.scheduled_at > task.updated_at)
+        {
             return Err(Error::Conflict("the task is paused".into()));
         }
         if task.version as u32 != claim.task_version {

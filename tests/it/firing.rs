@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Timelike, Utc};
 use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_testkit::{Gql, Proxy, TestApi};
+use cloudtask_worker::clock::{Clock, ManualClock, SystemClock};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -139,6 +140,14 @@ impl Cluster {
 
     /// Starts a worker in this process, as `cloudtask worker` would run.
     fn start_worker(&mut self, name: &str) -> CancellationToken {
+        self.start_worker_with_clock(name, std::sync::Arc::new(SystemClock))
+    }
+
+    fn start_worker_with_clock(
+        &mut self,
+        name: &str,
+        clock: std::sync::Arc<dyn Clock>,
+    ) -> CancellationToken {
         let mut config = cloudtask_testkit::test_config(String::new());
         config.api_url = self.worker_api_url();
         config.run_kill_grace_secs = 1;
@@ -149,7 +158,7 @@ impl Cluster {
         config.data_dir = self.data.path().join(name);
         let stop = CancellationToken::new();
         let token = stop.clone();
-        tokio::spawn(async move { cloudtask_worker::run(&config, token).await });
+        tokio::spawn(async move { cloudtask_worker::run_with_clock(&config, clock, token).await });
         self.stops.push(stop.clone());
         stop
     }
@@ -746,4 +755,193 @@ async fn run_now_and_stop_reach_the_worker_within_a_second() {
         )
         .await;
     assert_eq!(again.code(), Some("CONFLICT"), "{}", again.body);
+}
+
+fn utc(text: &str) -> DateTime<Utc> {
+    text.parse().unwrap()
+}
+
+/// Moves the worker's clock to one second past `fire` once the worker has armed it,
+/// and waits for the fire's run to end.
+async fn drive_to(cluster: &Cluster, clock: &ManualClock, task: &str, fire: &str) {
+    let fire = utc(fire);
+    tokio::time::timeout(Duration::from_secs(20), clock.wait_for_sleeper(fire))
+        .await
+        .unwrap_or_else(|_| panic!("the worker never armed {fire}"));
+    clock.set(fire + chrono::Duration::seconds(1));
+    cluster
+        .runs_until(task, &format!("the run of {fire}"), |runs| {
+            runs.iter()
+                .any(|r| at(r, "scheduledAt") == fire && status(r) == "SUCCEEDED")
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn new_york_dst_gap_and_overlap_fire_as_documented() {
+    let mut cluster = Cluster::start().await;
+    // 01:59:50 EST on 2021-03-14; at 02:00 the clocks go to 03:00 EDT.
+    let clock = std::sync::Arc::new(ManualClock::new(utc("2021-03-14T06:59:50Z")));
+    cluster.start_worker_with_clock("w1", clock.clone());
+    let gap = cluster
+        .create_task(json!({
+            "name": "in-the-gap",
+            "schedule": "30 2 * * *",
+            "timezone": "America/New_York",
+            "command": "echo gap",
+        }))
+        .await;
+    // 02:30 does not exist that day: it fires once, at the first instant after the gap.
+    drive_to(&cluster, &clock, &gap, "2021-03-14T07:00:00Z").await;
+    assert_eq!(
+        cluster
+            .runs(&gap)
+            .await
+            .iter()
+            .map(|r| (at(r, "scheduledAt"), status(r).to_owned()))
+            .collect::<Vec<_>>(),
+        [(utc("2021-03-14T07:00:00Z"), "SUCCEEDED".to_owned())]
+    );
+    drop(cluster);
+
+    // A cluster whose worker's clock reads 01:09:50 EDT on 2021-11-07; at 02:00 EDT the
+    // clocks go back to 01:00 EST.
+    let mut cluster = Cluster::start().await;
+    let clock = std::sync::Arc::new(ManualClock::new(utc("2021-11-07T05:09:50Z")));
+    cluster.start_worker_with_clock("w1", clock.clone());
+    let fixed = cluster
+        .create_task(json!({
+            "name": "fixed-time",
+            "schedule": "15 1 * * *",
+            "timezone": "America/New_York",
+            "command": "echo fixed",
+        }))
+        .await;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        clock.wait_for_sleeper(utc("2021-11-07T05:15:00Z")),
+    )
+    .await
+    .expect("the fixed-time task is armed");
+    let interval = cluster
+        .create_task(json!({
+            "name": "interval",
+            "schedule": "*/30 * * * *",
+            "timezone": "America/New_York",
+            "command": "echo interval",
+        }))
+        .await;
+    // 01:15 EDT, 01:30 EDT, then the repeated hour: 01:00 EST and 01:30 EST. The
+    // fixed-time job fires at the first 01:15 only; the interval job fires in both hours.
+    drive_to(&cluster, &clock, &fixed, "2021-11-07T05:15:00Z").await;
+    drive_to(&cluster, &clock, &interval, "2021-11-07T05:30:00Z").await;
+    drive_to(&cluster, &clock, &interval, "2021-11-07T06:00:00Z").await;
+    drive_to(&cluster, &clock, &interval, "2021-11-07T06:30:00Z").await;
+
+    let fired = |runs: &[Value]| -> Vec<(DateTime<Utc>, String)> {
+        runs.iter()
+            .map(|r| (at(r, "scheduledAt"), status(r).to_owned()))
+            .collect()
+    };
+    let ok = |t: &str| (utc(t), "SUCCEEDED".to_owned());
+    // Nothing at 06:15Z (01:15 EST), not even a misfire record.
+    assert_eq!(
+        fired(&cluster.runs(&fixed).await),
+        [ok("2021-11-07T05:15:00Z")]
+    );
+    assert_eq!(
+        fired(&cluster.runs(&interval).await),
+        [
+            ok("2021-11-07T05:30:00Z"),
+            ok("2021-11-07T06:00:00Z"),
+            ok("2021-11-07T06:30:00Z"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn retries_are_new_attempts_and_run_once_runs_the_latest_missed_fire() {
+    let mut cluster = Cluster::start().await;
+    // The worker's clock reads ten minutes and a few seconds after the tasks are created,
+    // as for a worker that takes them over after they went unowned that long.
+    let now = Utc::now();
+    let start =
+        DateTime::from_timestamp(now.timestamp() - now.timestamp() % 60 + 600 + 5, 0).unwrap();
+    let clock = std::sync::Arc::new(ManualClock::new(start));
+    let run_once = cluster
+        .create_task(json!({
+            "name": "catch-up",
+            "schedule": "* * * * *",
+            "misfirePolicy": "RUN_ONCE",
+            "misfireGraceSeconds": 120,
+            "command": "echo caught up",
+        }))
+        .await;
+    let failing = cluster
+        .create_task(json!({
+            "name": "flaky",
+            "schedule": "30 * * * * *",
+            "maxRetries": 2,
+            "retryBackoffSeconds": 1,
+            "command": "echo \"attempt $CLOUDTASK_ATTEMPT\"; exit 7",
+        }))
+        .await;
+    cluster.start_worker_with_clock("w1", clock.clone());
+
+    // Ten fires were missed: the latest (within the grace period) runs, the rest are
+    // recorded as misfires.
+    let latest = start - chrono::Duration::seconds(5);
+    let runs = cluster
+        .runs_until(&run_once, "the catch-up", |runs| {
+            runs.iter()
+                .any(|r| at(r, "scheduledAt") == latest && status(r) == "SUCCEEDED")
+                && runs.iter().filter(|r| status(r) == "SKIPPED").count() >= 9
+        })
+        .await;
+    for run in &runs {
+        if at(run, "scheduledAt") != latest {
+            assert_eq!(status(run), "SKIPPED", "{run}");
+            assert!(run["error"].as_str().unwrap().contains("misfire"));
+        }
+    }
+    ledger(&runs, chrono::Duration::seconds(60));
+
+    // A failing fire is retried as attempts 1 and 2 of the same fire, then given up.
+    let fire = start + chrono::Duration::seconds(25);
+    drive_to_any(&clock, fire).await;
+    let runs = cluster
+        .runs_until(&failing, "three attempts", |runs| {
+            runs.iter()
+                .filter(|r| at(r, "scheduledAt") == fire && status(r) == "FAILED")
+                .count()
+                == 3
+        })
+        .await;
+    let attempts: Vec<(u64, &str, i64)> = runs
+        .iter()
+        .filter(|r| at(r, "scheduledAt") == fire)
+        .map(|r| {
+            (
+                r["attempt"].as_u64().unwrap(),
+                r["trigger"].as_str().unwrap(),
+                r["exitCode"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        attempts,
+        [(0, "SCHEDULE", 7), (1, "RETRY", 7), (2, "RETRY", 7)]
+    );
+    for run in runs.iter().filter(|r| at(r, "scheduledAt") == fire) {
+        let text = run["logs"][0]["text"].as_str().unwrap();
+        assert_eq!(text, format!("attempt {}", run["attempt"]));
+    }
+}
+
+/// Moves the clock to one second past `fire` once some task has been armed for it.
+async fn drive_to_any(clock: &ManualClock, fire: DateTime<Utc>) {
+    tokio::time::timeout(Duration::from_secs(20), clock.wait_for_sleeper(fire))
+        .await
+        .unwrap_or_else(|_| panic!("the worker never armed {fire}"));
+    clock.set(fire + chrono::Duration::seconds(1));
 }

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::client::{ApiClient, CallError};
+use crate::clock::Clock;
 use crate::exec::{ExecLimits, RunSpec, execute};
 use crate::membership::Assignments;
 use crate::packages::Packages;
@@ -39,12 +40,16 @@ use crate::report::{Report, Reporter};
 
 /// At most this many missed fires are accounted for on a takeover (the latest ones).
 const MAX_MISFIRES: usize = 1_000;
+/// A timer that goes off this much after its fire time means the worker could not fire
+/// on time (it was stopped or suspended, or the clock jumped): the fire is a misfire.
+const LATE: chrono::Duration = chrono::Duration::seconds(2);
 /// A scheduled fire's claim is retried this long while the API is unreachable (longer
 /// for `RUN_ONCE`: its grace period).
 const CLAIM_PATIENCE: Duration = Duration::from_secs(5);
 
 /// What the engine needs from the rest of the worker.
 pub struct Engine {
+    pub clock: Arc<dyn Clock>,
     pub cluster: ClusterId,
     pub worker: String,
     pub coordinator: Arc<dyn Coordinator>,
@@ -135,6 +140,7 @@ impl Engine {
             shutdown.clone(),
         ));
         let mut actor = Actor {
+            clock: self.clock.clone(),
             cluster: self.cluster,
             shared,
             reads,
@@ -151,10 +157,7 @@ impl Engine {
             let next = actor.heap.peek().map(|Reverse((at, _, _))| *at);
             let sleep = async {
                 match next {
-                    Some(at) => {
-                        let wait = (at - Utc::now()).to_std().unwrap_or_default();
-                        tokio::time::sleep(wait).await
-                    }
+                    Some(at) => actor.clock.sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
@@ -176,6 +179,7 @@ impl Engine {
 }
 
 struct Actor {
+    clock: Arc<dyn Clock>,
     cluster: ClusterId,
     shared: Shared,
     reads: Arc<SharedSession>,
@@ -353,7 +357,7 @@ impl Actor {
         match entry.cursor {
             Some(cursor) => {
                 // An edit: fire on the new schedule from where the old one stood.
-                let from = cursor.max(Utc::now());
+                let from = cursor.max(self.clock.now());
                 self.arm(task, from);
             }
             None if !entry.catching_up => {
@@ -389,11 +393,21 @@ impl Actor {
 
     /// The takeover catch-up: account for the fires due in (since, now], then arm.
     fn caught_up(&mut self, task: TaskId, since: DateTime<Utc>) {
-        let now = Utc::now();
         let Some(entry) = self.tasks.get_mut(&task) else {
             return;
         };
         entry.catching_up = false;
+        self.account_missed(task, since, "misfire: no worker could run it on time");
+    }
+
+    /// Fires due in (since, now] that nobody ran: SKIP records each as SKIPPED;
+    /// RUN_ONCE runs the latest if it is within the grace period and records the rest.
+    /// Then the task is armed from now.
+    fn account_missed(&mut self, task: TaskId, since: DateTime<Utc>, reason: &str) {
+        let now = self.clock.now();
+        let Some(entry) = self.tasks.get_mut(&task) else {
+            return;
+        };
         let (Some(schedule), Some(node)) = (entry.schedule.clone(), entry.node.clone()) else {
             return;
         };
@@ -415,13 +429,15 @@ impl Actor {
             MisfirePolicy::RunOnce => missed.last().copied().filter(|at| now - *at <= grace),
             MisfirePolicy::Skip => None,
         };
-        for at in &missed {
-            if Some(*at) != run_once {
-                self.record_skipped(task, &node, *at, "misfire: no worker could run it on time");
+        if !node.paused {
+            for at in &missed {
+                if Some(*at) != run_once {
+                    self.record_skipped(task, &node, *at, reason);
+                }
             }
-        }
-        if let Some(at) = run_once {
-            self.dispatch(task, at, 0, RunTrigger::Schedule);
+            if let Some(at) = run_once {
+                self.dispatch(task, at, 0, RunTrigger::Schedule);
+            }
         }
         self.arm(task, now);
     }
@@ -436,7 +452,7 @@ impl Actor {
     }
 
     fn fire_due(&mut self) {
-        let now = Utc::now();
+        let now = self.clock.now();
         while let Some(Reverse((at, task, generation))) = self.heap.peek().copied() {
             if at > now {
                 break;
@@ -446,6 +462,13 @@ impl Actor {
                 continue;
             };
             if entry.generation != generation || entry.cursor.is_none() {
+                continue;
+            }
+            if now - at > LATE {
+                // The worker was not running when this was due (stopped, suspended, the
+                // clock jumped): a misfire, like the fires after it up to now.
+                let since = at - chrono::Duration::milliseconds(1);
+                self.account_missed(task, since, "misfire: the worker could not fire it on time");
                 continue;
             }
             entry.cursor = Some(at);

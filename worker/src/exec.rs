@@ -413,3 +413,108 @@ async fn collect(run: RunId, mut rx: mpsc::Receiver<Line>, limits: ExecLimits, r
     }
     flush(&mut batch);
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    fn limits() -> ExecLimits {
+        ExecLimits {
+            max_lines: 5,
+            max_line_bytes: 8,
+            kill_grace: Duration::from_millis(200),
+        }
+    }
+
+    fn spec(command: &str, dir: &std::path::Path) -> RunSpec {
+        RunSpec {
+            run_id: RunId::new(),
+            task_id: TaskId::new(),
+            scheduled_at: Utc::now(),
+            attempt: 2,
+            command: command.into(),
+            env: BTreeMap::from([("GREETING".to_owned(), "hi".to_owned())]),
+            workdir: dir.to_path_buf(),
+            timeout: None,
+        }
+    }
+
+    async fn run(command: &str, limits: ExecLimits) -> (Outcome, Vec<LogLine>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (reporter, mut reports) = Reporter::capture();
+        let outcome = execute(
+            &spec(command, dir.path()),
+            limits,
+            &reporter,
+            &CancellationToken::new(),
+        )
+        .await;
+        drop(reporter);
+        let mut lines = Vec::new();
+        while let Some(report) = reports.recv().await {
+            match report {
+                Report::Logs { lines: batch, .. } => lines.extend(batch),
+                Report::Finish { .. } => unreachable!("execute reports no outcome"),
+            }
+        }
+        (outcome, lines)
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_split_bad_utf8_replaced_and_output_capped() {
+        let (outcome, lines) = run(
+            r"printf 'abcdefghijkl\n\377ok\n'; for i in 1 2 3 4 5 6; do echo $i; done; exit 3",
+            limits(),
+        )
+        .await;
+        assert_eq!(outcome.status, RunStatus::Failed);
+        assert_eq!(outcome.exit_code, Some(3));
+        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts[..5], ["abcdefgh", "ijkl", "\u{fffd}ok", "1", "2"]);
+        assert_eq!(lines[5].stream, LogStream::System);
+        assert!(
+            lines[5].text.contains("4 more lines were dropped"),
+            "{:?}",
+            lines[5]
+        );
+        let offsets: Vec<u64> = lines.iter().map(|l| l.offset).collect();
+        assert_eq!(offsets, [0, 1, 2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn the_run_sees_its_identity_and_env_but_not_the_workers() {
+        // Cargo sets CARGO_MANIFEST_DIR for this test process: the child must not see it.
+        let (outcome, lines) = run(
+            "echo \"$GREETING $CLOUDTASK_ATTEMPT ${CARGO_MANIFEST_DIR:-none} $(pwd)\"",
+            ExecLimits {
+                max_lines: 100,
+                max_line_bytes: 4096,
+                ..limits()
+            },
+        )
+        .await;
+        assert_eq!(outcome.status, RunStatus::Succeeded);
+        let text = &lines[0].text;
+        assert!(text.starts_with("hi 2 none /"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_stop_terminates_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reporter, _reports) = Reporter::capture();
+        let stop = CancellationToken::new();
+        let trigger = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            trigger.cancel();
+        });
+        let outcome = execute(
+            &spec("sleep 30 & sleep 30", dir.path()),
+            limits(),
+            &reporter,
+            &stop,
+        )
+        .await;
+        assert_eq!(outcome.status, RunStatus::Stopped);
+    }
+}

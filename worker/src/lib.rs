@@ -8,6 +8,7 @@
 
 mod backoff;
 pub mod client;
+pub mod clock;
 pub mod engine;
 pub mod exec;
 pub mod join;
@@ -34,6 +35,15 @@ pub use packages::Packages;
 
 /// The `cloudtask worker` entry point: runs until `shutdown`, then leaves the cluster.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with_clock(config, Arc::new(clock::SystemClock), shutdown).await
+}
+
+/// [`run`], firing by `clock` (tests drive a manual one through DST changes).
+pub async fn run_with_clock(
+    config: &Config,
+    clock: Arc<dyn clock::Clock>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let token = config
         .cluster_token
         .as_deref()
@@ -99,6 +109,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         client.clone(),
     ));
     let engine = Engine {
+        clock,
         cluster: joined.cluster_id,
         worker: me.name.clone(),
         coordinator: coordinator.clone(),

@@ -46,6 +46,14 @@ impl Reporter {
         let _ = self.tx.send(report);
     }
 
+    /// A reporter whose reports land in the returned channel (for unit tests).
+    #[cfg(test)]
+    pub(crate) fn capture() -> (Reporter, mpsc::UnboundedReceiver<Report>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (_, pending) = watch::channel(0);
+        (Reporter { tx, pending }, rx)
+    }
+
     /// Waits until everything sent so far has been delivered.
     pub async fn delivered(&self) {
         let mut pending = self.pending.clone();

@@ -1,0 +1,77 @@
+//! The worker's clock: when fires are due and how long to sleep until the next. The
+//! system clock in production; a manual one lets a test drive the worker through a DST
+//! change or a clock jump in seconds.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use tokio::sync::watch;
+
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+    /// Resolves once this clock reads `at` or later.
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'static, ()>;
+}
+
+/// Wall time, slept on with tokio's timer.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'static, ()> {
+        let wait = (at - Utc::now()).to_std().unwrap_or_default();
+        Box::pin(tokio::time::sleep(wait))
+    }
+}
+
+/// A clock that moves only when told to (for tests).
+pub struct ManualClock {
+    now: watch::Sender<DateTime<Utc>>,
+    requested: watch::Sender<BTreeSet<DateTime<Utc>>>,
+}
+
+impl ManualClock {
+    pub fn new(start: DateTime<Utc>) -> Self {
+        ManualClock {
+            now: watch::Sender::new(start),
+            requested: watch::Sender::new(BTreeSet::new()),
+        }
+    }
+
+    /// Moves the clock to `at` (never backwards).
+    pub fn set(&self, at: DateTime<Utc>) {
+        self.now.send_if_modified(|now| {
+            let later = at > *now;
+            if later {
+                *now = at;
+            }
+            later
+        });
+    }
+
+    /// Waits until someone has slept until `at`: the worker has armed a fire for it.
+    pub async fn wait_for_sleeper(&self, at: DateTime<Utc>) {
+        let mut requested = self.requested.subscribe();
+        let _ = requested.wait_for(|set| set.contains(&at)).await;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.now.borrow()
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'static, ()> {
+        self.requested.send_modify(|set| {
+            set.insert(at);
+        });
+        let mut now = self.now.subscribe();
+        Box::pin(async move {
+            let _ = now.wait_for(|now| *now >= at).await;
+        })
+    }
+}
