@@ -40,6 +40,8 @@ use crate::report::{Report, Reporter};
 
 /// At most this many missed fires are accounted for on a takeover (the latest ones).
 const MAX_MISFIRES: usize = 1_000;
+/// Takeover catch-ups in flight at once.
+const CATCH_UP_CONCURRENCY: usize = 16;
 /// A timer that goes off this much after its fire time means the worker could not fire
 /// on time (it was stopped or suspended, or the clock jumped): the fire is a misfire.
 const LATE: chrono::Duration = chrono::Duration::seconds(2);
@@ -111,6 +113,9 @@ struct Shared {
     shutdown: CancellationToken,
     /// Runs in progress by id, for stop commands.
     running: Arc<Mutex<HashMap<RunId, CancellationToken>>>,
+    /// Takeover catch-ups asking the API at once (a worker given thousands of tasks
+    /// must not open thousands of requests).
+    catch_ups: Arc<tokio::sync::Semaphore>,
 }
 
 impl Engine {
@@ -131,6 +136,7 @@ impl Engine {
             events: events_tx,
             shutdown: shutdown.clone(),
             running: Arc::default(),
+            catch_ups: Arc::new(tokio::sync::Semaphore::new(CATCH_UP_CONCURRENCY)),
         };
         tokio::spawn(watch_commands(
             reads.clone(),
@@ -365,7 +371,11 @@ impl Actor {
                 let client = self.shared.client.clone();
                 let events = self.shared.events.clone();
                 let shutdown = self.shared.shutdown.clone();
+                let permits = self.shared.catch_ups.clone();
                 self.jobs.spawn(async move {
+                    let Ok(_permit) = permits.acquire_owned().await else {
+                        return;
+                    };
                     let mut backoff =
                         Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
                     loop {

@@ -1,0 +1,453 @@
+//! Firing benchmark: `cargo bench --bench firing`. The whole path on real services (the
+//! API on Postgres, a scheduler and workers on ZooKeeper, real processes); every figure
+//! beside a baseline measured in the same run.
+//!
+//! Trigger lag is the child process's own start time minus its scheduled time: each run
+//! execs this benchmark binary in `stamp` mode, which writes the time it started at.
+//!
+//! 1. spread: 100 tasks, 10 due in every second → p50/p99 lag (target p99 ≤ 5 ms);
+//! 2. burst: 1,000 tasks, 100 due in every second → p99 lag against the time this
+//!    machine needs to start 100 `sh -c true` at once (target ≤ 1.1×);
+//! 3. sustained: fires/s of `true` completed end to end against a bare loop spawning
+//!    `sh -c true` on as many threads as cores (target ratio ≥ 0.5);
+//! 4. memory: RSS of a `cloudtask worker` process holding 10,000 assigned tasks
+//!    (target ≤ 50 MB), against the same process idle with none.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use cloudtask_catalogue::{NewTask, Scope, TenantHandle};
+use cloudtask_coord::zk::ZkCoordinator;
+use cloudtask_core::ids::{ClusterId, TaskId};
+use cloudtask_core::task::{TaskSpec, TaskState};
+use cloudtask_testkit::TestApi;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("stamp") {
+        stamp();
+        return;
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        return; // `cargo test --all-targets` runs benches without `--bench`.
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(bench());
+}
+
+/// `stamp`: record this process's start, named by its fire, in `$STAMP_DIR`.
+fn stamp() {
+    let now = Utc::now();
+    let dir = std::env::var("STAMP_DIR").expect("STAMP_DIR");
+    let task = std::env::var("CLOUDTASK_TASK_ID").expect("task id");
+    let at = std::env::var("CLOUDTASK_SCHEDULED_AT").expect("scheduled at");
+    let attempt = std::env::var("CLOUDTASK_ATTEMPT").expect("attempt");
+    let name = format!("{task}-{}-{attempt}", at.replace([':', '+'], "_"));
+    std::fs::write(
+        Path::new(&dir).join(name),
+        format!("{at}\n{}\n", now.to_rfc3339()),
+    )
+    .expect("write the stamp");
+}
+
+struct Stack {
+    api: TestApi,
+    tenant: TenantHandle,
+    cluster: ClusterId,
+    zookeeper: String,
+    join_token: String,
+    stop: CancellationToken,
+    data: tempfile::TempDir,
+}
+
+async fn stack(cluster_name: &str) -> Stack {
+    let zookeeper = cloudtask_testkit::fresh_zookeeper();
+    let zk = zookeeper.clone();
+    let api = TestApi::start_with(move |c| {
+        c.zookeeper = zk;
+        c.zookeeper_session_timeout_ms = SESSION_TIMEOUT.as_millis() as u64;
+    })
+    .await;
+    api.create_user("admin@bench.example", "bench password", true)
+        .await;
+    let admin = api
+        .login("admin@bench.example", "bench password", None)
+        .await;
+    let tenant = admin
+        .run(
+            "mutation { createTenant(input: {name: \"bench\", ownerEmail: \"owner@bench.example\", ownerPassword: \"bench password\"}) { id } }",
+            json!({}),
+        )
+        .await;
+    let tenant_id = tenant.data()["createTenant"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let owner = api
+        .login("owner@bench.example", "bench password", Some(&tenant_id))
+        .await;
+    let cluster = owner
+        .run(
+            "mutation($n: String!) { createCluster(name: $n) { cluster { id } joinToken } }",
+            json!({ "n": cluster_name }),
+        )
+        .await;
+    let cluster_id: ClusterId = cluster.data()["createCluster"]["cluster"]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let join_token = cluster.data()["createCluster"]["joinToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let owner_id = api
+        .catalogue
+        .user_credentials("owner@bench.example")
+        .await
+        .unwrap()
+        .unwrap()
+        .user
+        .id;
+    let tenant = api
+        .catalogue
+        .tenant(Scope {
+            tenant_id: tenant_id.parse().unwrap(),
+            user_id: owner_id,
+            actor: "bench".into(),
+        })
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let scheduler = cloudtask_scheduler::Scheduler {
+        catalogue: api.catalogue.clone(),
+        coordinator: Arc::new(ZkCoordinator::new(zookeeper.clone(), SESSION_TIMEOUT)),
+        identity: "bench".into(),
+        sweep: Duration::from_secs(3600),
+        writes: Default::default(),
+    };
+    tokio::spawn(scheduler.run(stop.clone()));
+    Stack {
+        api,
+        tenant,
+        cluster: cluster_id,
+        zookeeper,
+        join_token,
+        stop,
+        data: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Stack {
+    fn worker_config(&self, name: &str) -> cloudtask_core::config::Config {
+        let mut config = cloudtask_testkit::test_config(String::new());
+        config.api_url = self.api.url.clone();
+        config.zookeeper = self.zookeeper.clone();
+        config.zookeeper_session_timeout_ms = SESSION_TIMEOUT.as_millis() as u64;
+        config.cluster_token = Some(self.join_token.clone());
+        config.worker_name = Some(name.into());
+        config.data_dir = self.data.path().join(name);
+        config.log_level = "warn".into();
+        config
+    }
+
+    fn start_worker(&self, name: &str) {
+        let config = self.worker_config(name);
+        let stop = self.stop.clone();
+        tokio::spawn(async move { cloudtask_worker::run(&config, stop).await });
+    }
+
+    async fn create_tasks(
+        &self,
+        count: usize,
+        schedule: impl Fn(usize) -> String,
+        command: &str,
+        env: &[(&str, &str)],
+    ) -> Vec<TaskId> {
+        let mut ids = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut spec = TaskSpec::new(schedule(i), command);
+            spec.env = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let task = self
+                .tenant
+                .create_task(
+                    NewTask {
+                        cluster_id: self.cluster,
+                        name: format!("bench-{i}-{}", TaskId::new()),
+                        description: String::new(),
+                        state: TaskState::Active,
+                        spec,
+                    },
+                    None,
+                )
+                .await
+                .unwrap();
+            ids.push(task.id);
+        }
+        ids
+    }
+
+    async fn pause_all(&self, ids: &[TaskId]) {
+        for id in ids {
+            self.tenant
+                .set_task_state(*id, TaskState::Paused)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Lags (start − scheduled) of the stamps in `dir` for fires in `[from, to)`.
+fn lags(dir: &Path, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<Duration> {
+    let mut lags = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+        let mut lines = text.lines();
+        let (Some(at), Some(started)) = (lines.next(), lines.next()) else {
+            continue;
+        };
+        let at: DateTime<Utc> = at.parse().unwrap();
+        let started: DateTime<Utc> = started.parse().unwrap();
+        if at >= from && at < to {
+            lags.push((started - at).to_std().unwrap_or_default());
+        }
+    }
+    lags.sort();
+    lags
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize)
+        .saturating_sub(1)
+        .min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Lets the tasks warm up, then waits out a window of `seconds` whole seconds (and two
+/// more for the last stamps); returns the window.
+async fn measure_window(warmup: Duration, seconds: i64) -> (DateTime<Utc>, DateTime<Utc>) {
+    tokio::time::sleep(warmup).await;
+    let now = Utc::now();
+    let from = DateTime::from_timestamp(now.timestamp() + 1, 0).unwrap();
+    let to = from + chrono::Duration::seconds(seconds);
+    let end = (to - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(2);
+    tokio::time::sleep(end).await;
+    (from, to)
+}
+
+/// Wall time to start 100 `sh -c true` at once and see them all exit.
+fn spawn_burst(n: usize) -> Duration {
+    let started = Instant::now();
+    let children: Vec<_> = (0..n)
+        .map(|_| {
+            std::process::Command::new("sh")
+                .args(["-c", "true"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in children {
+        child.wait().unwrap();
+    }
+    started.elapsed()
+}
+
+/// `sh -c true` spawned and reaped in a loop on one thread per core, per second.
+fn bare_spawn_rate(seconds: u64) -> f64 {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    std::process::Command::new("sh")
+                        .args(["-c", "true"])
+                        .status()
+                        .unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    total as f64 / seconds as f64
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn bench() {
+    let exe = std::env::current_exe().unwrap();
+    let stamp_command = format!("exec '{}' stamp", exe.display());
+    let mut rows: Vec<String> = Vec::new();
+
+    // 1 and 2: trigger lag.
+    let lag_stack = stack("lag").await;
+    lag_stack.start_worker("w1");
+    let spread_dir = lag_stack.data.path().join("spread");
+    std::fs::create_dir_all(&spread_dir).unwrap();
+    let spread_env = [("STAMP_DIR", spread_dir.to_str().unwrap())];
+    let spread = lag_stack
+        .create_tasks(
+            100,
+            |i| format!("{}/10 * * * * *", i % 10),
+            &stamp_command,
+            &spread_env,
+        )
+        .await;
+    let (from, to) = measure_window(Duration::from_secs(3), 20).await;
+    let spread_lags = lags(&spread_dir, from, to);
+    lag_stack.pause_all(&spread).await;
+
+    let burst_dir = lag_stack.data.path().join("burst");
+    std::fs::create_dir_all(&burst_dir).unwrap();
+    let burst_env = [("STAMP_DIR", burst_dir.to_str().unwrap())];
+    let burst = lag_stack
+        .create_tasks(
+            1_000,
+            |i| format!("{}/10 * * * * *", i % 10),
+            &stamp_command,
+            &burst_env,
+        )
+        .await;
+    let (from, to) = measure_window(Duration::from_secs(5), 10).await;
+    let burst_lags = lags(&burst_dir, from, to);
+    lag_stack.pause_all(&burst).await;
+    let baselines: Vec<Duration> = (0..5).map(|_| spawn_burst(100)).collect();
+    let mut sorted_baselines = baselines.clone();
+    sorted_baselines.sort();
+    let burst_baseline = sorted_baselines[sorted_baselines.len() / 2];
+
+    rows.push(format!(
+        "| spread: 100 tasks, 10 due per second | {} fires | p50 {:.1} ms, p99 {:.1} ms | target p99 ≤ 5 ms |",
+        spread_lags.len(),
+        ms(percentile(&spread_lags, 0.5)),
+        ms(percentile(&spread_lags, 0.99)),
+    ));
+    rows.push(format!(
+        "| burst: 1,000 tasks, 100 due per second | {} fires | p50 {:.1} ms, p99 {:.1} ms; 100 × `sh -c true` at once: {:.1} ms (median of 5) | p99 / baseline = {:.2} (target ≤ 1.1) |",
+        burst_lags.len(),
+        ms(percentile(&burst_lags, 0.5)),
+        ms(percentile(&burst_lags, 0.99)),
+        ms(burst_baseline),
+        percentile(&burst_lags, 0.99).as_secs_f64() / burst_baseline.as_secs_f64(),
+    ));
+
+    // 3: sustained throughput of `true`, end to end (claim, run, outcome stored).
+    let sustained = lag_stack
+        .create_tasks(400, |_| "* * * * * *".into(), "true", &[])
+        .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let count = |tenant: TenantHandle, ids: Vec<TaskId>| async move {
+        let mut succeeded = 0u64;
+        for id in ids {
+            let filter = cloudtask_catalogue::RunFilter {
+                task_id: Some(id),
+                status: Some(cloudtask_core::run::RunStatus::Succeeded),
+            };
+            let page = tenant
+                .runs(
+                    &filter,
+                    cloudtask_catalogue::PageRequest {
+                        first: 200,
+                        after: None,
+                    },
+                )
+                .await
+                .unwrap();
+            succeeded += page.items.len() as u64;
+        }
+        succeeded
+    };
+    let before = count(lag_stack.tenant.clone(), sustained.clone()).await;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = count(lag_stack.tenant.clone(), sustained.clone()).await;
+    let worker_rate = (after - before) as f64 / started.elapsed().as_secs_f64();
+    lag_stack.pause_all(&sustained).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bare_rate = tokio::task::spawn_blocking(|| bare_spawn_rate(5))
+        .await
+        .unwrap();
+    rows.push(format!(
+        "| sustained: 400 tasks of `true` every second | {worker_rate:.0} runs/s end to end | bare `sh -c true` loop, one thread per core: {bare_rate:.0}/s | ratio {:.2} (target ≥ 0.5) |",
+        worker_rate / bare_rate
+    ));
+    lag_stack.stop.cancel();
+
+    // 4: memory of a worker process holding 10,000 assigned tasks.
+    let mem_stack = stack("memory").await;
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_cloudtask"));
+    let config = mem_stack.worker_config("mem");
+    worker
+        .arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CLOUDTASK_API_URL", &config.api_url)
+        .env("CLOUDTASK_ZOOKEEPER", &config.zookeeper)
+        .env(
+            "CLOUDTASK_CLUSTER_TOKEN",
+            config.cluster_token.as_deref().unwrap(),
+        )
+        .env("CLOUDTASK_WORKER_NAME", "mem")
+        .env("CLOUDTASK_DATA_DIR", &config.data_dir)
+        .env("CLOUDTASK_LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::null());
+    let mut child = worker.spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = rss_kib(child.id());
+    mem_stack
+        .create_tasks(10_000, |_| "0 0 1 1 *".into(), "true", &[])
+        .await;
+    // Settled: every task assigned to it and its spec read.
+    let settle = Instant::now();
+    let mut loaded = 0;
+    while settle.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = rss_kib(child.id());
+        if now == loaded {
+            break;
+        }
+        loaded = now;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    rows.push(format!(
+        "| memory: worker process with 10,000 assigned tasks | RSS {:.1} MB | same process idle: {:.1} MB | target ≤ 50 MB |",
+        loaded as f64 / 1024.0,
+        idle as f64 / 1024.0
+    ));
+    mem_stack.stop.cancel();
+
+    println!("| scenario | samples / measured | baseline (same run) | verdict |");
+    println!("|---|---|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
+}
