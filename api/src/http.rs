@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use async_graphql::BatchResponse;
 use async_graphql::http::{GraphiQLSource, MultipartOptions, receive_batch_body};
-use async_graphql_axum::{GraphQLResponse, GraphQLSubscription};
+use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
 use axum::Json;
 use axum::body::Body;
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -16,7 +17,7 @@ use axum::routing::{get, post};
 use cloudtask_catalogue::Scope;
 use cloudtask_core::Error;
 use cloudtask_core::ids::RunId;
-use cloudtask_core::run::{Claim, Claimed, LogBatch, Outcome};
+use cloudtask_core::run::{Claim, Claimed, ReportBatch};
 use cloudtask_core::task::is_sha256_hex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -40,7 +41,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
     };
     axum::Router::new()
         .route("/graphql", post(graphql).get(graphiql))
-        .route_service("/graphql/ws", GraphQLSubscription::new(schema))
+        .route("/graphql/ws", get(graphql_ws))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/packages/{sha256}", get(user_package))
@@ -49,8 +50,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .route("/worker/claims", post(worker_claim))
         .route("/worker/tasks/{task_id}/cursor", get(worker_fire_cursor))
         .route("/worker/runs/{run_id}/start", post(worker_start))
-        .route("/worker/runs/{run_id}/logs", post(worker_logs))
-        .route("/worker/runs/{run_id}/finish", post(worker_finish))
+        .route("/worker/reports", post(worker_reports))
         .with_state(http)
 }
 
@@ -129,6 +129,68 @@ async fn graphql(
     }
     GraphQLResponse::from(response).into_response()
 }
+
+/// GraphQL over WebSocket (`graphql-transport-ws`, and the legacy `graphql-ws`). The
+/// access token comes in `connection_init` (`{"accessToken": "…"}` or
+/// `{"authorization": "Bearer …"}`); without a valid one the socket is closed with the
+/// protocol's refusal (4403 on `graphql-transport-ws`) before any operation runs.
+async fn graphql_ws(
+    State(http): State<Http>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let state = http.state.clone();
+    let schema = http.schema.clone();
+    upgrade
+        .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| {
+            use futures_util::{SinkExt, StreamExt};
+            let (sink, stream) = socket.split();
+            // async-graphql closes a refused `connection_init` with 1002; the protocol
+            // says 4403 (Forbidden).
+            let sink = sink.with(|message: Message| async move {
+                Ok::<_, axum::Error>(match message {
+                    Message::Close(Some(frame))
+                        if frame.code == 1002 && frame.reason.starts_with(REFUSED) =>
+                    {
+                        Message::Close(Some(CloseFrame {
+                            code: 4403,
+                            reason: frame.reason,
+                        }))
+                    }
+                    other => other,
+                })
+            });
+            GraphQLWebSocket::new_with_pair(sink, stream, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let refused = |why: &str| async_graphql::Error::new(format!("{REFUSED}{why}"));
+                    let token = payload
+                        .get("accessToken")
+                        .and_then(|v| v.as_str())
+                        .or_else(|| {
+                            payload
+                                .get("authorization")
+                                .or_else(|| payload.get("Authorization"))
+                                .and_then(|v| v.as_str())
+                                .and_then(|v| v.strip_prefix("Bearer "))
+                        })
+                        .map(str::trim)
+                        .ok_or_else(|| refused("no access token"))?;
+                    let identity = state
+                        .keys
+                        .verify_access(token)
+                        .map_err(|_| refused("invalid or expired access token"))?;
+                    let mut data = async_graphql::Data::default();
+                    data.insert(RequestContext::new(Some(Ok(identity)), peer.ip()));
+                    Ok(data)
+                })
+                .serve()
+        })
+}
+
+/// The reason prefix of a refused `connection_init`.
+const REFUSED: &str = "forbidden: ";
 
 /// Resolver errors carry a code already (see `error.rs`). What is left are errors the
 /// request itself caused before any resolver ran: syntax, unknown fields, wrong argument
@@ -334,48 +396,6 @@ async fn worker_claim(
         .unwrap_or_else(error_response)
 }
 
-/// A batch of a run's log lines; idempotent by (run, offset).
-async fn worker_logs(
-    State(http): State<Http>,
-    headers: HeaderMap,
-    Path(run_id): Path<String>,
-    Json(batch): Json<LogBatch>,
-) -> Response {
-    let result = async {
-        let worker = verify_worker(&http.state, &headers)?;
-        let run_id = parse_run_id(&run_id)?;
-        http.state
-            .catalogue
-            .append_run_logs(worker.cluster_id, run_id, &batch.lines)
-            .await
-    }
-    .await;
-    result
-        .map(|()| StatusCode::NO_CONTENT.into_response())
-        .unwrap_or_else(error_response)
-}
-
-/// How a run ended; a repeated report changes nothing.
-async fn worker_finish(
-    State(http): State<Http>,
-    headers: HeaderMap,
-    Path(run_id): Path<String>,
-    Json(outcome): Json<Outcome>,
-) -> Response {
-    let result = async {
-        let worker = verify_worker(&http.state, &headers)?;
-        let run_id = parse_run_id(&run_id)?;
-        http.state
-            .catalogue
-            .finish_run(worker.cluster_id, run_id, &outcome)
-            .await
-    }
-    .await;
-    result
-        .map(|_| StatusCode::NO_CONTENT.into_response())
-        .unwrap_or_else(error_response)
-}
-
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct FireCursor {
@@ -429,5 +449,25 @@ async fn worker_start(
     .await;
     result
         .map(|r| Json(r).into_response())
+        .unwrap_or_else(error_response)
+}
+
+/// Log lines and outcomes of any of the cluster's runs, in one request and one
+/// transaction; idempotent like the per-run endpoints.
+async fn worker_reports(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    Json(batch): Json<ReportBatch>,
+) -> Response {
+    let result = async {
+        let worker = verify_worker(&http.state, &headers)?;
+        http.state
+            .catalogue
+            .ingest_reports(worker.cluster_id, &batch.reports)
+            .await
+    }
+    .await;
+    result
+        .map(|()| StatusCode::NO_CONTENT.into_response())
         .unwrap_or_else(error_response)
 }

@@ -39,8 +39,11 @@ pub enum Change {
     Resync,
 }
 
+/// Changes as they are heard, queued by a task that owns the LISTEN connection, so a
+/// consumer can take everything pending at once and act on each cluster once.
 pub struct Changes {
-    listener: PgListener,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    _listener: tokio::task::JoinHandle<()>,
 }
 
 impl Catalogue {
@@ -56,29 +59,69 @@ impl Catalogue {
             .listen(CHANNEL)
             .await
             .map_err(|e| Error::internal(format!("LISTEN: {e}")))?;
-        Ok(Changes { listener })
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let forward = tokio::spawn(async move {
+            loop {
+                let change = next_change(&mut listener).await;
+                if tx.send(change).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Changes {
+            rx,
+            _listener: forward,
+        })
+    }
+}
+
+/// The next change. While the database is unreachable this keeps retrying (sqlx
+/// reconnects) and reports `Resync` once it is back.
+async fn next_change(listener: &mut PgListener) -> Change {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => match notification.payload().parse() {
+                Ok(cluster) => return Change::Cluster(cluster),
+                Err(_) => tracing::warn!(
+                    payload = notification.payload(),
+                    "ignoring a bad notification"
+                ),
+            },
+            Ok(None) => return Change::Resync,
+            Err(e) => {
+                tracing::warn!(error = %e, "change listener lost the database; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+impl Drop for Changes {
+    fn drop(&mut self) {
+        self._listener.abort();
     }
 }
 
 impl Changes {
-    /// The next change. While the database is unreachable this keeps retrying
-    /// (sqlx reconnects) and reports `Resync` once it is back.
-    pub async fn next(&mut self) -> Change {
-        loop {
-            match self.listener.try_recv().await {
-                Ok(Some(notification)) => match notification.payload().parse() {
-                    Ok(cluster) => return Change::Cluster(cluster),
-                    Err(_) => tracing::warn!(
-                        payload = notification.payload(),
-                        "ignoring a bad notification"
-                    ),
-                },
-                Ok(None) => return Change::Resync,
-                Err(e) => {
-                    tracing::warn!(error = %e, "change listener lost the database; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    /// Waits for the next change, then takes every other change already heard: the
+    /// distinct clusters, or `None` when a resync is due. A burst of writes (a thousand
+    /// tasks created) costs one reconcile per cluster, not one per write.
+    pub async fn next_batch(&mut self) -> Option<Vec<ClusterId>> {
+        let first = self.rx.recv().await?;
+        let mut clusters = Vec::new();
+        let mut resync = false;
+        let mut take = |change: Change| match change {
+            Change::Cluster(cluster) => {
+                if !clusters.contains(&cluster) {
+                    clusters.push(cluster);
                 }
             }
+            Change::Resync => resync = true,
+        };
+        take(first);
+        while let Ok(change) = self.rx.try_recv() {
+            take(change);
         }
+        Some(if resync { Vec::new() } else { clusters })
     }
 }

@@ -9,13 +9,13 @@
 
 use cloudtask_core::ids::{ClusterId, RunId, TaskId};
 use cloudtask_core::roles::Action;
-use cloudtask_core::run::{Claim, LogLine, Outcome, RunStatus, RunTrigger};
+use cloudtask_core::run::{Claim, LogLine, Outcome, Report, RunStatus, RunTrigger};
 use cloudtask_core::task::TaskState;
 use cloudtask_core::{Error, Result};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -107,67 +107,69 @@ impl Catalogue {
         row.try_into()
     }
 
-    /// Stores a batch of a run's log lines; lines stored already (same offset) are left
-    /// as they are, so a batch delivered twice stores once.
-    pub async fn append_run_logs(
-        &self,
-        cluster_id: ClusterId,
-        run_id: RunId,
-        lines: &[LogLine],
-    ) -> Result<()> {
-        if lines.len() > MAX_LOG_BATCH {
+    /// Stores a batch of reports (log lines and outcomes of any runs of the cluster) in
+    /// one transaction, with the same idempotence as one by one. Reports for runs that
+    /// are not this cluster's are ignored (and logged): they can never be delivered.
+    pub async fn ingest_reports(&self, cluster_id: ClusterId, reports: &[Report]) -> Result<()> {
+        let lines: usize = reports
+            .iter()
+            .map(|r| match r {
+                Report::Logs { lines, .. } => lines.len(),
+                Report::Finish { .. } => 1,
+            })
+            .sum();
+        if lines > MAX_LOG_BATCH {
             return Err(Error::bad_input(
-                "lines",
-                format!("at most {MAX_LOG_BATCH} lines per batch"),
+                "reports",
+                format!("at most {MAX_LOG_BATCH} lines and outcomes per batch"),
             ));
         }
-        self.run_of_cluster(cluster_id, run_id).await?;
-        if lines.is_empty() {
-            return Ok(());
-        }
-        let rows = lines.iter().map(|line| run_log_line::ActiveModel {
-            run_id: Set(run_id.into()),
-            offset: Set(line.offset as i64),
-            stream: Set(line.stream.as_str().into()),
-            at: Set(line.at),
-            // Postgres text cannot hold NUL.
-            line: Set(line.text.replace('\0', "\u{fffd}")),
-        });
-        run_log_line::Entity::insert_many(rows)
-            .on_conflict_do_nothing_on([run_log_line::Column::RunId, run_log_line::Column::Offset])
-            .exec_without_returning(&self.db)
+        let mut runs: Vec<Uuid> = reports.iter().map(|r| r.run().into()).collect();
+        runs.sort();
+        runs.dedup();
+        let txn = self.db.begin().await.map_err(db_err)?;
+        let known: std::collections::HashSet<Uuid> = run::Entity::find()
+            .select_only()
+            .column(run::Column::Id)
+            .filter(run::Column::Id.is_in(runs))
+            .filter(run::Column::ClusterId.eq(Uuid::from(cluster_id)))
+            .into_tuple::<Uuid>()
+            .all(&txn)
             .await
-            .map_err(db_err)?;
-        Ok(())
-    }
-
-    /// Records how a run ended. Only a run still QUEUED or RUNNING takes an outcome: a
-    /// repeated report, or one for a run the scheduler marked LOST, changes nothing.
-    pub async fn finish_run(
-        &self,
-        cluster_id: ClusterId,
-        run_id: RunId,
-        outcome: &Outcome,
-    ) -> Result<Run> {
-        if !outcome.status.is_final() || outcome.status == RunStatus::Skipped {
-            return Err(Error::bad_input("status", "not an outcome"));
+            .map_err(db_err)?
+            .into_iter()
+            .collect();
+        let mut rows = Vec::new();
+        for report in reports {
+            if !known.contains(&report.run().into()) {
+                tracing::warn!(run = %report.run(), %cluster_id, "ignoring a report for an unknown run");
+                continue;
+            }
+            if let Report::Logs { run, lines } = report {
+                rows.extend(lines.iter().map(|line| log_row(*run, line)));
+            }
         }
-        self.run_of_cluster(cluster_id, run_id).await?;
-        run::Entity::update_many()
-            .col_expr(run::Column::Status, Expr::value(outcome.status.as_str()))
-            .col_expr(run::Column::ExitCode, Expr::value(outcome.exit_code))
-            .col_expr(run::Column::Signal, Expr::value(outcome.signal))
-            .col_expr(run::Column::Error, Expr::value(outcome.error.clone()))
-            .col_expr(run::Column::FinishedAt, Expr::value(outcome.finished_at))
-            .filter(run::Column::Id.eq(Uuid::from(run_id)))
-            .filter(
-                run::Column::Status
-                    .is_in([RunStatus::Queued.as_str(), RunStatus::Running.as_str()]),
-            )
-            .exec(&self.db)
-            .await
-            .map_err(db_err)?;
-        self.run_of_cluster(cluster_id, run_id).await
+        for chunk in rows.chunks(1_000) {
+            run_log_line::Entity::insert_many(chunk.to_vec())
+                .on_conflict_do_nothing_on([
+                    run_log_line::Column::RunId,
+                    run_log_line::Column::Offset,
+                ])
+                .exec_without_returning(&txn)
+                .await
+                .map_err(db_err)?;
+        }
+        for report in reports {
+            if let Report::Finish { run, outcome } = report
+                && known.contains(&(*run).into())
+            {
+                if !outcome.status.is_final() || outcome.status == RunStatus::Skipped {
+                    return Err(Error::bad_input("status", "not an outcome"));
+                }
+                finish(&txn, *run, outcome).await?;
+            }
+        }
+        txn.commit().await.map_err(db_err)
     }
 
     /// The scheduler's verdict on a worker whose session ended without a clean leave:
@@ -299,6 +301,35 @@ impl Catalogue {
             .ok_or(Error::NotFound("run"))?
             .try_into()
     }
+}
+
+fn log_row(run_id: RunId, line: &LogLine) -> run_log_line::ActiveModel {
+    run_log_line::ActiveModel {
+        run_id: Set(run_id.into()),
+        offset: Set(line.offset as i64),
+        stream: Set(line.stream.as_str().into()),
+        at: Set(line.at),
+        // Postgres text cannot hold NUL.
+        line: Set(line.text.replace('\0', "\u{fffd}")),
+    }
+}
+
+/// An outcome lands only on a run that has none yet.
+async fn finish(conn: &impl ConnectionTrait, run_id: RunId, outcome: &Outcome) -> Result<()> {
+    run::Entity::update_many()
+        .col_expr(run::Column::Status, Expr::value(outcome.status.as_str()))
+        .col_expr(run::Column::ExitCode, Expr::value(outcome.exit_code))
+        .col_expr(run::Column::Signal, Expr::value(outcome.signal))
+        .col_expr(run::Column::Error, Expr::value(outcome.error.clone()))
+        .col_expr(run::Column::FinishedAt, Expr::value(outcome.finished_at))
+        .filter(run::Column::Id.eq(Uuid::from(run_id)))
+        .filter(
+            run::Column::Status.is_in([RunStatus::Queued.as_str(), RunStatus::Running.as_str()]),
+        )
+        .exec(conn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
 }
 
 impl TenantHandle {

@@ -99,10 +99,27 @@ pub struct LogLine {
     pub text: String,
 }
 
+/// One thing a worker reports about a run: a batch of its log lines, or how it ended.
+/// Reports of one run are delivered in the order they were made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LogBatch {
-    pub lines: Vec<LogLine>,
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Report {
+    Logs { run: RunId, lines: Vec<LogLine> },
+    Finish { run: RunId, outcome: Outcome },
+}
+
+impl Report {
+    pub fn run(&self) -> RunId {
+        match self {
+            Report::Logs { run, .. } | Report::Finish { run, .. } => *run,
+        }
+    }
+}
+
+/// Reports delivered in one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportBatch {
+    pub reports: Vec<Report>,
 }
 
 /// How a run ended, as its worker saw it.

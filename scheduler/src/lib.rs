@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use cloudtask_catalogue::changes::{Change, Changes};
+use cloudtask_catalogue::changes::Changes;
 use cloudtask_catalogue::{Catalogue, WorkerEvent};
 use cloudtask_coord::layout::CommandNode;
 use cloudtask_coord::{CoordError, Coordinator, Session, WatchEvent, delete_recursive, layout};
@@ -160,9 +160,18 @@ impl<'a> Leader<'a> {
                 _ = shutdown.cancelled() => return Ok(TermEnd::Shutdown),
                 _ = session_ended(&mut state) => return Ok(TermEnd::SessionLost),
                 Some(cluster) = self.dirty_rx.recv() => self.workers_changed(cluster).await?,
-                change = next_change(&mut self.changes) => match change {
-                    Change::Cluster(cluster) => self.reconcile(cluster).await?,
-                    Change::Resync => self.sweep().await?,
+                batch = next_changes(&mut self.changes) => match batch {
+                    // An empty batch: notifications may have been missed.
+                    Some(clusters) if clusters.is_empty() => self.sweep().await?,
+                    Some(clusters) => {
+                        for cluster in clusters {
+                            self.reconcile(cluster).await?;
+                        }
+                    }
+                    None => {
+                        tracing::warn!("change notifications ended; relying on the sweep");
+                        self.changes = None;
+                    }
                 },
                 _ = sweep.tick() => self.sweep().await?,
             }
@@ -383,9 +392,9 @@ async fn session_ended(state: &mut tokio::sync::watch::Receiver<cloudtask_coord:
     let _ = state.wait_for(|s| s.is_terminal()).await.map(|_| ());
 }
 
-async fn next_change(changes: &mut Option<Changes>) -> Change {
+async fn next_changes(changes: &mut Option<Changes>) -> Option<Vec<ClusterId>> {
     match changes {
-        Some(changes) => changes.next().await,
+        Some(changes) => changes.next_batch().await,
         None => std::future::pending().await,
     }
 }

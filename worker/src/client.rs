@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{RunId, TaskId};
-use cloudtask_core::run::{Claim, Claimed, LogBatch, LogLine, Outcome};
+use cloudtask_core::run::{Claim, Claimed, Report, ReportBatch};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use tokio::sync::RwLock;
@@ -134,25 +134,14 @@ impl ApiClient {
         Ok(cursor.since)
     }
 
-    pub async fn logs(&self, run: RunId, lines: &[LogLine]) -> Result<(), CallError> {
-        let batch = LogBatch {
-            lines: lines.to_vec(),
+    /// Delivers reports of any runs in one request.
+    pub async fn reports(&self, reports: &[Report]) -> Result<(), CallError> {
+        let batch = ReportBatch {
+            reports: reports.to_vec(),
         };
-        self.send(|http, base| {
-            http.post(format!("{base}/worker/runs/{run}/logs"))
-                .json(&batch)
-        })
-        .await
-        .map(drop)
-    }
-
-    pub async fn finish(&self, run: RunId, outcome: &Outcome) -> Result<(), CallError> {
-        self.send(|http, base| {
-            http.post(format!("{base}/worker/runs/{run}/finish"))
-                .json(outcome)
-        })
-        .await
-        .map(drop)
+        self.send(|http, base| http.post(format!("{base}/worker/reports")).json(&batch))
+            .await
+            .map(drop)
     }
 
     pub async fn package(&self, sha256: &str) -> Result<Vec<u8>, CallError> {

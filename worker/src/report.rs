@@ -9,9 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudtask_core::ids::RunId;
-use cloudtask_core::run::{LogLine, Outcome};
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -25,12 +22,7 @@ const BATCH_BYTES: usize = 512 << 10;
 /// How long a shutting-down worker keeps trying before it leaves the rest in the spool.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "camelCase")]
-pub enum Report {
-    Logs { run: RunId, lines: Vec<LogLine> },
-    Finish { run: RunId, outcome: Outcome },
-}
+pub use cloudtask_core::run::Report;
 
 /// Hands reports to the writer. Cheap to clone.
 #[derive(Clone)]
@@ -154,41 +146,37 @@ impl Writer {
         self.pending.send_replace(self.queue.len());
     }
 
-    /// Delivers the head of the queue (consecutive log reports of one run go as one
-    /// batch) and drops it from the queue.
+    /// Delivers the head of the queue, as many reports as fit one batch, and drops them
+    /// from the queue.
     async fn deliver_head(&mut self) -> Result<(), CallError> {
-        let (taken, result) = match self.queue.front() {
-            None => return Ok(()),
-            Some(Report::Finish { run, outcome }) => (1, self.client.finish(*run, outcome).await),
-            Some(Report::Logs { run, .. }) => {
-                let run = *run;
-                let mut lines = Vec::new();
-                let mut bytes = 0;
-                let mut taken = 0;
-                for report in &self.queue {
-                    match report {
-                        Report::Logs { run: r, lines: l }
-                            if *r == run
-                                && (taken == 0
-                                    || (lines.len() + l.len() <= BATCH_LINES
-                                        && bytes < BATCH_BYTES)) =>
-                        {
-                            bytes += l.iter().map(|line| line.text.len() + 64).sum::<usize>();
-                            lines.extend_from_slice(l);
-                            taken += 1;
-                        }
-                        _ => break,
-                    }
-                }
-                (taken, self.client.logs(run, &lines).await)
+        if self.queue.is_empty() {
+            return Ok(());
+        }
+        let mut lines = 0;
+        let mut bytes = 0;
+        let mut taken = 0;
+        for report in &self.queue {
+            let (n, size) = match report {
+                Report::Logs { lines, .. } => (
+                    lines.len(),
+                    lines.iter().map(|l| l.text.len() + 64).sum::<usize>(),
+                ),
+                Report::Finish { .. } => (1, 128),
+            };
+            if taken > 0 && (lines + n > BATCH_LINES || bytes + size > BATCH_BYTES) {
+                break;
             }
-        };
-        match result {
+            lines += n;
+            bytes += size;
+            taken += 1;
+        }
+        let batch: Vec<Report> = self.queue.iter().take(taken).cloned().collect();
+        match self.client.reports(&batch).await {
             Ok(()) => {}
             Err(CallError::Refused(why)) => {
-                // Never deliverable (the run is unknown to the API): dropping it is the
+                // Never deliverable as it is (malformed, too large): dropping it is the
                 // only way forward, and the log says so.
-                tracing::error!(%why, "a run report was refused and is dropped");
+                tracing::error!(%why, reports = taken, "run reports were refused and are dropped");
             }
             Err(e @ CallError::Unavailable(_)) => return Err(e),
         }

@@ -1,0 +1,281 @@
+//! Coordination under failure, with real processes: a worker frozen past its session
+//! timeout, the ZooKeeper server restarted under load, the scheduler leader killed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use cloudtask_coord::zk::ZkCoordinator;
+use cloudtask_coord::{Coordinator, layout};
+use cloudtask_testkit::PrivateZooKeeper;
+use serde_json::{Value, json};
+
+use crate::harness::{Cluster, Options, at, ledger, status};
+
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// The cluster's workers as the API shows them: name → (online, startedAt).
+async fn workers(cluster: &Cluster) -> BTreeMap<String, (bool, Option<String>)> {
+    let response = cluster
+        .owner
+        .run(
+            "query($id: ID!) { cluster(id: $id) { workers { name online startedAt } } }",
+            json!({ "id": cluster.cluster_id }),
+        )
+        .await;
+    response.data()["cluster"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["name"].as_str().unwrap().to_owned(),
+                (
+                    w["online"].as_bool().unwrap(),
+                    w["startedAt"].as_str().map(str::to_owned),
+                ),
+            )
+        })
+        .collect()
+}
+
+async fn wait_for(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_worker_frozen_past_its_session_timeout_comes_back_without_acting_on_stale_assignments() {
+    let mut cluster = Cluster::start().await;
+    let w1 = cluster.spawn_worker_process("w1");
+    let w2 = cluster.spawn_worker_process("w2");
+    let task = cluster
+        .create_task(
+            json!({ "name": "ticking", "schedule": "* * * * * *", "command": "echo tick" }),
+        )
+        .await;
+    cluster
+        .runs_until(&task, "a first success", |runs| {
+            runs.iter().any(|r| status(r) == "SUCCEEDED")
+        })
+        .await;
+    let owner = cluster.assigned_worker(&task).await.expect("an owner");
+    let (frozen, survivor) = if owner == "w1" {
+        (w1, "w2")
+    } else {
+        (w2, "w1")
+    };
+    let pid = cluster.processes[frozen].id();
+
+    signal(pid, "STOP");
+    let stopped_at = Utc::now();
+    // Its session expires: the task moves to the survivor and keeps firing there.
+    wait_for("the task to move", Duration::from_secs(30), async || {
+        cluster.assigned_worker(&task).await.as_deref() == Some(survivor)
+    })
+    .await;
+    cluster
+        .runs_until(&task, "a run on the survivor", |runs| {
+            runs.iter()
+                .any(|r| r["worker"] == survivor && status(r) == "SUCCEEDED")
+        })
+        .await;
+
+    wait_for(
+        "the frozen worker to be seen offline",
+        Duration::from_secs(30),
+        async || {
+            !workers(&cluster)
+                .await
+                .get(&owner)
+                .is_some_and(|(online, _)| *online)
+        },
+    )
+    .await;
+
+    signal(pid, "CONT");
+    // It notices its session ended, drops everything, and registers again.
+    wait_for(
+        "the frozen worker to register again",
+        Duration::from_secs(30),
+        async || {
+            workers(&cluster)
+                .await
+                .get(&owner)
+                .is_some_and(|(online, _)| *online)
+        },
+    )
+    .await;
+    let back_at = Utc::now();
+    cluster
+        .runs_until(&task, "two more seconds of runs", |runs| {
+            runs.iter()
+                .any(|r| at(r, "scheduledAt") > back_at + chrono::Duration::seconds(2))
+        })
+        .await;
+    let runs = cluster.pause_and_settle(&task, 1).await;
+    ledger(&runs, chrono::Duration::seconds(1));
+    // After the freeze the stale owner started nothing and recorded nothing.
+    let stale: Vec<&Value> = runs
+        .iter()
+        .filter(|r| r["worker"] == owner.as_str() && at(r, "scheduledAt") > stopped_at)
+        .filter(|r| status(r) != "LOST")
+        .collect();
+    assert!(stale.is_empty(), "the frozen worker acted: {stale:#?}");
+}
+
+#[tokio::test]
+async fn a_zookeeper_restart_under_load_moves_nothing_and_loses_no_fire() {
+    let mut zookeeper = PrivateZooKeeper::start().await;
+    let chroot = format!("/cloudtask_test_{}", uuid::Uuid::new_v4().simple());
+    let mut cluster = Cluster::start_with(Options {
+        zookeeper: Some(zookeeper.connect_string(&chroot)),
+        session_timeout: Duration::from_secs(15),
+        ..Options::default()
+    })
+    .await;
+    cluster.spawn_worker_process("w1");
+    cluster.spawn_worker_process("w2");
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        tasks.push(
+            cluster
+                .create_task(json!({ "name": format!("load-{i}"), "schedule": "*/2 * * * * *", "command": "echo load" }))
+                .await,
+        );
+    }
+    let mut owners = BTreeMap::new();
+    for task in &tasks {
+        cluster
+            .runs_until(task, "a first success", |runs| {
+                runs.iter().any(|r| status(r) == "SUCCEEDED")
+            })
+            .await;
+        owners.insert(task.clone(), cluster.assigned_worker(task).await);
+    }
+    assert!(owners.values().all(Option::is_some), "{owners:?}");
+
+    // A crash and restart of the server, shorter than the session timeout: sessions
+    // resume, nothing is reallocated.
+    zookeeper.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    zookeeper.restart().await;
+    let back_at = Utc::now();
+    for task in &tasks {
+        cluster
+            .runs_until(task, "runs after the restart", |runs| {
+                runs.iter().any(|r| {
+                    at(r, "scheduledAt") > back_at + chrono::Duration::seconds(2)
+                        && status(r) == "SUCCEEDED"
+                })
+            })
+            .await;
+    }
+    for task in &tasks {
+        assert_eq!(
+            cluster.assigned_worker(task).await,
+            owners[task],
+            "task {task} moved"
+        );
+    }
+    for task in &tasks {
+        let runs = cluster.pause_and_settle(task, 2).await;
+        ledger(&runs, chrono::Duration::seconds(2));
+    }
+}
+
+#[tokio::test]
+async fn killing_the_leading_scheduler_hands_over_within_the_session_timeout_moving_nothing() {
+    let session_timeout = Duration::from_secs(4);
+    let mut cluster = Cluster::start_with(Options {
+        in_process_scheduler: false,
+        session_timeout,
+        ..Options::default()
+    })
+    .await;
+    let schedulers = [
+        cluster.spawn_scheduler_process("s1"),
+        cluster.spawn_scheduler_process("s2"),
+    ];
+    cluster.start_worker("w1");
+    cluster.start_worker("w2");
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        tasks.push(
+            cluster
+                .create_task(
+                    json!({ "name": format!("t-{i}"), "schedule": "0 0 1 1 *", "command": "true" }),
+                )
+                .await,
+        );
+    }
+    let mut owners = BTreeMap::new();
+    for task in &tasks {
+        wait_for("an assignment", Duration::from_secs(30), async || {
+            cluster.assigned_worker(task).await.is_some()
+        })
+        .await;
+        owners.insert(task.clone(), cluster.assigned_worker(task).await);
+    }
+
+    // The leader is the lowest election node; its payload names the process.
+    let observer = ZkCoordinator::new(cluster.zookeeper.clone(), session_timeout)
+        .connect()
+        .await
+        .unwrap();
+    let election = layout::by_sequence(observer.children(layout::ELECTION).await.unwrap());
+    assert_eq!(election.len(), 2, "both schedulers campaign");
+    let leader = observer
+        .get(&layout::join(layout::ELECTION, &election[0]))
+        .await
+        .unwrap()
+        .unwrap();
+    let leader_pid: u32 = String::from_utf8(leader.data)
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let index = schedulers
+        .iter()
+        .position(|i| cluster.processes[*i].id() == leader_pid)
+        .expect("the leader is one of ours");
+    let killed = std::time::Instant::now();
+    cluster.processes[schedulers[index]].kill().unwrap();
+
+    // The standby leads: it proves it by assigning a new task.
+    let extra = cluster
+        .create_task(json!({ "name": "extra", "schedule": "0 0 1 1 *", "command": "true" }))
+        .await;
+    wait_for(
+        "the standby to assign a new task",
+        Duration::from_secs(30),
+        async || cluster.assigned_worker(&extra).await.is_some(),
+    )
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        took <= session_timeout * 2,
+        "the standby took {took:?} to lead (session timeout {session_timeout:?})"
+    );
+    for task in &tasks {
+        assert_eq!(
+            cluster.assigned_worker(task).await,
+            owners[task],
+            "task {task} moved"
+        );
+    }
+}

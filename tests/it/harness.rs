@@ -1,0 +1,368 @@
+//! The harness of the end-to-end tests: the API on a fresh Postgres database, a scheduler
+//! and workers on a fresh ZooKeeper chroot, real `sh` processes; workers in this process
+//! or as `cloudtask worker` processes, schedulers in this process or as processes.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cloudtask_coord::zk::ZkCoordinator;
+use cloudtask_testkit::{Gql, Proxy, TestApi};
+use cloudtask_worker::clock::{Clock, SystemClock};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{ADMIN_EMAIL, PASSWORD};
+
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// How a test wants its cluster.
+pub struct Options {
+    /// The ZooKeeper connect string (with a chroot); default: a fresh chroot on the
+    /// suite's server.
+    pub zookeeper: Option<String>,
+    pub session_timeout: Duration,
+    /// Run a scheduler in this process (the usual case).
+    pub in_process_scheduler: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            zookeeper: None,
+            session_timeout: SESSION_TIMEOUT,
+            in_process_scheduler: true,
+        }
+    }
+}
+
+/// API, scheduler and one worker for one tenant's cluster.
+pub struct Cluster {
+    /// Serves until dropped.
+    pub api: TestApi,
+    pub owner: Gql,
+    pub cluster_id: String,
+    pub zookeeper: String,
+    pub session_timeout: Duration,
+    pub join_token: String,
+    /// Workers reach the API through this proxy, so a test can cut them off from it.
+    pub api_proxy: Proxy,
+    pub data: tempfile::TempDir,
+    pub stops: Vec<CancellationToken>,
+    pub processes: Vec<std::process::Child>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for stop in &self.stops {
+            stop.cancel();
+        }
+        for process in &mut self.processes {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Cluster {
+        let zookeeper = options
+            .zookeeper
+            .clone()
+            .unwrap_or_else(cloudtask_testkit::fresh_zookeeper);
+        let session_timeout = options.session_timeout;
+        let zk = zookeeper.clone();
+        let api = TestApi::start_with(move |c| {
+            c.zookeeper = zk;
+            c.zookeeper_session_timeout_ms = session_timeout.as_millis() as u64;
+        })
+        .await;
+        let api_proxy = Proxy::start(api.url.trim_start_matches("http://")).await;
+        api.create_user(ADMIN_EMAIL, PASSWORD, true).await;
+        let admin = api.login(ADMIN_EMAIL, PASSWORD, None).await;
+        let created = admin
+            .run(
+                "mutation($input: CreateTenantInput!) { createTenant(input: $input) { id } }",
+                json!({ "input": { "name": "acme", "ownerEmail": "owner@acme.example", "ownerPassword": PASSWORD } }),
+            )
+            .await;
+        let tenant = created.data()["createTenant"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let owner = api
+            .login("owner@acme.example", PASSWORD, Some(&tenant))
+            .await;
+        let cluster = owner
+            .run(
+                "mutation { createCluster(name: \"main\") { cluster { id } joinToken } }",
+                json!({}),
+            )
+            .await;
+        let cluster_id = cluster.data()["createCluster"]["cluster"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let join_token = cluster.data()["createCluster"]["joinToken"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+
+        let scheduler_stop = CancellationToken::new();
+        if options.in_process_scheduler {
+            let scheduler = cloudtask_scheduler::Scheduler {
+                catalogue: api.catalogue.clone(),
+                coordinator: std::sync::Arc::new(ZkCoordinator::new(
+                    zookeeper.clone(),
+                    session_timeout,
+                )),
+                identity: "test-scheduler".into(),
+                sweep: Duration::from_secs(3600),
+                writes: Default::default(),
+            };
+            tokio::spawn(scheduler.run(scheduler_stop.clone()));
+        }
+        Cluster {
+            api,
+            session_timeout,
+            owner,
+            cluster_id,
+            zookeeper,
+            join_token,
+            api_proxy,
+            data: tempfile::tempdir().unwrap(),
+            stops: vec![scheduler_stop],
+            processes: Vec::new(),
+        }
+    }
+
+    pub fn worker_api_url(&self) -> String {
+        format!("http://{}", self.api_proxy.addr)
+    }
+
+    /// Starts `cloudtask worker` as a process of its own; returns its index in
+    /// `processes`.
+    pub fn spawn_worker_process(&mut self, name: &str) -> usize {
+        let dir = self.data.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join("worker.log")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cloudtask"))
+            .arg("worker")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CLOUDTASK_API_URL", self.worker_api_url())
+            .env("CLOUDTASK_ZOOKEEPER", &self.zookeeper)
+            .env(
+                "CLOUDTASK_ZOOKEEPER_SESSION_TIMEOUT_MS",
+                self.session_timeout.as_millis().to_string(),
+            )
+            .env("CLOUDTASK_CLUSTER_TOKEN", &self.join_token)
+            .env("CLOUDTASK_WORKER_NAME", name)
+            .env("CLOUDTASK_DATA_DIR", &dir)
+            .env("CLOUDTASK_LOG_LEVEL", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the worker binary");
+        self.processes.push(child);
+        self.processes.len() - 1
+    }
+
+    /// Starts `cloudtask scheduler` as a process of its own; returns its index in
+    /// `processes`.
+    pub fn spawn_scheduler_process(&mut self, name: &str) -> usize {
+        let dir = self.data.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join("scheduler.log")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cloudtask"))
+            .arg("scheduler")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "CLOUDTASK_DATABASE_URL",
+                &self.api.state.config.database_url,
+            )
+            .env("CLOUDTASK_ZOOKEEPER", &self.zookeeper)
+            .env(
+                "CLOUDTASK_ZOOKEEPER_SESSION_TIMEOUT_MS",
+                self.session_timeout.as_millis().to_string(),
+            )
+            .env("CLOUDTASK_LOG_LEVEL", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the scheduler binary");
+        self.processes.push(child);
+        self.processes.len() - 1
+    }
+
+    /// Starts a worker in this process, as `cloudtask worker` would run.
+    pub fn start_worker(&mut self, name: &str) -> CancellationToken {
+        self.start_worker_with_clock(name, std::sync::Arc::new(SystemClock))
+    }
+
+    pub fn start_worker_with_clock(
+        &mut self,
+        name: &str,
+        clock: std::sync::Arc<dyn Clock>,
+    ) -> CancellationToken {
+        let mut config = cloudtask_testkit::test_config(String::new());
+        config.api_url = self.worker_api_url();
+        config.run_kill_grace_secs = 1;
+        config.zookeeper = self.zookeeper.clone();
+        config.zookeeper_session_timeout_ms = self.session_timeout.as_millis() as u64;
+        config.cluster_token = Some(self.join_token.clone());
+        config.worker_name = Some(name.into());
+        config.data_dir = self.data.path().join(name);
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move { cloudtask_worker::run_with_clock(&config, clock, token).await });
+        self.stops.push(stop.clone());
+        stop
+    }
+
+    pub async fn create_task(&self, input: Value) -> String {
+        let mut input = input;
+        input["clusterId"] = json!(self.cluster_id);
+        let created = self
+            .owner
+            .run(
+                "mutation($input: CreateTaskInput!) { createTask(input: $input) { id } }",
+                json!({ "input": input }),
+            )
+            .await;
+        created.data()["createTask"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub async fn runs(&self, task: &str) -> Vec<Value> {
+        let response = self
+            .owner
+            .run(
+                "query($task: ID!) { runs(first: 200, filter: { taskId: $task }) { edges { node {
+                    id scheduledAt startedAt finishedAt status trigger attempt exitCode error worker
+                    logs { offset stream text }
+                } } } }",
+                json!({ "task": task }),
+            )
+            .await;
+        let mut runs: Vec<Value> = response.data()["runs"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["node"].clone())
+            .collect();
+        runs.sort_by_key(|r| (at(r, "scheduledAt"), r["attempt"].as_u64()));
+        runs
+    }
+
+    pub async fn pause(&self, task: &str) {
+        let paused = self
+            .owner
+            .run(
+                "mutation($id: ID!) { pauseTask(id: $id) { state } }",
+                json!({ "id": task }),
+            )
+            .await;
+        assert_eq!(
+            paused.data()["pauseTask"]["state"],
+            "PAUSED",
+            "{}",
+            paused.body
+        );
+    }
+
+    /// Pauses the task (firing every `period`) and waits for every run of it to end and
+    /// every fire to have its record (skips are recorded asynchronously).
+    pub async fn pause_and_settle(&self, task: &str, period: i64) -> Vec<Value> {
+        self.pause(task).await;
+        self.runs_until(
+            task,
+            "every run to end and every fire to be recorded",
+            |runs| {
+                runs.iter()
+                    .all(|r| !matches!(status(r), "RUNNING" | "QUEUED"))
+                    && ledger_counts(runs, chrono::Duration::seconds(period)).1 == 0
+            },
+        )
+        .await
+    }
+
+    pub async fn assigned_worker(&self, task: &str) -> Option<String> {
+        let response = self
+            .owner
+            .run(
+                "query($id: ID!) { task(id: $id) { assignedWorker { name } } }",
+                json!({ "id": task }),
+            )
+            .await;
+        response.data()["task"]["assignedWorker"]["name"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// Polls the API (bounded) until `done` holds for the task's runs.
+    pub async fn runs_until(
+        &self,
+        task: &str,
+        what: &str,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+        loop {
+            let runs = self.runs(task).await;
+            if done(&runs) {
+                return runs;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {runs:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+pub fn at(run: &Value, field: &str) -> DateTime<Utc> {
+    run[field].as_str().unwrap().parse().unwrap()
+}
+
+pub fn status(run: &Value) -> &str {
+    run["status"].as_str().unwrap()
+}
+
+/// The exactly-once ledger of a task that fires every `period`: (fire, attempt) pairs
+/// recorded twice, and fires between the first record and the last that have none.
+pub fn ledger_counts(runs: &[Value], period: chrono::Duration) -> (usize, i64) {
+    let mut keys: Vec<(DateTime<Utc>, u64)> = runs
+        .iter()
+        .map(|r| (at(r, "scheduledAt"), r["attempt"].as_u64().unwrap()))
+        .collect();
+    keys.sort();
+    let total = keys.len();
+    keys.dedup();
+    let duplicates = total - keys.len();
+    let fires: Vec<DateTime<Utc>> = keys
+        .iter()
+        .filter(|(_, attempt)| *attempt == 0)
+        .map(|(t, _)| *t)
+        .collect();
+    let unaccounted: i64 = fires
+        .windows(2)
+        .map(|pair| ((pair[1] - pair[0]).num_milliseconds() / period.num_milliseconds()) - 1)
+        .sum();
+    (duplicates, unaccounted)
+}
+
+pub fn ledger(runs: &[Value], period: chrono::Duration) {
+    assert_eq!(
+        ledger_counts(runs, period),
+        (0, 0),
+        "duplicates and unaccounted fires: {runs:#?}"
+    );
+}
