@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use cloudtask_catalogue::Scope;
 use cloudtask_core::Error;
 use cloudtask_core::ids::RunId;
-use cloudtask_core::run::{Claim, Claimed, ReportBatch};
+use cloudtask_core::run::{Claim, Claimed, ReportBatch, RunStatus};
 use cloudtask_core::task::is_sha256_hex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -369,12 +369,18 @@ async fn worker_claim(
         let worker = verify_worker(&http.state, &headers)?;
         // A stale owner (the task moved while it was cut off) must not start it. When
         // ZooKeeper cannot be asked, the unique key alone still keeps the fire single.
-        match http
-            .state
-            .cluster_view
-            .owns(worker.cluster_id, &claim.worker, claim.task_id)
-            .await
-        {
+        // Records of fires that were not run (SKIPPED) are accounting, taken from any
+        // worker of the cluster: the task may have moved since (paused, failed over),
+        // and the unique key still keeps one record per fire.
+        let ownership = if claim.status == RunStatus::Running {
+            http.state
+                .cluster_view
+                .owns(worker.cluster_id, &claim.worker, claim.task_id)
+                .await
+        } else {
+            Ok(true)
+        };
+        match ownership {
             Ok(false) => {
                 return Err(Error::Conflict(
                     "the task is not assigned to this worker".into(),

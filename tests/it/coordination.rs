@@ -127,11 +127,12 @@ async fn a_worker_frozen_past_its_session_timeout_comes_back_without_acting_on_s
         .await;
     let runs = cluster.pause_and_settle(&task, 1).await;
     ledger(&runs, chrono::Duration::seconds(1));
-    // After the freeze the stale owner started nothing and recorded nothing.
+    // After the freeze the stale owner started nothing (it may have recorded fires of
+    // its freeze as misfires, racing the survivor for them; one record per fire either way).
     let stale: Vec<&Value> = runs
         .iter()
         .filter(|r| r["worker"] == owner.as_str() && at(r, "scheduledAt") > stopped_at)
-        .filter(|r| status(r) != "LOST")
+        .filter(|r| !matches!(status(r), "LOST" | "SKIPPED"))
         .collect();
     assert!(stale.is_empty(), "the frozen worker acted: {stale:#?}");
 }
