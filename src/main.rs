@@ -13,6 +13,8 @@ use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_core::config::Config;
 use tokio_util::sync::CancellationToken;
 
+mod standalone;
+
 #[derive(Parser)]
 #[command(name = "cloudtask", version, about = "Multi-tenant distributed cron")]
 struct Cli {
@@ -25,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Everything in one process, on SQLite under the data folder: nothing to install.
+    Standalone,
     /// Serve the GraphQL API.
     Api,
     /// Run a scheduler replica: one leader (elected in ZooKeeper) mirrors and allocates.
@@ -154,6 +158,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             tracing::info!("scheduler started");
             scheduler.run(shutdown).await
+        }
+        Command::Standalone => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            standalone::run(config, shutdown).await
         }
         Command::Worker => {
             let shutdown = CancellationToken::new();

@@ -52,6 +52,16 @@ impl Catalogue {
             tracing::error!(error = %e, "cannot connect to the catalogue database");
             Error::internal(format!("database connection failed: {e}"))
         })?;
+        if db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite
+            && !url.contains(":memory:")
+        {
+            // Readers never wait for the writer (the API reads while a worker's reports
+            // are written); the setting stays with the database file.
+            use sea_orm::ConnectionTrait;
+            db.execute_unprepared("PRAGMA journal_mode=WAL")
+                .await
+                .map_err(db_err)?;
+        }
         Ok(Catalogue { db })
     }
 

@@ -218,7 +218,9 @@ pub fn validate_email(field: &str, email: &str) -> Result<()> {
     let ok = email.len() <= 254
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
         && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty() && domain.contains('.') && !domain.contains('@')
+            !local.is_empty()
+                && (domain.contains('.') || domain == "localhost")
+                && !domain.contains('@')
         });
     if ok {
         Ok(())

@@ -291,14 +291,19 @@ async fn files_that_are_not_archives_are_refused() {
         "not a zip or tar.gz",
     )
     .await;
-    s.assert_refused("empty file", "empty.zip", Vec::new(), "")
-        .await;
+    s.assert_refused(
+        "empty file",
+        "empty.zip",
+        Vec::new(),
+        "not a zip or tar.gz archive",
+    )
+    .await;
     let zip = samples::zip_of(&[("main.py", &random_bytes(8192), 0o644)]);
     s.assert_refused(
         "truncated zip",
         "cut.zip",
         zip[..zip.len() / 2].to_vec(),
-        "",
+        "damaged or unreadable",
     )
     .await;
     let tar = samples::tar_gz_of(&[("main.py", &random_bytes(8192), 0o644)]);
@@ -306,7 +311,7 @@ async fn files_that_are_not_archives_are_refused() {
         "truncated tar.gz",
         "cut.tar.gz",
         tar[..tar.len() / 2].to_vec(),
-        "",
+        "damaged or unreadable",
     )
     .await;
 }

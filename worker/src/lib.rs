@@ -19,6 +19,7 @@ pub mod report;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cloudtask_coord::Coordinator;
 use cloudtask_coord::layout::{self, WorkerNode};
 use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_core::archive;
@@ -41,6 +42,18 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
 /// [`run`], firing by `clock` (tests drive a manual one through DST changes).
 pub async fn run_with_clock(
     config: &Config,
+    clock: Arc<dyn clock::Clock>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let session_timeout = Duration::from_millis(config.zookeeper_session_timeout_ms);
+    let coordinator = Arc::new(ZkCoordinator::new(&config.zookeeper, session_timeout));
+    run_on(config, coordinator, clock, shutdown).await
+}
+
+/// [`run`] on a given coordination service (the in-memory one in standalone mode).
+pub async fn run_on(
+    config: &Config,
+    coordinator: Arc<dyn Coordinator>,
     clock: Arc<dyn clock::Clock>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -81,7 +94,6 @@ pub async fn run_with_clock(
         started_at: chrono::Utc::now(),
     };
     let session_timeout = Duration::from_millis(config.zookeeper_session_timeout_ms);
-    let coordinator = Arc::new(ZkCoordinator::new(&config.zookeeper, session_timeout));
     let (assignments, published) = watch::channel(Assignments::default());
 
     // Runs stop before the membership leaves, and the reporter outlives both: a clean

@@ -1,0 +1,208 @@
+//! `cloudtask standalone`: the API, the scheduler and one worker in one process, on an
+//! embedded SQLite database under the data folder and the in-memory coordinator. Nothing
+//! to install. The first start creates the platform admin, tenant `default` and cluster
+//! `local`; a restart keeps everything.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cloudtask_api::auth::{hash_password, random_token, token_hash};
+use cloudtask_catalogue::{Catalogue, NewUser, Scope};
+use cloudtask_coord::Coordinator;
+use cloudtask_coord::memory::MemoryCoordinator;
+use cloudtask_core::config::Config;
+use tokio_util::sync::CancellationToken;
+
+const TENANT: &str = "default";
+const CLUSTER: &str = "local";
+/// Without LISTEN/NOTIFY (SQLite), the scheduler reconciles this often.
+const SWEEP: Duration = Duration::from_secs(1);
+
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating the data folder {}", data_dir.display()))?;
+    config.database_url = format!(
+        "sqlite:{}?mode=rwc",
+        data_dir.join("cloudtask.db").display()
+    );
+    if config.jwt_secret.is_none() {
+        config.jwt_secret = Some(jwt_secret(&data_dir)?);
+    }
+
+    let catalogue = Catalogue::connect(&config.database_url).await?;
+    catalogue.migrate().await?;
+    let bootstrap = bootstrap(&catalogue, &config).await?;
+
+    let coordinator: Arc<dyn Coordinator> = Arc::new(MemoryCoordinator::new());
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let url = format!("http://{address}");
+
+    let api_stop = CancellationToken::new();
+    let state = cloudtask_api::AppState::with_coordinator(
+        catalogue.clone(),
+        config.clone(),
+        coordinator.clone(),
+    )?;
+    let api = tokio::spawn(cloudtask_api::run(state, listener, api_stop.clone()));
+
+    let scheduler_stop = CancellationToken::new();
+    let scheduler = cloudtask_scheduler::Scheduler {
+        catalogue: catalogue.clone(),
+        coordinator: coordinator.clone(),
+        identity: "standalone".into(),
+        sweep: SWEEP,
+        writes: Arc::default(),
+    };
+    let scheduler = tokio::spawn(scheduler.run(scheduler_stop.clone()));
+
+    let mut worker_config = config.clone();
+    worker_config.api_url = url.clone();
+    worker_config.cluster_token = Some(bootstrap.join_token.clone());
+    worker_config.data_dir = data_dir.join("worker");
+    if worker_config.worker_name.is_none() {
+        worker_config.worker_name = Some("local-worker".into());
+    }
+    let worker_stop = CancellationToken::new();
+    let worker = {
+        let stop = worker_stop.clone();
+        let coordinator = coordinator.clone();
+        tokio::spawn(async move {
+            cloudtask_worker::run_on(
+                &worker_config,
+                coordinator,
+                Arc::new(cloudtask_worker::clock::SystemClock),
+                stop,
+            )
+            .await
+        })
+    };
+
+    println!(
+        "CloudTask standalone is running (data in {}).",
+        data_dir.display()
+    );
+    println!("  GraphQL API and GraphiQL: {url}/graphql");
+    println!("  tenant \"{TENANT}\", cluster \"{CLUSTER}\" with one worker");
+    match &bootstrap.new_password {
+        Some(password) => println!(
+            "  platform admin: {} / {password}   (shown this once)",
+            config.admin_email
+        ),
+        None => println!(
+            "  platform admin: {} (password as set on the first start)",
+            config.admin_email
+        ),
+    }
+    tracing::info!(%address, "standalone ready");
+
+    shutdown.cancelled().await;
+    // The worker first: its runs are stopped and reported while the API still listens.
+    worker_stop.cancel();
+    match worker.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "the worker stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "the worker task failed"),
+        Ok(Ok(())) => {}
+    }
+    scheduler_stop.cancel();
+    let _ = scheduler.await;
+    api_stop.cancel();
+    let _ = api.await;
+    Ok(())
+}
+
+struct Bootstrap {
+    join_token: String,
+    /// The admin's password when it was generated now (printed once).
+    new_password: Option<String>,
+}
+
+/// The admin, tenant `default` and cluster `local`, created on the first start; the
+/// cluster's join token is new on every start (only its hash is stored).
+async fn bootstrap(catalogue: &Catalogue, config: &Config) -> anyhow::Result<Bootstrap> {
+    let mut new_password = None;
+    let admin = match catalogue.user_credentials(&config.admin_email).await? {
+        Some(existing) => existing.user,
+        None => {
+            let password = match &config.admin_password {
+                Some(password) => password.clone(),
+                None => {
+                    let generated = random_token("");
+                    new_password = Some(generated.clone());
+                    generated
+                }
+            };
+            cloudtask_api::auth::validate_password("admin_password", &password)?;
+            catalogue
+                .create_user(NewUser {
+                    email: config.admin_email.clone(),
+                    password_hash: hash_password(&password)?,
+                    platform_admin: true,
+                })
+                .await?
+        }
+    };
+    let actor = admin.id.to_string();
+    let tenant = match catalogue
+        .tenants()
+        .await?
+        .into_iter()
+        .find(|t| t.name == TENANT)
+    {
+        Some(tenant) => tenant,
+        None => {
+            catalogue
+                .create_tenant((admin.id, &actor), TENANT, &config.admin_email, None)
+                .await?
+        }
+    };
+    let handle = catalogue
+        .tenant(Scope {
+            tenant_id: tenant.id,
+            user_id: admin.id,
+            actor: "standalone".into(),
+        })
+        .await?;
+    let join_token = random_token("ctj_");
+    match handle
+        .clusters()
+        .await?
+        .into_iter()
+        .find(|c| c.name == CLUSTER)
+    {
+        Some(cluster) => {
+            handle
+                .rotate_cluster_token(cluster.id, token_hash(&join_token))
+                .await?;
+        }
+        None => {
+            handle
+                .create_cluster(CLUSTER, token_hash(&join_token))
+                .await?;
+        }
+    }
+    Ok(Bootstrap {
+        join_token,
+        new_password,
+    })
+}
+
+/// The access-token secret, generated on the first start and kept in the data folder so
+/// tokens survive a restart.
+fn jwt_secret(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("jwt-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if secret.trim().len() >= 32 => Ok(secret.trim().to_owned()),
+        _ => {
+            let secret = random_token("");
+            std::fs::write(&path, &secret)
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(secret)
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! `cloudtask standalone`, the built binary in a temporary folder: it serves, runs a
+//! packaged task with its logs, shuts down cleanly on SIGTERM, and finds everything
+//! again after a restart.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cloudtask_core::archive::samples;
+use cloudtask_testkit::Gql;
+use serde_json::{Value, json};
+
+use crate::support::PASSWORD;
+
+/// Starts the binary and waits for its banner; returns the process, the API base URL,
+/// the banner, and how long it took to be ready.
+fn start(dir: &std::path::Path) -> (Child, String, Vec<String>, Duration) {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudtask"))
+        .arg("standalone")
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CLOUDTASK_LISTEN", "127.0.0.1:0")
+        .env("CLOUDTASK_ADMIN_PASSWORD", PASSWORD)
+        .env("CLOUDTASK_LOG_LEVEL", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start cloudtask standalone");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut banner = Vec::new();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("standalone printed its banner")
+            .unwrap();
+        banner.push(line.clone());
+        if let Some(rest) = line.trim().strip_prefix("GraphQL API and GraphiQL: ") {
+            break rest.trim_end_matches("/graphql").to_owned();
+        }
+    };
+    // The rest of the banner (the credentials line).
+    for _ in 0..2 {
+        if let Some(Ok(line)) = lines.next() {
+            banner.push(line);
+        }
+    }
+    let ready = started.elapsed();
+    (child, url, banner, ready)
+}
+
+async fn login(url: &str) -> Gql {
+    let anonymous = Gql {
+        http: reqwest::Client::new(),
+        url: url.to_owned(),
+        token: None,
+    };
+    let first = anonymous
+        .run(
+            "mutation($p: String!) { login(email: \"admin@localhost\", password: $p) { accessToken } }",
+            json!({ "p": PASSWORD }),
+        )
+        .await;
+    let user = anonymous
+        .clone()
+        .with_token(first.data()["login"]["accessToken"].as_str().unwrap());
+    let me = user
+        .run("{ me { memberships { tenant { id name } } } }", json!({}))
+        .await;
+    let tenant = me.data()["me"]["memberships"][0]["tenant"].clone();
+    assert_eq!(tenant["name"], "default");
+    let second = anonymous
+        .run(
+            "mutation($p: String!, $t: ID) { login(email: \"admin@localhost\", password: $p, tenantId: $t) { accessToken } }",
+            json!({ "p": PASSWORD, "t": tenant["id"] }),
+        )
+        .await;
+    anonymous.with_token(second.data()["login"]["accessToken"].as_str().unwrap())
+}
+
+fn terminate(mut child: Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(
+        exit.success(),
+        "standalone exits cleanly on SIGTERM: {exit:?}"
+    );
+}
+
+async fn runs(owner: &Gql, task: &str) -> Vec<Value> {
+    let response = owner
+        .run(
+            "query($t: ID!) { task(id: $t) { name runs(first: 100) { edges { node { id status logs { text } } } } } }",
+            json!({ "t": task }),
+        )
+        .await;
+    response.data()["task"]["runs"]["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["node"].clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn standalone_runs_a_packaged_task_and_keeps_everything_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, url, banner, ready) = start(dir.path());
+    eprintln!("standalone: cold start to ready in {ready:?}");
+    assert!(
+        banner.iter().any(|l| l.contains("admin@localhost")),
+        "{banner:?}"
+    );
+    assert!(dir.path().join("cloudtask-data/cloudtask.db").exists());
+
+    let owner = login(&url).await;
+    let clusters = owner.run("{ clusters { id name } }", json!({})).await;
+    assert_eq!(clusters.data()["clusters"][0]["name"], "local");
+    let cluster = clusters.data()["clusters"][0]["id"].clone();
+    let package = samples::tar_gz_of(&[(
+        "hello.sh",
+        b"#!/bin/sh\necho \"hello from the package\"\necho \"args: $1\"\n",
+        0o755,
+    )]);
+    let created = owner
+        .upload(
+            "mutation($input: CreateTaskInput!) { createTask(input: $input) { id } }",
+            json!({ "input": {
+                "clusterId": cluster, "name": "hello", "schedule": "*/2 * * * * *",
+                "command": "./hello.sh world", "package": null,
+            } }),
+            vec![("variables.input.package", "hello.tar.gz", package)],
+        )
+        .await;
+    let task = created.data()["createTask"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let succeeded = loop {
+        let runs = runs(&owner, &task).await;
+        if let Some(run) = runs.iter().find(|r| r["status"] == "SUCCEEDED") {
+            break run.clone();
+        }
+        assert!(Instant::now() < deadline, "no run succeeded: {runs:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let texts: Vec<&str> = succeeded["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["hello from the package", "args: world"]);
+
+    let before: Vec<String> = runs(&owner, &task)
+        .await
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    terminate(child);
+
+    let (child, url, banner, _) = start(dir.path());
+    assert!(
+        banner.iter().all(|l| !l.contains(PASSWORD)),
+        "the password is shown once: {banner:?}"
+    );
+    let owner = login(&url).await;
+    let after = runs(&owner, &task).await;
+    assert!(
+        after
+            .iter()
+            .any(|r| r["id"] == succeeded["id"] && r["status"] == "SUCCEEDED"),
+        "the run is still there after the restart: {after:#?}"
+    );
+    // The clean shutdown stopped and recorded what was going: no run from before it is
+    // still RUNNING.
+    for run in after
+        .iter()
+        .filter(|r| before.iter().any(|id| r["id"] == id.as_str()))
+    {
+        assert_ne!(run["status"], "RUNNING", "{run}");
+        assert_ne!(run["status"], "QUEUED", "{run}");
+    }
+    terminate(child);
+}
