@@ -361,14 +361,27 @@ impl<'a> Leader<'a> {
         tokio::spawn(async move {
             let path = layout::workers(cluster);
             let mut first = true;
+            let mut retry = Duration::from_millis(100);
             loop {
                 let watch = match session.children_and_watch(&path).await {
                     Ok((_, watch)) => watch,
+                    // The leadership term ends with the session; the leader sees that.
+                    Err(CoordError::SessionExpired) => return,
                     Err(e) => {
-                        tracing::debug!(%cluster, error = %e, "worker watch ended");
-                        return;
+                        // A lost connection: arm the watch again once it is back, and
+                        // have the leader re-read the workers (a change may have been
+                        // missed meanwhile).
+                        tracing::debug!(%cluster, error = %e, "worker watch lost; re-arming");
+                        first = true;
+                        tokio::select! {
+                            _ = token.cancelled() => return,
+                            _ = tokio::time::sleep(retry) => {}
+                        }
+                        retry = (retry * 2).min(Duration::from_secs(2));
+                        continue;
                     }
                 };
+                retry = Duration::from_millis(100);
                 // The leader read the workers before this watch was armed: a change in
                 // between would otherwise go unheard.
                 if std::mem::take(&mut first) && dirty.send(cluster).is_err() {
@@ -377,7 +390,12 @@ impl<'a> Leader<'a> {
                 tokio::select! {
                     _ = token.cancelled() => return,
                     event = watch.fired() => {
-                        if event == WatchEvent::SessionEnded || dirty.send(cluster).is_err() {
+                        if event == WatchEvent::SessionEnded {
+                            if session.state().borrow().is_terminal() {
+                                return;
+                            }
+                            first = true; // a connection event: re-arm and re-read
+                        } else if dirty.send(cluster).is_err() {
                             return;
                         }
                     }

@@ -280,3 +280,71 @@ async fn killing_the_leading_scheduler_hands_over_within_the_session_timeout_mov
         );
     }
 }
+
+#[tokio::test]
+async fn kill_9_of_a_worker_process_moves_exactly_its_tasks_to_the_survivors() {
+    let mut cluster = Cluster::start().await;
+    let mut processes = BTreeMap::new();
+    for name in ["w1", "w2", "w3"] {
+        processes.insert(name, cluster.spawn_worker_process(name));
+    }
+    wait_for(
+        "three workers online",
+        Duration::from_secs(30),
+        async || {
+            workers(&cluster)
+                .await
+                .values()
+                .filter(|(online, _)| *online)
+                .count()
+                == 3
+        },
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        tasks.push(
+            cluster
+                .create_task(
+                    json!({ "name": format!("t-{i}"), "schedule": "0 0 1 1 *", "command": "true" }),
+                )
+                .await,
+        );
+    }
+    let mut before = BTreeMap::new();
+    for task in &tasks {
+        wait_for("an assignment", Duration::from_secs(30), async || {
+            cluster.assigned_worker(task).await.is_some()
+        })
+        .await;
+        before.insert(task.clone(), cluster.assigned_worker(task).await.unwrap());
+    }
+    let victim = before.values().next().unwrap().clone();
+    let index = processes[victim.as_str()];
+    cluster.processes[index].kill().unwrap();
+    cluster.processes[index].wait().unwrap();
+
+    let mut after = BTreeMap::new();
+    wait_for(
+        "the victim's tasks to move",
+        Duration::from_secs(30),
+        async || {
+            after.clear();
+            for task in &tasks {
+                after.insert(task.clone(), cluster.assigned_worker(task).await);
+            }
+            after
+                .values()
+                .all(|o| o.as_ref().is_some_and(|o| *o != victim))
+        },
+    )
+    .await;
+    for (task, owner) in &before {
+        let now = after[task].as_ref().unwrap();
+        if *owner == victim {
+            assert_ne!(*now, victim);
+        } else {
+            assert_eq!(now, owner, "task {task} of a survivor moved");
+        }
+    }
+}
