@@ -89,12 +89,16 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     );
     println!("  GraphQL API and GraphiQL: {url}/graphql");
     println!("  tenant \"{TENANT}\", cluster \"{CLUSTER}\" with one worker");
-    match &bootstrap.new_password {
-        Some(password) => println!(
+    match (&bootstrap.new_password, bootstrap.created) {
+        (Some(password), _) => println!(
             "  platform admin: {} / {password}   (shown this once)",
             config.admin_email
         ),
-        None => println!(
+        (None, true) => println!(
+            "  platform admin: {} (password from CLOUDTASK_ADMIN_PASSWORD)",
+            config.admin_email
+        ),
+        (None, false) => println!(
             "  platform admin: {} (password as set on the first start)",
             config.admin_email
         ),
@@ -118,6 +122,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
 
 struct Bootstrap {
     join_token: String,
+    /// The admin was created on this start.
+    created: bool,
     /// The admin's password when it was generated now (printed once).
     new_password: Option<String>,
 }
@@ -126,9 +132,11 @@ struct Bootstrap {
 /// cluster's join token is new on every start (only its hash is stored).
 async fn bootstrap(catalogue: &Catalogue, config: &Config) -> anyhow::Result<Bootstrap> {
     let mut new_password = None;
+    let mut created = false;
     let admin = match catalogue.user_credentials(&config.admin_email).await? {
         Some(existing) => existing.user,
         None => {
+            created = true;
             let password = match &config.admin_password {
                 Some(password) => password.clone(),
                 None => {
@@ -188,6 +196,7 @@ async fn bootstrap(catalogue: &Catalogue, config: &Config) -> anyhow::Result<Boo
     }
     Ok(Bootstrap {
         join_token,
+        created,
         new_password,
     })
 }

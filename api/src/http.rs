@@ -277,6 +277,13 @@ fn error_response(e: Error) -> Response {
     (status, Json(json!({ "error": message, "code": e.code() }))).into_response()
 }
 
+/// A JSON answer, or the error's status and code.
+fn json_or_error<T: Serialize>(result: Result<T, Error>) -> Response {
+    result
+        .map(|r| Json(r).into_response())
+        .unwrap_or_else(error_response)
+}
+
 fn archive_response(content: Vec<u8>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/octet-stream")],
@@ -360,9 +367,7 @@ async fn worker_join(State(http): State<Http>, Json(request): Json<JoinRequest>)
         })
     }
     .await;
-    result
-        .map(|r| Json(r).into_response())
-        .unwrap_or_else(error_response)
+    json_or_error(result)
 }
 
 /// A worker downloads a package used by a task of its own cluster.
@@ -433,9 +438,7 @@ async fn worker_claim(
         Ok(Claimed { run_id: run.id })
     }
     .await;
-    result
-        .map(|r| Json(r).into_response())
-        .unwrap_or_else(error_response)
+    json_or_error(result)
 }
 
 #[derive(Serialize)]
@@ -461,9 +464,7 @@ async fn worker_fire_cursor(
         Ok(FireCursor { since })
     }
     .await;
-    result
-        .map(|r| Json(r).into_response())
-        .unwrap_or_else(error_response)
+    json_or_error(result)
 }
 
 #[derive(Deserialize)]
@@ -489,9 +490,7 @@ async fn worker_start(
         Ok(Claimed { run_id: run.id })
     }
     .await;
-    result
-        .map(|r| Json(r).into_response())
-        .unwrap_or_else(error_response)
+    json_or_error(result)
 }
 
 /// Log lines and outcomes of any of the cluster's runs, in one request and one

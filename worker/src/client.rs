@@ -100,11 +100,7 @@ impl ApiClient {
         let response = self
             .send(|http, base| http.post(format!("{base}/worker/claims")).json(claim))
             .await?;
-        let claimed: Claimed = response
-            .json()
-            .await
-            .map_err(|e| CallError::Unavailable(e.to_string()))?;
-        Ok(claimed.run_id)
+        Ok(json::<Claimed>(response).await?.run_id)
     }
 
     /// Starts a queued manual run handed to this worker.
@@ -116,22 +112,14 @@ impl ApiClient {
                     .json(&body)
             })
             .await?;
-        let claimed: Claimed = response
-            .json()
-            .await
-            .map_err(|e| CallError::Unavailable(e.to_string()))?;
-        Ok(claimed.run_id)
+        Ok(json::<Claimed>(response).await?.run_id)
     }
 
     pub async fn fire_cursor(&self, task: TaskId) -> Result<DateTime<Utc>, CallError> {
         let response = self
             .send(|http, base| http.get(format!("{base}/worker/tasks/{task}/cursor")))
             .await?;
-        let cursor: FireCursor = response
-            .json()
-            .await
-            .map_err(|e| CallError::Unavailable(e.to_string()))?;
-        Ok(cursor.since)
+        Ok(json::<FireCursor>(response).await?.since)
     }
 
     /// Delivers reports of any runs in one request.
@@ -154,6 +142,14 @@ impl ApiClient {
             .map_err(|e| CallError::Unavailable(e.to_string()))?;
         Ok(bytes.to_vec())
     }
+}
+
+/// The body of a 2xx answer; one that cannot be read is worth retrying.
+async fn json<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, CallError> {
+    response
+        .json()
+        .await
+        .map_err(|e| CallError::Unavailable(e.to_string()))
 }
 
 /// 2xx passes; 5xx, 429 and 408 are worth retrying; any other answer is final.

@@ -579,20 +579,7 @@ impl Actor {
             status: RunStatus::Skipped,
             reason: Some(reason.to_owned()),
         };
-        let shared = self.shared.clone();
-        self.jobs.spawn(async move {
-            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-            loop {
-                match shared.client.claim(&claim).await {
-                    Ok(_) | Err(CallError::Refused(_)) => return,
-                    Err(CallError::Unavailable(_)) => {
-                        if !backoff.wait(&shared.shutdown).await {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
+        self.jobs.spawn(record(self.shared.clone(), claim));
     }
 }
 
@@ -748,6 +735,12 @@ async fn execute_fire(
 async fn record_missed(shared: Shared, mut claim: Claim) {
     claim.status = RunStatus::Skipped;
     claim.reason = Some("misfire: the API could not be reached in time".into());
+    record(shared, claim).await;
+}
+
+/// Records a fire that is not run (a SKIPPED claim), retrying until the API takes it
+/// (or refuses it: recorded already, or not due).
+async fn record(shared: Shared, claim: Claim) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     loop {
         match shared.client.claim(&claim).await {
