@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-postgres.sh
-scripts/ensure-zookeeper.sh
+scripts/ensure-zookeeper.sh --fresh
 
 # Databases left behind by earlier runs (each test creates its own).
 psql -h 127.0.0.1 -U postgres -d postgres -Atc \

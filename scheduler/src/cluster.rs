@@ -16,8 +16,18 @@ use cloudtask_core::task::TaskState;
 use crate::balance::{self, Placement};
 use crate::ring::{Member, Ring};
 
-/// Writes per ZooKeeper multi: small enough to stay far below `jute.maxbuffer`.
+/// Writes per ZooKeeper multi, and payload bytes: a batch stays far below ZooKeeper's
+/// `jute.maxbuffer` (1 MiB by default), which a thousand mirrored specs could exceed.
 const BATCH: usize = 1_000;
+const BATCH_BYTES: usize = 256 << 10;
+
+/// How much of a request an op takes (its path and data; the framing is small).
+fn op_bytes(op: &Op) -> usize {
+    match op {
+        Op::Create { path, data, .. } | Op::Set { path, data, .. } => path.len() + data.len() + 16,
+        Op::Delete { path, .. } | Op::Check { path, .. } => path.len() + 16,
+    }
+}
 
 /// How the worker set changed since the last look.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -48,17 +58,24 @@ pub struct Fence {
 }
 
 async fn apply(session: &dyn Session, fence: &Fence, ops: Vec<Op>) -> Result<()> {
-    for chunk in ops.chunks(BATCH) {
-        let mut batch = Vec::with_capacity(chunk.len() + 1);
-        batch.push(Op::Check {
+    let mut ops = ops.into_iter().peekable();
+    while ops.peek().is_some() {
+        let mut batch = vec![Op::Check {
             path: fence.election_node.clone(),
             version: 0,
-        });
-        batch.extend_from_slice(chunk);
+        }];
+        let mut bytes = 0;
+        while let Some(op) = ops.peek() {
+            let size = op_bytes(op);
+            if batch.len() > BATCH || (batch.len() > 1 && bytes + size > BATCH_BYTES) {
+                break;
+            }
+            bytes += size;
+            batch.push(ops.next().expect("peeked"));
+        }
+        let written = batch.len() as u64 - 1;
         session.multi(batch).await?;
-        fence
-            .writes
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        fence.writes.fetch_add(written, Ordering::Relaxed);
     }
     Ok(())
 }
