@@ -118,6 +118,42 @@ async fn a_worker_frozen_past_its_session_timeout_comes_back_without_acting_on_s
         },
     )
     .await;
+    // Both changes are events for the operators, in the audit log (and the outbox).
+    wait_for(
+        "the offline and online events",
+        Duration::from_secs(30),
+        async || {
+            let log = cluster
+                .owner
+                .run(
+                    "{ auditLog(first: 200) { edges { node { operation objectId } } } }",
+                    json!({}),
+                )
+                .await;
+            let ops: Vec<(String, String)> = log.data()["auditLog"]["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    (
+                        e["node"]["operation"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                        e["node"]["objectId"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    )
+                })
+                .collect();
+            ["workerOffline", "workerOnline"].iter().all(|op| {
+                ops.iter()
+                    .any(|(o, id)| o == op && id.ends_with(&format!("/{owner}")))
+            })
+        },
+    )
+    .await;
     let back_at = Utc::now();
     cluster
         .runs_until(&task, "two more seconds of runs", |runs| {
