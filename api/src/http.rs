@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use cloudtask_catalogue::Scope;
 use cloudtask_core::Error;
 use cloudtask_core::ids::RunId;
-use cloudtask_core::run::{Claim, Claimed, ReportBatch, RunStatus};
+use cloudtask_core::run::{Claim, Claimed, ReportBatch, RunStatus, Started};
 use cloudtask_core::task::is_sha256_hex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -472,7 +472,8 @@ struct StartRequest {
     worker: String,
 }
 
-/// A worker starts a queued manual run it was handed (QUEUED → RUNNING, once).
+/// A worker starts a queued run it was handed (QUEUED → RUNNING, once): a manual run,
+/// or the next attempt of a fire lost with its worker.
 async fn worker_start(
     State(http): State<Http>,
     headers: HeaderMap,
@@ -487,7 +488,12 @@ async fn worker_start(
             .catalogue
             .start_queued_run(worker.cluster_id, run_id, &request.worker)
             .await?;
-        Ok(Claimed { run_id: run.id })
+        Ok(Started {
+            run_id: run.id,
+            scheduled_at: run.scheduled_at,
+            attempt: run.attempt,
+            trigger: run.trigger,
+        })
     }
     .await;
     json_or_error(result)

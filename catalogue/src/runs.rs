@@ -175,19 +175,73 @@ impl Catalogue {
     /// The scheduler's verdict on a worker whose session ended without a clean leave:
     /// its unfinished runs are LOST. Returns how many.
     pub async fn mark_worker_runs_lost(&self, cluster_id: ClusterId, worker: &str) -> Result<u64> {
-        let result = run::Entity::update_many()
+        let txn = self.db.begin().await.map_err(db_err)?;
+        let lost = run::Entity::find()
+            .filter(run::Column::ClusterId.eq(Uuid::from(cluster_id)))
+            .filter(run::Column::WorkerId.eq(worker))
+            .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
+            .all(&txn)
+            .await
+            .map_err(db_err)?;
+        let now = now();
+        run::Entity::update_many()
             .col_expr(run::Column::Status, Expr::value(RunStatus::Lost.as_str()))
-            .col_expr(run::Column::FinishedAt, Expr::value(now()))
+            .col_expr(run::Column::FinishedAt, Expr::value(now))
             .col_expr(
                 run::Column::Error,
                 Expr::value("the worker's session ended while the run was going"),
             )
-            .filter(run::Column::ClusterId.eq(Uuid::from(cluster_id)))
-            .filter(run::Column::WorkerId.eq(worker))
+            .filter(run::Column::Id.is_in(lost.iter().map(|r| r.id)))
             .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
-            .exec(&self.db)
+            .exec(&txn)
             .await
             .map_err(db_err)?;
+        // The retry policy decides what a lost fire becomes: its next attempt is queued
+        // for the task's next owner (the unique key keeps it single).
+        for run in &lost {
+            let Some(fire_at) = run.fire_at else {
+                continue; // manual runs are not retried
+            };
+            let Some(task) = task::Entity::find_by_id(run.task_id)
+                .one(&txn)
+                .await
+                .map_err(db_err)?
+            else {
+                continue;
+            };
+            let spec = crate::decode_spec(task.spec.clone())?;
+            if task.state == TaskState::Paused.as_str() || run.attempt as u32 >= spec.max_retries {
+                continue;
+            }
+            run::Entity::insert(run::ActiveModel {
+                id: Set(Uuid::now_v7()),
+                tenant_id: Set(run.tenant_id),
+                task_id: Set(run.task_id),
+                cluster_id: Set(run.cluster_id),
+                task_version: Set(task.version),
+                trigger: Set(RunTrigger::Retry.as_str().into()),
+                scheduled_at: Set(run.scheduled_at),
+                fire_at: Set(Some(fire_at)),
+                attempt: Set(run.attempt + 1),
+                status: Set(RunStatus::Queued.as_str().into()),
+                worker_id: Set(None),
+                started_at: Set(None),
+                finished_at: Set(None),
+                exit_code: Set(None),
+                signal: Set(None),
+                error: Set(None),
+                created_at: Set(now),
+                stop_requested_at: Set(None),
+            })
+            .on_conflict_do_nothing_on([
+                run::Column::TaskId,
+                run::Column::FireAt,
+                run::Column::Attempt,
+            ])
+            .exec_without_returning(&txn)
+            .await
+            .map_err(db_err)?;
+        }
         // Manual runs handed to it but not started go back to the queue, for the task's
         // next owner.
         run::Entity::update_many()
@@ -195,10 +249,11 @@ impl Catalogue {
             .filter(run::Column::ClusterId.eq(Uuid::from(cluster_id)))
             .filter(run::Column::WorkerId.eq(worker))
             .filter(run::Column::Status.eq(RunStatus::Queued.as_str()))
-            .exec(&self.db)
+            .exec(&txn)
             .await
             .map_err(db_err)?;
-        Ok(result.rows_affected)
+        txn.commit().await.map_err(db_err)?;
+        Ok(lost.len() as u64)
     }
 
     /// What the leader has to deliver to a cluster's workers: manual runs waiting to

@@ -87,6 +87,16 @@ pub struct Claimed {
     pub run_id: RunId,
 }
 
+/// A queued run (manual, or the retry of a lost fire) as its worker starts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Started {
+    pub run_id: RunId,
+    pub scheduled_at: DateTime<Utc>,
+    pub attempt: u32,
+    pub trigger: RunTrigger,
+}
+
 /// One line of a run's output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -108,6 +108,7 @@ async fn a_killed_worker_loses_its_run_and_a_survivor_fires_on_with_nothing_twic
         .create_task(json!({
             "name": "frequent",
             "schedule": "* * * * * *",
+            "maxRetries": 1,
             "command": "echo start; sleep 0.7; echo end",
         }))
         .await;
@@ -171,6 +172,16 @@ async fn a_killed_worker_loses_its_run_and_a_survivor_fires_on_with_nothing_twic
     }
     let lost: Vec<&Value> = runs.iter().filter(|r| status(r) == "LOST").collect();
     assert_eq!(lost.len(), 1, "only the run in flight is lost: {lost:#?}");
+    // The retry policy decides what the lost fire becomes: its next attempt ran on the
+    // survivor.
+    let retry: Vec<&Value> = runs
+        .iter()
+        .filter(|r| r["scheduledAt"] == lost[0]["scheduledAt"] && r["attempt"] == 1)
+        .collect();
+    assert_eq!(retry.len(), 1, "{runs:#?}");
+    assert_eq!(retry[0]["trigger"], "RETRY");
+    assert_eq!(status(retry[0]), "SUCCEEDED", "{}", retry[0]);
+    assert_eq!(retry[0]["worker"], survivor);
     // Fires while nobody owned the task are accounted as misfires (SKIP policy).
     let gap: Vec<&Value> = runs
         .iter()
@@ -180,9 +191,18 @@ async fn a_killed_worker_loses_its_run_and_a_survivor_fires_on_with_nothing_twic
         !gap.is_empty(),
         "the fires missed during failover are recorded"
     );
+    // Each is a misfire, or an overlap skip while the lost fire's retry was running.
     assert!(
         gap.iter()
-            .all(|r| r["error"].as_str().unwrap().contains("misfire"))
+            .any(|r| r["error"].as_str().unwrap().contains("misfire")),
+        "{gap:#?}"
+    );
+    assert!(
+        gap.iter().all(|r| {
+            let why = r["error"].as_str().unwrap();
+            why.contains("misfire") || why.contains("overlap")
+        }),
+        "{gap:#?}"
     );
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{RunId, TaskId};
-use cloudtask_core::run::{Claim, Claimed, Report, ReportBatch};
+use cloudtask_core::run::{Claim, Claimed, Report, ReportBatch, Started};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use tokio::sync::RwLock;
@@ -103,8 +103,8 @@ impl ApiClient {
         Ok(json::<Claimed>(response).await?.run_id)
     }
 
-    /// Starts a queued manual run handed to this worker.
-    pub async fn start(&self, run: RunId, worker: &str) -> Result<RunId, CallError> {
+    /// Starts a queued run handed to this worker (manual, or a lost fire's retry).
+    pub async fn start(&self, run: RunId, worker: &str) -> Result<Started, CallError> {
         let body = serde_json::json!({ "worker": worker });
         let response = self
             .send(|http, base| {
@@ -112,7 +112,7 @@ impl ApiClient {
                     .json(&body)
             })
             .await?;
-        Ok(json::<Claimed>(response).await?.run_id)
+        json::<Started>(response).await
     }
 
     pub async fn fire_cursor(&self, task: TaskId) -> Result<DateTime<Utc>, CallError> {

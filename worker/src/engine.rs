@@ -594,18 +594,18 @@ async fn run_fire(
     let (run_id, claim) = match start {
         Start::Claim(claim) => (claim_fire(shared, node, &claim, stop).await?, claim),
         Start::Queued(run) => match shared.client.start(run, &shared.worker).await {
-            Ok(run_id) => {
+            Ok(started) => {
                 let claim = Claim {
                     task_id: task,
-                    scheduled_at: Utc::now(),
-                    attempt: 0,
+                    scheduled_at: started.scheduled_at,
+                    attempt: started.attempt,
                     task_version: node.version,
                     worker: shared.worker.clone(),
-                    trigger: RunTrigger::Manual,
+                    trigger: started.trigger,
                     status: RunStatus::Running,
                     reason: None,
                 };
-                (run_id, claim)
+                (started.run_id, claim)
             }
             Err(e) => {
                 tracing::warn!(%run, error = %e, "cannot start the queued run");
