@@ -98,10 +98,15 @@ impl Catalogue {
                 run::Column::Attempt,
             ])
             .exec_with_returning(&txn)
-            .await
-            .map_err(db_err)?;
-        let sea_orm::TryInsertResult::Inserted(row) = inserted else {
-            return Err(Error::Conflict("this fire is claimed already".into()));
+            .await;
+        // ON CONFLICT DO NOTHING returns no row: sea-orm reports that as a conflict, or
+        // (on this path) as the inserted row not being found. Either way: claimed already.
+        let row = match inserted {
+            Ok(sea_orm::TryInsertResult::Inserted(row)) => row,
+            Ok(_) | Err(sea_orm::DbErr::RecordNotFound(_)) => {
+                return Err(Error::Conflict("this fire is claimed already".into()));
+            }
+            Err(e) => return Err(db_err(e)),
         };
         txn.commit().await.map_err(db_err)?;
         row.try_into()
