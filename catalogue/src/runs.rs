@@ -72,24 +72,18 @@ impl Catalogue {
         let now = now();
         let running = claim.status == RunStatus::Running;
         let model = run::ActiveModel {
-            id: Set(Uuid::now_v7()),
-            tenant_id: Set(task.tenant_id),
-            task_id: Set(task.id),
-            cluster_id: Set(task.cluster_id),
-            task_version: Set(task.version),
-            trigger: Set(claim.trigger.as_str().into()),
-            scheduled_at: Set(claim.scheduled_at),
-            fire_at: Set(Some(claim.scheduled_at)),
-            attempt: Set(claim.attempt as i32),
-            status: Set(claim.status.as_str().into()),
-            worker_id: Set(Some(claim.worker.clone())),
             started_at: Set(running.then_some(now)),
             finished_at: Set((!running).then_some(now)),
-            exit_code: Set(None),
-            signal: Set(None),
             error: Set(claim.reason.clone()),
-            created_at: Set(now),
-            stop_requested_at: Set(None),
+            ..new_run(
+                &task,
+                claim.trigger,
+                claim.status,
+                claim.scheduled_at,
+                Some(claim.attempt as i32),
+                Some(claim.worker.clone()),
+                now,
+            )
         };
         let inserted = run::Entity::insert(model)
             .on_conflict_do_nothing_on([
@@ -104,6 +98,9 @@ impl Catalogue {
         let row = match inserted {
             Ok(sea_orm::TryInsertResult::Inserted(row)) => row,
             Ok(_) | Err(sea_orm::DbErr::RecordNotFound(_)) => {
+                // Roll back now: on SQLite a dropped transaction would hold the write
+                // lock until the connection is reused, and the next writer gets BUSY.
+                txn.rollback().await.map_err(db_err)?;
                 return Err(Error::Conflict("this fire is claimed already".into()));
             }
             Err(e) => return Err(db_err(e)),
@@ -169,6 +166,7 @@ impl Catalogue {
                 && known.contains(&(*run).into())
             {
                 if !outcome.status.is_final() || outcome.status == RunStatus::Skipped {
+                    txn.rollback().await.map_err(db_err)?;
                     return Err(Error::bad_input("status", "not an outcome"));
                 }
                 finish(&txn, *run, outcome).await?;
@@ -204,9 +202,9 @@ impl Catalogue {
         // The retry policy decides what a lost fire becomes: its next attempt is queued
         // for the task's next owner (the unique key keeps it single).
         for run in &lost {
-            let Some(fire_at) = run.fire_at else {
+            if run.fire_at.is_none() {
                 continue; // manual runs are not retried
-            };
+            }
             let Some(task) = task::Entity::find_by_id(run.task_id)
                 .one(&txn)
                 .await
@@ -218,26 +216,15 @@ impl Catalogue {
             if task.state == TaskState::Paused.as_str() || run.attempt as u32 >= spec.max_retries {
                 continue;
             }
-            run::Entity::insert(run::ActiveModel {
-                id: Set(Uuid::now_v7()),
-                tenant_id: Set(run.tenant_id),
-                task_id: Set(run.task_id),
-                cluster_id: Set(run.cluster_id),
-                task_version: Set(task.version),
-                trigger: Set(RunTrigger::Retry.as_str().into()),
-                scheduled_at: Set(run.scheduled_at),
-                fire_at: Set(Some(fire_at)),
-                attempt: Set(run.attempt + 1),
-                status: Set(RunStatus::Queued.as_str().into()),
-                worker_id: Set(None),
-                started_at: Set(None),
-                finished_at: Set(None),
-                exit_code: Set(None),
-                signal: Set(None),
-                error: Set(None),
-                created_at: Set(now),
-                stop_requested_at: Set(None),
-            })
+            run::Entity::insert(new_run(
+                &task,
+                RunTrigger::Retry,
+                RunStatus::Queued,
+                run.scheduled_at,
+                Some(run.attempt + 1),
+                None,
+                now,
+            ))
             .on_conflict_do_nothing_on([
                 run::Column::TaskId,
                 run::Column::FireAt,
@@ -363,6 +350,39 @@ impl Catalogue {
     }
 }
 
+/// A new run of `task`. `attempt` is given for scheduled fires and their retries, whose
+/// `fire_at` (the unique key's) is the scheduled time; a manual run (None) has no fire.
+fn new_run(
+    task: &task::Model,
+    trigger: RunTrigger,
+    status: RunStatus,
+    scheduled_at: chrono::DateTime<chrono::Utc>,
+    attempt: Option<i32>,
+    worker: Option<String>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> run::ActiveModel {
+    run::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        tenant_id: Set(task.tenant_id),
+        task_id: Set(task.id),
+        cluster_id: Set(task.cluster_id),
+        task_version: Set(task.version),
+        trigger: Set(trigger.as_str().into()),
+        scheduled_at: Set(scheduled_at),
+        fire_at: Set(attempt.map(|_| scheduled_at)),
+        attempt: Set(attempt.unwrap_or(0)),
+        status: Set(status.as_str().into()),
+        worker_id: Set(worker),
+        started_at: Set(None),
+        finished_at: Set(None),
+        exit_code: Set(None),
+        signal: Set(None),
+        error: Set(None),
+        created_at: Set(now),
+        stop_requested_at: Set(None),
+    }
+}
+
 fn log_row(run_id: RunId, line: &LogLine) -> run_log_line::ActiveModel {
     run_log_line::ActiveModel {
         run_id: Set(run_id.into()),
@@ -408,26 +428,15 @@ impl TenantHandle {
             .map_err(db_err)?
             .ok_or(Error::NotFound("task"))?;
         let now = now();
-        let row = run::Entity::insert(run::ActiveModel {
-            id: Set(Uuid::now_v7()),
-            tenant_id: Set(task.tenant_id),
-            task_id: Set(task.id),
-            cluster_id: Set(task.cluster_id),
-            task_version: Set(task.version),
-            trigger: Set(RunTrigger::Manual.as_str().into()),
-            scheduled_at: Set(now),
-            fire_at: Set(None),
-            attempt: Set(0),
-            status: Set(RunStatus::Queued.as_str().into()),
-            worker_id: Set(None),
-            started_at: Set(None),
-            finished_at: Set(None),
-            exit_code: Set(None),
-            signal: Set(None),
-            error: Set(None),
-            created_at: Set(now),
-            stop_requested_at: Set(None),
-        })
+        let row = run::Entity::insert(new_run(
+            &task,
+            RunTrigger::Manual,
+            RunStatus::Queued,
+            now,
+            None,
+            None,
+            now,
+        ))
         .exec_with_returning(&txn)
         .await
         .map_err(db_err)?;
