@@ -655,6 +655,9 @@ async fn claim_fire(
                     return None;
                 }
                 if !backoff.wait(stop).await {
+                    // Stopped (the task was paused or moved) while the API was away: the
+                    // fire still gets its record, or the ledger would have a hole.
+                    tokio::spawn(record_missed(shared.clone(), claim.clone()));
                     return None;
                 }
             }
