@@ -23,7 +23,6 @@ use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_core::ids::{ClusterId, TaskId};
 use cloudtask_core::task::{TaskSpec, TaskState};
 use cloudtask_testkit::TestApi;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,42 +76,15 @@ async fn stack(cluster_name: &str) -> Stack {
         c.zookeeper_session_timeout_ms = SESSION_TIMEOUT.as_millis() as u64;
     })
     .await;
-    api.create_user("admin@bench.example", "bench password", true)
+    let setup = api
+        .tenant_with_cluster(cluster_name, "bench password")
         .await;
-    let admin = api
-        .login("admin@bench.example", "bench password", None)
-        .await;
-    let tenant = admin
-        .run(
-            "mutation { createTenant(input: {name: \"bench\", ownerEmail: \"owner@bench.example\", ownerPassword: \"bench password\"}) { id } }",
-            json!({}),
-        )
-        .await;
-    let tenant_id = tenant.data()["createTenant"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let owner = api
-        .login("owner@bench.example", "bench password", Some(&tenant_id))
-        .await;
-    let cluster = owner
-        .run(
-            "mutation($n: String!) { createCluster(name: $n) { cluster { id } joinToken } }",
-            json!({ "n": cluster_name }),
-        )
-        .await;
-    let cluster_id: ClusterId = cluster.data()["createCluster"]["cluster"]["id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let join_token = cluster.data()["createCluster"]["joinToken"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let tenant_id = setup.tenant_id;
+    let cluster_id: ClusterId = setup.cluster_id.parse().unwrap();
+    let join_token = setup.join_token;
     let owner_id = api
         .catalogue
-        .user_credentials("owner@bench.example")
+        .user_credentials(&setup.owner_email)
         .await
         .unwrap()
         .unwrap()

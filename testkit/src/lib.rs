@@ -108,6 +108,40 @@ impl TestApi {
             .expect("create user");
     }
 
+    /// A platform admin, a tenant `name` with its owner `owner@<name>.example`, and one
+    /// cluster, all made through the API as a user would; `password` for both users.
+    pub async fn tenant_with_cluster(&self, name: &str, password: &str) -> TenantSetup {
+        let admin_email = format!("admin@{name}.example");
+        let owner_email = format!("owner@{name}.example");
+        self.create_user(&admin_email, password, true).await;
+        let admin = self.login(&admin_email, password, None).await;
+        let created = admin
+            .run(
+                "mutation($input: CreateTenantInput!) { createTenant(input: $input) { id } }",
+                json!({ "input": { "name": name, "ownerEmail": owner_email, "ownerPassword": password } }),
+            )
+            .await;
+        let tenant_id = created.data()["createTenant"]["id"]
+            .as_str()
+            .expect("tenant id")
+            .to_owned();
+        let owner = self.login(&owner_email, password, Some(&tenant_id)).await;
+        let cluster = owner
+            .run(
+                "mutation($n: String!) { createCluster(name: $n) { cluster { id } joinToken } }",
+                json!({ "n": format!("{name}-cluster") }),
+            )
+            .await;
+        let text = |v: &Value| v.as_str().expect("a string").to_owned();
+        TenantSetup {
+            tenant_id,
+            owner_email,
+            owner,
+            cluster_id: text(&cluster.data()["createCluster"]["cluster"]["id"]),
+            join_token: text(&cluster.data()["createCluster"]["joinToken"]),
+        }
+    }
+
     /// A client without a token.
     pub fn client(&self) -> Gql {
         Gql {
@@ -134,6 +168,16 @@ impl TestApi {
             .to_owned();
         self.client().with_token(&token)
     }
+}
+
+/// What [`TestApi::tenant_with_cluster`] made.
+pub struct TenantSetup {
+    pub tenant_id: String,
+    pub owner_email: String,
+    /// Logged in to the tenant.
+    pub owner: Gql,
+    pub cluster_id: String,
+    pub join_token: String,
 }
 
 /// A GraphQL-over-HTTP client, as any user's would be.

@@ -11,7 +11,7 @@ use cloudtask_worker::clock::{Clock, SystemClock};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{ADMIN_EMAIL, PASSWORD};
+use crate::support::PASSWORD;
 
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(4);
 
@@ -81,35 +81,8 @@ impl Cluster {
         })
         .await;
         let api_proxy = Proxy::start(api.url.trim_start_matches("http://")).await;
-        api.create_user(ADMIN_EMAIL, PASSWORD, true).await;
-        let admin = api.login(ADMIN_EMAIL, PASSWORD, None).await;
-        let created = admin
-            .run(
-                "mutation($input: CreateTenantInput!) { createTenant(input: $input) { id } }",
-                json!({ "input": { "name": "acme", "ownerEmail": "owner@acme.example", "ownerPassword": PASSWORD } }),
-            )
-            .await;
-        let tenant = created.data()["createTenant"]["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let owner = api
-            .login("owner@acme.example", PASSWORD, Some(&tenant))
-            .await;
-        let cluster = owner
-            .run(
-                "mutation { createCluster(name: \"main\") { cluster { id } joinToken } }",
-                json!({}),
-            )
-            .await;
-        let cluster_id = cluster.data()["createCluster"]["cluster"]["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let join_token = cluster.data()["createCluster"]["joinToken"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let setup = api.tenant_with_cluster("acme", PASSWORD).await;
+        let (owner, cluster_id, join_token) = (setup.owner, setup.cluster_id, setup.join_token);
 
         let scheduler_stop = CancellationToken::new();
         if options.in_process_scheduler {
