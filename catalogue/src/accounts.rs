@@ -196,6 +196,9 @@ impl Catalogue {
             id: Set(TenantId::new().into()),
             name: Set(name.trim().to_owned()),
             created_at: Set(now()),
+            notify_emails: Set(None),
+            webhook_url: Set(None),
+            webhook_secret: Set(None),
         })
         .exec_with_returning(&txn)
         .await

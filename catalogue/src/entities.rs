@@ -11,6 +11,9 @@ pub mod tenant {
         pub id: Uuid,
         pub name: String,
         pub created_at: DateTimeUtc,
+        pub notify_emails: Option<Json>,
+        pub webhook_url: Option<String>,
+        pub webhook_secret: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -240,6 +243,9 @@ pub mod outbox {
         pub sent_at: Option<DateTimeUtc>,
         pub last_error: Option<String>,
         pub created_at: DateTimeUtc,
+        pub channel: String,
+        pub group_key: Option<String>,
+        pub locked_until: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -6,6 +6,8 @@
 mod accounts;
 pub mod changes;
 mod entities;
+pub mod events;
+pub mod notifications;
 pub mod records;
 mod runs;
 mod system;
@@ -26,6 +28,7 @@ pub use tenant::{NewPackage, NewTask, Scope, TaskEdit, TaskFilter, TenantHandle}
 #[derive(Clone, Debug)]
 pub struct Catalogue {
     db: DatabaseConnection,
+    hub: std::sync::Arc<events::Hub>,
 }
 
 /// A page of rows ordered by id (UUID v7, so by creation), with the keyset cursor.
@@ -62,7 +65,10 @@ impl Catalogue {
                 .await
                 .map_err(db_err)?;
         }
-        Ok(Catalogue { db })
+        Ok(Catalogue {
+            db,
+            hub: events::Hub::new(),
+        })
     }
 
     /// Applies pending migrations; with none pending it changes nothing.

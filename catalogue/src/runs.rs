@@ -21,6 +21,8 @@ use uuid::Uuid;
 
 use crate::changes::notify;
 use crate::entities::{run, run_log_line, task};
+use crate::events::{Event, Outgoing};
+use crate::notifications;
 use crate::records::Run;
 use crate::tenant::TenantHandle;
 use crate::{Catalogue, MAX_PAGE, Page, PageRequest, db_err, now};
@@ -105,7 +107,10 @@ impl Catalogue {
             }
             Err(e) => return Err(db_err(e)),
         };
+        let mut events = Outgoing::default();
+        events.add(&txn, run_event(&row)).await?;
         txn.commit().await.map_err(db_err)?;
+        events.publish(&self.db, &self.hub);
         row.try_into()
     }
 
@@ -142,6 +147,8 @@ impl Catalogue {
             .into_iter()
             .collect();
         let mut rows = Vec::new();
+        // Per run, the offset after its last line in this batch (for subscribers).
+        let mut stored: Vec<(RunId, u64)> = Vec::new();
         for report in reports {
             if !known.contains(&report.run().into()) {
                 tracing::warn!(run = %report.run(), %cluster_id, "ignoring a report for an unknown run");
@@ -149,7 +156,17 @@ impl Catalogue {
             }
             if let Report::Logs { run, lines } = report {
                 rows.extend(lines.iter().map(|line| log_row(*run, line)));
+                if let Some(next) = lines.iter().map(|l| l.offset + 1).max() {
+                    match stored.iter_mut().find(|(r, _)| r == run) {
+                        Some((_, n)) => *n = (*n).max(next),
+                        None => stored.push((*run, next)),
+                    }
+                }
             }
+        }
+        let mut events = Outgoing::default();
+        for (run, next) in stored {
+            events.add(&txn, Event::Logs { run, next }).await?;
         }
         for chunk in rows.chunks(1_000) {
             run_log_line::Entity::insert_many(chunk.to_vec())
@@ -169,10 +186,15 @@ impl Catalogue {
                     txn.rollback().await.map_err(db_err)?;
                     return Err(Error::bad_input("status", "not an outcome"));
                 }
-                finish(&txn, *run, outcome).await?;
+                if let Some(row) = finish(&txn, *run, outcome).await? {
+                    events.add(&txn, run_event(&row)).await?;
+                    notifications::run_ended(&txn, &row).await?;
+                }
             }
         }
-        txn.commit().await.map_err(db_err)
+        txn.commit().await.map_err(db_err)?;
+        events.publish(&self.db, &self.hub);
+        Ok(())
     }
 
     /// The scheduler's verdict on a worker whose session ended without a clean leave:
@@ -190,15 +212,23 @@ impl Catalogue {
         run::Entity::update_many()
             .col_expr(run::Column::Status, Expr::value(RunStatus::Lost.as_str()))
             .col_expr(run::Column::FinishedAt, Expr::value(now))
-            .col_expr(
-                run::Column::Error,
-                Expr::value("the worker's session ended while the run was going"),
-            )
+            .col_expr(run::Column::Error, Expr::value(LOST_REASON))
             .filter(run::Column::Id.is_in(lost.iter().map(|r| r.id)))
             .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
             .exec(&txn)
             .await
             .map_err(db_err)?;
+        let mut events = Outgoing::default();
+        for run in &lost {
+            let ended = run::Model {
+                status: RunStatus::Lost.as_str().into(),
+                finished_at: Some(now),
+                error: Some(LOST_REASON.into()),
+                ..run.clone()
+            };
+            events.add(&txn, run_event(&ended)).await?;
+            notifications::run_ended(&txn, &ended).await?;
+        }
         // The retry policy decides what a lost fire becomes: its next attempt is queued
         // for the task's next owner (the unique key keeps it single).
         for run in &lost {
@@ -216,7 +246,7 @@ impl Catalogue {
             if task.state == TaskState::Paused.as_str() || run.attempt as u32 >= spec.max_retries {
                 continue;
             }
-            run::Entity::insert(new_run(
+            let retry = new_run(
                 &task,
                 RunTrigger::Retry,
                 RunStatus::Queued,
@@ -224,15 +254,24 @@ impl Catalogue {
                 Some(run.attempt + 1),
                 None,
                 now,
-            ))
-            .on_conflict_do_nothing_on([
-                run::Column::TaskId,
-                run::Column::FireAt,
-                run::Column::Attempt,
-            ])
-            .exec_without_returning(&txn)
-            .await
-            .map_err(db_err)?;
+            );
+            let retry_event = Event::Run {
+                tenant: task.tenant_id.into(),
+                task: task.id.into(),
+                run: retry.id.clone().unwrap().into(),
+            };
+            let inserted = run::Entity::insert(retry)
+                .on_conflict_do_nothing_on([
+                    run::Column::TaskId,
+                    run::Column::FireAt,
+                    run::Column::Attempt,
+                ])
+                .exec_without_returning(&txn)
+                .await
+                .map_err(db_err)?;
+            if matches!(inserted, sea_orm::TryInsertResult::Inserted(n) if n > 0) {
+                events.add(&txn, retry_event).await?;
+            }
         }
         // Manual runs handed to it but not started go back to the queue, for the task's
         // next owner.
@@ -245,6 +284,7 @@ impl Catalogue {
             .await
             .map_err(db_err)?;
         txn.commit().await.map_err(db_err)?;
+        events.publish(&self.db, &self.hub);
         Ok(lost.len() as u64)
     }
 
@@ -311,7 +351,14 @@ impl Catalogue {
             self.run_of_cluster(cluster_id, run_id).await?;
             return Err(Error::Conflict("the run is not queued any more".into()));
         }
-        self.run_of_cluster(cluster_id, run_id).await
+        let run = self.run_of_cluster(cluster_id, run_id).await?;
+        self.announce(Event::Run {
+            tenant: run.tenant_id,
+            task: run.task_id,
+            run: run.id,
+        })
+        .await?;
+        Ok(run)
     }
 
     /// Where a new owner of the task starts accounting for fires: the latest scheduled
@@ -394,9 +441,23 @@ fn log_row(run_id: RunId, line: &LogLine) -> run_log_line::ActiveModel {
     }
 }
 
-/// An outcome lands only on a run that has none yet.
-async fn finish(conn: &impl ConnectionTrait, run_id: RunId, outcome: &Outcome) -> Result<()> {
-    run::Entity::update_many()
+const LOST_REASON: &str = "the worker's session ended while the run was going";
+
+fn run_event(row: &run::Model) -> Event {
+    Event::Run {
+        tenant: row.tenant_id.into(),
+        task: row.task_id.into(),
+        run: row.id.into(),
+    }
+}
+
+/// An outcome lands only on a run that has none yet; the ended run, if this one did.
+async fn finish(
+    conn: &impl ConnectionTrait,
+    run_id: RunId,
+    outcome: &Outcome,
+) -> Result<Option<run::Model>> {
+    let updated = run::Entity::update_many()
         .col_expr(run::Column::Status, Expr::value(outcome.status.as_str()))
         .col_expr(run::Column::ExitCode, Expr::value(outcome.exit_code))
         .col_expr(run::Column::Signal, Expr::value(outcome.signal))
@@ -409,7 +470,13 @@ async fn finish(conn: &impl ConnectionTrait, run_id: RunId, outcome: &Outcome) -
         .exec(conn)
         .await
         .map_err(db_err)?;
-    Ok(())
+    if updated.rows_affected == 0 {
+        return Ok(None);
+    }
+    run::Entity::find_by_id(Uuid::from(run_id))
+        .one(conn)
+        .await
+        .map_err(db_err)
 }
 
 impl TenantHandle {
@@ -443,7 +510,10 @@ impl TenantHandle {
         self.audit(&txn, "runTaskNow", "run", RunId::from(row.id))
             .await?;
         notify(&txn, task.cluster_id.into()).await?;
+        let mut events = Outgoing::default();
+        events.add(&txn, run_event(&row)).await?;
         txn.commit().await.map_err(db_err)?;
+        events.publish(&self.db, &self.hub);
         row.try_into()
     }
 
@@ -471,7 +541,10 @@ impl TenantHandle {
             Some(RunStatus::Running) => {
                 update.col_expr(run::Column::StopRequestedAt, Expr::value(now))
             }
-            _ => return Err(Error::Conflict("the run has ended already".into())),
+            _ => {
+                txn.rollback().await.map_err(db_err)?;
+                return Err(Error::Conflict("the run has ended already".into()));
+            }
         };
         update.exec(&txn).await.map_err(db_err)?;
         self.audit(&txn, "stopRun", "run", run_id).await?;
@@ -481,7 +554,10 @@ impl TenantHandle {
             .await
             .map_err(db_err)?
             .ok_or(Error::NotFound("run"))?;
+        let mut events = Outgoing::default();
+        events.add(&txn, run_event(&run)).await?;
         txn.commit().await.map_err(db_err)?;
+        events.publish(&self.db, &self.hub);
         run.try_into()
     }
 

@@ -3,9 +3,7 @@
 
 use cloudtask_core::Result;
 use cloudtask_core::ids::{ClusterId, TenantId};
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, TransactionTrait,
-};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, TransactionTrait};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -26,8 +24,8 @@ pub enum WorkerEvent {
 impl WorkerEvent {
     pub fn as_str(self) -> &'static str {
         match self {
-            WorkerEvent::Offline => "WORKER_OFFLINE",
-            WorkerEvent::Online => "WORKER_ONLINE",
+            WorkerEvent::Offline => crate::notifications::WORKER_OFFLINE,
+            WorkerEvent::Online => crate::notifications::WORKER_ONLINE,
         }
     }
 }
@@ -75,25 +73,28 @@ impl Catalogue {
         occurrence: &str,
     ) -> Result<bool> {
         let txn = self.db.begin().await.map_err(db_err)?;
-        let dedup_key = format!("{}:{cluster_id}:{worker}:{occurrence}", event.as_str());
-        let now = now();
-        let inserted = outbox::Entity::insert(outbox::ActiveModel {
-            id: Set(Uuid::now_v7()),
-            tenant_id: Set(Some(tenant_id.into())),
-            kind: Set(event.as_str().into()),
-            dedup_key: Set(dedup_key),
-            payload: Set(json!({ "cluster": cluster_id, "worker": worker, "at": now })),
-            attempts: Set(0),
-            next_attempt_at: Set(now),
-            sent_at: Set(None),
-            last_error: Set(None),
-            created_at: Set(now),
-        })
-        .on_conflict_do_nothing_on([outbox::Column::DedupKey])
-        .exec(&txn)
-        .await
-        .map_err(db_err)?;
-        let fresh = matches!(inserted, sea_orm::TryInsertResult::Inserted(_));
+        let cluster_name = cluster::Entity::find_by_id(Uuid::from(cluster_id))
+            .one(&txn)
+            .await
+            .map_err(db_err)?
+            .map(|c| c.name)
+            .unwrap_or_default();
+        let payload = json!({
+            "cluster": cluster_id,
+            "clusterName": cluster_name,
+            "worker": worker,
+            "at": now(),
+        });
+        let fresh = crate::notifications::enqueue(
+            &txn,
+            tenant_id,
+            event.as_str(),
+            &format!("{}:{cluster_id}:{worker}:{occurrence}", event.as_str()),
+            payload,
+            &[],
+            None,
+        )
+        .await?;
         if fresh {
             let operation = match event {
                 WorkerEvent::Offline => "workerOffline",

@@ -33,6 +33,7 @@ pub struct Scope {
 #[derive(Debug, Clone)]
 pub struct TenantHandle {
     pub(crate) db: DatabaseConnection,
+    pub(crate) hub: std::sync::Arc<crate::events::Hub>,
     tenant_id: TenantId,
     user_id: UserId,
     actor: String,
@@ -81,6 +82,7 @@ impl Catalogue {
             .ok_or_else(|| Error::Forbidden("not a member of this tenant".into()))?;
         Ok(TenantHandle {
             db: self.db.clone(),
+            hub: self.hub.clone(),
             tenant_id: scope.tenant_id,
             user_id: scope.user_id,
             actor: scope.actor,

@@ -35,7 +35,7 @@ impl Role {
         match action {
             Read => true,
             RunTask | StopRun | PauseTask | EditTask | UploadPackage => self <= Role::Operator,
-            ManageClusters | ManageMembers | ReadAudit => self <= Role::Admin,
+            ManageClusters | ManageMembers | ReadAudit | ManageNotifications => self <= Role::Admin,
             // Only an owner may make or unmake owners (or change an owner's role).
             ManageOwners => self == Role::Owner,
         }
@@ -60,6 +60,8 @@ pub enum Action {
     /// Grant or take the OWNER role, remove an owner.
     ManageOwners,
     ReadAudit,
+    /// Set the tenant's default recipients and webhook.
+    ManageNotifications,
 }
 
 #[cfg(test)]
@@ -79,6 +81,7 @@ mod tests {
             Action::ManageMembers,
             Action::ManageOwners,
             Action::ReadAudit,
+            Action::ManageNotifications,
         ];
         for action in actions {
             for pair in Role::ALL.windows(2) {

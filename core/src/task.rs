@@ -199,7 +199,7 @@ fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
-fn validate_emails(emails: &[String]) -> Result<()> {
+pub fn validate_emails(emails: &[String]) -> Result<()> {
     if emails.len() > MAX_NOTIFY_EMAILS {
         return Err(Error::bad_input(
             "notifyEmails",

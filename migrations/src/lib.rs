@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_catalogue;
 mod m20261201_000001_run_control;
+mod m20261202_000001_notifications;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261123_000001_catalogue::Migration),
             Box::new(m20261201_000001_run_control::Migration),
+            Box::new(m20261202_000001_notifications::Migration),
         ]
     }
 }

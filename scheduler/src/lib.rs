@@ -13,6 +13,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use cloudtask_catalogue::changes::Changes;
+use cloudtask_catalogue::events::{Event, Membership};
 use cloudtask_catalogue::{Catalogue, WorkerEvent};
 use cloudtask_coord::layout::CommandNode;
 use cloudtask_coord::{CoordError, Coordinator, Session, WatchEvent, delete_recursive, layout};
@@ -306,6 +307,26 @@ impl<'a> Leader<'a> {
         tracing::info!(%cluster, joined = changes.joined.len(), left = changes.left.len(),
             failed = changes.failed.len(), moved, "workers changed");
         let tenant = state.cluster.tenant_id;
+        // Subscribers hear of every change (a lost notification is not worth failing the
+        // term over: the allocation is what matters).
+        let announced = [
+            (Membership::Joined, &changes.joined),
+            (Membership::Left, &changes.left),
+            (Membership::Offline, &changes.failed),
+        ];
+        for (change, workers) in announced {
+            for worker in workers {
+                let event = Event::Worker {
+                    tenant,
+                    cluster,
+                    change,
+                    worker: worker.name.clone(),
+                };
+                if let Err(e) = self.scheduler.catalogue.announce(event).await {
+                    tracing::warn!(error = %e, "worker event not announced");
+                }
+            }
+        }
         for worker in &changes.failed {
             let lost = self
                 .scheduler

@@ -1,6 +1,8 @@
 //! Test-only helpers: a fresh Postgres database per test, the real API on port 0, and a
 //! small GraphQL client (JSON and multipart uploads).
 
+mod socket;
+
 use std::sync::Arc;
 
 use cloudtask_api::AppState;
@@ -9,6 +11,8 @@ use cloudtask_core::config::Config;
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+
+pub use socket::{GqlSocket, Reply};
 
 /// Where tests create their databases: `CLOUDTASK_TEST_DATABASE_URL`, else the local
 /// server's maintenance database.
@@ -76,6 +80,20 @@ impl TestApi {
             .await
             .expect("connect");
         catalogue.migrate().await.expect("migrate");
+        Self::serve(catalogue, config).await
+    }
+
+    /// Another API replica over the same database and configuration, with connections
+    /// (and change listeners) of its own, as a second `cloudtask api` process would have.
+    pub async fn replica(&self) -> TestApi {
+        let config = (*self.state.config).clone();
+        let catalogue = Catalogue::connect(&config.database_url)
+            .await
+            .expect("connect");
+        Self::serve(catalogue, config).await
+    }
+
+    async fn serve(catalogue: Catalogue, config: Config) -> TestApi {
         let state = AppState::new(catalogue.clone(), config).expect("api state");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

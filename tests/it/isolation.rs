@@ -23,6 +23,7 @@ const SNAPSHOT: &str = "{
     dashboard { clusterCount taskCount activeTaskCount pausedTaskCount memberCount }
     auditLog(first: 200) { edges { node { id operation objectType objectId } } }
     runs(first: 200) { edges { node { id status finishedAt logs { offset text } } } }
+    notificationSettings { notifyEmails webhookUrl }
 }";
 
 /// The tenant's state as its owner sees it.

@@ -13,5 +13,6 @@ mod health;
 mod isolation;
 mod roles;
 mod standalone;
+mod subscriptions;
 mod tokens;
 mod websocket;

@@ -29,6 +29,7 @@ const CASES: &[&str] = &[
     "members",
     "dashboard",
     "auditLog",
+    "notificationSettings",
     // Mutations.
     "createTask",
     "createTask(package)",
@@ -50,6 +51,7 @@ const CASES: &[&str] = &[
     "setMemberRole(OWNER->VIEWER)",
     "removeMember(VIEWER)",
     "removeMember(OWNER)",
+    "setNotificationSettings",
 ];
 
 /// Role → the cases it may perform in its tenant (see `Role::allows` in core/src/roles.rs).
@@ -58,7 +60,7 @@ const CASES: &[&str] = &[
 #[rustfmt::skip]
 const ALLOWED: [(&str, &[&str]); 4] = [
     ("OWNER", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings",
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
@@ -66,11 +68,12 @@ const ALLOWED: [(&str, &[&str]); 4] = [
         /* ManageClusters */ "createCluster", "rotateClusterToken", "deleteCluster",
         /* ManageMembers  */ "addMember(VIEWER)", "setMemberRole(VIEWER->OPERATOR)", "removeMember(VIEWER)",
         /* ReadAudit      */ "auditLog",
+        /* Notifications  */ "setNotificationSettings",
         /* ManageOwners   */ "addMember(OWNER)", "setMemberRole(VIEWER->OWNER)",
                              "setMemberRole(OWNER->VIEWER)", "removeMember(OWNER)",
     ]),
     ("ADMIN", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings",
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
@@ -78,16 +81,17 @@ const ALLOWED: [(&str, &[&str]); 4] = [
         /* ManageClusters */ "createCluster", "rotateClusterToken", "deleteCluster",
         /* ManageMembers  */ "addMember(VIEWER)", "setMemberRole(VIEWER->OPERATOR)", "removeMember(VIEWER)",
         /* ReadAudit      */ "auditLog",
+        /* Notifications  */ "setNotificationSettings",
     ]),
     ("OPERATOR", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings",
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
         /* RunTask/StopRun */ "runTaskNow", "stopRun",
     ]),
     ("VIEWER", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings",
     ]),
 ];
 
@@ -257,6 +261,16 @@ async fn prepare(world: &World, case: &str, tag: &str) -> Call {
         "auditLog" => Call::new(
             "{ auditLog(first: 5) { edges { node { id } } } }",
             json!({}),
+        ),
+        "notificationSettings" => Call::new(
+            "{ notificationSettings { notifyEmails webhookUrl } }",
+            json!({}),
+        ),
+        "setNotificationSettings" => Call::new(
+            "mutation($input: NotificationSettingsInput!) {
+                setNotificationSettings(input: $input) { notifyEmails }
+            }",
+            json!({ "input": { "notifyEmails": [format!("{tag}@alpha.example")] } }),
         ),
         "createTask" => Call::new(
             CREATE_TASK,

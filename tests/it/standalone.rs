@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use cloudtask_core::archive::samples;
 use cloudtask_testkit::Gql;
+use cloudtask_testkit::{GqlSocket, Reply};
 use serde_json::{Value, json};
 
 use crate::support::PASSWORD;
@@ -188,5 +189,58 @@ async fn standalone_runs_a_packaged_task_and_keeps_everything_across_a_restart()
         assert_ne!(run["status"], "RUNNING", "{run}");
         assert_ne!(run["status"], "QUEUED", "{run}");
     }
+
+    // Live logs fan out in-process: a subscriber sees a manual run's lines as they come.
+    let slow = owner
+        .run(
+            "mutation($input: CreateTaskInput!) { createTask(input: $input) { id } }",
+            json!({ "input": {
+                "clusterId": cluster, "name": "slow", "schedule": "0 0 1 1 *",
+                "command": "for i in 1 2 3 4 5; do echo tick-$i; sleep 0.2; done",
+            } }),
+        )
+        .await;
+    let slow = slow.data()["createTask"]["id"].as_str().unwrap().to_owned();
+    let mut socket = GqlSocket::connect(&url, owner.token.as_ref().unwrap()).await;
+    // Queued now, handed to the worker once the task is assigned (the one-second sweep).
+    let queued = owner
+        .run(
+            "mutation($id: ID!) { runTaskNow(id: $id) { id } }",
+            json!({ "id": slow }),
+        )
+        .await;
+    let run = queued.data()["runTaskNow"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    socket
+        .subscribe(
+            "logs",
+            "subscription($r: ID!) { runLogs(runId: $r) { offset text } }",
+            json!({ "r": run }),
+        )
+        .await;
+    let first = socket.reply("logs", Duration::from_secs(30)).await;
+    let Reply::Next(first) = first else {
+        panic!("expected a line, got {first:?}");
+    };
+    assert_eq!(first["data"]["runLogs"]["text"], "tick-1", "{first}");
+    let status = owner
+        .run(
+            "query($id: ID!) { run(id: $id) { status } }",
+            json!({ "id": run }),
+        )
+        .await;
+    assert_eq!(
+        status.data()["run"]["status"],
+        "RUNNING",
+        "the first line comes live"
+    );
+    let rest = socket.until_complete("logs", Duration::from_secs(30)).await;
+    let texts: Vec<&str> = rest
+        .iter()
+        .map(|p| p["data"]["runLogs"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["tick-2", "tick-3", "tick-4", "tick-5"]);
     terminate(child);
 }

@@ -2,12 +2,13 @@
 
 mod mutation;
 mod query;
+mod subscription;
 mod types;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use async_graphql::{Context, EmptySubscription, Schema};
+use async_graphql::{Context, Schema};
 use cloudtask_catalogue::{Scope, TenantHandle};
 use cloudtask_core::Error;
 use tokio::sync::OnceCell;
@@ -17,9 +18,10 @@ use crate::auth::Identity;
 
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;
+pub use subscription::SubscriptionRoot;
 pub use types::encode_cursor;
 
-pub type AppSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
+pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
 /// Built once per HTTP request from its headers.
 #[derive(Clone)]
@@ -41,7 +43,7 @@ impl RequestContext {
 }
 
 pub fn build_schema(state: Option<Arc<AppState>>) -> AppSchema {
-    let mut builder = Schema::build(QueryRoot, MutationRoot, EmptySubscription);
+    let mut builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot);
     if let Some(state) = state {
         builder = builder
             .limit_depth(state.config.query_max_depth)

@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 
 use async_graphql::{Context, ID, InputObject, MaybeUndefined, Object, Upload};
 use chrono::{DateTime, Utc};
+use cloudtask_catalogue::notifications::TenantNotifications;
 use cloudtask_catalogue::{NewPackage, NewTask, RefreshOutcome};
 use cloudtask_core::archive::{self, Limits};
 use cloudtask_core::ids::{TaskId, TenantId, UserId};
@@ -12,8 +13,9 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::types::{
-    AuthPayload, ClusterObj, ClusterWithToken, MemberObj, MisfirePolicyGql, OverlapPolicyGql,
-    RoleGql, RunObj, TaskObj, TenantObj, UserObj, parse_id,
+    AuthPayload, ClusterObj, ClusterWithToken, MemberObj, MisfirePolicyGql,
+    NotificationSettingsObj, OverlapPolicyGql, RoleGql, RunObj, TaskObj, TenantObj, UserObj,
+    parse_id,
 };
 use super::{identity, request, state, tenant};
 use crate::AppState;
@@ -28,6 +30,18 @@ pub struct CreateTenantInput {
     /// The first owner. An existing account is reused; a new one needs `ownerPassword`.
     pub owner_email: String,
     pub owner_password: Option<String>,
+}
+
+/// Who hears about the tenant's failures besides each task's `notifyEmails`, and where
+/// events are POSTed.
+#[derive(InputObject)]
+pub struct NotificationSettingsInput {
+    pub notify_emails: Vec<String>,
+    /// An http(s) URL that receives every event as signed JSON; null turns it off.
+    pub webhook_url: Option<String>,
+    /// The HMAC-SHA256 key of the `X-CloudTask-Signature` header (at least 16
+    /// characters); omitted: the stored one stays.
+    pub webhook_secret: Option<String>,
 }
 
 #[derive(InputObject)]
@@ -411,6 +425,23 @@ impl MutationRoot {
             cluster: ClusterObj(cluster),
             join_token,
         })
+    }
+
+    /// Replaces the tenant's notification settings (ADMIN and above).
+    async fn set_notification_settings(
+        &self,
+        ctx: &Context<'_>,
+        input: NotificationSettingsInput,
+    ) -> ApiResult<NotificationSettingsObj> {
+        let handle = tenant(ctx).await?;
+        handle
+            .set_notifications(TenantNotifications {
+                emails: input.notify_emails,
+                webhook_url: input.webhook_url,
+                webhook_secret: input.webhook_secret,
+            })
+            .await?;
+        Ok(NotificationSettingsObj(handle.notifications().await?))
     }
 
     /// Issues a new join token; the old one stops working at once.

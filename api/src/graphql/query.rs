@@ -5,8 +5,8 @@ use cloudtask_core::task::TaskState;
 use cloudtask_core::{Error, Result};
 
 use super::types::{
-    AuditEntryObj, ClusterObj, Dashboard, MemberObj, RunObj, RunStatusGql, TaskObj, TaskStateGql,
-    TenantObj, UserObj, connection, page_request, parse_id,
+    AuditEntryObj, ClusterObj, Dashboard, MemberObj, NotificationSettingsObj, RunObj, RunStatusGql,
+    TaskObj, TaskStateGql, TenantObj, UserObj, connection, page_request, parse_id,
 };
 use super::{identity, state, tenant};
 use crate::error::ApiResult;
@@ -141,6 +141,13 @@ impl QueryRoot {
     async fn run(&self, ctx: &Context<'_>, id: ID) -> ApiResult<Option<RunObj>> {
         let handle = tenant(ctx).await?;
         Ok(Some(RunObj(handle.run(parse_id("id", &id)?).await?)))
+    }
+
+    /// The tenant's default recipients and webhook (its secret is never shown).
+    async fn notification_settings(&self, ctx: &Context<'_>) -> ApiResult<NotificationSettingsObj> {
+        Ok(NotificationSettingsObj(
+            tenant(ctx).await?.notifications().await?,
+        ))
     }
 
     async fn members(&self, ctx: &Context<'_>) -> ApiResult<Vec<MemberObj>> {

@@ -515,6 +515,20 @@ impl LogLineObj {
     }
 }
 
+/// Where a tenant's events go besides each task's own recipients.
+pub struct NotificationSettingsObj(pub cloudtask_catalogue::notifications::TenantNotifications);
+
+#[Object(name = "NotificationSettings")]
+impl NotificationSettingsObj {
+    /// Recipients of every failure and worker event.
+    async fn notify_emails(&self) -> &[String] {
+        &self.0.emails
+    }
+    async fn webhook_url(&self) -> Option<&str> {
+        self.0.webhook_url.as_deref()
+    }
+}
+
 /// A worker of a cluster.
 pub struct WorkerObj(pub crate::cluster_view::WorkerInfo);
 

@@ -1,0 +1,283 @@
+//! Live events for subscribers: log lines stored, run status changed, worker joined or
+//! left. They say *that* something changed (ids and offsets, never content), and the
+//! subscriber reads what changed from the catalogue, so an event that is missed or comes
+//! twice costs a query, never a gap or a duplicate.
+//!
+//! On Postgres an event is a `NOTIFY` on `cloudtask_events` sent inside the transaction
+//! that stores the change, so it is heard by every API replica exactly when the change
+//! commits; each replica keeps one LISTEN connection and fans out in memory. On SQLite
+//! (standalone: one process) the event goes straight to the in-memory fan-out once the
+//! transaction has committed. Payloads are a few ids, far below Postgres's 8,000 bytes.
+//!
+//! The fan-out is a bounded broadcast: a subscriber that falls behind is told it lagged
+//! and resumes from what the catalogue holds, and the writer never waits for anyone.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId};
+use cloudtask_core::{Error, Result};
+use sea_orm::sqlx::postgres::PgListener;
+use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement};
+use tokio::sync::{OnceCell, broadcast};
+
+use crate::db_err;
+
+pub const CHANNEL: &str = "cloudtask_events";
+
+/// Events buffered per subscriber before it is told it lagged.
+const FAN_OUT_CAPACITY: usize = 4_096;
+
+/// How a worker's membership changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    Joined,
+    /// Left cleanly (shut down).
+    Left,
+    /// Its session ended without a clean leave.
+    Offline,
+}
+
+impl Membership {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Membership::Joined => "JOINED",
+            Membership::Left => "LEFT",
+            Membership::Offline => "OFFLINE",
+        }
+    }
+}
+
+impl FromStr for Membership {
+    type Err = ();
+    fn from_str(s: &str) -> std::result::Result<Self, ()> {
+        Ok(match s {
+            "JOINED" => Membership::Joined,
+            "LEFT" => Membership::Left,
+            "OFFLINE" => Membership::Offline,
+            _ => return Err(()),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Lines of the run are stored up to (not including) offset `next`.
+    Logs { run: RunId, next: u64 },
+    /// A run was created or changed status.
+    Run {
+        tenant: TenantId,
+        task: TaskId,
+        run: RunId,
+    },
+    Worker {
+        tenant: TenantId,
+        cluster: ClusterId,
+        change: Membership,
+        worker: String,
+    },
+    /// Events may have been missed (the subscriber lagged, or the LISTEN connection was
+    /// lost): re-read what you follow.
+    Resync,
+}
+
+impl Event {
+    fn encode(&self) -> Option<String> {
+        Some(match self {
+            Event::Logs { run, next } => format!("L {run} {next}"),
+            Event::Run { tenant, task, run } => format!("R {tenant} {task} {run}"),
+            Event::Worker {
+                tenant,
+                cluster,
+                change,
+                worker,
+            } => format!("W {tenant} {cluster} {} {worker}", change.as_str()),
+            Event::Resync => return None,
+        })
+    }
+
+    fn decode(text: &str) -> Option<Event> {
+        let mut parts = text.splitn(5, ' ');
+        let kind = parts.next()?;
+        let mut next = || parts.next();
+        Some(match kind {
+            "L" => Event::Logs {
+                run: next()?.parse().ok()?,
+                next: next()?.parse().ok()?,
+            },
+            "R" => Event::Run {
+                tenant: next()?.parse().ok()?,
+                task: next()?.parse().ok()?,
+                run: next()?.parse().ok()?,
+            },
+            "W" => Event::Worker {
+                tenant: next()?.parse().ok()?,
+                cluster: next()?.parse().ok()?,
+                change: next()?.parse().ok()?,
+                worker: next()?.to_owned(),
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// The in-memory fan-out, shared by every clone of a catalogue.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    tx: broadcast::Sender<Event>,
+    /// The LISTEN connection (Postgres), started by the first subscriber.
+    listener: OnceCell<tokio::task::JoinHandle<()>>,
+}
+
+impl Hub {
+    pub(crate) fn new() -> Arc<Hub> {
+        Arc::new(Hub {
+            tx: broadcast::channel(FAN_OUT_CAPACITY).0,
+            listener: OnceCell::new(),
+        })
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(listener) = self.listener.get() {
+            listener.abort();
+        }
+    }
+}
+
+/// Events of one writing transaction: announced inside it (Postgres) and published once it
+/// has committed (SQLite).
+#[derive(Debug, Default)]
+#[must_use = "publish the events after the commit"]
+pub(crate) struct Outgoing(Vec<Event>);
+
+impl Outgoing {
+    /// Adds an event; on Postgres it is NOTIFYed in `conn`'s transaction at once.
+    pub(crate) async fn add(&mut self, conn: &impl ConnectionTrait, event: Event) -> Result<()> {
+        if conn.get_database_backend() == DatabaseBackend::Postgres
+            && let Some(payload) = event.encode()
+        {
+            conn.execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "SELECT pg_notify($1, $2)",
+                [CHANNEL.into(), payload.into()],
+            ))
+            .await
+            .map_err(db_err)?;
+        }
+        self.0.push(event);
+        Ok(())
+    }
+
+    /// After the commit: SQLite's events reach this process's subscribers now
+    /// (Postgres's went with the commit).
+    pub(crate) fn publish(self, db: &DatabaseConnection, hub: &Hub) {
+        if db.get_database_backend() != DatabaseBackend::Postgres {
+            for event in self.0 {
+                let _ = hub.tx.send(event);
+            }
+        }
+    }
+}
+
+/// A subscriber's stream of events.
+pub struct Events {
+    rx: broadcast::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event; `Resync` when some were missed. `None` once the catalogue is gone.
+    pub async fn next(&mut self) -> Option<Event> {
+        match self.rx.recv().await {
+            Ok(event) => Some(event),
+            Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::Resync),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+impl crate::Catalogue {
+    /// Follows the catalogue's events from now on.
+    pub async fn events(&self) -> Result<Events> {
+        // Subscribe before the listener starts, so nothing it hears is missed.
+        let rx = self.hub.tx.subscribe();
+        if self.backend() == DatabaseBackend::Postgres {
+            let pool = self.db.get_postgres_connection_pool().clone();
+            let tx = self.hub.tx.clone();
+            self.hub
+                .listener
+                .get_or_try_init(|| async move {
+                    let mut listener = PgListener::connect_with(&pool)
+                        .await
+                        .map_err(|e| Error::internal(format!("LISTEN connection: {e}")))?;
+                    listener
+                        .listen(CHANNEL)
+                        .await
+                        .map_err(|e| Error::internal(format!("LISTEN: {e}")))?;
+                    Ok::<_, Error>(tokio::spawn(forward(listener, tx)))
+                })
+                .await?;
+        }
+        Ok(Events { rx })
+    }
+
+    /// Publishes an event outside any other write (a worker's membership change).
+    pub async fn announce(&self, event: Event) -> Result<()> {
+        let mut outgoing = Outgoing::default();
+        outgoing.add(&self.db, event).await?;
+        outgoing.publish(&self.db, &self.hub);
+        Ok(())
+    }
+}
+
+/// Forwards what the LISTEN connection hears. While the database is unreachable sqlx
+/// reconnects; once it is back every subscriber is told to resync.
+async fn forward(mut listener: PgListener, tx: broadcast::Sender<Event>) {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => match Event::decode(notification.payload()) {
+                Some(event) => {
+                    let _ = tx.send(event);
+                }
+                None => tracing::warn!(payload = notification.payload(), "ignoring a bad event"),
+            },
+            Ok(None) => {
+                let _ = tx.send(Event::Resync);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "event listener lost the database; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_their_payload() {
+        let run = RunId::from(uuid::Uuid::now_v7());
+        let tenant = TenantId::from(uuid::Uuid::now_v7());
+        let task = TaskId::from(uuid::Uuid::now_v7());
+        let cluster = ClusterId::from(uuid::Uuid::now_v7());
+        for event in [
+            Event::Logs { run, next: 42 },
+            Event::Run { tenant, task, run },
+            Event::Worker {
+                tenant,
+                cluster,
+                change: Membership::Offline,
+                worker: "host a:1".into(),
+            },
+        ] {
+            let payload = event.encode().unwrap();
+            assert!(payload.len() < 8_000);
+            assert_eq!(Event::decode(&payload), Some(event));
+        }
+        assert_eq!(Event::decode("X 1"), None);
+        assert_eq!(Event::decode("L not-a-run 1"), None);
+    }
+}

@@ -1,0 +1,252 @@
+//! Subscriptions across API replicas: a run's logs ingested through one replica reach a
+//! subscriber of another live (Postgres LISTEN/NOTIFY), in order, each once; a
+//! subscriber reconnecting from an offset gets no gap and no duplicate; run events and
+//! worker events arrive as they happen; another tenant's run is NOT_FOUND.
+
+use std::time::Duration;
+
+use cloudtask_testkit::{GqlSocket, Reply};
+use serde_json::{Value, json};
+
+use crate::harness::Cluster;
+
+const LOGS: &str = "subscription($run: ID!, $from: Int) {
+    runLogs(runId: $run, fromOffset: $from) { offset stream text }
+}";
+
+fn token(cluster: &Cluster) -> String {
+    cluster.owner.token.clone().expect("the owner is logged in")
+}
+
+async fn wait_assigned(cluster: &Cluster, task: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while cluster.assigned_worker(task).await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the task was never assigned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn run_now(cluster: &Cluster, task: &str) -> String {
+    let queued = cluster
+        .owner
+        .run(
+            "mutation($id: ID!) { runTaskNow(id: $id) { id } }",
+            json!({ "id": task }),
+        )
+        .await;
+    queued.data()["runTaskNow"]["id"]
+        .as_str()
+        .expect("a run id")
+        .to_owned()
+}
+
+async fn run_status(cluster: &Cluster, run: &str) -> String {
+    let response = cluster
+        .owner
+        .run(
+            "query($id: ID!) { run(id: $id) { status } }",
+            json!({ "id": run }),
+        )
+        .await;
+    response.data()["run"]["status"]
+        .as_str()
+        .expect("a status")
+        .to_owned()
+}
+
+fn offsets_and_texts(payloads: &[Value]) -> Vec<(u64, String)> {
+    payloads
+        .iter()
+        .map(|p| {
+            let line = &p["data"]["runLogs"];
+            (
+                line["offset"].as_u64().expect("an offset"),
+                line["text"].as_str().expect("a text").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn live_logs_reach_a_subscriber_of_another_replica_without_gap_or_duplicate() {
+    let mut cluster = Cluster::start().await;
+    // The worker reports to the first replica; the subscriber listens on a second one.
+    let replica = cluster.api.replica().await;
+    cluster.start_worker("w1");
+    let task = cluster
+        .create_task(json!({
+            "name": "talker",
+            "schedule": "0 0 1 1 *",
+            "command": "for i in $(seq 1 20); do echo line-$i; sleep 0.1; done",
+        }))
+        .await;
+    wait_assigned(&cluster, &task).await;
+
+    let mut socket = GqlSocket::connect(&replica.url, &token(&cluster)).await;
+    let run = run_now(&cluster, &task).await;
+    socket
+        .subscribe("logs", LOGS, json!({ "run": run, "from": 0 }))
+        .await;
+
+    // The first line comes while the run is still going (it takes two seconds).
+    let first = match socket.reply("logs", Duration::from_secs(20)).await {
+        Reply::Next(payload) => payload,
+        other => panic!("expected a line, got {other:?}"),
+    };
+    assert_eq!(first["data"]["runLogs"]["offset"], 0, "{first}");
+    assert_eq!(first["data"]["runLogs"]["text"], "line-1");
+    assert_eq!(first["data"]["runLogs"]["stream"], "STDOUT");
+    assert_eq!(
+        run_status(&cluster, &run).await,
+        "RUNNING",
+        "the first line should arrive while the run goes on"
+    );
+
+    let rest = socket.until_complete("logs", Duration::from_secs(30)).await;
+    let mut lines = vec![(0, "line-1".to_owned())];
+    lines.extend(offsets_and_texts(&rest));
+    let expected: Vec<(u64, String)> = (0..20).map(|i| (i, format!("line-{}", i + 1))).collect();
+    assert_eq!(lines, expected, "order and offsets exact, each line once");
+    assert_eq!(run_status(&cluster, &run).await, "SUCCEEDED");
+
+    // Reconnecting from an offset: what follows it, nothing before, then complete.
+    let mut again = GqlSocket::connect(&replica.url, &token(&cluster)).await;
+    again
+        .subscribe("logs", LOGS, json!({ "run": run, "from": 7 }))
+        .await;
+    let resumed = again.until_complete("logs", Duration::from_secs(10)).await;
+    assert_eq!(offsets_and_texts(&resumed), expected[7..].to_vec());
+}
+
+#[tokio::test]
+async fn run_and_worker_events_arrive_on_another_replica() {
+    let mut cluster = Cluster::start().await;
+    let replica = cluster.api.replica().await;
+    let mut socket = GqlSocket::connect(&replica.url, &token(&cluster)).await;
+    socket
+        .subscribe(
+            "workers",
+            "subscription($c: ID) { workerEvents(clusterId: $c) { clusterId worker kind at } }",
+            json!({ "c": cluster.cluster_id }),
+        )
+        .await;
+    // Subscriptions start asynchronously: give the server a request to answer first, so
+    // the subscription is in place before the worker joins.
+    socket
+        .subscribe("ping", "query { me { email } }", json!({}))
+        .await;
+    assert!(matches!(
+        socket.reply("ping", Duration::from_secs(10)).await,
+        Reply::Next(_)
+    ));
+    let worker = cluster.start_worker("w1");
+    let joined = match socket.reply("workers", Duration::from_secs(20)).await {
+        Reply::Next(payload) => payload["data"]["workerEvents"].clone(),
+        other => panic!("expected a worker event, got {other:?}"),
+    };
+    assert_eq!(joined["kind"], "JOINED", "{joined}");
+    assert_eq!(joined["worker"], "w1");
+    assert_eq!(joined["clusterId"], cluster.cluster_id.as_str());
+
+    let task = cluster
+        .create_task(json!({
+            "name": "quick",
+            "schedule": "0 0 1 1 *",
+            "command": "echo hi; exit 3",
+        }))
+        .await;
+    wait_assigned(&cluster, &task).await;
+    socket
+        .subscribe(
+            "runs",
+            "subscription($t: ID) { runEvents(taskId: $t) { id status exitCode } }",
+            json!({ "t": task }),
+        )
+        .await;
+    socket
+        .subscribe("ping2", "query { me { email } }", json!({}))
+        .await;
+    assert!(matches!(
+        socket.reply("ping2", Duration::from_secs(10)).await,
+        Reply::Next(_)
+    ));
+    let run = run_now(&cluster, &task).await;
+    let mut statuses = Vec::new();
+    while statuses.last().map(String::as_str) != Some("FAILED") {
+        match socket.reply("runs", Duration::from_secs(20)).await {
+            Reply::Next(payload) => {
+                let event = &payload["data"]["runEvents"];
+                assert_eq!(event["id"], run.as_str(), "{event}");
+                statuses.push(event["status"].as_str().unwrap().to_owned());
+                if event["status"] == "FAILED" {
+                    assert_eq!(event["exitCode"], 3);
+                }
+            }
+            other => panic!("expected a run event, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        statuses.first().map(String::as_str),
+        Some("QUEUED"),
+        "{statuses:?}"
+    );
+
+    worker.cancel();
+    let left = match socket.reply("workers", Duration::from_secs(20)).await {
+        Reply::Next(payload) => payload["data"]["workerEvents"].clone(),
+        other => panic!("expected a worker event, got {other:?}"),
+    };
+    assert_eq!(left["kind"], "LEFT", "{left}");
+}
+
+#[tokio::test]
+async fn another_tenants_run_is_not_found_and_bad_offsets_are_refused() {
+    let mut cluster = Cluster::start().await;
+    cluster.start_worker("w1");
+    let task = cluster
+        .create_task(json!({ "name": "mine", "schedule": "0 0 1 1 *", "command": "echo x" }))
+        .await;
+    wait_assigned(&cluster, &task).await;
+    let run = run_now(&cluster, &task).await;
+    let other = cluster
+        .api
+        .tenant_with_cluster("other", crate::support::PASSWORD)
+        .await;
+    let mut socket =
+        GqlSocket::connect(&cluster.api.url, other.owner.token.as_ref().unwrap()).await;
+    socket
+        .subscribe("logs", LOGS, json!({ "run": run, "from": 0 }))
+        .await;
+    match socket.reply("logs", Duration::from_secs(10)).await {
+        Reply::Error(errors) => {
+            assert_eq!(errors[0]["extensions"]["code"], "NOT_FOUND", "{errors}")
+        }
+        Reply::Next(payload) => assert_eq!(
+            payload["errors"][0]["extensions"]["code"], "NOT_FOUND",
+            "{payload}"
+        ),
+        Reply::Complete => panic!("completed without an error"),
+    }
+    let mut own = GqlSocket::connect(&cluster.api.url, &token(&cluster)).await;
+    own.subscribe("bad", LOGS, json!({ "run": run, "from": -1 }))
+        .await;
+    match own.reply("bad", Duration::from_secs(10)).await {
+        Reply::Next(payload) => {
+            assert_eq!(
+                payload["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+                "{payload}"
+            );
+            assert_eq!(payload["errors"][0]["extensions"]["field"], "fromOffset");
+        }
+        Reply::Error(errors) => {
+            assert_eq!(
+                errors[0]["extensions"]["code"], "BAD_USER_INPUT",
+                "{errors}"
+            )
+        }
+        Reply::Complete => panic!("completed without an error"),
+    }
+}
