@@ -106,6 +106,7 @@ async fn stack(cluster_name: &str) -> Stack {
         identity: "bench".into(),
         sweep: Duration::from_secs(3600),
         writes: Default::default(),
+        notifier: None,
     };
     tokio::spawn(scheduler.run(stop.clone()));
     Stack {

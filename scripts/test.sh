@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 scripts/ensure-postgres.sh
 scripts/ensure-zookeeper.sh --fresh
+# The mail tests talk to a real SMTP server (scripts/smtp-sink.py, on aiosmtpd).
+python3 -c 'import aiosmtpd' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check aiosmtpd
 
 # Databases left behind by earlier runs (each test creates its own).
 psql -h 127.0.0.1 -U postgres -d postgres -Atc \

@@ -147,12 +147,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 config.zookeeper.clone(),
                 Duration::from_millis(config.zookeeper_session_timeout_ms),
             ));
+            let notifier = cloudtask_scheduler::notify::Notifier::new(catalogue.clone(), &config)?;
             let scheduler = cloudtask_scheduler::Scheduler {
                 catalogue,
                 coordinator,
                 identity: format!("{}/{}", hostname(), std::process::id()),
                 sweep: cloudtask_scheduler::SWEEP,
                 writes: Arc::default(),
+                notifier: Some(notifier),
             };
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -58,6 +58,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         identity: "standalone".into(),
         sweep: SWEEP,
         writes: Arc::default(),
+        notifier: Some(cloudtask_scheduler::notify::Notifier::new(
+            catalogue.clone(),
+            &config,
+        )?),
     };
     let scheduler = tokio::spawn(scheduler.run(scheduler_stop.clone()));
 

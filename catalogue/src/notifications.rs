@@ -5,7 +5,7 @@
 //! and marks them sent; a row whose sender died is leased again once its lease runs out.
 
 use chrono::{DateTime, Utc};
-use cloudtask_core::ids::{ClusterId, RunId, TenantId};
+use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId};
 use cloudtask_core::roles::Action;
 use cloudtask_core::run::{LogLine, RunStatus};
 use cloudtask_core::{Error, Result};
@@ -180,10 +180,10 @@ pub(crate) async fn run_ended(conn: &impl ConnectionTrait, row: &run::Model) -> 
         .map(|c| c.name)
         .unwrap_or_default();
     let payload = json!({
-        "run": row.id,
-        "task": row.task_id,
+        "run": RunId::from(row.id),
+        "task": TaskId::from(row.task_id),
         "taskName": task.name,
-        "cluster": row.cluster_id,
+        "cluster": ClusterId::from(row.cluster_id),
         "clusterName": cluster_name,
         "worker": row.worker_id,
         "scheduledAt": row.scheduled_at,
@@ -201,7 +201,7 @@ pub(crate) async fn run_ended(conn: &impl ConnectionTrait, row: &run::Model) -> 
         &format!("{RUN_FAILED}:{}", row.id),
         payload,
         &spec.notify_emails,
-        Some(format!("task:{}", row.task_id)),
+        Some(format!("task:{}", TaskId::from(row.task_id))),
     )
     .await?;
     Ok(())
@@ -214,6 +214,7 @@ impl Catalogue {
         &self,
         limit: u64,
         lease: std::time::Duration,
+        channels: &[Channel],
     ) -> Result<Vec<Notification>> {
         let now = now();
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
@@ -221,6 +222,7 @@ impl Catalogue {
         let mut query = outbox::Entity::find()
             .filter(outbox::Column::SentAt.is_null())
             .filter(outbox::Column::NextAttemptAt.lte(now))
+            .filter(outbox::Column::Channel.is_in(channels.iter().map(|c| c.as_str())))
             .filter(
                 sea_orm::Condition::any()
                     .add(outbox::Column::LockedUntil.is_null())

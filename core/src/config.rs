@@ -30,7 +30,17 @@ pub struct Config {
     /// ZooKeeper connect string; a chroot suffix (`host:2181/root`) is honoured.
     pub zookeeper: String,
     pub zookeeper_session_timeout_ms: u64,
+    /// Where the scheduler leader sends mail: `smtp://host:port` (add `?tls=required` for
+    /// STARTTLS, or `?tls=opportunistic`), `smtps://host:port` for TLS from the start;
+    /// credentials as `smtp://user:password@host`. Unset: no mail is sent (webhooks still are).
     pub smtp_url: Option<String>,
+    /// The From of notification mails.
+    pub smtp_from: String,
+    /// How long one SMTP conversation may take.
+    pub smtp_timeout_secs: u64,
+    /// After a mail about a task's failure, further failures of that task within this
+    /// window are held and sent together as one digest when it ends.
+    pub notify_digest_window_secs: u64,
     /// The API a worker talks to.
     pub api_url: String,
     /// The join token a worker presents for its cluster.
@@ -82,6 +92,9 @@ impl Default for Config {
             zookeeper: "127.0.0.1:2181/cloudtask".into(),
             zookeeper_session_timeout_ms: 10_000,
             smtp_url: None,
+            smtp_from: "CloudTask <cloudtask@localhost>".into(),
+            smtp_timeout_secs: 30,
+            notify_digest_window_secs: 60,
             api_url: "http://127.0.0.1:8080".into(),
             cluster_token: None,
             data_dir: PathBuf::from("./cloudtask-data"),
@@ -232,6 +245,7 @@ impl Config {
             ("login_window_secs", self.login_window_secs),
             ("run_max_log_lines", self.run_max_log_lines),
             ("run_max_line_bytes", self.run_max_line_bytes),
+            ("smtp_timeout_secs", self.smtp_timeout_secs),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));

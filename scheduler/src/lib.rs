@@ -5,6 +5,7 @@
 pub mod balance;
 pub mod cluster;
 pub mod election;
+pub mod notify;
 pub mod ring;
 
 use std::collections::{BTreeMap, HashSet};
@@ -35,6 +36,8 @@ pub struct Scheduler {
     pub sweep: Duration,
     /// Znode writes made by this replica's leadership terms (for tests and benchmarks).
     pub writes: Arc<AtomicU64>,
+    /// Delivers the notification outbox while this replica leads (None: not here).
+    pub notifier: Option<notify::Notifier>,
 }
 
 /// Why a leadership term ended.
@@ -96,6 +99,11 @@ impl Scheduler {
             },
         }
         tracing::info!(%node, "leading");
+        let term = shutdown.child_token();
+        let _end_of_term = term.clone().drop_guard();
+        if let Some(notifier) = &self.notifier {
+            tokio::spawn(notifier.clone().run(term.clone()));
+        }
         let changes = self.catalogue.listen_changes().await.ok();
         let fence = Fence {
             election_node: node,

@@ -100,6 +100,7 @@ fn start_scheduler(setup: &Setup, identity: &str) -> (CancellationToken, Arc<Ato
         identity: identity.into(),
         sweep: Duration::from_secs(3600),
         writes: writes.clone(),
+        notifier: None,
     };
     tokio::spawn(scheduler.run(shutdown.clone()));
     (shutdown, writes)

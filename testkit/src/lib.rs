@@ -1,6 +1,7 @@
 //! Test-only helpers: a fresh Postgres database per test, the real API on port 0, and a
 //! small GraphQL client (JSON and multipart uploads).
 
+mod smtp;
 mod socket;
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+pub use smtp::{Mail, SmtpSink};
 pub use socket::{GqlSocket, Reply};
 
 /// Where tests create their databases: `CLOUDTASK_TEST_DATABASE_URL`, else the local

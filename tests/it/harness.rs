@@ -23,6 +23,9 @@ pub struct Options {
     pub session_timeout: Duration,
     /// Run a scheduler in this process (the usual case).
     pub in_process_scheduler: bool,
+    /// Notification settings for the schedulers (`CLOUDTASK_*` names without the prefix,
+    /// lower-case): `smtp_url`, `notify_digest_window_secs`…
+    pub notify: Vec<(&'static str, String)>,
 }
 
 impl Default for Options {
@@ -31,6 +34,7 @@ impl Default for Options {
             zookeeper: None,
             session_timeout: SESSION_TIMEOUT,
             in_process_scheduler: true,
+            notify: Vec::new(),
         }
     }
 }
@@ -49,6 +53,7 @@ pub struct Cluster {
     pub data: tempfile::TempDir,
     pub stops: Vec<CancellationToken>,
     pub processes: Vec<std::process::Child>,
+    pub notify: Vec<(&'static str, String)>,
 }
 
 impl Drop for Cluster {
@@ -85,6 +90,17 @@ impl Cluster {
         let (owner, cluster_id, join_token) = (setup.owner, setup.cluster_id, setup.join_token);
 
         let scheduler_stop = CancellationToken::new();
+        let mut notify_config = (*api.state.config).clone();
+        for (key, value) in &options.notify {
+            match *key {
+                "smtp_url" => notify_config.smtp_url = Some(value.clone()),
+                "smtp_timeout_secs" => notify_config.smtp_timeout_secs = value.parse().unwrap(),
+                "notify_digest_window_secs" => {
+                    notify_config.notify_digest_window_secs = value.parse().unwrap()
+                }
+                other => panic!("no notify setting {other}"),
+            }
+        }
         if options.in_process_scheduler {
             let scheduler = cloudtask_scheduler::Scheduler {
                 catalogue: api.catalogue.clone(),
@@ -95,6 +111,13 @@ impl Cluster {
                 identity: "test-scheduler".into(),
                 sweep: Duration::from_secs(3600),
                 writes: Default::default(),
+                notifier: Some(
+                    cloudtask_scheduler::notify::Notifier::new(
+                        api.catalogue.clone(),
+                        &notify_config,
+                    )
+                    .expect("notifier settings"),
+                ),
             };
             tokio::spawn(scheduler.run(scheduler_stop.clone()));
         }
@@ -109,6 +132,7 @@ impl Cluster {
             data: tempfile::tempdir().unwrap(),
             stops: vec![scheduler_stop],
             processes: Vec::new(),
+            notify: options.notify,
         }
     }
 
@@ -164,6 +188,11 @@ impl Cluster {
                 self.session_timeout.as_millis().to_string(),
             )
             .env("CLOUDTASK_LOG_LEVEL", "info")
+            .envs(
+                self.notify
+                    .iter()
+                    .map(|(k, v)| (format!("CLOUDTASK_{}", k.to_uppercase()), v)),
+            )
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()

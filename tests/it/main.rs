@@ -11,6 +11,7 @@ mod flow;
 mod harness;
 mod health;
 mod isolation;
+mod notifications;
 mod roles;
 mod standalone;
 mod subscriptions;
