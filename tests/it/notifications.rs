@@ -318,14 +318,13 @@ async fn a_storm_of_failures_is_grouped_into_one_digest() {
     assert_eq!(sink.mails().len(), 2);
 }
 
+/// What the webhook receiver got: headers and body of each request.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>;
+
 /// A webhook receiver: answers 500 to the first delivery and 200 after, keeping what it
 /// got (headers and body).
-async fn webhook_receiver() -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>,
-) {
-    use std::sync::{Arc, Mutex};
-    let got: Arc<Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>> = Arc::default();
+async fn webhook_receiver() -> (String, Received) {
+    let got: Received = Received::default();
     let store = got.clone();
     let app = axum::Router::new().route(
         "/hook",
