@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use cloudtask_testkit::TestApi;
+use cloudtask_testkit::stats::{ms, percentile};
 use sea_orm::ConnectionTrait;
 use serde_json::json;
 
@@ -16,16 +17,6 @@ const TASKS: usize = 100_000;
 const SAMPLES: usize = 1_000;
 const CONCURRENCY: usize = 4;
 const LOGIN_SECONDS: u64 = 5;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p).ceil() as usize)
-        .saturating_sub(1)
-        .min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 #[tokio::main]
 async fn main() {

@@ -23,6 +23,7 @@ use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_core::ids::{ClusterId, TaskId};
 use cloudtask_core::task::{TaskSpec, TaskState};
 use cloudtask_testkit::TestApi;
+use cloudtask_testkit::stats::{ms, percentile};
 use tokio_util::sync::CancellationToken;
 
 const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -190,19 +191,6 @@ fn lags(dir: &Path, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<Duration> {
     }
     lags.sort();
     lags
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 * p).ceil() as usize)
-        .saturating_sub(1)
-        .min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// (Tasks are created before their worker starts, so creating them is not slowed by

@@ -280,4 +280,20 @@ mod tests {
         assert_eq!(Event::decode("X 1"), None);
         assert_eq!(Event::decode("L not-a-run 1"), None);
     }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_is_told_to_resync_and_the_writer_never_waits() {
+        let hub = Hub::new();
+        let mut slow = Events {
+            rx: hub.tx.subscribe(),
+        };
+        let run = RunId::from(uuid::Uuid::now_v7());
+        // Far more than the buffer holds, with nobody reading: sending never blocks.
+        for next in 0..(FAN_OUT_CAPACITY as u64 * 3) {
+            let _ = hub.tx.send(Event::Logs { run, next });
+        }
+        assert_eq!(slow.next().await, Some(Event::Resync));
+        // Then it goes on with the newest events it still holds.
+        assert!(matches!(slow.next().await, Some(Event::Logs { .. })));
+    }
 }

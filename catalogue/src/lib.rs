@@ -20,7 +20,7 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, SqlErr};
 use uuid::Uuid;
 
 pub use accounts::{NewUser, RefreshOutcome};
-pub use runs::{MAX_LOG_BATCH, RunFilter};
+pub use runs::{MAX_LOG_BATCH, RunFilter, RunLog};
 pub use system::WorkerEvent;
 pub use tenant::{NewPackage, NewTask, Scope, TaskEdit, TaskFilter, TenantHandle};
 

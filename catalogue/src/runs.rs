@@ -617,9 +617,32 @@ impl TenantHandle {
 
     /// A run's log lines from `from_offset`, in order, at most `limit`.
     pub async fn run_logs(&self, id: RunId, from_offset: u64, limit: u64) -> Result<Vec<LogLine>> {
+        self.run_log(id).await?.lines(from_offset, limit).await
+    }
+
+    /// A run's log, for a follower: access is checked here, once.
+    pub async fn run_log(&self, id: RunId) -> Result<RunLog> {
         self.run(id).await?;
+        Ok(RunLog {
+            db: self.db.clone(),
+            run: id,
+        })
+    }
+}
+
+/// One run's log lines and whether the run has ended, reached through
+/// [`TenantHandle::run_log`].
+#[derive(Debug, Clone)]
+pub struct RunLog {
+    db: sea_orm::DatabaseConnection,
+    run: RunId,
+}
+
+impl RunLog {
+    /// Lines from `from_offset`, in order, at most `limit`.
+    pub async fn lines(&self, from_offset: u64, limit: u64) -> Result<Vec<LogLine>> {
         let rows = run_log_line::Entity::find()
-            .filter(run_log_line::Column::RunId.eq(Uuid::from(id)))
+            .filter(run_log_line::Column::RunId.eq(Uuid::from(self.run)))
             .filter(run_log_line::Column::Offset.gte(from_offset as i64))
             .order_by_asc(run_log_line::Column::Offset)
             .limit(limit)
@@ -627,5 +650,20 @@ impl TenantHandle {
             .await
             .map_err(db_err)?;
         rows.into_iter().map(LogLine::try_from).collect()
+    }
+
+    /// Whether the run has its outcome (its last line is stored before it).
+    pub async fn has_ended(&self) -> Result<bool> {
+        let status: Option<String> = run::Entity::find_by_id(Uuid::from(self.run))
+            .select_only()
+            .column(run::Column::Status)
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(status
+            .as_deref()
+            .and_then(RunStatus::parse)
+            .is_none_or(RunStatus::is_final))
     }
 }

@@ -3,6 +3,7 @@
 
 mod smtp;
 mod socket;
+pub mod stats;
 
 use std::sync::Arc;
 

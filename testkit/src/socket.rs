@@ -27,12 +27,16 @@ pub enum Reply {
 impl GqlSocket {
     /// Opens `/graphql/ws` of the API at `api_url` (http://…) without saying anything.
     pub async fn open(api_url: &str) -> GqlSocket {
+        GqlSocket::open_with_protocol(api_url, "graphql-transport-ws").await
+    }
+
+    /// Opens the socket asking for `protocol` (`graphql-ws` is the legacy one).
+    pub async fn open_with_protocol(api_url: &str, protocol: &str) -> GqlSocket {
         let url = format!("{}/graphql/ws", api_url.replace("http://", "ws://"));
         let mut request = url.into_client_request().expect("a WebSocket URL");
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            "graphql-transport-ws".parse().expect("header"),
-        );
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocol.parse().expect("header"));
         let (socket, _) = tokio_tungstenite::connect_async(request)
             .await
             .expect("the API accepts a WebSocket");

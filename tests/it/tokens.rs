@@ -265,6 +265,17 @@ async fn expired_access_tokens_are_refused_with_the_reason() {
         &user_claims(&real.user_id, &world.a.id, now() - 60),
     );
     assert_token_refused(api, &expired, "expired").await;
+    // A subscription socket with it is closed with the protocol's refusal.
+    let mut socket = cloudtask_testkit::GqlSocket::open(&api.url).await;
+    socket
+        .send(json!({ "type": "connection_init", "payload": { "accessToken": expired } }))
+        .await;
+    match socket.frame(std::time::Duration::from_secs(10)).await {
+        tokio_tungstenite::tungstenite::Message::Close(Some(frame)) => {
+            assert_eq!(u16::from(frame.code), 4403)
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
     let response = api.client().with_token(&expired).run(ME, json!({})).await;
     assert!(
         response.message().contains("expired"),

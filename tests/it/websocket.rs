@@ -58,3 +58,30 @@ async fn operations_over_the_socket_run_as_the_token_says() {
         other => panic!("expected an answer, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn the_legacy_graphql_ws_protocol_is_served_too() {
+    let world = World::new().await;
+    let token = world.b.owner.token.clone().unwrap();
+    let mut socket = GqlSocket::open_with_protocol(&world.api.url, "graphql-ws").await;
+    socket
+        .send(json!({ "type": "connection_init", "payload": { "accessToken": token } }))
+        .await;
+    let ack = socket.message(WITHIN).await;
+    assert_eq!(ack["type"], "connection_ack", "{ack}");
+    socket
+        .send(json!({ "id": "1", "type": "start", "payload": {
+            "query": "query($id: ID!) { task(id: $id) { name } }",
+            "variables": { "id": world.b.task_id },
+        } }))
+        .await;
+    loop {
+        let message = socket.message(WITHIN).await;
+        if message["type"] == "ka" {
+            continue; // keep-alive
+        }
+        assert_eq!(message["type"], "data", "{message}");
+        assert_eq!(message["payload"]["data"]["task"]["name"], "beta-task");
+        break;
+    }
+}

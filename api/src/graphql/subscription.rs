@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_graphql::{Context, Enum, ID, SimpleObject, Subscription};
 use chrono::{DateTime, Utc};
-use cloudtask_catalogue::TenantHandle;
+use cloudtask_catalogue::RunLog;
 use cloudtask_catalogue::events::{Event, Events, Membership};
 use cloudtask_core::Error;
 use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId};
@@ -78,10 +78,10 @@ impl SubscriptionRoot {
         if from < 0 {
             return Err(Error::bad_input("fromOffset", "must not be negative").into());
         }
-        handle.run(run).await?;
+        let log = handle.run_log(run).await?;
         let events = state(ctx).catalogue.events().await?;
         let follow = LogFollow {
-            handle,
+            log,
             events,
             run,
             next: from as u64,
@@ -181,8 +181,11 @@ impl SubscriptionRoot {
 }
 
 /// Follows one run's log: what is stored from `next` on, then what is stored later.
+///
+/// A run's lines are stored in offset order (its worker reports them in order, and the
+/// spool replays them in order), so "from `next` on" never skips one.
 struct LogFollow {
-    handle: TenantHandle,
+    log: RunLog,
     events: Events,
     run: RunId,
     /// The offset of the next line to deliver.
@@ -222,7 +225,7 @@ impl LogFollow {
         }
         // Nothing new. A run's outcome is reported after its last line, so once the run
         // has ended, one more read gets whatever was stored in between, and that is all.
-        if self.handle.run(self.run).await?.status.is_final() {
+        if self.log.has_ended().await? {
             self.fetch().await?;
             self.ended = true;
             return Ok(true);
@@ -231,7 +234,7 @@ impl LogFollow {
     }
 
     async fn fetch(&mut self) -> Result<bool, Error> {
-        let lines = self.handle.run_logs(self.run, self.next, LOG_PAGE).await?;
+        let lines = self.log.lines(self.next, LOG_PAGE).await?;
         let Some(last) = lines.last() else {
             return Ok(false);
         };
