@@ -3,11 +3,15 @@
 //! subscriber reads what changed from the catalogue, so an event that is missed or comes
 //! twice costs a query, never a gap or a duplicate.
 //!
-//! On Postgres an event is a `NOTIFY` on `cloudtask_events` sent inside the transaction
-//! that stores the change, so it is heard by every API replica exactly when the change
-//! commits; each replica keeps one LISTEN connection and fans out in memory. On SQLite
-//! (standalone: one process) the event goes straight to the in-memory fan-out once the
-//! transaction has committed. Payloads are a few ids, far below Postgres's 8,000 bytes.
+//! On Postgres an event is a `NOTIFY` on `cloudtask_events`, sent once the transaction
+//! that stored the change has committed, by one announcer per process that batches what
+//! many writers committed into one statement: a NOTIFY inside a writer's transaction would
+//! serialise every such commit behind Postgres's notification lock (claims and log
+//! batches would queue for each other's fsync). Every API replica keeps one LISTEN
+//! connection and fans out in memory. On SQLite (standalone: one process) the event goes
+//! straight to the in-memory fan-out after the commit. Payloads are a few ids, far below
+//! Postgres's 8,000 bytes. An event lost with a crash between commit and NOTIFY is
+//! covered by the subscribers' periodic re-read.
 //!
 //! The fan-out is a bounded broadcast: a subscriber that falls behind is told it lagged
 //! and resumes from what the catalogue holds, and the writer never waits for anyone.
@@ -19,9 +23,7 @@ use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId};
 use cloudtask_core::{Error, Result};
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement};
-use tokio::sync::{OnceCell, broadcast};
-
-use crate::db_err;
+use tokio::sync::{OnceCell, broadcast, mpsc};
 
 pub const CHANNEL: &str = "cloudtask_events";
 
@@ -121,12 +123,17 @@ impl Event {
     }
 }
 
-/// The in-memory fan-out, shared by every clone of a catalogue.
+/// Most events one NOTIFY statement carries.
+const ANNOUNCE_BATCH: usize = 1_000;
+
+/// The in-memory fan-out and the announcer, shared by every clone of a catalogue.
 #[derive(Debug)]
 pub(crate) struct Hub {
     tx: broadcast::Sender<Event>,
     /// The LISTEN connection (Postgres), started by the first subscriber.
     listener: OnceCell<tokio::task::JoinHandle<()>>,
+    /// Committed events on their way to NOTIFY (Postgres), started by the first one.
+    announcer: std::sync::OnceLock<mpsc::UnboundedSender<String>>,
 }
 
 impl Hub {
@@ -134,7 +141,25 @@ impl Hub {
         Arc::new(Hub {
             tx: broadcast::channel(FAN_OUT_CAPACITY).0,
             listener: OnceCell::new(),
+            announcer: std::sync::OnceLock::new(),
         })
+    }
+
+    fn announce(&self, db: &DatabaseConnection, events: Vec<Event>) {
+        if db.get_database_backend() != DatabaseBackend::Postgres {
+            for event in events {
+                let _ = self.tx.send(event);
+            }
+            return;
+        }
+        let announcer = self.announcer.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(announce(db.clone(), rx));
+            tx
+        });
+        for payload in events.iter().filter_map(Event::encode) {
+            let _ = announcer.send(payload);
+        }
     }
 }
 
@@ -146,38 +171,48 @@ impl Drop for Hub {
     }
 }
 
-/// Events of one writing transaction: announced inside it (Postgres) and published once it
-/// has committed (SQLite).
+/// NOTIFYs what is queued, everything pending at once in one statement. Ends when the
+/// catalogue is gone.
+async fn announce(db: DatabaseConnection, mut rx: mpsc::UnboundedReceiver<String>) {
+    let mut payloads = Vec::new();
+    while rx.recv_many(&mut payloads, ANNOUNCE_BATCH).await > 0 {
+        let statement = Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
+            [
+                CHANNEL.into(),
+                sea_orm::Value::Array(
+                    sea_orm::sea_query::ArrayType::String,
+                    Some(Box::new(
+                        payloads
+                            .drain(..)
+                            .map(|p| sea_orm::Value::String(Some(p)))
+                            .collect(),
+                    )),
+                ),
+            ],
+        );
+        if let Err(e) = db.execute_raw(statement).await {
+            // Subscribers re-read on their own from time to time; nothing is lost.
+            tracing::warn!(error = %e, "events not announced");
+        }
+    }
+}
+
+/// Events of one writing transaction, published once it has committed.
 #[derive(Debug, Default)]
 #[must_use = "publish the events after the commit"]
 pub(crate) struct Outgoing(Vec<Event>);
 
 impl Outgoing {
-    /// Adds an event; on Postgres it is NOTIFYed in `conn`'s transaction at once.
-    pub(crate) async fn add(&mut self, conn: &impl ConnectionTrait, event: Event) -> Result<()> {
-        if conn.get_database_backend() == DatabaseBackend::Postgres
-            && let Some(payload) = event.encode()
-        {
-            conn.execute_raw(Statement::from_sql_and_values(
-                DatabaseBackend::Postgres,
-                "SELECT pg_notify($1, $2)",
-                [CHANNEL.into(), payload.into()],
-            ))
-            .await
-            .map_err(db_err)?;
-        }
+    pub(crate) fn add(&mut self, event: Event) {
         self.0.push(event);
-        Ok(())
     }
 
-    /// After the commit: SQLite's events reach this process's subscribers now
-    /// (Postgres's went with the commit).
+    /// After the commit: to this process's subscribers (SQLite), or to every replica's
+    /// through NOTIFY (Postgres).
     pub(crate) fn publish(self, db: &DatabaseConnection, hub: &Hub) {
-        if db.get_database_backend() != DatabaseBackend::Postgres {
-            for event in self.0 {
-                let _ = hub.tx.send(event);
-            }
-        }
+        hub.announce(db, self.0);
     }
 }
 
@@ -223,11 +258,8 @@ impl crate::Catalogue {
     }
 
     /// Publishes an event outside any other write (a worker's membership change).
-    pub async fn announce(&self, event: Event) -> Result<()> {
-        let mut outgoing = Outgoing::default();
-        outgoing.add(&self.db, event).await?;
-        outgoing.publish(&self.db, &self.hub);
-        Ok(())
+    pub fn announce(&self, event: Event) {
+        self.hub.announce(&self.db, vec![event]);
     }
 }
 

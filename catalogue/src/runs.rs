@@ -108,7 +108,7 @@ impl Catalogue {
             Err(e) => return Err(db_err(e)),
         };
         let mut events = Outgoing::default();
-        events.add(&txn, run_event(&row)).await?;
+        events.add(run_event(&row));
         txn.commit().await.map_err(db_err)?;
         events.publish(&self.db, &self.hub);
         row.try_into()
@@ -166,7 +166,7 @@ impl Catalogue {
         }
         let mut events = Outgoing::default();
         for (run, next) in stored {
-            events.add(&txn, Event::Logs { run, next }).await?;
+            events.add(Event::Logs { run, next });
         }
         for chunk in rows.chunks(1_000) {
             run_log_line::Entity::insert_many(chunk.to_vec())
@@ -187,7 +187,7 @@ impl Catalogue {
                     return Err(Error::bad_input("status", "not an outcome"));
                 }
                 if let Some(row) = finish(&txn, *run, outcome).await? {
-                    events.add(&txn, run_event(&row)).await?;
+                    events.add(run_event(&row));
                     notifications::run_ended(&txn, &row).await?;
                 }
             }
@@ -226,7 +226,7 @@ impl Catalogue {
                 error: Some(LOST_REASON.into()),
                 ..run.clone()
             };
-            events.add(&txn, run_event(&ended)).await?;
+            events.add(run_event(&ended));
             notifications::run_ended(&txn, &ended).await?;
         }
         // The retry policy decides what a lost fire becomes: its next attempt is queued
@@ -270,7 +270,7 @@ impl Catalogue {
                 .await
                 .map_err(db_err)?;
             if matches!(inserted, sea_orm::TryInsertResult::Inserted(n) if n > 0) {
-                events.add(&txn, retry_event).await?;
+                events.add(retry_event);
             }
         }
         // Manual runs handed to it but not started go back to the queue, for the task's
@@ -356,8 +356,7 @@ impl Catalogue {
             tenant: run.tenant_id,
             task: run.task_id,
             run: run.id,
-        })
-        .await?;
+        });
         Ok(run)
     }
 
@@ -511,7 +510,7 @@ impl TenantHandle {
             .await?;
         notify(&txn, task.cluster_id.into()).await?;
         let mut events = Outgoing::default();
-        events.add(&txn, run_event(&row)).await?;
+        events.add(run_event(&row));
         txn.commit().await.map_err(db_err)?;
         events.publish(&self.db, &self.hub);
         row.try_into()
@@ -555,7 +554,7 @@ impl TenantHandle {
             .map_err(db_err)?
             .ok_or(Error::NotFound("run"))?;
         let mut events = Outgoing::default();
-        events.add(&txn, run_event(&run)).await?;
+        events.add(run_event(&run));
         txn.commit().await.map_err(db_err)?;
         events.publish(&self.db, &self.hub);
         run.try_into()

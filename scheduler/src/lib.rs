@@ -315,8 +315,7 @@ impl<'a> Leader<'a> {
         tracing::info!(%cluster, joined = changes.joined.len(), left = changes.left.len(),
             failed = changes.failed.len(), moved, "workers changed");
         let tenant = state.cluster.tenant_id;
-        // Subscribers hear of every change (a lost notification is not worth failing the
-        // term over: the allocation is what matters).
+        // Subscribers hear of every change.
         let announced = [
             (Membership::Joined, &changes.joined),
             (Membership::Left, &changes.left),
@@ -330,9 +329,7 @@ impl<'a> Leader<'a> {
                     change,
                     worker: worker.name.clone(),
                 };
-                if let Err(e) = self.scheduler.catalogue.announce(event).await {
-                    tracing::warn!(error = %e, "worker event not announced");
-                }
+                self.scheduler.catalogue.announce(event);
             }
         }
         for worker in &changes.failed {
