@@ -376,14 +376,7 @@ async fn run_now_and_stop_reach_the_worker_within_a_second() {
             "env": [{ "name": "NAP", "value": "0" }],
         }))
         .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while cluster.assigned_worker(&task).await.is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the task was never assigned"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster.wait_assigned(&task).await;
 
     let queued = cluster
         .owner

@@ -295,6 +295,33 @@ impl Cluster {
         .await
     }
 
+    /// Waits (bounded) until the scheduler has given the task to a worker.
+    pub async fn wait_assigned(&self, task: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while self.assigned_worker(task).await.is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the task was never assigned"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `runTaskNow`; returns the queued run's id.
+    pub async fn run_now(&self, task: &str) -> String {
+        let queued = self
+            .owner
+            .run(
+                "mutation($id: ID!) { runTaskNow(id: $id) { id } }",
+                json!({ "id": task }),
+            )
+            .await;
+        queued.data()["runTaskNow"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}", queued.body))
+            .to_owned()
+    }
+
     pub async fn assigned_worker(&self, task: &str) -> Option<String> {
         let response = self
             .owner

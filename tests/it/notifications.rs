@@ -41,28 +41,6 @@ async fn set_recipients(cluster: &Cluster, settings: Value) {
     assert!(set.body["errors"].is_null(), "{}", set.body);
 }
 
-async fn wait_assigned(cluster: &Cluster, task: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while cluster.assigned_worker(task).await.is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "never assigned");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn run_now(cluster: &Cluster, task: &str) -> String {
-    let queued = cluster
-        .owner
-        .run(
-            "mutation($id: ID!) { runTaskNow(id: $id) { id } }",
-            json!({ "id": task }),
-        )
-        .await;
-    queued.data()["runTaskNow"]["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{}", queued.body))
-        .to_owned()
-}
-
 /// A task that fails with exit code 7 after two lines, mailed to dev@ besides the
 /// tenant's default recipients.
 async fn failing_task(cluster: &Cluster, name: &str) -> String {
@@ -75,8 +53,20 @@ async fn failing_task(cluster: &Cluster, name: &str) -> String {
             "overlapPolicy": "ALLOW",
         }))
         .await;
-    wait_assigned(cluster, &task).await;
+    cluster.wait_assigned(&task).await;
     task
+}
+
+/// Once a delivery is marked sent, later passes (one a second) leave it alone: after two
+/// more passes there is still exactly one mail.
+async fn exactly_one_mail(sink: &SmtpSink) {
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        sink.mails().len(),
+        1,
+        "exactly one mail: {:#?}",
+        sink.mails()
+    );
 }
 
 fn is_failure_mail(mail: &Mail) -> bool {
@@ -130,7 +120,7 @@ async fn a_failed_run_is_mailed_once_with_what_happened() {
     cluster.start_worker("w1");
     set_recipients(&cluster, json!({ "notifyEmails": ["ops@acme.example"] })).await;
     let task = failing_task(&cluster, "nightly-report").await;
-    let run = run_now(&cluster, &task).await;
+    let run = cluster.run_now(&task).await;
 
     let mails = sink
         .wait_for("the failure mail", LONG, |m| !m.is_empty())
@@ -167,8 +157,7 @@ async fn a_failed_run_is_mailed_once_with_what_happened() {
     })
     .await;
     // Marked sent, so later passes (one a second) leave it alone.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(sink.mails().len(), 1, "{:#?}", sink.mails());
+    exactly_one_mail(&sink).await;
 }
 
 #[tokio::test]
@@ -178,7 +167,7 @@ async fn with_the_smtp_server_down_the_mail_goes_out_once_it_is_back() {
     cluster.start_worker("w1");
     let task = failing_task(&cluster, "while-down").await;
     sink.stop();
-    run_now(&cluster, &task).await;
+    cluster.run_now(&task).await;
     let tenant = tenant_id(&cluster).await;
     // Tried and failed at least twice while the server was away.
     wait_outbox(&cluster, tenant, "failed attempts", |rows| {
@@ -195,13 +184,7 @@ async fn with_the_smtp_server_down_the_mail_goes_out_once_it_is_back() {
         rows.iter().all(|(_, _, _, sent)| *sent)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(
-        sink.mails().len(),
-        1,
-        "exactly one mail: {:#?}",
-        sink.mails()
-    );
+    exactly_one_mail(&sink).await;
 }
 
 #[tokio::test]
@@ -220,7 +203,7 @@ async fn a_leader_killed_in_the_middle_of_sending_still_makes_exactly_one_mail()
     cluster.spawn_scheduler_process("scheduler-b");
 
     sink.hold();
-    run_now(&cluster, &task).await;
+    cluster.run_now(&task).await;
     sink.wait_holding(LONG).await;
     // The leader is in the SMTP conversation, before the message: kill it there.
     let mut killed = cluster.processes.remove(leader);
@@ -238,13 +221,7 @@ async fn a_leader_killed_in_the_middle_of_sending_still_makes_exactly_one_mail()
             .any(|(k, _, attempts, sent)| k == "RUN_FAILED" && *sent && *attempts == 2)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(
-        sink.mails().len(),
-        1,
-        "exactly one mail: {:#?}",
-        sink.mails()
-    );
+    exactly_one_mail(&sink).await;
 }
 
 #[tokio::test]
@@ -256,7 +233,7 @@ async fn a_killed_worker_is_mailed_as_offline() {
     let task = cluster
         .create_task(json!({ "name": "any", "schedule": "0 0 1 1 *", "command": "true" }))
         .await;
-    wait_assigned(&cluster, &task).await;
+    cluster.wait_assigned(&task).await;
     let mut process = cluster.processes.remove(worker);
     process.kill().unwrap();
     process.wait().unwrap();
@@ -284,7 +261,7 @@ async fn a_storm_of_failures_is_grouped_into_one_digest() {
     let task = failing_task(&cluster, "stormy").await;
     let mut runs = Vec::new();
     for _ in 0..100 {
-        runs.push(run_now(&cluster, &task).await);
+        runs.push(cluster.run_now(&task).await);
     }
     let tenant = tenant_id(&cluster).await;
     // The first pass mails what has failed so far (one failure, or the first few of a
@@ -375,7 +352,7 @@ async fn webhook_deliveries_are_signed_and_retried() {
         url.as_str()
     );
     let task = failing_task(&cluster, "hooked").await;
-    let run = run_now(&cluster, &task).await;
+    let run = cluster.run_now(&task).await;
 
     let deadline = tokio::time::Instant::now() + LONG;
     while got.lock().unwrap().len() < 2 {

@@ -18,31 +18,6 @@ fn token(cluster: &Cluster) -> String {
     cluster.owner.token.clone().expect("the owner is logged in")
 }
 
-async fn wait_assigned(cluster: &Cluster, task: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while cluster.assigned_worker(task).await.is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the task was never assigned"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn run_now(cluster: &Cluster, task: &str) -> String {
-    let queued = cluster
-        .owner
-        .run(
-            "mutation($id: ID!) { runTaskNow(id: $id) { id } }",
-            json!({ "id": task }),
-        )
-        .await;
-    queued.data()["runTaskNow"]["id"]
-        .as_str()
-        .expect("a run id")
-        .to_owned()
-}
-
 async fn run_status(cluster: &Cluster, run: &str) -> String {
     let response = cluster
         .owner
@@ -83,10 +58,10 @@ async fn live_logs_reach_a_subscriber_of_another_replica_without_gap_or_duplicat
             "command": "for i in $(seq 1 20); do echo line-$i; sleep 0.1; done",
         }))
         .await;
-    wait_assigned(&cluster, &task).await;
+    cluster.wait_assigned(&task).await;
 
     let mut socket = GqlSocket::connect(&replica.url, &token(&cluster)).await;
-    let run = run_now(&cluster, &task).await;
+    let run = cluster.run_now(&task).await;
     socket
         .subscribe("logs", LOGS, json!({ "run": run, "from": 0 }))
         .await;
@@ -158,7 +133,7 @@ async fn run_and_worker_events_arrive_on_another_replica() {
             "command": "echo hi; exit 3",
         }))
         .await;
-    wait_assigned(&cluster, &task).await;
+    cluster.wait_assigned(&task).await;
     socket
         .subscribe(
             "runs",
@@ -173,7 +148,7 @@ async fn run_and_worker_events_arrive_on_another_replica() {
         socket.reply("ping2", Duration::from_secs(10)).await,
         Reply::Next(_)
     ));
-    let run = run_now(&cluster, &task).await;
+    let run = cluster.run_now(&task).await;
     let mut statuses = Vec::new();
     while statuses.last().map(String::as_str) != Some("FAILED") {
         match socket.reply("runs", Duration::from_secs(20)).await {
@@ -209,8 +184,8 @@ async fn another_tenants_run_is_not_found_and_bad_offsets_are_refused() {
     let task = cluster
         .create_task(json!({ "name": "mine", "schedule": "0 0 1 1 *", "command": "echo x" }))
         .await;
-    wait_assigned(&cluster, &task).await;
-    let run = run_now(&cluster, &task).await;
+    cluster.wait_assigned(&task).await;
+    let run = cluster.run_now(&task).await;
     let other = cluster
         .api
         .tenant_with_cluster("other", crate::support::PASSWORD)
