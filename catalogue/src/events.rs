@@ -3,12 +3,13 @@
 //! subscriber reads what changed from the catalogue, so an event that is missed or comes
 //! twice costs a query, never a gap or a duplicate.
 //!
-//! On Postgres an event is a `NOTIFY` on `cloudtask_events`, sent once the transaction
-//! that stored the change has committed, by one announcer per process that batches what
-//! many writers committed into one statement: a NOTIFY inside a writer's transaction would
-//! serialise every such commit behind Postgres's notification lock (claims and log
-//! batches would queue for each other's fsync). Every API replica keeps one LISTEN
-//! connection and fans out in memory. On SQLite (standalone: one process) the event goes
+//! On Postgres an event is a `NOTIFY` on `cloudtask_events`. Log batches notify inside
+//! their own transaction (the event leaves with the commit, no extra round trip: live
+//! subscribers wait on it). Everything else, claims above all, is announced once its
+//! transaction has committed, by one announcer per process that batches what many
+//! writers committed into one statement: notifying commits queue behind one lock in
+//! Postgres, and a claim must not wait for other claims' fsyncs. Every API replica keeps
+//! one LISTEN connection and fans out in memory. On SQLite (standalone: one process) the event goes
 //! straight to the in-memory fan-out after the commit. Payloads are a few ids, far below
 //! Postgres's 8,000 bytes. An event lost with a crash between commit and NOTIFY is
 //! covered by the subscribers' periodic re-read.
@@ -176,22 +177,7 @@ impl Drop for Hub {
 async fn announce(db: DatabaseConnection, mut rx: mpsc::UnboundedReceiver<String>) {
     let mut payloads = Vec::new();
     while rx.recv_many(&mut payloads, ANNOUNCE_BATCH).await > 0 {
-        let statement = Statement::from_sql_and_values(
-            DatabaseBackend::Postgres,
-            "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
-            [
-                CHANNEL.into(),
-                sea_orm::Value::Array(
-                    sea_orm::sea_query::ArrayType::String,
-                    Some(Box::new(
-                        payloads
-                            .drain(..)
-                            .map(|p| sea_orm::Value::String(Some(p)))
-                            .collect(),
-                    )),
-                ),
-            ],
-        );
+        let statement = notify_statement(std::mem::take(&mut payloads));
         if let Err(e) = db.execute_raw(statement).await {
             // Subscribers re-read on their own from time to time; nothing is lost.
             tracing::warn!(error = %e, "events not announced");
@@ -202,18 +188,60 @@ async fn announce(db: DatabaseConnection, mut rx: mpsc::UnboundedReceiver<String
 /// Events of one writing transaction, published once it has committed.
 #[derive(Debug, Default)]
 #[must_use = "publish the events after the commit"]
-pub(crate) struct Outgoing(Vec<Event>);
+pub(crate) struct Outgoing {
+    events: Vec<Event>,
+    /// NOTIFYed inside the transaction already (Postgres).
+    notified: bool,
+}
 
 impl Outgoing {
     pub(crate) fn add(&mut self, event: Event) {
-        self.0.push(event);
+        self.events.push(event);
+    }
+
+    /// NOTIFYs the events inside `conn`'s transaction, so they go out with its commit at
+    /// no extra round trip: for log batches, where subscribers wait on them. (Claims are
+    /// announced after their commit instead: notifying commits queue behind one lock.)
+    pub(crate) async fn notify_within(&mut self, conn: &impl ConnectionTrait) -> Result<()> {
+        if conn.get_database_backend() != DatabaseBackend::Postgres || self.events.is_empty() {
+            return Ok(());
+        }
+        conn.execute_raw(notify_statement(
+            self.events.iter().filter_map(Event::encode).collect(),
+        ))
+        .await
+        .map_err(crate::db_err)?;
+        self.notified = true;
+        Ok(())
     }
 
     /// After the commit: to this process's subscribers (SQLite), or to every replica's
-    /// through NOTIFY (Postgres).
+    /// through NOTIFY (Postgres) unless that went with the commit.
     pub(crate) fn publish(self, db: &DatabaseConnection, hub: &Hub) {
-        hub.announce(db, self.0);
+        if !self.notified {
+            hub.announce(db, self.events);
+        }
     }
+}
+
+/// One statement that NOTIFYs every payload.
+fn notify_statement(payloads: Vec<String>) -> Statement {
+    Statement::from_sql_and_values(
+        DatabaseBackend::Postgres,
+        "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
+        [
+            CHANNEL.into(),
+            sea_orm::Value::Array(
+                sea_orm::sea_query::ArrayType::String,
+                Some(Box::new(
+                    payloads
+                        .into_iter()
+                        .map(|p| sea_orm::Value::String(Some(p)))
+                        .collect(),
+                )),
+            ),
+        ],
+    )
 }
 
 /// A subscriber's stream of events.

@@ -192,6 +192,7 @@ impl Catalogue {
                 }
             }
         }
+        events.notify_within(&txn).await?;
         txn.commit().await.map_err(db_err)?;
         events.publish(&self.db, &self.hub);
         Ok(())

@@ -295,6 +295,24 @@ impl Cluster {
         .await
     }
 
+    /// Waits (bounded) until the scheduler leads and has taken the cluster on (its
+    /// znode exists): workers that join from now on are joins it sees.
+    pub async fn wait_cluster_mirrored(&self) {
+        use cloudtask_coord::Coordinator;
+        let coordinator = ZkCoordinator::new(self.zookeeper.clone(), self.session_timeout);
+        let session = coordinator.connect().await.expect("ZooKeeper");
+        let path = cloudtask_coord::layout::cluster(self.cluster_id.parse().unwrap());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while session.get(&path).await.ok().flatten().is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the scheduler never took the cluster on"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        session.close().await;
+    }
+
     /// Waits (bounded) until the scheduler has given the task to a worker.
     pub async fn wait_assigned(&self, task: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

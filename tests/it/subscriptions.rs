@@ -117,6 +117,8 @@ async fn run_and_worker_events_arrive_on_another_replica() {
         socket.reply("ping", Duration::from_secs(10)).await,
         Reply::Next(_)
     ));
+    // The join must come after the leader has read the cluster's workers.
+    cluster.wait_cluster_mirrored().await;
     let worker = cluster.start_worker("w1");
     let joined = match socket.reply("workers", Duration::from_secs(20)).await {
         Reply::Next(payload) => payload["data"]["workerEvents"].clone(),
