@@ -645,6 +645,14 @@ async fn claim_fire(
             Ok(run_id) => return Some(run_id),
             Err(CallError::Refused(why)) => {
                 tracing::debug!(task = %claim.task_id, at = %claim.scheduled_at, %why, "claim refused");
+                // Claimed by another worker already (the record exists), or not runnable
+                // any more: paused or moved while this claim waited for the API. A fire
+                // that was due still needs its record; the API keeps it single and takes
+                // it only if the fire was due.
+                let mut missed = claim.clone();
+                missed.status = RunStatus::Skipped;
+                missed.reason = Some(format!("misfire: the claim was refused ({why})"));
+                tokio::spawn(record(shared.clone(), missed));
                 return None;
             }
             Err(CallError::Unavailable(why)) => {
