@@ -147,7 +147,7 @@ async fn ingest(setup: &Setup, over_http: bool) -> f64 {
                     .iter()
                     .map(|r| match r {
                         Report::Logs { lines, .. } => lines.len(),
-                        Report::Finish { .. } => 0,
+                        _ => 0,
                     })
                     .sum::<usize>();
                 if over_http {

@@ -73,8 +73,10 @@ impl Catalogue {
         }
         let now = now();
         let running = claim.status == RunStatus::Running;
+        // A RUNNING claim's start time comes with the worker's Started report: a fire is
+        // claimed ahead of its time.
         let model = run::ActiveModel {
-            started_at: Set(running.then_some(now)),
+            started_at: Set(None),
             finished_at: Set((!running).then_some(now)),
             error: Set(claim.reason.clone()),
             ..new_run(
@@ -100,10 +102,52 @@ impl Catalogue {
         let row = match inserted {
             Ok(sea_orm::TryInsertResult::Inserted(row)) => row,
             Ok(_) | Err(sea_orm::DbErr::RecordNotFound(_)) => {
-                // Roll back now: on SQLite a dropped transaction would hold the write
-                // lock until the connection is reused, and the next writer gets BUSY.
-                txn.rollback().await.map_err(db_err)?;
-                return Err(Error::Conflict("this fire is claimed already".into()));
+                // The same worker asking again (its first answer was lost on the way)
+                // gets the same run, as long as nothing has happened to it yet.
+                let existing = run::Entity::find()
+                    .filter(run::Column::TaskId.eq(task.id))
+                    .filter(run::Column::FireAt.eq(claim.scheduled_at))
+                    .filter(run::Column::Attempt.eq(claim.attempt as i32))
+                    .one(&txn)
+                    .await
+                    .map_err(db_err)?;
+                let own_unstarted = existing.filter(|e| {
+                    e.worker_id.as_deref() == Some(claim.worker.as_str())
+                        && e.status == RunStatus::Running.as_str()
+                        && e.started_at.is_none()
+                });
+                match (own_unstarted, claim.status) {
+                    (Some(existing), RunStatus::Running) => {
+                        txn.rollback().await.map_err(db_err)?;
+                        return existing.try_into();
+                    }
+                    // It gave up on the claim (the answer never came) and records the fire
+                    // as missed: the claim it did make becomes that record.
+                    (Some(existing), _) => {
+                        let outcome = Outcome {
+                            status: RunStatus::Skipped,
+                            exit_code: None,
+                            signal: None,
+                            error: claim.reason.clone(),
+                            finished_at: now,
+                        };
+                        let row = finish(&txn, existing.id.into(), &outcome).await?;
+                        txn.commit().await.map_err(db_err)?;
+                        let row =
+                            row.ok_or(Error::Conflict("this fire is claimed already".into()))?;
+                        let mut events = Outgoing::default();
+                        events.add(run_event(&row));
+                        events.publish(&self.db, &self.hub);
+                        return row.try_into();
+                    }
+                    (None, _) => {
+                        // Roll back now: on SQLite a dropped transaction would hold the
+                        // write lock until the connection is reused, and the next writer
+                        // gets BUSY.
+                        txn.rollback().await.map_err(db_err)?;
+                        return Err(Error::Conflict("this fire is claimed already".into()));
+                    }
+                }
             }
             Err(e) => return Err(db_err(e)),
         };
@@ -122,7 +166,7 @@ impl Catalogue {
             .iter()
             .map(|r| match r {
                 Report::Logs { lines, .. } => lines.len(),
-                Report::Finish { .. } => 1,
+                Report::Started { .. } | Report::Abandon { .. } | Report::Finish { .. } => 1,
             })
             .sum();
         if lines > MAX_LOG_BATCH {
@@ -177,6 +221,25 @@ impl Catalogue {
                 .exec_without_returning(&txn)
                 .await
                 .map_err(db_err)?;
+        }
+        for report in reports {
+            if let Report::Abandon { run, reason } = report
+                && known.contains(&(*run).into())
+                && let Some(row) = abandon(&txn, *run, reason).await?
+            {
+                events.add(run_event(&row));
+            }
+            if let Report::Started { run, at } = report
+                && known.contains(&(*run).into())
+            {
+                run::Entity::update_many()
+                    .col_expr(run::Column::StartedAt, Expr::value(*at))
+                    .filter(run::Column::Id.eq(Uuid::from(*run)))
+                    .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
+                    .exec(&txn)
+                    .await
+                    .map_err(db_err)?;
+            }
         }
         for report in reports {
             if let Report::Finish { run, outcome } = report
@@ -443,6 +506,53 @@ fn log_row(run_id: RunId, line: &LogLine) -> run_log_line::ActiveModel {
 
 const LOST_REASON: &str = "the worker's session ended while the run was going";
 
+/// A fire claimed ahead of its time and not started: its record goes when the fire was
+/// not due after all (the task paused or deleted before it, or edited since the claim),
+/// else it is a fire not run, SKIPPED with the worker's reason. Returns the row when it
+/// ended SKIPPED.
+async fn abandon(
+    conn: &impl ConnectionTrait,
+    run_id: RunId,
+    reason: &str,
+) -> Result<Option<run::Model>> {
+    let Some(row) = run::Entity::find_by_id(Uuid::from(run_id))
+        .one(conn)
+        .await
+        .map_err(db_err)?
+    else {
+        return Ok(None);
+    };
+    if row.status != RunStatus::Running.as_str()
+        || row.started_at.is_some()
+        || row.trigger != RunTrigger::Schedule.as_str()
+    {
+        return Ok(None); // it started, or ended already
+    }
+    let task = task::Entity::find_by_id(row.task_id)
+        .one(conn)
+        .await
+        .map_err(db_err)?;
+    let not_due = task.is_none_or(|t| {
+        (t.state == TaskState::Paused.as_str() && row.scheduled_at > t.updated_at)
+            || t.version != row.task_version
+    });
+    if not_due {
+        run::Entity::delete_by_id(row.id)
+            .exec(conn)
+            .await
+            .map_err(db_err)?;
+        return Ok(None);
+    }
+    let outcome = Outcome {
+        status: RunStatus::Skipped,
+        exit_code: None,
+        signal: None,
+        error: Some(reason.to_owned()),
+        finished_at: now(),
+    };
+    finish(conn, run_id, &outcome).await
+}
+
 fn run_event(row: &run::Model) -> Event {
     Event::Run {
         tenant: row.tenant_id.into(),
@@ -618,6 +728,21 @@ impl TenantHandle {
     /// A run's log lines from `from_offset`, in order, at most `limit`.
     pub async fn run_logs(&self, id: RunId, from_offset: u64, limit: u64) -> Result<Vec<LogLine>> {
         self.run_log(id).await?.lines(from_offset, limit).await
+    }
+
+    /// The log lines of a run read through this handle already (no second look-up: a
+    /// claimed fire that turned out not due may be gone by now, its lines with it).
+    pub async fn logs_of(&self, run: &Run, from_offset: u64, limit: u64) -> Result<Vec<LogLine>> {
+        self.require(Action::Read)?;
+        if run.tenant_id != self.tenant_id() {
+            return Err(Error::NotFound("run"));
+        }
+        RunLog {
+            db: self.db.clone(),
+            run: run.id,
+        }
+        .lines(from_offset, limit)
+        .await
     }
 
     /// A run's log, for a follower: access is checked here, once.

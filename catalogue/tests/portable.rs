@@ -107,9 +107,10 @@ async fn exercise(catalogue: Catalogue) {
     assert!(!page.has_next);
 
     // Runs: a claim is taken once per fire; reports land once; reads are scoped.
+    let fire = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap();
     let claim = Claim {
         task_id: task.id,
-        scheduled_at: chrono::Utc::now(),
+        scheduled_at: fire,
         attempt: 0,
         task_version: 2,
         worker: "w1".into(),
@@ -118,10 +119,18 @@ async fn exercise(catalogue: Catalogue) {
         reason: None,
     };
     let run = catalogue.claim_run(cluster.id, &claim).await.unwrap();
-    let again = catalogue.claim_run(cluster.id, &claim).await;
+    // The same worker asking again (its answer lost) gets the same run; another worker
+    // is refused.
+    let again = catalogue.claim_run(cluster.id, &claim).await.unwrap();
+    assert_eq!(again.id, run.id);
+    let other = Claim {
+        worker: "w2".into(),
+        ..claim.clone()
+    };
+    let refused = catalogue.claim_run(cluster.id, &other).await;
     assert!(
-        matches!(again, Err(cloudtask_core::Error::Conflict(_))),
-        "a second claim of one fire: {again:?}"
+        matches!(refused, Err(cloudtask_core::Error::Conflict(_))),
+        "a second claim of one fire: {refused:?}"
     );
     let line = |offset: u64, text: &str| LogLine {
         offset,

@@ -109,19 +109,41 @@ pub struct LogLine {
     pub text: String,
 }
 
-/// One thing a worker reports about a run: a batch of its log lines, or how it ended.
-/// Reports of one run are delivered in the order they were made.
+/// One thing a worker reports about a run: when its process started (a fire is claimed
+/// ahead of its time), that a claimed fire was not started, a batch of its log lines, or
+/// how it ended. Reports of one run are delivered in the order they were
+/// made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum Report {
-    Logs { run: RunId, lines: Vec<LogLine> },
-    Finish { run: RunId, outcome: Outcome },
+    Started {
+        run: RunId,
+        at: DateTime<Utc>,
+    },
+    /// A fire claimed ahead of its time was not started. The API decides what it was: not
+    /// due after all (the task was paused or deleted before it, or edited since the
+    /// claim: the record goes), or a fire not run (SKIPPED, with `reason`).
+    Abandon {
+        run: RunId,
+        reason: String,
+    },
+    Logs {
+        run: RunId,
+        lines: Vec<LogLine>,
+    },
+    Finish {
+        run: RunId,
+        outcome: Outcome,
+    },
 }
 
 impl Report {
     pub fn run(&self) -> RunId {
         match self {
-            Report::Logs { run, .. } | Report::Finish { run, .. } => *run,
+            Report::Started { run, .. }
+            | Report::Abandon { run, .. }
+            | Report::Logs { run, .. }
+            | Report::Finish { run, .. } => *run,
         }
     }
 }

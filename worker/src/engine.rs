@@ -8,7 +8,11 @@
 //!   claimed, or the task's last change): the fires due since, while nobody ran them,
 //!   are misfires. `SKIP` records each as a SKIPPED run; `RUN_ONCE` runs the latest one
 //!   that is still within the grace period and records the rest as SKIPPED.
-//! - Every fire is claimed before anything starts; a refused claim starts nothing.
+//! - Every fire is claimed before anything starts; a refused claim starts nothing. A
+//!   scheduled fire is claimed `CLAIM_AHEAD` before its time, so at the fire time only
+//!   the spawn is left; its real start is reported with its lines. A claimed fire that is
+//!   not started after all (the task changed, moved or was paused in between, the worker
+//!   could not fire it on time, an overlap SKIP) is reported SKIPPED.
 //! - Overlap: `SKIP` records a SKIPPED run, `ALLOW` starts another, `REPLACE` stops the
 //!   running ones first. Retries are new attempts of the same fire after a backoff.
 //! - When a task's assignment goes (moved, paused, deleted) or the session's epoch ends,
@@ -48,6 +52,28 @@ const LATE: chrono::Duration = chrono::Duration::seconds(2);
 /// A scheduled fire's claim is retried this long while the API is unreachable (longer
 /// for `RUN_ONCE`: its grace period).
 const CLAIM_PATIENCE: Duration = Duration::from_secs(5);
+/// Scheduled fires are claimed this long before their time. Well below the session
+/// timeout: a worker whose session has ended cannot still hold a claim for a fire that
+/// a new owner is due to run.
+const CLAIM_AHEAD: chrono::Duration = chrono::Duration::milliseconds(1_000);
+
+/// A fire claimed ahead of its time. `result` turns `Some(Some(run))` once the claim is
+/// in, `Some(None)` when it was refused or given up (then recorded as missed); closed
+/// when the claim's job ended without an answer (shutdown).
+struct PreClaim {
+    claim: Claim,
+    result: watch::Receiver<Option<Option<RunId>>>,
+}
+
+impl PreClaim {
+    /// The claimed run, once the claim has an answer.
+    async fn run(mut self) -> Option<RunId> {
+        match self.result.wait_for(Option::is_some).await {
+            Ok(answer) => answer.flatten(),
+            Err(_) => None,
+        }
+    }
+}
 
 /// What the engine needs from the rest of the worker.
 pub struct Engine {
@@ -97,6 +123,8 @@ enum Event {
 enum Start {
     /// A scheduled fire or a retry: claimed under its unique key.
     Claim(Claim),
+    /// A scheduled fire claimed ahead of its time.
+    Claimed(PreClaim),
     /// A manual run queued by a user and handed to this worker.
     Queued(RunId),
 }
@@ -153,6 +181,8 @@ impl Engine {
             epoch: 0,
             tasks: HashMap::new(),
             heap: BinaryHeap::new(),
+            claims: BinaryHeap::new(),
+            preclaims: HashMap::new(),
             runs: HashMap::new(),
             next_run: 0,
             jobs: JoinSet::new(),
@@ -160,11 +190,23 @@ impl Engine {
         let current = assignments.borrow_and_update().clone();
         actor.assignments_changed(current);
         loop {
-            let next = actor.heap.peek().map(|Reverse((at, _, _))| *at);
+            let next_fire = actor.heap.peek().map(|Reverse((at, _, _))| *at);
+            let next_claim = actor.claims.peek().map(|Reverse((at, _, _, _))| *at);
+            // Two sleeps, so the clock sees both deadlines (a test clock waits for the
+            // fire's own).
+            let until = |at: Option<DateTime<Utc>>| {
+                let clock = actor.clock.clone();
+                async move {
+                    match at {
+                        Some(at) => clock.sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }
+            };
             let sleep = async {
-                match next {
-                    Some(at) => actor.clock.sleep_until(at).await,
-                    None => std::future::pending().await,
+                tokio::select! {
+                    _ = until(next_fire) => {}
+                    _ = until(next_claim) => {}
                 }
             };
             tokio::select! {
@@ -175,7 +217,10 @@ impl Engine {
                     actor.assignments_changed(current);
                 }
                 Some(event) = events.recv() => actor.handle(event),
-                _ = sleep => actor.fire_due(),
+                _ = sleep => {
+                    actor.claim_due();
+                    actor.fire_due();
+                }
                 Some(_) = actor.jobs.join_next(), if !actor.jobs.is_empty() => {}
             }
         }
@@ -183,6 +228,9 @@ impl Engine {
         while actor.jobs.join_next().await.is_some() {}
     }
 }
+
+/// (claim time, task, generation, fire time) of a fire to claim ahead.
+type ClaimAhead = (DateTime<Utc>, TaskId, u64, DateTime<Utc>);
 
 struct Actor {
     clock: Arc<dyn Clock>,
@@ -192,6 +240,8 @@ struct Actor {
     epoch: u64,
     tasks: HashMap<TaskId, TaskEntry>,
     heap: BinaryHeap<Reverse<(DateTime<Utc>, TaskId, u64)>>,
+    claims: BinaryHeap<Reverse<ClaimAhead>>,
+    preclaims: HashMap<(TaskId, DateTime<Utc>), PreClaim>,
     runs: HashMap<TaskId, Vec<ActiveRun>>,
     next_run: u64,
     jobs: JoinSet<()>,
@@ -281,6 +331,10 @@ impl Actor {
         if let Some(entry) = self.tasks.remove(&task) {
             entry.watcher.cancel();
         }
+        self.abandon_claims(
+            task,
+            "not started: the task left this worker before its fire time",
+        );
         if let Some(runs) = self.runs.get(&task) {
             for run in runs {
                 run.stop.cancel();
@@ -292,6 +346,13 @@ impl Actor {
         let all: Vec<TaskId> = self.tasks.keys().copied().collect();
         for task in all {
             self.drop_task(task);
+        }
+        let claimed: Vec<PreClaim> = self.preclaims.drain().map(|(_, c)| c).collect();
+        for claimed in claimed {
+            self.abandon(
+                claimed,
+                "not started: the worker shut down before its fire time",
+            );
         }
         for runs in self.runs.values() {
             for run in runs {
@@ -357,6 +418,34 @@ impl Actor {
             }
         });
         entry.node = node;
+        // Fires claimed ahead under the old spec: kept if the new one fires then too,
+        // released if it does not (paused, deleted, rescheduled).
+        let firing = entry
+            .node
+            .as_ref()
+            .is_some_and(|n| !n.paused)
+            .then(|| entry.schedule.clone())
+            .flatten();
+        let claimed: Vec<DateTime<Utc>> = self
+            .preclaims
+            .keys()
+            .filter(|(t, _)| *t == task)
+            .map(|(_, at)| *at)
+            .collect();
+        for at in claimed {
+            let keep = firing
+                .as_ref()
+                .is_some_and(|s| s.next_after(at - chrono::Duration::milliseconds(1)) == Some(at));
+            if !keep && let Some(claimed) = self.preclaims.remove(&(task, at)) {
+                self.abandon(
+                    claimed,
+                    "not started: the task changed before its fire time",
+                );
+            }
+        }
+        let Some(entry) = self.tasks.get_mut(&task) else {
+            return;
+        };
         if entry.node.as_ref().is_none_or(|n| n.paused) || entry.schedule.is_none() {
             return;
         }
@@ -442,7 +531,10 @@ impl Actor {
         if !node.paused {
             for at in &missed {
                 if Some(*at) != run_once {
-                    self.record_skipped(task, &node, *at, reason);
+                    match self.preclaims.remove(&(task, *at)) {
+                        Some(claimed) => self.abandon(claimed, reason),
+                        None => self.record_skipped(task, &node, *at, reason),
+                    }
                 }
             }
             if let Some(at) = run_once {
@@ -458,7 +550,83 @@ impl Actor {
         };
         if let Some(next) = entry.schedule.as_ref().and_then(|s| s.next_after(after)) {
             self.heap.push(Reverse((next, task, entry.generation)));
+            self.claims
+                .push(Reverse((next - CLAIM_AHEAD, task, entry.generation, next)));
         }
+    }
+
+    /// Claims the fires due within `CLAIM_AHEAD`.
+    fn claim_due(&mut self) {
+        let now = self.clock.now();
+        while let Some(Reverse((at, task, generation, fire_at))) = self.claims.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.claims.pop();
+            let Some(entry) = self.tasks.get(&task) else {
+                continue;
+            };
+            if entry.generation != generation || entry.cursor.is_none() || !self.is_active(task) {
+                continue;
+            }
+            if now - fire_at > LATE || self.preclaims.contains_key(&(task, fire_at)) {
+                continue; // a misfire (the fire accounts for it), or claimed already
+            }
+            let Some(node) = entry.node.clone() else {
+                continue;
+            };
+            let claim = Claim {
+                task_id: task,
+                scheduled_at: fire_at,
+                attempt: 0,
+                task_version: node.version,
+                worker: self.shared.worker.clone(),
+                trigger: RunTrigger::Schedule,
+                status: RunStatus::Running,
+                reason: None,
+            };
+            let (tx, rx) = watch::channel(None);
+            self.preclaims.insert(
+                (task, fire_at),
+                PreClaim {
+                    claim: claim.clone(),
+                    result: rx,
+                },
+            );
+            let shared = self.shared.clone();
+            self.jobs.spawn(async move {
+                let stop = shared.shutdown.clone();
+                let run = claim_fire(&shared, &node, &claim, &stop).await;
+                let _ = tx.send(Some(run));
+            });
+        }
+    }
+
+    /// The task's claimed fires that will not start now: recorded SKIPPED.
+    fn abandon_claims(&mut self, task: TaskId, reason: &str) {
+        let keys: Vec<(TaskId, DateTime<Utc>)> = self
+            .preclaims
+            .keys()
+            .filter(|(t, _)| *t == task)
+            .copied()
+            .collect();
+        for key in keys {
+            if let Some(claimed) = self.preclaims.remove(&key) {
+                self.abandon(claimed, reason);
+            }
+        }
+    }
+
+    /// A claimed fire that is not started: once its claim is in, the API hears why (and
+    /// records it SKIPPED, or drops it when the fire was not due after all).
+    fn abandon(&mut self, claimed: PreClaim, reason: &str) {
+        let reporter = self.shared.reporter.clone();
+        let reason = reason.to_owned();
+        self.jobs.spawn(async move {
+            if let Some(run) = claimed.run().await {
+                reporter.send(Report::Abandon { run, reason });
+            }
+        });
     }
 
     fn fire_due(&mut self) {
@@ -500,17 +668,19 @@ impl Actor {
         let Some(node) = self.tasks.get(&task).and_then(|e| e.node.clone()) else {
             return;
         };
+        let claimed = (trigger == RunTrigger::Schedule && attempt == 0)
+            .then(|| self.preclaims.remove(&(task, scheduled_at)))
+            .flatten();
         let running = self.runs.get(&task).is_some_and(|r| !r.is_empty());
         let mut replaced = Vec::new();
         if running {
             match node.spec.overlap_policy {
                 OverlapPolicy::Skip => {
-                    self.record_skipped(
-                        task,
-                        &node,
-                        scheduled_at,
-                        "overlap: the previous run is still going",
-                    );
+                    let reason = "overlap: the previous run is still going";
+                    match claimed {
+                        Some(claimed) => self.abandon(claimed, reason),
+                        None => self.record_skipped(task, &node, scheduled_at, reason),
+                    }
                     return;
                 }
                 OverlapPolicy::Replace => {
@@ -521,6 +691,10 @@ impl Actor {
                 }
                 OverlapPolicy::Allow => {}
             }
+        }
+        if let Some(claimed) = claimed {
+            self.start_run(task, Start::Claimed(claimed), replaced);
+            return;
         }
         let claim = Claim {
             task_id: task,
@@ -593,6 +767,31 @@ async fn run_fire(
 ) -> Option<(DateTime<Utc>, u32)> {
     let (run_id, claim) = match start {
         Start::Claim(claim) => (claim_fire(shared, node, &claim, stop).await?, claim),
+        Start::Claimed(claimed) => {
+            let claim = claimed.claim.clone();
+            let mut waiting = claimed.result.clone();
+            // Usually in already; if the API is slow, wait for it like a claim at the
+            // fire time would.
+            let answer = tokio::select! {
+                answer = waiting.wait_for(Option::is_some) => {
+                    answer.ok().and_then(|a| *a)
+                }
+                _ = stop.cancelled() => {
+                    // Stopped (moved, paused) before it could start.
+                    let reporter = shared.reporter.clone();
+                    tokio::spawn(async move {
+                        if let Some(run) = claimed.run().await {
+                            reporter.send(Report::Abandon {
+                                run,
+                                reason: "not started: the task left this worker before its fire time".into(),
+                            });
+                        }
+                    });
+                    return None;
+                }
+            };
+            (answer.flatten()?, claim)
+        }
         Start::Queued(run) => match shared.client.start(run, &shared.worker).await {
             Ok(started) => {
                 let claim = Claim {
@@ -699,6 +898,10 @@ async fn execute_fire(
                 workdir,
                 timeout: spec.timeout_seconds.map(|s| Duration::from_secs(s as u64)),
             };
+            shared.reporter.send(Report::Started {
+                run: run_id,
+                at: Utc::now(),
+            });
             execute(&run, shared.limits, &shared.reporter, stop).await
         }
         Err(e) => {

@@ -454,7 +454,9 @@ mod tests {
         while let Some(report) = reports.recv().await {
             match report {
                 Report::Logs { lines: batch, .. } => lines.extend(batch),
-                Report::Finish { .. } => unreachable!("execute reports no outcome"),
+                Report::Started { .. } | Report::Abandon { .. } | Report::Finish { .. } => {
+                    unreachable!("execute reports lines only")
+                }
             }
         }
         (outcome, lines)

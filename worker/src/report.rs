@@ -161,7 +161,7 @@ impl Writer {
                     lines.len(),
                     lines.iter().map(|l| l.text.len() + 64).sum::<usize>(),
                 ),
-                Report::Finish { .. } => (1, 128),
+                Report::Started { .. } | Report::Abandon { .. } | Report::Finish { .. } => (1, 128),
             };
             if taken > 0 && (lines + n > BATCH_LINES || bytes + size > BATCH_BYTES) {
                 break;

@@ -491,7 +491,7 @@ impl RunObj {
         }
         let lines = tenant(ctx)
             .await?
-            .run_logs(self.0.id, from_offset as u64, limit as u64)
+            .logs_of(&self.0, from_offset as u64, limit as u64)
             .await?;
         Ok(lines.into_iter().map(LogLineObj).collect())
     }
