@@ -166,7 +166,7 @@ async fn a_killed_worker_loses_its_run_and_a_survivor_fires_on_with_nothing_twic
         );
     }
     // The run in flight is LOST; so is the next fire if the worker had claimed it ahead
-    // of its time (a fire is claimed a second early) without reporting its start.
+    // of its time (fires are claimed 400 ms early) without reporting its start.
     let lost: Vec<&Value> = runs.iter().filter(|r| status(r) == "LOST").collect();
     assert!(
         lost.iter().any(|r| r["id"] == in_flight),

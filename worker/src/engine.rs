@@ -55,7 +55,7 @@ const CLAIM_PATIENCE: Duration = Duration::from_secs(5);
 /// Scheduled fires are claimed this long before their time. Well below the session
 /// timeout: a worker whose session has ended cannot still hold a claim for a fire that
 /// a new owner is due to run.
-const CLAIM_AHEAD: chrono::Duration = chrono::Duration::milliseconds(1_000);
+const CLAIM_AHEAD: chrono::Duration = chrono::Duration::milliseconds(400);
 
 /// A fire claimed ahead of its time. `result` turns `Some(Some(run))` once the claim is
 /// in, `Some(None)` when it was refused or given up (then recorded as missed); closed
