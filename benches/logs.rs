@@ -129,6 +129,13 @@ async fn runs(setup: &Setup, count: usize) -> Vec<RunId> {
 /// straight to the catalogue.
 async fn ingest(setup: &Setup, over_http: bool) -> f64 {
     let all = runs(setup, WRITERS * RUNS_PER_WRITER).await;
+    write(setup, &all, over_http, None).await
+}
+
+/// `WRITERS` writers over `all` runs (each its own, in order, as a worker reports) for
+/// `SECONDS`: batches of `BATCH_LINES` as fast as they go, or every 20 ms `paced` lines.
+/// Returns lines/s.
+async fn write(setup: &Setup, all: &[RunId], over_http: bool, paced: Option<usize>) -> f64 {
     let started = Instant::now();
     let mut handles = Vec::new();
     for runs in all.chunks(RUNS_PER_WRITER) {
@@ -141,8 +148,13 @@ async fn ingest(setup: &Setup, over_http: bool) -> f64 {
         handles.push(tokio::spawn(async move {
             let mut next = vec![0u64; runs.len()];
             let mut written = 0usize;
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             while started.elapsed() < Duration::from_secs(SECONDS) {
-                let reports = batch(&runs, &mut next, BATCH_LINES);
+                if paced.is_some() {
+                    tick.tick().await;
+                }
+                let reports = batch(&runs, &mut next, paced.unwrap_or(BATCH_LINES));
                 written += reports
                     .iter()
                     .map(|r| match r {
@@ -270,7 +282,13 @@ async fn main() {
     // Give the subscriptions a moment to be in place server-side (they replay from 0,
     // so nothing is lost either way; this keeps the replay out of the latency figures).
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let paced = paced_ingest(&setup, &runs_for_latency).await;
+    let paced = write(
+        &setup,
+        &runs_for_latency,
+        true,
+        Some(PACED_RATE / WRITERS / 50),
+    )
+    .await;
     // End the runs so the subscriptions complete.
     let finish: Vec<Report> = runs_for_latency
         .iter()
@@ -316,42 +334,4 @@ async fn main() {
         ms(percentile(&bare, 0.99)),
         ms(percentile(&latencies, 0.99)) / ms(percentile(&bare, 0.99)),
     );
-}
-
-/// The writers paced at `PACED_RATE` in all, over the given runs.
-async fn paced_ingest(setup: &Setup, all: &[RunId]) -> f64 {
-    let started = Instant::now();
-    let per_writer = PACED_RATE / WRITERS;
-    let mut handles = Vec::new();
-    for runs in all.chunks(RUNS_PER_WRITER) {
-        let runs = runs.to_vec();
-        let http = reqwest::Client::new();
-        let url = format!("{}/worker/reports", setup.api.url);
-        let credential = setup.credential.clone();
-        handles.push(tokio::spawn(async move {
-            let mut next = vec![0u64; runs.len()];
-            let mut written = 0usize;
-            let mut tick = tokio::time::interval(Duration::from_millis(20));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            while started.elapsed() < Duration::from_secs(SECONDS) {
-                tick.tick().await;
-                let reports = batch(&runs, &mut next, per_writer / 50);
-                written += per_writer / 50 / runs.len() * runs.len();
-                let response = http
-                    .post(&url)
-                    .bearer_auth(&credential)
-                    .json(&ReportBatch { reports })
-                    .send()
-                    .await
-                    .unwrap();
-                assert!(response.status().is_success());
-            }
-            written
-        }));
-    }
-    let mut total = 0;
-    for handle in handles {
-        total += handle.await.unwrap();
-    }
-    total as f64 / started.elapsed().as_secs_f64()
 }

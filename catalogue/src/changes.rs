@@ -52,13 +52,7 @@ impl Catalogue {
         if self.backend() != DatabaseBackend::Postgres {
             return Err(Error::internal("change notifications need Postgres"));
         }
-        let mut listener = PgListener::connect_with(self.db.get_postgres_connection_pool())
-            .await
-            .map_err(|e| Error::internal(format!("LISTEN connection: {e}")))?;
-        listener
-            .listen(CHANNEL)
-            .await
-            .map_err(|e| Error::internal(format!("LISTEN: {e}")))?;
+        let mut listener = listen(self.db.get_postgres_connection_pool(), CHANNEL).await?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let forward = tokio::spawn(async move {
             loop {
@@ -73,6 +67,18 @@ impl Catalogue {
             _listener: forward,
         })
     }
+}
+
+/// A LISTEN connection of its own on `channel`.
+pub(crate) async fn listen(pool: &sea_orm::sqlx::PgPool, channel: &str) -> Result<PgListener> {
+    let mut listener = PgListener::connect_with(pool)
+        .await
+        .map_err(|e| Error::internal(format!("LISTEN connection: {e}")))?;
+    listener
+        .listen(channel)
+        .await
+        .map_err(|e| Error::internal(format!("LISTEN {channel}: {e}")))?;
+    Ok(listener)
 }
 
 /// The next change. While the database is unreachable this keeps retrying (sqlx

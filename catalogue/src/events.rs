@@ -271,13 +271,7 @@ impl crate::Catalogue {
             self.hub
                 .listener
                 .get_or_try_init(|| async move {
-                    let mut listener = PgListener::connect_with(&pool)
-                        .await
-                        .map_err(|e| Error::internal(format!("LISTEN connection: {e}")))?;
-                    listener
-                        .listen(CHANNEL)
-                        .await
-                        .map_err(|e| Error::internal(format!("LISTEN: {e}")))?;
+                    let listener = crate::changes::listen(&pool, CHANNEL).await?;
                     Ok::<_, Error>(tokio::spawn(forward(listener, tx)))
                 })
                 .await?;

@@ -364,11 +364,6 @@ impl Catalogue {
             })
             .collect()
     }
-
-    /// A cluster's name, for messages.
-    pub async fn cluster_name(&self, cluster_id: ClusterId) -> Result<Option<String>> {
-        Ok(self.cluster_by_id(cluster_id).await?.map(|c| c.name))
-    }
 }
 
 fn settings_of(tenant: tenant::Model) -> TenantNotifications {
