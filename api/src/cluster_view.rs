@@ -1,6 +1,7 @@
 //! The API's read-only view of live cluster state in ZooKeeper: which workers are up and
 //! which worker owns a task. Nothing here writes.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use cloudtask_coord::layout::{self, WorkerNode};
@@ -103,13 +104,41 @@ impl ClusterView {
         Ok(None)
     }
 
-    /// Whether the task is assigned to this worker right now.
-    pub async fn owns(&self, cluster: ClusterId, worker: &str, task: TaskId) -> Result<bool> {
+    /// Which of `tasks` are assigned to this worker right now: a few are looked up one by
+    /// one, many with one read of the worker's assignment folder.
+    pub async fn owned(
+        &self,
+        cluster: ClusterId,
+        worker: &str,
+        tasks: &[TaskId],
+    ) -> Result<HashSet<TaskId>> {
+        const ONE_BY_ONE: usize = 4;
         let session = self.session().await?;
-        Ok(session
-            .get(&layout::assignment(cluster, worker, task))
-            .await
-            .map_err(unavailable)?
-            .is_some())
+        if tasks.len() <= ONE_BY_ONE {
+            let mut owned = HashSet::new();
+            for task in tasks {
+                if session
+                    .get(&layout::assignment(cluster, worker, *task))
+                    .await
+                    .map_err(unavailable)?
+                    .is_some()
+                {
+                    owned.insert(*task);
+                }
+            }
+            return Ok(owned);
+        }
+        let assigned: HashSet<String> = children_or_empty(
+            session.as_ref(),
+            &layout::worker_assignments(cluster, worker),
+        )
+        .await?
+        .into_iter()
+        .collect();
+        Ok(tasks
+            .iter()
+            .filter(|t| assigned.contains(&t.to_string()))
+            .copied()
+            .collect())
     }
 }

@@ -1,6 +1,7 @@
 //! HTTP routes around the GraphQL schema: request parsing with size limits, GraphiQL,
 //! health, package downloads, and the worker endpoints.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -16,8 +17,11 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use cloudtask_catalogue::Scope;
 use cloudtask_core::Error;
-use cloudtask_core::ids::RunId;
-use cloudtask_core::run::{Claim, Claimed, ReportBatch, RunStatus, Started};
+use cloudtask_core::ids::{ClusterId, RunId, TaskId};
+use cloudtask_core::run::{
+    Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, MAX_CLAIM_BATCH, ReportBatch, RunStatus,
+    Started,
+};
 use cloudtask_core::task::is_sha256_hex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -48,6 +52,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .route("/worker/join", post(worker_join))
         .route("/worker/packages/{sha256}", get(worker_package))
         .route("/worker/claims", post(worker_claim))
+        .route("/worker/claims/batch", post(worker_claims))
         .route("/worker/tasks/{task_id}/cursor", get(worker_fire_cursor))
         .route("/worker/runs/{run_id}/start", post(worker_start))
         .route("/worker/reports", post(worker_reports))
@@ -408,37 +413,102 @@ async fn worker_claim(
 ) -> Response {
     let result = async {
         let worker = verify_worker(&http.state, &headers)?;
-        // A stale owner (the task moved while it was cut off) must not start it. When
-        // ZooKeeper cannot be asked, the unique key alone still keeps the fire single.
-        // Records of fires that were not run (SKIPPED) are accounting, taken from any
-        // worker of the cluster: the task may have moved since (paused, failed over),
-        // and the unique key still keeps one record per fire.
-        let ownership = if claim.status == RunStatus::Running {
-            http.state
-                .cluster_view
-                .owns(worker.cluster_id, &claim.worker, claim.task_id)
-                .await
-        } else {
-            Ok(true)
-        };
-        match ownership {
-            Ok(false) => {
-                return Err(Error::Conflict(
-                    "the task is not assigned to this worker".into(),
-                ));
-            }
-            Ok(true) => {}
-            Err(e) => tracing::warn!(error = %e, "claim accepted without an ownership check"),
-        }
-        let run = http
-            .state
-            .catalogue
-            .claim_run(worker.cluster_id, &claim)
-            .await?;
-        Ok(Claimed { run_id: run.id })
+        let run_id = claim_all(&http.state, worker.cluster_id, vec![claim])
+            .await?
+            .pop()
+            .expect("one answer per claim")?;
+        Ok(Claimed { run_id })
     }
     .await;
     json_or_error(result)
+}
+
+/// Many claims in one request and one transaction, each answered on its own.
+async fn worker_claims(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    Json(batch): Json<ClaimBatch>,
+) -> Response {
+    let result = async {
+        let worker = verify_worker(&http.state, &headers)?;
+        if batch.claims.len() > MAX_CLAIM_BATCH {
+            return Err(Error::bad_input(
+                "claims",
+                format!("at most {MAX_CLAIM_BATCH} claims per request"),
+            ));
+        }
+        let answers = claim_all(&http.state, worker.cluster_id, batch.claims)
+            .await?
+            .into_iter()
+            .map(|answer| match answer {
+                Ok(run_id) => ClaimAnswer::Claimed { run_id },
+                Err(e) => ClaimAnswer::Refused {
+                    code: e.code().to_owned(),
+                    message: e.to_string(),
+                },
+            })
+            .collect();
+        Ok(ClaimAnswers { answers })
+    }
+    .await;
+    json_or_error(result)
+}
+
+/// Claims of a cluster's worker. A stale owner (the task moved while it was cut off) must
+/// not start a fire: RUNNING claims of tasks not assigned to the claiming worker are
+/// refused; when ZooKeeper cannot be asked, the unique key alone still keeps each fire
+/// single. Records of fires that were not run (SKIPPED) are accounting, taken from any
+/// worker of the cluster: the task may have moved since (paused, failed over), and the
+/// unique key still keeps one record per fire.
+async fn claim_all(
+    state: &AppState,
+    cluster: ClusterId,
+    claims: Vec<Claim>,
+) -> Result<Vec<Result<RunId, Error>>, Error> {
+    let mut refused: Vec<Option<Error>> = claims.iter().map(|_| None).collect();
+    let mut by_worker: HashMap<&str, Vec<TaskId>> = HashMap::new();
+    for claim in claims.iter().filter(|c| c.status == RunStatus::Running) {
+        by_worker
+            .entry(claim.worker.as_str())
+            .or_default()
+            .push(claim.task_id);
+    }
+    for (worker, tasks) in by_worker {
+        match state.cluster_view.owned(cluster, worker, &tasks).await {
+            Ok(owned) => {
+                for (claim, refusal) in claims.iter().zip(refused.iter_mut()) {
+                    if claim.status == RunStatus::Running
+                        && claim.worker == worker
+                        && !owned.contains(&claim.task_id)
+                    {
+                        *refusal = Some(Error::Conflict(
+                            "the task is not assigned to this worker".into(),
+                        ));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "claims accepted without an ownership check"),
+        }
+    }
+    let (asked, positions): (Vec<Claim>, Vec<usize>) = claims
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| refused[*i].is_none())
+        .map(|(i, claim)| (claim, i))
+        .unzip();
+    let mut answers: Vec<Option<Result<RunId, Error>>> =
+        refused.into_iter().map(|r| r.map(Err)).collect();
+    if !asked.is_empty() {
+        let recorded = state.catalogue.claim_runs(cluster, &asked).await?;
+        for (position, answer) in positions.into_iter().zip(recorded) {
+            answers[position] = Some(answer.map(|run| run.id));
+        }
+    }
+    let answers = answers
+        .into_iter()
+        .map(|a| a.expect("every claim answered"))
+        .collect();
+    Ok(answers)
 }
 
 #[derive(Serialize)]

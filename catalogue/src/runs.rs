@@ -17,6 +17,8 @@ use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, TransactionTrait,
 };
+use std::collections::HashMap;
+
 use uuid::Uuid;
 
 use crate::changes::notify;
@@ -42,120 +44,118 @@ impl Catalogue {
     /// claimed already, the task is paused, or the worker's spec is not the current version;
     /// NOT_FOUND when the task is not in this cluster.
     pub async fn claim_run(&self, cluster_id: ClusterId, claim: &Claim) -> Result<Run> {
-        if !matches!(claim.status, RunStatus::Running | RunStatus::Skipped) {
-            return Err(Error::bad_input("status", "a claim is RUNNING or SKIPPED"));
-        }
-        if claim.trigger == RunTrigger::Manual {
-            return Err(Error::bad_input(
-                "trigger",
-                "manual runs are queued by the API",
-            ));
-        }
+        self.claim_runs(cluster_id, std::slice::from_ref(claim))
+            .await?
+            .pop()
+            .expect("one answer per claim")
+    }
+
+    /// Claims of many fires (a worker claims a second's fires at once) in one
+    /// transaction and one insert; each is answered as [`Catalogue::claim_run`] would
+    /// answer it alone. The outer error is the database's: nothing was recorded.
+    pub async fn claim_runs(
+        &self,
+        cluster_id: ClusterId,
+        claims: &[Claim],
+    ) -> Result<Vec<Result<Run>>> {
+        let mut answers: Vec<Option<Result<Run>>> = claims
+            .iter()
+            .map(|claim| check_claim(claim).err().map(Err))
+            .collect();
+        let mut task_ids: Vec<Uuid> = claims.iter().map(|c| c.task_id.into()).collect();
+        task_ids.sort();
+        task_ids.dedup();
         let txn = self.db.begin().await.map_err(db_err)?;
-        let task = task::Entity::find_by_id(Uuid::from(claim.task_id))
+        let tasks: HashMap<Uuid, task::Model> = task::Entity::find()
+            .filter(task::Column::Id.is_in(task_ids))
             .filter(task::Column::ClusterId.eq(Uuid::from(cluster_id)))
-            .one(&txn)
+            .all(&txn)
             .await
             .map_err(db_err)?
-            .ok_or(Error::NotFound("task"))?;
-        // A paused task runs nothing; a fire it skipped is recorded only if it was due
-        // before the pause (fires after it are not due at all).
-        if task.state == TaskState::Paused.as_str()
-            && (claim.status == RunStatus::Running || claim.scheduled_at > task.updated_at)
-        {
-            return Err(Error::Conflict("the task is paused".into()));
-        }
-        if task.version as u32 != claim.task_version {
-            return Err(Error::Conflict(format!(
-                "stale task version {} (current {})",
-                claim.task_version, task.version
-            )));
-        }
+            .into_iter()
+            .map(|t| (t.id, t))
+            .collect();
         let now = now();
-        let running = claim.status == RunStatus::Running;
-        // A RUNNING claim's start time comes with the worker's Started report: a fire is
-        // claimed ahead of its time.
-        let model = run::ActiveModel {
-            started_at: Set(None),
-            finished_at: Set((!running).then_some(now)),
-            error: Set(claim.reason.clone()),
-            ..new_run(
-                &task,
-                claim.trigger,
-                claim.status,
-                claim.scheduled_at,
-                Some(claim.attempt as i32),
-                Some(claim.worker.clone()),
-                now,
-            )
-        };
-        let inserted = run::Entity::insert(model)
-            .on_conflict_do_nothing_on([
-                run::Column::TaskId,
-                run::Column::FireAt,
-                run::Column::Attempt,
-            ])
-            .exec_with_returning(&txn)
-            .await;
-        // ON CONFLICT DO NOTHING returns no row: sea-orm reports that as a conflict, or
-        // (on this path) as the inserted row not being found. Either way: claimed already.
-        let row = match inserted {
-            Ok(sea_orm::TryInsertResult::Inserted(row)) => row,
-            Ok(_) | Err(sea_orm::DbErr::RecordNotFound(_)) => {
-                // The same worker asking again (its first answer was lost on the way)
-                // gets the same run, as long as nothing has happened to it yet.
-                let existing = run::Entity::find()
-                    .filter(run::Column::TaskId.eq(task.id))
-                    .filter(run::Column::FireAt.eq(claim.scheduled_at))
-                    .filter(run::Column::Attempt.eq(claim.attempt as i32))
-                    .one(&txn)
-                    .await
-                    .map_err(db_err)?;
-                let own_unstarted = existing.filter(|e| {
-                    e.worker_id.as_deref() == Some(claim.worker.as_str())
-                        && e.status == RunStatus::Running.as_str()
-                        && e.started_at.is_none()
-                });
-                match (own_unstarted, claim.status) {
-                    (Some(existing), RunStatus::Running) => {
-                        txn.rollback().await.map_err(db_err)?;
-                        return existing.try_into();
-                    }
-                    // It gave up on the claim (the answer never came) and records the fire
-                    // as missed: the claim it did make becomes that record.
-                    (Some(existing), _) => {
-                        let outcome = Outcome {
-                            status: RunStatus::Skipped,
-                            exit_code: None,
-                            signal: None,
-                            error: claim.reason.clone(),
-                            finished_at: now,
-                        };
-                        let row = finish(&txn, existing.id.into(), &outcome).await?;
-                        txn.commit().await.map_err(db_err)?;
-                        let row =
-                            row.ok_or(Error::Conflict("this fire is claimed already".into()))?;
-                        let mut events = Outgoing::default();
-                        events.add(run_event(&row));
-                        events.publish(&self.db, &self.hub);
-                        return row.try_into();
-                    }
-                    (None, _) => {
-                        // Roll back now: on SQLite a dropped transaction would hold the
-                        // write lock until the connection is reused, and the next writer
-                        // gets BUSY.
-                        txn.rollback().await.map_err(db_err)?;
-                        return Err(Error::Conflict("this fire is claimed already".into()));
-                    }
+        let mut models = Vec::new();
+        for (claim, answer) in claims.iter().zip(answers.iter_mut()) {
+            if answer.is_some() {
+                continue;
+            }
+            let Some(task) = tasks.get(&claim.task_id.into()) else {
+                *answer = Some(Err(Error::NotFound("task")));
+                continue;
+            };
+            match claimable(task, claim) {
+                Ok(()) => models.push(claim_row(task, claim, now)),
+                Err(e) => *answer = Some(Err(e)),
+            }
+        }
+        let inserted = if models.is_empty() {
+            Vec::new()
+        } else {
+            let result = run::Entity::insert_many(models)
+                .on_conflict_do_nothing_on([
+                    run::Column::TaskId,
+                    run::Column::FireAt,
+                    run::Column::Attempt,
+                ])
+                .exec_with_returning_many(&txn)
+                .await;
+            // ON CONFLICT DO NOTHING returns no row for a fire claimed already.
+            match result {
+                Ok(sea_orm::TryInsertResult::Inserted(rows)) => rows,
+                Ok(_) | Err(sea_orm::DbErr::RecordNotFound(_)) => Vec::new(),
+                Err(e) => {
+                    txn.rollback().await.map_err(db_err)?;
+                    return Err(db_err(e));
                 }
             }
-            Err(e) => return Err(db_err(e)),
         };
+        let mut inserted: HashMap<(Uuid, i64, i32), run::Model> = inserted
+            .into_iter()
+            .filter_map(|row| {
+                let key = (row.task_id, row.fire_at?.timestamp_micros(), row.attempt);
+                Some((key, row))
+            })
+            .collect();
         let mut events = Outgoing::default();
-        events.add(run_event(&row));
+        for (claim, answer) in claims.iter().zip(answers.iter_mut()) {
+            if answer.is_some() {
+                continue;
+            }
+            let key = (
+                Uuid::from(claim.task_id),
+                claim.scheduled_at.timestamp_micros(),
+                claim.attempt as i32,
+            );
+            // A fire in the batch twice: the first takes the row, the second is a claim
+            // of a fire claimed already.
+            *answer = Some(match inserted.remove(&key) {
+                Some(row) => {
+                    events.add(run_event(&row));
+                    row.try_into()
+                }
+                None => match claimed_already(&txn, claim, now).await {
+                    Ok(Some(row)) => {
+                        if row.status != RunStatus::Running.as_str() {
+                            events.add(run_event(&row));
+                        }
+                        row.try_into()
+                    }
+                    Ok(None) => Err(Error::Conflict("this fire is claimed already".into())),
+                    Err(e) => {
+                        txn.rollback().await.map_err(db_err)?;
+                        return Err(e);
+                    }
+                },
+            });
+        }
         txn.commit().await.map_err(db_err)?;
         events.publish(&self.db, &self.hub);
-        row.try_into()
+        Ok(answers
+            .into_iter()
+            .map(|a| a.expect("every claim answered"))
+            .collect())
     }
 
     /// Stores a batch of reports (log lines and outcomes of any runs of the cluster) in
@@ -222,37 +222,36 @@ impl Catalogue {
                 .await
                 .map_err(db_err)?;
         }
+        let mut started = Vec::new();
+        let mut finished = Vec::new();
         for report in reports {
-            if let Report::Abandon { run, reason } = report
-                && known.contains(&(*run).into())
-                && let Some(row) = abandon(&txn, *run, reason).await?
-            {
-                events.add(run_event(&row));
+            if !known.contains(&report.run().into()) {
+                continue;
             }
-            if let Report::Started { run, at } = report
-                && known.contains(&(*run).into())
-            {
-                run::Entity::update_many()
-                    .col_expr(run::Column::StartedAt, Expr::value(*at))
-                    .filter(run::Column::Id.eq(Uuid::from(*run)))
-                    .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
-                    .exec(&txn)
-                    .await
-                    .map_err(db_err)?;
+            match report {
+                Report::Abandon { run, reason } => {
+                    if let Some(row) = abandon(&txn, *run, reason).await? {
+                        events.add(run_event(&row));
+                    }
+                }
+                Report::Started { run, at } => started.push((*run, *at)),
+                Report::Finish { run, outcome } => {
+                    if !outcome.status.is_final() || outcome.status == RunStatus::Skipped {
+                        txn.rollback().await.map_err(db_err)?;
+                        return Err(Error::bad_input("status", "not an outcome"));
+                    }
+                    finished.push((*run, outcome));
+                }
+                Report::Logs { .. } => {}
             }
         }
-        for report in reports {
-            if let Report::Finish { run, outcome } = report
-                && known.contains(&(*run).into())
-            {
-                if !outcome.status.is_final() || outcome.status == RunStatus::Skipped {
-                    txn.rollback().await.map_err(db_err)?;
-                    return Err(Error::bad_input("status", "not an outcome"));
-                }
-                if let Some(row) = finish(&txn, *run, outcome).await? {
-                    events.add(run_event(&row));
-                    notifications::run_ended(&txn, &row).await?;
-                }
+        for chunk in started.chunks(UPDATE_CHUNK) {
+            mark_started(&txn, chunk).await?;
+        }
+        for chunk in finished.chunks(UPDATE_CHUNK) {
+            for row in finish_many(&txn, chunk).await? {
+                events.add(run_event(&row));
+                notifications::run_ended(&txn, &row).await?;
             }
         }
         events.notify_within(&txn).await?;
@@ -493,6 +492,97 @@ fn new_run(
     }
 }
 
+/// What a claim may ask for, before any look-up.
+fn check_claim(claim: &Claim) -> Result<()> {
+    if !matches!(claim.status, RunStatus::Running | RunStatus::Skipped) {
+        return Err(Error::bad_input("status", "a claim is RUNNING or SKIPPED"));
+    }
+    if claim.trigger == RunTrigger::Manual {
+        return Err(Error::bad_input(
+            "trigger",
+            "manual runs are queued by the API",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the task takes the claim: a paused task runs nothing, and a fire it skipped
+/// is recorded only if it was due before the pause (fires after it are not due at
+/// all); a claim on a stale spec is refused.
+fn claimable(task: &task::Model, claim: &Claim) -> Result<()> {
+    if task.state == TaskState::Paused.as_str()
+        && (claim.status == RunStatus::Running || claim.scheduled_at > task.updated_at)
+    {
+        return Err(Error::Conflict("the task is paused".into()));
+    }
+    if task.version as u32 != claim.task_version {
+        return Err(Error::Conflict(format!(
+            "stale task version {} (current {})",
+            claim.task_version, task.version
+        )));
+    }
+    Ok(())
+}
+
+/// The row a claim inserts. A RUNNING claim's start time comes with the worker's
+/// Started report: a fire is claimed ahead of its time.
+fn claim_row(
+    task: &task::Model,
+    claim: &Claim,
+    now: chrono::DateTime<chrono::Utc>,
+) -> run::ActiveModel {
+    let running = claim.status == RunStatus::Running;
+    run::ActiveModel {
+        finished_at: Set((!running).then_some(now)),
+        error: Set(claim.reason.clone()),
+        ..new_run(
+            task,
+            claim.trigger,
+            claim.status,
+            claim.scheduled_at,
+            Some(claim.attempt as i32),
+            Some(claim.worker.clone()),
+            now,
+        )
+    }
+}
+
+/// A claim of a fire that has its record already. The same worker asking again (its
+/// first answer was lost on the way) gets the same run, as long as nothing has happened
+/// to it yet; one that gave up on its claim (the answer never came) and records the
+/// fire as missed turns the claim it did make into that record. None: refused.
+async fn claimed_already(
+    conn: &impl ConnectionTrait,
+    claim: &Claim,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<run::Model>> {
+    let existing = run::Entity::find()
+        .filter(run::Column::TaskId.eq(Uuid::from(claim.task_id)))
+        .filter(run::Column::FireAt.eq(claim.scheduled_at))
+        .filter(run::Column::Attempt.eq(claim.attempt as i32))
+        .one(conn)
+        .await
+        .map_err(db_err)?;
+    let Some(existing) = existing.filter(|e| {
+        e.worker_id.as_deref() == Some(claim.worker.as_str())
+            && e.status == RunStatus::Running.as_str()
+            && e.started_at.is_none()
+    }) else {
+        return Ok(None);
+    };
+    if claim.status == RunStatus::Running {
+        return Ok(Some(existing));
+    }
+    let outcome = Outcome {
+        status: RunStatus::Skipped,
+        exit_code: None,
+        signal: None,
+        error: claim.reason.clone(),
+        finished_at: now,
+    };
+    finish(conn, existing.id.into(), &outcome).await
+}
+
 fn log_row(run_id: RunId, line: &LogLine) -> run_log_line::ActiveModel {
     run_log_line::ActiveModel {
         run_id: Set(run_id.into()),
@@ -561,30 +651,97 @@ fn run_event(row: &run::Model) -> Event {
     }
 }
 
+/// Runs updated by one statement in a batch: each column's value is a CASE over the run
+/// ids, so the statement stays small enough to plan quickly.
+const UPDATE_CHUNK: usize = 200;
+
+/// `column = CASE id WHEN .. THEN .. END` over the runs of one batch.
+fn per_run<T: Into<sea_orm::Value>>(
+    values: impl Iterator<Item = (RunId, T)>,
+    column: run::Column,
+) -> sea_orm::sea_query::SimpleExpr {
+    let mut case = sea_orm::sea_query::CaseStatement::new();
+    for (run, value) in values {
+        case = case.case(run::Column::Id.eq(Uuid::from(run)), Expr::value(value));
+    }
+    case.finally(Expr::col(column)).into()
+}
+
+/// Started reports: the start time lands on runs still going.
+async fn mark_started(
+    conn: &impl ConnectionTrait,
+    started: &[(RunId, chrono::DateTime<chrono::Utc>)],
+) -> Result<()> {
+    run::Entity::update_many()
+        .col_expr(
+            run::Column::StartedAt,
+            per_run(
+                started.iter().map(|(r, at)| (*r, Some(*at))),
+                run::Column::StartedAt,
+            ),
+        )
+        .filter(run::Column::Id.is_in(started.iter().map(|(r, _)| Uuid::from(*r))))
+        .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
+        .exec(conn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
 /// An outcome lands only on a run that has none yet; the ended run, if this one did.
 async fn finish(
     conn: &impl ConnectionTrait,
     run_id: RunId,
     outcome: &Outcome,
 ) -> Result<Option<run::Model>> {
-    let updated = run::Entity::update_many()
-        .col_expr(run::Column::Status, Expr::value(outcome.status.as_str()))
-        .col_expr(run::Column::ExitCode, Expr::value(outcome.exit_code))
-        .col_expr(run::Column::Signal, Expr::value(outcome.signal))
-        .col_expr(run::Column::Error, Expr::value(outcome.error.clone()))
-        .col_expr(run::Column::FinishedAt, Expr::value(outcome.finished_at))
-        .filter(run::Column::Id.eq(Uuid::from(run_id)))
+    Ok(finish_many(conn, &[(run_id, outcome)]).await?.pop())
+}
+
+/// Outcomes of many runs in one statement: each lands only on a run that has none yet.
+/// Returns the runs that ended here. A run given twice takes its first outcome.
+async fn finish_many(
+    conn: &impl ConnectionTrait,
+    outcomes: &[(RunId, &Outcome)],
+) -> Result<Vec<run::Model>> {
+    if outcomes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let each = || outcomes.iter().map(|(run, outcome)| (*run, *outcome));
+    run::Entity::update_many()
+        .col_expr(
+            run::Column::Status,
+            per_run(
+                each().map(|(r, o)| (r, o.status.as_str())),
+                run::Column::Status,
+            ),
+        )
+        .col_expr(
+            run::Column::ExitCode,
+            per_run(each().map(|(r, o)| (r, o.exit_code)), run::Column::ExitCode),
+        )
+        .col_expr(
+            run::Column::Signal,
+            per_run(each().map(|(r, o)| (r, o.signal)), run::Column::Signal),
+        )
+        .col_expr(
+            run::Column::Error,
+            per_run(
+                each().map(|(r, o)| (r, o.error.clone())),
+                run::Column::Error,
+            ),
+        )
+        .col_expr(
+            run::Column::FinishedAt,
+            per_run(
+                each().map(|(r, o)| (r, Some(o.finished_at))),
+                run::Column::FinishedAt,
+            ),
+        )
+        .filter(run::Column::Id.is_in(each().map(|(r, _)| Uuid::from(r))))
         .filter(
             run::Column::Status.is_in([RunStatus::Queued.as_str(), RunStatus::Running.as_str()]),
         )
-        .exec(conn)
-        .await
-        .map_err(db_err)?;
-    if updated.rows_affected == 0 {
-        return Ok(None);
-    }
-    run::Entity::find_by_id(Uuid::from(run_id))
-        .one(conn)
+        .exec_with_returning(conn)
         .await
         .map_err(db_err)
 }

@@ -162,6 +162,97 @@ async fn exercise(catalogue: Catalogue) {
         .ingest_reports(cluster.id, &reports)
         .await
         .unwrap(); // delivered twice
+    // Claims in one batch are answered one by one, in order.
+    let second = chrono::Duration::seconds(1);
+    let next = Claim {
+        scheduled_at: fire + second,
+        ..claim.clone()
+    };
+    let batch = [
+        next.clone(),
+        next.clone(), // twice in one batch: the same worker gets the same run
+        Claim {
+            scheduled_at: fire + second * 2,
+            task_version: 1,
+            ..claim.clone()
+        },
+        Claim {
+            scheduled_at: fire + second * 3,
+            status: RunStatus::Skipped,
+            reason: Some("overlap".into()),
+            ..claim.clone()
+        },
+        other.clone(),
+        Claim {
+            task_id: cloudtask_core::ids::TaskId::new(),
+            ..claim.clone()
+        },
+    ];
+    let answers = catalogue.claim_runs(cluster.id, &batch).await.unwrap();
+    assert_eq!(answers.len(), batch.len());
+    let next_run = answers[0].as_ref().unwrap().clone();
+    assert_eq!(next_run.status, RunStatus::Running);
+    assert_eq!(answers[1].as_ref().unwrap().id, next_run.id);
+    assert!(
+        matches!(&answers[2], Err(cloudtask_core::Error::Conflict(m)) if m.contains("stale")),
+        "{:?}",
+        answers[2]
+    );
+    let skipped = answers[3].as_ref().unwrap();
+    assert_eq!(skipped.status, RunStatus::Skipped);
+    assert_eq!(skipped.error.as_deref(), Some("overlap"));
+    assert!(matches!(
+        answers[4],
+        Err(cloudtask_core::Error::Conflict(_))
+    ));
+    assert!(matches!(
+        answers[5],
+        Err(cloudtask_core::Error::NotFound(_))
+    ));
+    // Starts and outcomes of several runs in one batch land on each run.
+    let started_at = chrono::Utc::now();
+    catalogue
+        .ingest_reports(
+            cluster.id,
+            &[
+                Report::Started {
+                    run: next_run.id,
+                    at: started_at,
+                },
+                Report::Finish {
+                    run: next_run.id,
+                    outcome: Outcome {
+                        status: RunStatus::Failed,
+                        exit_code: Some(3),
+                        signal: None,
+                        error: Some("exit code 3".into()),
+                        finished_at: chrono::Utc::now(),
+                    },
+                },
+                // An outcome for a run that has one already changes nothing.
+                Report::Finish {
+                    run: skipped.id,
+                    outcome: Outcome {
+                        status: RunStatus::Succeeded,
+                        exit_code: Some(0),
+                        signal: None,
+                        error: None,
+                        finished_at: chrono::Utc::now(),
+                    },
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    let failed = handle.run(next_run.id).await.unwrap();
+    assert_eq!(failed.status, RunStatus::Failed);
+    assert_eq!(failed.exit_code, Some(3));
+    assert_eq!(failed.error.as_deref(), Some("exit code 3"));
+    assert!(failed.started_at.is_some());
+    assert_eq!(
+        handle.run(skipped.id).await.unwrap().status,
+        RunStatus::Skipped
+    );
     let logs = handle.run_logs(run.id, 0, 100).await.unwrap();
     assert_eq!(
         logs.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(),
@@ -177,8 +268,9 @@ async fn exercise(catalogue: Catalogue) {
         )
         .await
         .unwrap();
-    assert_eq!(runs.items.len(), 1);
-    assert_eq!(runs.items[0].status, RunStatus::Succeeded);
+    assert_eq!(runs.items.len(), 3);
+    let first = runs.items.iter().find(|r| r.id == run.id).unwrap();
+    assert_eq!(first.status, RunStatus::Succeeded);
     let queued = handle.queue_run(task.id).await.unwrap();
     assert_eq!(queued.status, RunStatus::Queued);
     let (pending, _) = catalogue.pending_commands(cluster.id).await.unwrap();

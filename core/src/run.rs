@@ -87,6 +87,32 @@ pub struct Claimed {
     pub run_id: RunId,
 }
 
+/// Claims sent in one request: a worker claims the fires due together at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimBatch {
+    pub claims: Vec<Claim>,
+}
+
+/// Most claims one request may carry.
+pub const MAX_CLAIM_BATCH: usize = 1_000;
+
+/// The answer to one claim of a batch: its run, or why it was refused (final: the fire
+/// is claimed already, the task is paused, moved or changed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ClaimAnswer {
+    Claimed { run_id: RunId },
+    Refused { code: String, message: String },
+}
+
+/// The answers to a batch, in the order of its claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimAnswers {
+    pub answers: Vec<ClaimAnswer>,
+}
+
 /// A queued run (manual, or the retry of a lost fire) as its worker starts it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

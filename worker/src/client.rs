@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{RunId, TaskId};
-use cloudtask_core::run::{Claim, Claimed, Report, ReportBatch, Started};
+use cloudtask_core::run::{
+    Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Report, ReportBatch, Started,
+};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use tokio::sync::RwLock;
@@ -15,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::join::{JoinError, join};
 
 /// Why a call did not go through.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
     /// The API answered and said no (a claim refused, a task that is not ours): final.
     #[error("refused: {0}")]
@@ -96,11 +98,26 @@ impl ApiClient {
         }
     }
 
-    pub async fn claim(&self, claim: &Claim) -> Result<RunId, CallError> {
+    /// Claims many fires in one request; an answer per claim, in order.
+    pub async fn claims(&self, claims: &[Claim]) -> Result<Vec<ClaimAnswer>, CallError> {
+        let batch = ClaimBatch {
+            claims: claims.to_vec(),
+        };
         let response = self
-            .send(|http, base| http.post(format!("{base}/worker/claims")).json(claim))
+            .send(|http, base| {
+                http.post(format!("{base}/worker/claims/batch"))
+                    .json(&batch)
+            })
             .await?;
-        Ok(json::<Claimed>(response).await?.run_id)
+        let answers = json::<ClaimAnswers>(response).await?.answers;
+        if answers.len() != claims.len() {
+            return Err(CallError::Unavailable(format!(
+                "{} answers to {} claims",
+                answers.len(),
+                claims.len()
+            )));
+        }
+        Ok(answers)
     }
 
     /// Starts a queued run handed to this worker (manual, or a lost fire's retry).

@@ -14,8 +14,13 @@ pub trait Clock: Send + Sync {
     fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'static, ()>;
 }
 
-/// Wall time, slept on with tokio's timer.
+/// Wall time. Slept on with tokio's timer up to the last stretch, which a thread sleeps
+/// to the microsecond: tokio's timer ticks in milliseconds and wakes up to a tick or two
+/// late, which is most of a fire's lag on an idle machine.
 pub struct SystemClock;
+
+/// The stretch before a deadline that is slept on a thread.
+const PRECISE: std::time::Duration = std::time::Duration::from_millis(3);
 
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
@@ -23,8 +28,16 @@ impl Clock for SystemClock {
     }
 
     fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'static, ()> {
-        let wait = (at - Utc::now()).to_std().unwrap_or_default();
-        Box::pin(tokio::time::sleep(wait))
+        let left = move || (at - Utc::now()).to_std().unwrap_or_default();
+        Box::pin(async move {
+            if let Some(coarse) = left().checked_sub(PRECISE) {
+                tokio::time::sleep(coarse).await;
+            }
+            let rest = left();
+            if !rest.is_zero() {
+                let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+            }
+        })
     }
 }
 

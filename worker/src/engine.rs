@@ -35,6 +35,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::claims::Claims;
 use crate::client::{ApiClient, CallError};
 use crate::clock::Clock;
 use crate::exec::{ExecLimits, RunSpec, execute};
@@ -134,6 +135,7 @@ enum Start {
 struct Shared {
     worker: String,
     client: Arc<ApiClient>,
+    claims: Claims,
     reporter: Reporter,
     packages: Arc<Packages>,
     limits: ExecLimits,
@@ -157,6 +159,7 @@ impl Engine {
         let reads = Arc::new(SharedSession::new(self.coordinator.clone()));
         let shared = Shared {
             worker: self.worker.clone(),
+            claims: Claims::spawn(self.client.clone()),
             client: self.client.clone(),
             reporter: self.reporter.clone(),
             packages: self.packages.clone(),
@@ -189,26 +192,30 @@ impl Engine {
         };
         let current = assignments.borrow_and_update().clone();
         actor.assignments_changed(current);
+        // The sleep until the next deadline is kept across loop turns while the deadlines
+        // stay the same (a precise sleep is not free to set up again on every event).
+        let mut armed = None;
+        let mut sleep: futures_util::future::BoxFuture<'static, ()> =
+            Box::pin(std::future::pending());
         loop {
             let next_fire = actor.heap.peek().map(|Reverse((at, _, _))| *at);
             let next_claim = actor.claims.peek().map(|Reverse((at, _, _, _))| *at);
-            // Two sleeps, so the clock sees both deadlines (a test clock waits for the
-            // fire's own).
-            let until = |at: Option<DateTime<Utc>>| {
-                let clock = actor.clock.clone();
-                async move {
-                    match at {
-                        Some(at) => clock.sleep_until(at).await,
-                        None => std::future::pending().await,
+            if armed != Some((next_fire, next_claim)) {
+                armed = Some((next_fire, next_claim));
+                // Two sleeps, so the clock sees both deadlines (a test clock waits for the
+                // fire's own).
+                let until = |at: Option<DateTime<Utc>>| match at {
+                    Some(at) => actor.clock.sleep_until(at),
+                    None => Box::pin(std::future::pending()),
+                };
+                let (fire, claim) = (until(next_fire), until(next_claim));
+                sleep = Box::pin(async move {
+                    tokio::select! {
+                        _ = fire => {}
+                        _ = claim => {}
                     }
-                }
-            };
-            let sleep = async {
-                tokio::select! {
-                    _ = until(next_fire) => {}
-                    _ = until(next_claim) => {}
-                }
-            };
+                });
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 changed = assignments.changed() => {
@@ -217,7 +224,8 @@ impl Engine {
                     actor.assignments_changed(current);
                 }
                 Some(event) = events.recv() => actor.handle(event),
-                _ = sleep => {
+                _ = &mut sleep => {
+                    armed = None;
                     actor.claim_due();
                     actor.fire_due();
                 }
@@ -840,7 +848,7 @@ async fn claim_fire(
     let give_up = tokio::time::Instant::now() + patience;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
-        match shared.client.claim(claim).await {
+        match shared.claims.claim(claim.clone()).await {
             Ok(run_id) => return Some(run_id),
             Err(CallError::Refused(why)) => {
                 tracing::debug!(task = %claim.task_id, at = %claim.scheduled_at, %why, "claim refused");
@@ -957,7 +965,7 @@ async fn record_missed(shared: Shared, mut claim: Claim) {
 async fn record(shared: Shared, claim: Claim) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     loop {
-        match shared.client.claim(&claim).await {
+        match shared.claims.claim(claim.clone()).await {
             Ok(_) | Err(CallError::Refused(_)) => return,
             Err(CallError::Unavailable(_)) => {
                 if !backoff.wait(&shared.shutdown).await {

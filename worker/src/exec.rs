@@ -68,7 +68,9 @@ pub async fn execute(
 fn command(spec: &RunSpec) -> Command {
     #[cfg(unix)]
     let mut command = {
-        let mut c = Command::new("sh");
+        // By its path: with PATH in the child's environment, a bare `sh` makes the
+        // standard library fork the whole worker instead of using posix_spawn.
+        let mut c = Command::new("/bin/sh");
         c.arg("-c").arg(&spec.command);
         c.process_group(0);
         c

@@ -7,6 +7,7 @@
 //! spooling to disk what the API cannot take now.
 
 mod backoff;
+pub mod claims;
 pub mod client;
 pub mod clock;
 pub mod engine;

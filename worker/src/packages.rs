@@ -2,6 +2,7 @@
 //! with the same checks as at upload (no absolute paths, no `..`, no links out, size
 //! limits), and kept under `<data_dir>/packages/<sha256>` for every later run.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -17,6 +18,9 @@ pub struct Packages {
     client: Arc<ApiClient>,
     /// One fetch at a time: two runs of a new package wait for one download.
     fetching: Mutex<()>,
+    /// Folders known to be ready (by package hash; "" for no package): a run of a
+    /// cached package starts without touching the file system first.
+    ready: std::sync::Mutex<HashSet<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,11 +48,29 @@ impl Packages {
             limits,
             client,
             fetching: Mutex::new(()),
+            ready: Default::default(),
         }
     }
 
     /// The folder a run of this package works in; with no package, an empty folder.
     pub async fn workdir(&self, sha256: Option<&str>) -> Result<PathBuf, PackageError> {
+        let key = sha256.unwrap_or_default();
+        let folder = match sha256 {
+            Some(sha256) => self.root.join(sha256),
+            None => self.root.join("none"),
+        };
+        if self.ready.lock().expect("ready folders").contains(key) {
+            return Ok(folder);
+        }
+        let folder = self.prepare(sha256).await?;
+        self.ready
+            .lock()
+            .expect("ready folders")
+            .insert(key.to_owned());
+        Ok(folder)
+    }
+
+    async fn prepare(&self, sha256: Option<&str>) -> Result<PathBuf, PackageError> {
         let Some(sha256) = sha256 else {
             let empty = self.root.join("none");
             tokio::fs::create_dir_all(&empty).await?;
