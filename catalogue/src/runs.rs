@@ -222,6 +222,7 @@ impl Catalogue {
                 .await
                 .map_err(db_err)?;
         }
+        let mut abandoned = Vec::new();
         let mut started = Vec::new();
         let mut finished = Vec::new();
         for report in reports {
@@ -229,11 +230,7 @@ impl Catalogue {
                 continue;
             }
             match report {
-                Report::Abandon { run, reason } => {
-                    if let Some(row) = abandon(&txn, *run, reason).await? {
-                        events.add(run_event(&row));
-                    }
-                }
+                Report::Abandon { run, reason } => abandoned.push((*run, reason.as_str())),
                 Report::Started { run, at } => started.push((*run, *at)),
                 Report::Finish { run, outcome } => {
                     if !outcome.status.is_final() || outcome.status == RunStatus::Skipped {
@@ -243,6 +240,11 @@ impl Catalogue {
                     finished.push((*run, outcome));
                 }
                 Report::Logs { .. } => {}
+            }
+        }
+        for chunk in abandoned.chunks(UPDATE_CHUNK) {
+            for row in abandon(&txn, chunk).await? {
+                events.add(run_event(&row));
             }
         }
         for chunk in started.chunks(UPDATE_CHUNK) {
@@ -596,51 +598,63 @@ fn log_row(run_id: RunId, line: &LogLine) -> run_log_line::ActiveModel {
 
 const LOST_REASON: &str = "the worker's session ended while the run was going";
 
-/// A fire claimed ahead of its time and not started: its record goes when the fire was
+/// Fires claimed ahead of their time and not started: a record goes when its fire was
 /// not due after all (the task paused or deleted before it, or edited since the claim),
-/// else it is a fire not run, SKIPPED with the worker's reason. Returns the row when it
+/// else it is a fire not run, SKIPPED with the worker's reason. Returns the rows that
 /// ended SKIPPED.
 async fn abandon(
     conn: &impl ConnectionTrait,
-    run_id: RunId,
-    reason: &str,
-) -> Result<Option<run::Model>> {
-    let Some(row) = run::Entity::find_by_id(Uuid::from(run_id))
-        .one(conn)
+    abandoned: &[(RunId, &str)],
+) -> Result<Vec<run::Model>> {
+    let rows = run::Entity::find()
+        .filter(run::Column::Id.is_in(abandoned.iter().map(|(r, _)| Uuid::from(*r))))
+        .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
+        .filter(run::Column::StartedAt.is_null())
+        .filter(run::Column::Trigger.eq(RunTrigger::Schedule.as_str()))
+        .all(conn)
+        .await
+        .map_err(db_err)?; // the others started, or ended already
+    let mut task_ids: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
+    task_ids.sort();
+    task_ids.dedup();
+    let tasks: HashMap<Uuid, task::Model> = task::Entity::find()
+        .filter(task::Column::Id.is_in(task_ids))
+        .all(conn)
         .await
         .map_err(db_err)?
-    else {
-        return Ok(None);
-    };
-    if row.status != RunStatus::Running.as_str()
-        || row.started_at.is_some()
-        || row.trigger != RunTrigger::Schedule.as_str()
-    {
-        return Ok(None); // it started, or ended already
-    }
-    let task = task::Entity::find_by_id(row.task_id)
-        .one(conn)
-        .await
-        .map_err(db_err)?;
-    let not_due = task.is_none_or(|t| {
-        (t.state == TaskState::Paused.as_str() && row.scheduled_at > t.updated_at)
-            || t.version != row.task_version
+        .into_iter()
+        .map(|t| (t.id, t))
+        .collect();
+    let (not_due, due): (Vec<run::Model>, Vec<run::Model>) = rows.into_iter().partition(|row| {
+        tasks.get(&row.task_id).is_none_or(|t| {
+            (t.state == TaskState::Paused.as_str() && row.scheduled_at > t.updated_at)
+                || t.version != row.task_version
+        })
     });
-    if not_due {
-        run::Entity::delete_by_id(row.id)
+    if !not_due.is_empty() {
+        run::Entity::delete_many()
+            .filter(run::Column::Id.is_in(not_due.iter().map(|r| r.id)))
             .exec(conn)
             .await
             .map_err(db_err)?;
-        return Ok(None);
     }
-    let outcome = Outcome {
-        status: RunStatus::Skipped,
-        exit_code: None,
-        signal: None,
-        error: Some(reason.to_owned()),
-        finished_at: now(),
-    };
-    finish(conn, run_id, &outcome).await
+    let now = now();
+    let outcomes: Vec<(RunId, Outcome)> = due
+        .iter()
+        .filter_map(|row| {
+            let reason = abandoned.iter().find(|(r, _)| Uuid::from(*r) == row.id)?.1;
+            let outcome = Outcome {
+                status: RunStatus::Skipped,
+                exit_code: None,
+                signal: None,
+                error: Some(reason.to_owned()),
+                finished_at: now,
+            };
+            Some((row.id.into(), outcome))
+        })
+        .collect();
+    let outcomes: Vec<(RunId, &Outcome)> = outcomes.iter().map(|(r, o)| (*r, o)).collect();
+    finish_many(conn, &outcomes).await
 }
 
 fn run_event(row: &run::Model) -> Event {

@@ -253,6 +253,60 @@ async fn exercise(catalogue: Catalogue) {
         handle.run(skipped.id).await.unwrap().status,
         RunStatus::Skipped
     );
+    // Fires claimed ahead and not started: SKIPPED when they were due, gone when they
+    // were not (the task changed after the claim).
+    let ahead = catalogue
+        .claim_runs(
+            cluster.id,
+            &[
+                Claim {
+                    scheduled_at: fire + second * 4,
+                    ..claim.clone()
+                },
+                Claim {
+                    scheduled_at: fire + second * 5,
+                    ..claim.clone()
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    let due = ahead[0].as_ref().unwrap().id;
+    let not_due = ahead[1].as_ref().unwrap().id;
+    catalogue
+        .ingest_reports(
+            cluster.id,
+            &[Report::Abandon {
+                run: due,
+                reason: "overlap: the previous run is still going".into(),
+            }],
+        )
+        .await
+        .unwrap();
+    let skipped_ahead = handle.run(due).await.unwrap();
+    assert_eq!(skipped_ahead.status, RunStatus::Skipped);
+    assert!(skipped_ahead.error.unwrap().starts_with("overlap"));
+    handle
+        .update_task(task.id, |edit| {
+            edit.spec.command = "echo again".into();
+            Ok(())
+        })
+        .await
+        .unwrap();
+    catalogue
+        .ingest_reports(
+            cluster.id,
+            &[Report::Abandon {
+                run: not_due,
+                reason: "not started: the task changed before its fire time".into(),
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        handle.run(not_due).await,
+        Err(cloudtask_core::Error::NotFound(_))
+    ));
     let logs = handle.run_logs(run.id, 0, 100).await.unwrap();
     assert_eq!(
         logs.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(),
@@ -268,7 +322,7 @@ async fn exercise(catalogue: Catalogue) {
         )
         .await
         .unwrap();
-    assert_eq!(runs.items.len(), 3);
+    assert_eq!(runs.items.len(), 4);
     let first = runs.items.iter().find(|r| r.id == run.id).unwrap();
     assert_eq!(first.status, RunStatus::Succeeded);
     let queued = handle.queue_run(task.id).await.unwrap();

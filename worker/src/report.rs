@@ -19,6 +19,10 @@ use crate::client::{ApiClient, CallError};
 /// Lines per delivered batch, and bytes (well under the API's body limit).
 const BATCH_LINES: usize = 2_000;
 const BATCH_BYTES: usize = 512 << 10;
+/// How long a report waits for others before it leaves, when the writer was idle: the
+/// starts and outcomes of runs fired together travel in one request, sent after their
+/// processes have started rather than while they start.
+const LINGER: Duration = Duration::from_millis(20);
 /// How long a shutting-down worker keeps trying before it leaves the rest in the spool.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
@@ -95,7 +99,13 @@ impl Writer {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     report = rx.recv() => match report {
-                        Some(report) => self.accept(report).await,
+                        Some(report) => {
+                            self.accept(report).await;
+                            tokio::select! {
+                                _ = shutdown.cancelled() => {}
+                                _ = tokio::time::sleep(LINGER) => {}
+                            }
+                        }
                         None => break,
                     },
                 }
