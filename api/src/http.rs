@@ -167,6 +167,7 @@ async fn graphql_ws(
                     other => other,
                 })
             });
+            let sink = batched(sink);
             GraphQLWebSocket::new_with_pair(sink, stream, schema, protocol)
                 .on_connection_init(move |payload| async move {
                     let refused = |why: &str| async_graphql::Error::new(format!("{REFUSED}{why}"));
@@ -192,6 +193,38 @@ async fn graphql_ws(
                 })
                 .serve()
         })
+}
+
+/// Messages a socket may have queued for its writer.
+const SOCKET_QUEUE: usize = 256;
+
+/// A sink that hands messages to a writer task, which writes whatever is queued and then
+/// flushes once. async-graphql flushes after every message; a subscription that
+/// delivers a burst of log lines would cost a write to the socket per line.
+fn batched<S>(sink: S) -> tokio_util::sync::PollSender<Message>
+where
+    S: futures_util::Sink<Message> + Send + 'static,
+{
+    use futures_util::SinkExt;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(SOCKET_QUEUE);
+    tokio::spawn(async move {
+        let mut sink = std::pin::pin!(sink);
+        while let Some(message) = rx.recv().await {
+            if sink.feed(message).await.is_err() {
+                return;
+            }
+            while let Ok(message) = rx.try_recv() {
+                if sink.feed(message).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    tokio_util::sync::PollSender::new(tx)
 }
 
 /// The reason prefix of a refused `connection_init`.
