@@ -670,15 +670,20 @@ fn run_event(row: &run::Model) -> Event {
 const UPDATE_CHUNK: usize = 200;
 
 /// `column = CASE id WHEN .. THEN .. END` over the runs of one batch.
-fn per_run<T: Into<sea_orm::Value>>(
-    values: impl Iterator<Item = (RunId, T)>,
+fn per_run<X, T: Into<sea_orm::Value>>(
+    runs: &[(RunId, X)],
     column: run::Column,
+    value: impl Fn(&X) -> T,
 ) -> sea_orm::sea_query::SimpleExpr {
     let mut case = sea_orm::sea_query::CaseStatement::new();
-    for (run, value) in values {
-        case = case.case(run::Column::Id.eq(Uuid::from(run)), Expr::value(value));
+    for (run, x) in runs {
+        case = case.case(run::Column::Id.eq(Uuid::from(*run)), Expr::value(value(x)));
     }
     case.finally(Expr::col(column)).into()
+}
+
+fn ids<X>(runs: &[(RunId, X)]) -> impl Iterator<Item = Uuid> + '_ {
+    runs.iter().map(|(run, _)| Uuid::from(*run))
 }
 
 /// Started reports: the start time lands on runs still going.
@@ -689,12 +694,9 @@ async fn mark_started(
     run::Entity::update_many()
         .col_expr(
             run::Column::StartedAt,
-            per_run(
-                started.iter().map(|(r, at)| (*r, Some(*at))),
-                run::Column::StartedAt,
-            ),
+            per_run(started, run::Column::StartedAt, |at| Some(*at)),
         )
-        .filter(run::Column::Id.is_in(started.iter().map(|(r, _)| Uuid::from(*r))))
+        .filter(run::Column::Id.is_in(ids(started)))
         .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
         .exec(conn)
         .await
@@ -720,38 +722,21 @@ async fn finish_many(
     if outcomes.is_empty() {
         return Ok(Vec::new());
     }
-    let each = || outcomes.iter().map(|(run, outcome)| (*run, *outcome));
-    run::Entity::update_many()
-        .col_expr(
-            run::Column::Status,
-            per_run(
-                each().map(|(r, o)| (r, o.status.as_str())),
-                run::Column::Status,
-            ),
-        )
-        .col_expr(
-            run::Column::ExitCode,
-            per_run(each().map(|(r, o)| (r, o.exit_code)), run::Column::ExitCode),
-        )
-        .col_expr(
-            run::Column::Signal,
-            per_run(each().map(|(r, o)| (r, o.signal)), run::Column::Signal),
-        )
-        .col_expr(
-            run::Column::Error,
-            per_run(
-                each().map(|(r, o)| (r, o.error.clone())),
-                run::Column::Error,
-            ),
-        )
-        .col_expr(
-            run::Column::FinishedAt,
-            per_run(
-                each().map(|(r, o)| (r, Some(o.finished_at))),
-                run::Column::FinishedAt,
-            ),
-        )
-        .filter(run::Column::Id.is_in(each().map(|(r, _)| Uuid::from(r))))
+    let column = |column: run::Column, value: fn(&Outcome) -> sea_orm::Value| {
+        (column, per_run(outcomes, column, |o| value(o)))
+    };
+    let mut update = run::Entity::update_many();
+    for (name, value) in [
+        column(run::Column::Status, |o| o.status.as_str().into()),
+        column(run::Column::ExitCode, |o| o.exit_code.into()),
+        column(run::Column::Signal, |o| o.signal.into()),
+        column(run::Column::Error, |o| o.error.clone().into()),
+        column(run::Column::FinishedAt, |o| Some(o.finished_at).into()),
+    ] {
+        update = update.col_expr(name, value);
+    }
+    update
+        .filter(run::Column::Id.is_in(ids(outcomes)))
         .filter(
             run::Column::Status.is_in([RunStatus::Queued.as_str(), RunStatus::Running.as_str()]),
         )

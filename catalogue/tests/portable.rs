@@ -25,6 +25,16 @@ async fn the_catalogue_works_on_postgres() {
     exercise(Catalogue::connect(&url).await.unwrap()).await;
 }
 
+fn succeeded() -> Outcome {
+    Outcome {
+        status: RunStatus::Succeeded,
+        exit_code: Some(0),
+        signal: None,
+        error: None,
+        finished_at: chrono::Utc::now(),
+    }
+}
+
 async fn exercise(catalogue: Catalogue) {
     catalogue.migrate().await.unwrap();
     catalogue.migrate().await.unwrap(); // twice is a no-op
@@ -145,13 +155,7 @@ async fn exercise(catalogue: Catalogue) {
         },
         Report::Finish {
             run: run.id,
-            outcome: Outcome {
-                status: RunStatus::Succeeded,
-                exit_code: Some(0),
-                signal: None,
-                error: None,
-                finished_at: chrono::Utc::now(),
-            },
+            outcome: succeeded(),
         },
     ];
     catalogue
@@ -232,13 +236,7 @@ async fn exercise(catalogue: Catalogue) {
                 // An outcome for a run that has one already changes nothing.
                 Report::Finish {
                     run: skipped.id,
-                    outcome: Outcome {
-                        status: RunStatus::Succeeded,
-                        exit_code: Some(0),
-                        signal: None,
-                        error: None,
-                        finished_at: chrono::Utc::now(),
-                    },
+                    outcome: succeeded(),
                 },
             ],
         )

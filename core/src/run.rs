@@ -100,7 +100,7 @@ pub const MAX_CLAIM_BATCH: usize = 1_000;
 /// The answer to one claim of a batch: its run, or why it was refused (final: the fire
 /// is claimed already, the task is paused, moved or changed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum ClaimAnswer {
     Claimed { run_id: RunId },
     Refused { code: String, message: String },

@@ -630,3 +630,70 @@ async fn package_downloads_stay_within_the_tenant_and_cluster() {
     );
     assert_eq!(get(&world.a.owner, user_url(&b_sha), a_token).await, 404);
 }
+
+#[tokio::test]
+async fn batch_claims_are_answered_one_by_one_and_stay_within_the_cluster() {
+    use cloudtask_core::run::{Claim, ClaimBatch, RunStatus, RunTrigger};
+    let world = World::new().await;
+    let a_worker = worker_credential(&world, &world.a.join_token).await;
+    let b_worker = worker_credential(&world, &world.b.join_token).await;
+    let fire = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() - 60, 0).unwrap();
+    let skipped = |seconds: i64| Claim {
+        task_id: world.a.task_id.parse().unwrap(),
+        scheduled_at: fire + chrono::Duration::seconds(seconds),
+        attempt: 0,
+        task_version: 1,
+        worker: "w1".into(),
+        trigger: RunTrigger::Schedule,
+        status: RunStatus::Skipped,
+        reason: Some("misfire: recorded by a test".into()),
+    };
+    let post = |credential: &str, claims: Vec<Claim>| {
+        world
+            .a
+            .owner
+            .http
+            .post(format!("{}/worker/claims/batch", world.api.url))
+            .bearer_auth(credential)
+            .json(&ClaimBatch { claims })
+            .send()
+    };
+    let a_runs = || async {
+        world
+            .a
+            .owner
+            .run("{ runs(first: 50) { nodes { id } } }", json!({}))
+            .await
+            .data()["runs"]["nodes"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+
+    // A's worker: each claim of the batch gets its own answer, in order.
+    let answered = post(&a_worker, vec![skipped(0), skipped(0), skipped(1)])
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    let answers: Value = answered.json().await.unwrap();
+    let answers = answers["answers"].as_array().unwrap();
+    assert!(answers[0]["claimed"]["runId"].is_string(), "{answers:?}");
+    assert_eq!(answers[1]["refused"]["code"], "CONFLICT", "{answers:?}");
+    assert!(answers[2]["claimed"]["runId"].is_string(), "{answers:?}");
+    assert_eq!(a_runs().await, 2);
+
+    // B's worker: A's task is not found, as an unknown task would be; nothing recorded.
+    let refused = post(&b_worker, vec![skipped(2)]).await.unwrap();
+    assert_eq!(refused.status(), 200);
+    let answers: Value = refused.json().await.unwrap();
+    assert_eq!(answers["answers"][0]["refused"]["code"], "NOT_FOUND");
+    assert_eq!(a_runs().await, 2);
+
+    // Too many claims in one request: refused whole, nothing recorded.
+    let claims = (0..1_001).map(|i| skipped(100 + i)).collect();
+    let too_many = post(&a_worker, claims).await.unwrap();
+    assert_eq!(too_many.status(), 400);
+    let body: Value = too_many.json().await.unwrap();
+    assert_eq!(body["code"], "BAD_USER_INPUT");
+    assert_eq!(a_runs().await, 2);
+}
