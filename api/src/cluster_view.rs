@@ -36,7 +36,49 @@ async fn children_or_empty(session: &dyn Session, path: &str) -> Result<Vec<Stri
     }
 }
 
+/// How long one look at the cluster may take. ZooKeeper operations wait while the
+/// client reconnects; a request that needs the cluster view answers UNAVAILABLE rather
+/// than hang with them (a claim then goes on without its ownership check).
+const LOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl ClusterView {
+    /// A look bounded by `LOOK_TIMEOUT`; one that times out drops the session, so the
+    /// next look starts on a new one.
+    async fn bounded<T>(&self, look: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(LOOK_TIMEOUT, look).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!("the cluster view timed out; reconnecting");
+                self.shared.forget();
+                Err(Error::Unavailable("the coordination service"))
+            }
+        }
+    }
+
+    /// Live workers, and departed ones still holding assignments.
+    pub async fn workers(&self, cluster: ClusterId) -> Result<Vec<WorkerInfo>> {
+        self.bounded(self.workers_now(cluster)).await
+    }
+
+    /// The worker whose assignments hold the task, if any.
+    pub async fn assigned_worker(
+        &self,
+        cluster: ClusterId,
+        task: TaskId,
+    ) -> Result<Option<WorkerInfo>> {
+        self.bounded(self.assigned_worker_now(cluster, task)).await
+    }
+
+    /// Which of `tasks` are assigned to this worker right now.
+    pub async fn owned(
+        &self,
+        cluster: ClusterId,
+        worker: &str,
+        tasks: &[TaskId],
+    ) -> Result<HashSet<TaskId>> {
+        self.bounded(self.owned_now(cluster, worker, tasks)).await
+    }
+
     pub fn new(coordinator: Arc<dyn Coordinator>) -> Self {
         ClusterView {
             shared: SharedSession::new(coordinator),
@@ -68,8 +110,7 @@ impl ClusterView {
         })
     }
 
-    /// Live workers, and departed ones still holding assignments.
-    pub async fn workers(&self, cluster: ClusterId) -> Result<Vec<WorkerInfo>> {
+    async fn workers_now(&self, cluster: ClusterId) -> Result<Vec<WorkerInfo>> {
         let session = self.session().await?;
         let mut names = children_or_empty(session.as_ref(), &layout::workers(cluster)).await?;
         names.extend(children_or_empty(session.as_ref(), &layout::assignments(cluster)).await?);
@@ -82,8 +123,7 @@ impl ClusterView {
         Ok(workers)
     }
 
-    /// The worker whose assignments hold the task, if any.
-    pub async fn assigned_worker(
+    async fn assigned_worker_now(
         &self,
         cluster: ClusterId,
         task: TaskId,
@@ -104,9 +144,9 @@ impl ClusterView {
         Ok(None)
     }
 
-    /// Which of `tasks` are assigned to this worker right now: a few are looked up one by
-    /// one, many with one read of the worker's assignment folder.
-    pub async fn owned(
+    /// A few tasks are looked up one by one, many with one read of the worker's
+    /// assignment folder.
+    async fn owned_now(
         &self,
         cluster: ClusterId,
         worker: &str,

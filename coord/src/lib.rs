@@ -198,4 +198,12 @@ impl SharedSession {
         *current = Some(session.clone());
         Ok(session)
     }
+
+    /// Drops the current session (it answers nothing): the next `get` connects anew.
+    /// A no-op while someone else holds it (connecting already).
+    pub fn forget(&self) {
+        if let Ok(mut current) = self.current.try_lock() {
+            current.take();
+        }
+    }
 }

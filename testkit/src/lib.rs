@@ -163,10 +163,14 @@ impl TestApi {
         }
     }
 
-    /// A client without a token.
+    /// A client without a token. Its requests are bounded: a request the API never
+    /// answers fails its test instead of hanging the suite.
     pub fn client(&self) -> Gql {
         Gql {
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .expect("an HTTP client"),
             url: self.url.clone(),
             token: None,
         }
@@ -415,7 +419,8 @@ impl PrivateZooKeeper {
             return false;
         }
         let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer).await;
+        let read = stream.read_to_string(&mut answer);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
         answer == "imok"
     }
 }
