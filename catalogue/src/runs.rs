@@ -90,6 +90,15 @@ impl Catalogue {
                 Err(e) => *answer = Some(Err(e)),
             }
         }
+        // One order for every batch's key locks: two batches taking the same fires
+        // (a new owner's claims, the old owner's records) must not deadlock.
+        models.sort_by_key(|m| {
+            (
+                m.task_id.clone().unwrap(),
+                m.fire_at.clone().unwrap(),
+                m.attempt.clone().unwrap(),
+            )
+        });
         let inserted = if models.is_empty() {
             Vec::new()
         } else {

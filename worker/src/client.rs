@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{RunId, TaskId};
 use cloudtask_core::run::{
-    Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Report, ReportBatch, Started,
+    Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, Report, ReportBatch, Started,
 };
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -103,12 +103,22 @@ impl ApiClient {
         let batch = ClaimBatch {
             claims: claims.to_vec(),
         };
-        let response = self
+        let sent = self
             .send(|http, base| {
                 http.post(format!("{base}/worker/claims/batch"))
                     .json(&batch)
             })
-            .await?;
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            // An API from before batched claims (workers upgraded first): one by one.
+            Err(CallError::Refused(detail))
+                if detail.starts_with("404") || detail.starts_with("405") =>
+            {
+                return self.claims_one_by_one(claims).await;
+            }
+            Err(e) => return Err(e),
+        };
         let answers = json::<ClaimAnswers>(response).await?.answers;
         if answers.len() != claims.len() {
             return Err(CallError::Unavailable(format!(
@@ -116,6 +126,26 @@ impl ApiClient {
                 answers.len(),
                 claims.len()
             )));
+        }
+        Ok(answers)
+    }
+
+    async fn claims_one_by_one(&self, claims: &[Claim]) -> Result<Vec<ClaimAnswer>, CallError> {
+        let mut answers = Vec::with_capacity(claims.len());
+        for claim in claims {
+            let sent = self
+                .send(|http, base| http.post(format!("{base}/worker/claims")).json(claim))
+                .await;
+            answers.push(match sent {
+                Ok(response) => ClaimAnswer::Claimed {
+                    run_id: json::<Claimed>(response).await?.run_id,
+                },
+                Err(CallError::Refused(message)) => ClaimAnswer::Refused {
+                    code: "REFUSED".into(),
+                    message,
+                },
+                Err(e) => return Err(e),
+            });
         }
         Ok(answers)
     }
@@ -184,5 +214,103 @@ async fn classify(response: reqwest::Response) -> Result<reqwest::Response, Call
         Err(CallError::Unavailable(detail))
     } else {
         Err(CallError::Refused(detail))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudtask_core::ids::TaskId;
+    use cloudtask_core::run::{RunStatus, RunTrigger};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An API from before batched claims: no batch route; single claims take the first
+    /// fire and refuse the second.
+    async fn old_api(run: RunId) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut claims = 0;
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                // Head, then as much body as Content-Length says.
+                loop {
+                    let n = socket.read(&mut buffer).await.unwrap();
+                    request.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let head = String::from_utf8_lossy(&request)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                let (status, body) = if head.starts_with("POST /worker/claims/batch ") {
+                    ("404 Not Found", String::new())
+                } else if head.starts_with("POST /worker/claims ") {
+                    claims += 1;
+                    if claims == 1 {
+                        (
+                            "200 OK",
+                            serde_json::to_string(&Claimed { run_id: run }).unwrap(),
+                        )
+                    } else {
+                        (
+                            "409 Conflict",
+                            r#"{"error":"this fire is claimed already","code":"CONFLICT"}"#
+                                .to_owned(),
+                        )
+                    }
+                } else {
+                    ("500 Internal Server Error", String::new())
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(response.as_bytes()).await.unwrap();
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn claims_fall_back_to_one_by_one_on_an_api_without_batches() {
+        let run = RunId::new();
+        let url = old_api(run).await;
+        let client = ApiClient::new(&url, "token", "credential".into(), CancellationToken::new());
+        let claim = Claim {
+            task_id: TaskId::new(),
+            scheduled_at: Utc::now(),
+            attempt: 0,
+            task_version: 1,
+            worker: "w1".into(),
+            trigger: RunTrigger::Schedule,
+            status: RunStatus::Running,
+            reason: None,
+        };
+        let answers = client.claims(&[claim.clone(), claim]).await.unwrap();
+        assert_eq!(answers[0], ClaimAnswer::Claimed { run_id: run });
+        assert!(
+            matches!(&answers[1], ClaimAnswer::Refused { message, .. } if message.starts_with("409")),
+            "{answers:?}"
+        );
     }
 }

@@ -21,6 +21,8 @@ pub struct SystemClock;
 
 /// The stretch before a deadline that is slept on a thread.
 const PRECISE: std::time::Duration = std::time::Duration::from_millis(3);
+/// The longest stretch slept without reading the wall clock again.
+const SLICE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
@@ -30,12 +32,21 @@ impl Clock for SystemClock {
     fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'static, ()> {
         let left = move || (at - Utc::now()).to_std().unwrap_or_default();
         Box::pin(async move {
-            if let Some(coarse) = left().checked_sub(PRECISE) {
-                tokio::time::sleep(coarse).await;
-            }
-            let rest = left();
-            if !rest.is_zero() {
-                let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+            // In slices of at most a second, each from the wall clock again: a clock that
+            // is set forward or back is followed within a second.
+            loop {
+                let rest = left();
+                if rest.is_zero() {
+                    return;
+                }
+                match rest.checked_sub(PRECISE) {
+                    Some(coarse) if !coarse.is_zero() => {
+                        tokio::time::sleep(coarse.min(SLICE)).await;
+                    }
+                    _ => {
+                        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+                    }
+                }
             }
         })
     }
@@ -86,5 +97,20 @@ impl Clock for ManualClock {
         Box::pin(async move {
             let _ = now.wait_for(|now| *now >= at).await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_system_clock_never_wakes_before_the_deadline() {
+        let clock = SystemClock;
+        for wait_ms in [0, 2, 5, 40] {
+            let at = Utc::now() + chrono::Duration::milliseconds(wait_ms);
+            clock.sleep_until(at).await;
+            assert!(Utc::now() >= at, "woke before {at}");
+        }
     }
 }

@@ -19,7 +19,7 @@ pub struct Packages {
     /// One fetch at a time: two runs of a new package wait for one download.
     fetching: Mutex<()>,
     /// Folders known to be ready (by package hash; "" for no package): a run of a
-    /// cached package starts without touching the file system first.
+    /// cached package starts after a stat or two, not a trip through the blocking pool.
     ready: std::sync::Mutex<HashSet<String>>,
 }
 
@@ -59,7 +59,12 @@ impl Packages {
             Some(sha256) => self.root.join(sha256),
             None => self.root.join("none"),
         };
-        if self.ready.lock().expect("ready folders").contains(key) {
+        // One stat, no blocking-pool round trip: the folder may have been removed
+        // behind the cache's back (then it is prepared again).
+        if self.ready.lock().expect("ready folders").contains(key)
+            && (sha256.is_none() || folder.join(COMPLETE).exists())
+            && folder.is_dir()
+        {
             return Ok(folder);
         }
         let folder = self.prepare(sha256).await?;
