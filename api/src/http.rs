@@ -498,7 +498,8 @@ async fn claim_all(
     cluster: ClusterId,
     claims: Vec<Claim>,
 ) -> Result<Vec<Result<RunId, Error>>, Error> {
-    let mut refused: Vec<Option<Error>> = claims.iter().map(|_| None).collect();
+    // Refusals first; the rest is answered by the catalogue.
+    let mut answers: Vec<Option<Result<RunId, Error>>> = claims.iter().map(|_| None).collect();
     let mut by_worker: HashMap<&str, Vec<TaskId>> = HashMap::new();
     for claim in claims.iter().filter(|c| c.status == RunStatus::Running) {
         by_worker
@@ -509,14 +510,14 @@ async fn claim_all(
     for (worker, tasks) in by_worker {
         match state.cluster_view.owned(cluster, worker, &tasks).await {
             Ok(owned) => {
-                for (claim, refusal) in claims.iter().zip(refused.iter_mut()) {
+                for (claim, answer) in claims.iter().zip(answers.iter_mut()) {
                     if claim.status == RunStatus::Running
                         && claim.worker == worker
                         && !owned.contains(&claim.task_id)
                     {
-                        *refusal = Some(Error::Conflict(
+                        *answer = Some(Err(Error::Conflict(
                             "the task is not assigned to this worker".into(),
-                        ));
+                        )));
                     }
                 }
             }
@@ -526,11 +527,9 @@ async fn claim_all(
     let (asked, positions): (Vec<Claim>, Vec<usize>) = claims
         .into_iter()
         .enumerate()
-        .filter(|(i, _)| refused[*i].is_none())
+        .filter(|(i, _)| answers[*i].is_none())
         .map(|(i, claim)| (claim, i))
         .unzip();
-    let mut answers: Vec<Option<Result<RunId, Error>>> =
-        refused.into_iter().map(|r| r.map(Err)).collect();
     if !asked.is_empty() {
         let recorded = state.catalogue.claim_runs(cluster, &asked).await?;
         for (position, answer) in positions.into_iter().zip(recorded) {

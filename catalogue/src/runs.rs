@@ -7,6 +7,9 @@
 //! decides which claim of a fire wins. Ingest is idempotent: a log line is keyed by
 //! (run, offset) and an outcome only lands on a run that has none.
 
+use std::borrow::Borrow;
+use std::collections::HashMap;
+
 use cloudtask_core::ids::{ClusterId, RunId, TaskId};
 use cloudtask_core::roles::Action;
 use cloudtask_core::run::{Claim, LogLine, Outcome, Report, RunStatus, RunTrigger};
@@ -17,8 +20,6 @@ use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, TransactionTrait,
 };
-use std::collections::HashMap;
-
 use uuid::Uuid;
 
 use crate::changes::notify;
@@ -62,19 +63,13 @@ impl Catalogue {
             .iter()
             .map(|claim| check_claim(claim).err().map(Err))
             .collect();
-        let mut task_ids: Vec<Uuid> = claims.iter().map(|c| c.task_id.into()).collect();
-        task_ids.sort();
-        task_ids.dedup();
         let txn = self.db.begin().await.map_err(db_err)?;
-        let tasks: HashMap<Uuid, task::Model> = task::Entity::find()
-            .filter(task::Column::Id.is_in(task_ids))
-            .filter(task::Column::ClusterId.eq(Uuid::from(cluster_id)))
-            .all(&txn)
-            .await
-            .map_err(db_err)?
-            .into_iter()
-            .map(|t| (t.id, t))
-            .collect();
+        let tasks = tasks_by_id(
+            &txn,
+            claims.iter().map(|c| c.task_id.into()),
+            Some(cluster_id),
+        )
+        .await?;
         let now = now();
         let mut models = Vec::new();
         for (claim, answer) in claims.iter().zip(answers.iter_mut()) {
@@ -503,6 +498,28 @@ fn new_run(
     }
 }
 
+/// Tasks by id (of one cluster, when given), each read once.
+async fn tasks_by_id(
+    conn: &impl ConnectionTrait,
+    ids: impl Iterator<Item = Uuid>,
+    cluster_id: Option<ClusterId>,
+) -> Result<HashMap<Uuid, task::Model>> {
+    let mut ids: Vec<Uuid> = ids.collect();
+    ids.sort();
+    ids.dedup();
+    let mut query = task::Entity::find().filter(task::Column::Id.is_in(ids));
+    if let Some(cluster_id) = cluster_id {
+        query = query.filter(task::Column::ClusterId.eq(Uuid::from(cluster_id)));
+    }
+    Ok(query
+        .all(conn)
+        .await
+        .map_err(db_err)?
+        .into_iter()
+        .map(|t| (t.id, t))
+        .collect())
+}
+
 /// What a claim may ask for, before any look-up.
 fn check_claim(claim: &Claim) -> Result<()> {
     if !matches!(claim.status, RunStatus::Running | RunStatus::Skipped) {
@@ -623,17 +640,7 @@ async fn abandon(
         .all(conn)
         .await
         .map_err(db_err)?; // the others started, or ended already
-    let mut task_ids: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
-    task_ids.sort();
-    task_ids.dedup();
-    let tasks: HashMap<Uuid, task::Model> = task::Entity::find()
-        .filter(task::Column::Id.is_in(task_ids))
-        .all(conn)
-        .await
-        .map_err(db_err)?
-        .into_iter()
-        .map(|t| (t.id, t))
-        .collect();
+    let tasks = tasks_by_id(conn, rows.iter().map(|r| r.task_id), None).await?;
     let (not_due, due): (Vec<run::Model>, Vec<run::Model>) = rows.into_iter().partition(|row| {
         tasks.get(&row.task_id).is_none_or(|t| {
             (t.state == TaskState::Paused.as_str() && row.scheduled_at > t.updated_at)
@@ -648,21 +655,23 @@ async fn abandon(
             .map_err(db_err)?;
     }
     let now = now();
+    let reasons: HashMap<Uuid, &str> = abandoned
+        .iter()
+        .map(|(run, reason)| (Uuid::from(*run), *reason))
+        .collect();
     let outcomes: Vec<(RunId, Outcome)> = due
         .iter()
-        .filter_map(|row| {
-            let reason = abandoned.iter().find(|(r, _)| Uuid::from(*r) == row.id)?.1;
+        .map(|row| {
             let outcome = Outcome {
                 status: RunStatus::Skipped,
                 exit_code: None,
                 signal: None,
-                error: Some(reason.to_owned()),
+                error: reasons.get(&row.id).map(|r| (*r).to_owned()),
                 finished_at: now,
             };
-            Some((row.id.into(), outcome))
+            (row.id.into(), outcome)
         })
         .collect();
-    let outcomes: Vec<(RunId, &Outcome)> = outcomes.iter().map(|(r, o)| (*r, o)).collect();
     finish_many(conn, &outcomes).await
 }
 
@@ -726,13 +735,13 @@ async fn finish(
 /// Returns the runs that ended here. A run given twice takes its first outcome.
 async fn finish_many(
     conn: &impl ConnectionTrait,
-    outcomes: &[(RunId, &Outcome)],
+    outcomes: &[(RunId, impl Borrow<Outcome>)],
 ) -> Result<Vec<run::Model>> {
     if outcomes.is_empty() {
         return Ok(Vec::new());
     }
     let column = |column: run::Column, value: fn(&Outcome) -> sea_orm::Value| {
-        (column, per_run(outcomes, column, |o| value(o)))
+        (column, per_run(outcomes, column, |o| value(o.borrow())))
     };
     let mut update = run::Entity::update_many();
     for (name, value) in [

@@ -55,17 +55,17 @@ impl Packages {
     /// The folder a run of this package works in; with no package, an empty folder.
     pub async fn workdir(&self, sha256: Option<&str>) -> Result<PathBuf, PackageError> {
         let key = sha256.unwrap_or_default();
-        let folder = match sha256 {
-            Some(sha256) => self.root.join(sha256),
-            None => self.root.join("none"),
-        };
         // One stat, no blocking-pool round trip: the folder may have been removed
         // behind the cache's back (then it is prepared again).
-        if self.ready.lock().expect("ready folders").contains(key)
-            && (sha256.is_none() || folder.join(COMPLETE).exists())
-            && folder.is_dir()
-        {
-            return Ok(folder);
+        if self.ready.lock().expect("ready folders").contains(key) {
+            let folder = self.folder(sha256);
+            let marker = match sha256 {
+                Some(_) => folder.join(COMPLETE),
+                None => folder.clone(),
+            };
+            if marker.exists() {
+                return Ok(folder);
+            }
         }
         let folder = self.prepare(sha256).await?;
         self.ready
@@ -75,13 +75,18 @@ impl Packages {
         Ok(folder)
     }
 
+    /// Where a package is unpacked; "none" is the empty folder of runs without one.
+    fn folder(&self, sha256: Option<&str>) -> PathBuf {
+        self.root.join(sha256.unwrap_or("none"))
+    }
+
     async fn prepare(&self, sha256: Option<&str>) -> Result<PathBuf, PackageError> {
         let Some(sha256) = sha256 else {
-            let empty = self.root.join("none");
+            let empty = self.folder(None);
             tokio::fs::create_dir_all(&empty).await?;
             return Ok(empty);
         };
-        let folder = self.root.join(sha256);
+        let folder = self.folder(Some(sha256));
         if tokio::fs::try_exists(folder.join(COMPLETE)).await? {
             return Ok(folder);
         }
