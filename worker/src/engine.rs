@@ -10,7 +10,9 @@
 //!   that is still within the grace period and records the rest as SKIPPED.
 //! - Every fire is claimed before anything starts; a refused claim starts nothing. A
 //!   scheduled fire is claimed `CLAIM_AHEAD` before its time, so at the fire time only
-//!   the spawn is left; its real start is reported with its lines. A claimed fire that is
+//!   the spawn is left; its real start is reported with its lines. Once its claim is in,
+//!   its shell is staged (started, holding before the command: `exec::stage`), so at the
+//!   fire time not even the spawn is left. A claimed fire that is
 //!   not started after all (the task changed, moved or was paused in between, the worker
 //!   could not fire it on time, an overlap SKIP) is reported SKIPPED.
 //! - Overlap: `SKIP` records a SKIPPED run, `ALLOW` starts another, `REPLACE` stops the
@@ -38,7 +40,7 @@ use crate::backoff::Backoff;
 use crate::claims::Claims;
 use crate::client::{ApiClient, CallError};
 use crate::clock::Clock;
-use crate::exec::{ExecLimits, RunSpec, execute};
+use crate::exec::{ExecLimits, RunSpec, Staged, execute, execute_staged, stage};
 use crate::membership::Assignments;
 use crate::packages::Packages;
 use crate::report::{Report, Reporter};
@@ -64,7 +66,12 @@ const CLAIM_AHEAD: chrono::Duration = chrono::Duration::milliseconds(400);
 struct PreClaim {
     claim: Claim,
     result: watch::Receiver<Option<Option<RunId>>>,
+    /// The fire's shell, staged before the answer is given (with the task version it
+    /// was staged from); taken when the fire starts, killed when it does not.
+    staged: StagedSlot,
 }
+
+type StagedSlot = Arc<Mutex<Option<(u32, Staged)>>>;
 
 impl PreClaim {
     /// The claimed run, once the claim has an answer.
@@ -594,17 +601,28 @@ impl Actor {
                 reason: None,
             };
             let (tx, rx) = watch::channel(None);
+            let staged = StagedSlot::default();
             self.preclaims.insert(
                 (task, fire_at),
                 PreClaim {
                     claim: claim.clone(),
                     result: rx,
+                    staged: staged.clone(),
                 },
             );
             let shared = self.shared.clone();
             self.jobs.spawn(async move {
                 let stop = shared.shutdown.clone();
                 let run = claim_fire(&shared, &node, &claim, &stop).await;
+                if let Some(run) = run
+                    && let Ok(workdir) = shared
+                        .packages
+                        .workdir(node.spec.package_sha256.as_deref())
+                        .await
+                    && let Some(shell) = stage(run_spec(&node, run, &claim, workdir))
+                {
+                    *staged.lock().expect("staged slot") = Some((node.version, shell));
+                }
                 let _ = tx.send(Some(run));
             });
         }
@@ -773,11 +791,12 @@ async fn run_fire(
     start: Start,
     stop: &CancellationToken,
 ) -> Option<(DateTime<Utc>, u32)> {
-    let (run_id, claim) = match start {
-        Start::Claim(claim) => (claim_fire(shared, node, &claim, stop).await?, claim),
+    let (run_id, claim, staged) = match start {
+        Start::Claim(claim) => (claim_fire(shared, node, &claim, stop).await?, claim, None),
         Start::Claimed(claimed) => {
             let claim = claimed.claim.clone();
             let mut waiting = claimed.result.clone();
+            let staged = claimed.staged.clone();
             // Usually in already; if the API is slow, wait for it like a claim at the
             // fire time would.
             let answer = tokio::select! {
@@ -798,7 +817,12 @@ async fn run_fire(
                     return None;
                 }
             };
-            (answer.flatten()?, claim)
+            // Staged from the spec it runs now (an edit that kept the fire changes the
+            // version: that shell is killed and the fire starts afresh).
+            let shell = staged.lock().expect("staged slot").take();
+            let shell =
+                shell.and_then(|(version, shell)| (version == node.version).then_some(shell));
+            (answer.flatten()?, claim, shell)
         }
         Start::Queued(run) => match shared.client.start(run, &shared.worker).await {
             Ok(started) => {
@@ -812,7 +836,7 @@ async fn run_fire(
                     status: RunStatus::Running,
                     reason: None,
                 };
-                (started.run_id, claim)
+                (started.run_id, claim, None)
             }
             Err(e) => {
                 tracing::warn!(%run, error = %e, "cannot start the queued run");
@@ -825,7 +849,7 @@ async fn run_fire(
         .lock()
         .expect("run registry")
         .insert(run_id, stop.clone());
-    let retry = execute_fire(shared, node, run_id, &claim, stop).await;
+    let retry = execute_fire(shared, node, run_id, &claim, staged, stop).await;
     shared.running.lock().expect("run registry").remove(&run_id);
     retry
 }
@@ -887,30 +911,32 @@ async fn execute_fire(
     node: &TaskNode,
     run_id: RunId,
     claim: &Claim,
+    staged: Option<Staged>,
     stop: &CancellationToken,
 ) -> Option<(DateTime<Utc>, u32)> {
     let spec = &node.spec;
-    let outcome = match shared
-        .packages
-        .workdir(spec.package_sha256.as_deref())
-        .await
-    {
+    let workdir = match staged {
+        Some(ref shell) => Ok(shell.spec().workdir.clone()),
+        None => {
+            shared
+                .packages
+                .workdir(spec.package_sha256.as_deref())
+                .await
+        }
+    };
+    let outcome = match workdir {
         Ok(workdir) => {
-            let run = RunSpec {
-                run_id,
-                task_id: claim.task_id,
-                scheduled_at: claim.scheduled_at,
-                attempt: claim.attempt,
-                command: spec.command.clone(),
-                env: spec.env.clone(),
-                workdir,
-                timeout: spec.timeout_seconds.map(|s| Duration::from_secs(s as u64)),
-            };
             shared.reporter.send(Report::Started {
                 run: run_id,
                 at: Utc::now(),
             });
-            execute(&run, shared.limits, &shared.reporter, stop).await
+            match staged {
+                Some(shell) => execute_staged(shell, shared.limits, &shared.reporter, stop).await,
+                None => {
+                    let run = run_spec(node, run_id, claim, workdir);
+                    execute(&run, shared.limits, &shared.reporter, stop).await
+                }
+            }
         }
         Err(e) => {
             let message = e.to_string();
@@ -950,6 +976,21 @@ async fn execute_fire(
     tokio::select! {
         _ = stop.cancelled() => None,
         _ = tokio::time::sleep(wait) => Some((claim.scheduled_at, claim.attempt + 1)),
+    }
+}
+
+/// What runs for a claimed fire of the task.
+fn run_spec(node: &TaskNode, run_id: RunId, claim: &Claim, workdir: std::path::PathBuf) -> RunSpec {
+    let spec = &node.spec;
+    RunSpec {
+        run_id,
+        task_id: claim.task_id,
+        scheduled_at: claim.scheduled_at,
+        attempt: claim.attempt,
+        command: spec.command.clone(),
+        env: spec.env.clone(),
+        workdir,
+        timeout: spec.timeout_seconds.map(|s| Duration::from_secs(s as u64)),
     }
 }
 

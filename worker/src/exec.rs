@@ -5,17 +5,26 @@
 //! handed to the reporter in batches while the run goes. A timeout or a stop sends SIGTERM
 //! to the whole group, then SIGKILL after the grace period; when the main process exits,
 //! whatever it left running in its group is terminated the same way.
+//!
+//! A scheduled fire claimed ahead can be *staged*: its shell is started before the fire
+//! time, pipes attached, and holds on its stdin before anything of the command runs; at
+//! the fire time only a one-byte write is left. Creating a process is the slow part of a
+//! fire (fork and exec of the shell: milliseconds each, serial per core), so a burst of
+//! fires starts with that already done. The hold is on the command's first line, so the
+//! command sees what `sh -c <command>` gives it (`$0`, line numbers, a null stdin); if the
+//! worker goes before the fire time, the shell reads end of input and runs nothing.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{RunId, TaskId};
 use cloudtask_core::run::{LogLine, LogStream, Outcome, RunStatus};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::Command;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +59,66 @@ pub struct RunSpec {
 /// worker (its credentials above all) stays out.
 const INHERITED: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
 
+/// Staged shells held at once, at most; fires beyond start at their time.
+const MAX_STAGED: usize = 512;
+static STAGED: AtomicUsize = AtomicUsize::new(0);
+
+/// What a staged shell runs before the command, on the command's first line: wait for
+/// the go line (end of input: exit without running anything), then give the command the
+/// null stdin it has when started directly.
+#[cfg(unix)]
+const HOLD: &str = "read -r _ct_go || exit 125; unset _ct_go; exec </dev/null; ";
+
+/// A fire's shell started ahead of its time, holding before the command.
+/// Dropped without [`execute_staged`], the shell is killed before it runs anything.
+pub struct Staged {
+    spec: RunSpec,
+    child: Child,
+    go: ChildStdin,
+    _held: Held,
+}
+
+/// One of the `MAX_STAGED`, given back when dropped.
+struct Held;
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        STAGED.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Starts the fire's shell now, held until [`execute_staged`]. None when it cannot be
+/// staged (too many held, the spawn failed, not on Unix): the fire starts at its time.
+pub fn stage(spec: RunSpec) -> Option<Staged> {
+    #[cfg(unix)]
+    {
+        if STAGED.fetch_add(1, Ordering::Relaxed) >= MAX_STAGED {
+            STAGED.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        let held = Held;
+        let mut child = command(&spec, true).spawn().ok()?;
+        let go = child.stdin.take()?;
+        Some(Staged {
+            spec,
+            child,
+            go,
+            _held: held,
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = spec;
+        None
+    }
+}
+
+impl Staged {
+    pub fn spec(&self) -> &RunSpec {
+        &self.spec
+    }
+}
+
 /// Runs the fire to its end and returns the outcome; the log lines have been handed to
 /// `reporter` by then. Cancelling `stop` ends the run as STOPPED.
 pub async fn execute(
@@ -58,25 +127,62 @@ pub async fn execute(
     reporter: &Reporter,
     stop: &CancellationToken,
 ) -> Outcome {
+    supervise_logged(spec, command(spec, false).spawn(), limits, reporter, stop).await
+}
+
+/// [`execute`] for a staged fire: lets its shell go on to the command.
+pub async fn execute_staged(
+    staged: Staged,
+    limits: ExecLimits,
+    reporter: &Reporter,
+    stop: &CancellationToken,
+) -> Outcome {
+    let Staged {
+        spec,
+        child,
+        mut go,
+        _held: held,
+    } = staged;
+    drop(held);
+    // One line into an empty pipe: written at once. A shell that is gone already (the
+    // command did not parse) fails the write; its status and output tell why.
+    let _ = go.write_all(b"\n").await;
+    drop(go);
+    supervise_logged(&spec, Ok(child), limits, reporter, stop).await
+}
+
+async fn supervise_logged(
+    spec: &RunSpec,
+    spawned: std::io::Result<Child>,
+    limits: ExecLimits,
+    reporter: &Reporter,
+    stop: &CancellationToken,
+) -> Outcome {
     let (line_tx, line_rx) = mpsc::channel(1024);
     let collector = tokio::spawn(collect(spec.run_id, line_rx, limits, reporter.clone()));
-    let outcome = supervise(spec, limits, stop, line_tx).await;
+    let outcome = supervise(spec, spawned, limits, stop, line_tx).await;
     let _ = collector.await;
     outcome
 }
 
-fn command(spec: &RunSpec) -> Command {
+/// The fire's command; `staged`, its shell holds on its stdin first (see [`HOLD`]).
+fn command(spec: &RunSpec, staged: bool) -> Command {
     #[cfg(unix)]
     let mut command = {
         // By its path: with PATH in the child's environment, a bare `sh` makes the
         // standard library fork the whole worker instead of using posix_spawn.
         let mut c = Command::new("/bin/sh");
-        c.arg("-c").arg(&spec.command);
+        if staged {
+            c.arg("-c").arg(format!("{HOLD}{}", spec.command));
+        } else {
+            c.arg("-c").arg(&spec.command);
+        }
         c.process_group(0);
         c
     };
     #[cfg(windows)]
     let mut command = {
+        let _ = staged;
         let mut c = Command::new("cmd");
         c.arg("/C").arg(&spec.command);
         c
@@ -97,7 +203,11 @@ fn command(spec: &RunSpec) -> Command {
         .env("CLOUDTASK_SCHEDULED_AT", spec.scheduled_at.to_rfc3339())
         .env("CLOUDTASK_ATTEMPT", spec.attempt.to_string())
         .current_dir(&spec.workdir)
-        .stdin(Stdio::null())
+        .stdin(if staged {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -108,11 +218,12 @@ type Line = (LogStream, String, DateTime<Utc>);
 
 async fn supervise(
     spec: &RunSpec,
+    spawned: std::io::Result<Child>,
     limits: ExecLimits,
     stop: &CancellationToken,
     lines: mpsc::Sender<Line>,
 ) -> Outcome {
-    let mut child = match command(spec).spawn() {
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
             let _ = lines
@@ -223,7 +334,7 @@ async fn supervise(
 async fn terminate_group(
     group: Option<u32>,
     grace: Duration,
-    child: &mut tokio::process::Child,
+    child: &mut Child,
     exited: bool,
 ) -> Option<std::process::ExitStatus> {
     #[cfg(unix)]
@@ -490,16 +601,73 @@ mod tests {
         // Cargo sets CARGO_MANIFEST_DIR for this test process: the child must not see it.
         let (outcome, lines) = run(
             "echo \"$GREETING $CLOUDTASK_ATTEMPT ${CARGO_MANIFEST_DIR:-none} $(pwd)\"",
-            ExecLimits {
-                max_lines: 100,
-                max_line_bytes: 4096,
-                ..limits()
-            },
+            limits_wide(),
         )
         .await;
         assert_eq!(outcome.status, RunStatus::Succeeded);
         let text = &lines[0].text;
         assert!(text.starts_with("hi 2 none /"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_staged_shell_runs_the_command_only_once_let_go_and_as_sh_c_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let command = "touch ran; echo \"$0 $GREETING $CLOUDTASK_ATTEMPT [$(cat)] [${_ct_go-unset}]\"; nosuch";
+        let staged = stage(spec(command, dir.path())).expect("staged");
+        // Its chance to run early: it must not take it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!dir.path().join("ran").exists(), "ran before it was let go");
+        let (reporter, mut reports) = Reporter::capture();
+        let outcome =
+            execute_staged(staged, limits_wide(), &reporter, &CancellationToken::new()).await;
+        drop(reporter);
+        assert!(dir.path().join("ran").exists());
+        assert_eq!(outcome.exit_code, Some(127), "{outcome:?}");
+        let mut texts = Vec::new();
+        while let Some(Report::Logs { lines, .. }) = reports.recv().await {
+            texts.extend(lines.into_iter().map(|l| l.text));
+        }
+        assert_eq!(texts[0], "/bin/sh hi 2 [] [unset]", "{texts:?}");
+        // The same message, line number included, as `sh -c` gives.
+        assert_eq!(texts[1], "/bin/sh: 1: nosuch: not found", "{texts:?}");
+    }
+
+    #[tokio::test]
+    async fn a_staged_shell_dropped_runs_nothing_and_a_bad_command_fails_as_usual() {
+        let dir = tempfile::tempdir().unwrap();
+        let staged = stage(spec("touch ran", dir.path())).expect("staged");
+        let pid = staged.child.id().expect("pid");
+        drop(staged);
+        let gone = async {
+            while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), gone)
+            .await
+            .expect("the dropped shell is killed");
+        assert!(!dir.path().join("ran").exists());
+
+        // A command that does not parse: the shell ends before it is let go, and the run
+        // fails with the shell's own message.
+        let staged = stage(spec("echo (", dir.path())).expect("staged");
+        let (reporter, mut reports) = Reporter::capture();
+        let outcome =
+            execute_staged(staged, limits_wide(), &reporter, &CancellationToken::new()).await;
+        drop(reporter);
+        assert_eq!(outcome.exit_code, Some(2), "{outcome:?}");
+        let Some(Report::Logs { lines, .. }) = reports.recv().await else {
+            panic!("no output");
+        };
+        assert!(lines[0].text.contains("Syntax error"), "{lines:?}");
+    }
+
+    fn limits_wide() -> ExecLimits {
+        ExecLimits {
+            max_lines: 100,
+            max_line_bytes: 4096,
+            ..limits()
+        }
     }
 
     #[tokio::test]
