@@ -97,6 +97,41 @@ async fn live_logs_reach_a_subscriber_of_another_replica_without_gap_or_duplicat
 }
 
 #[tokio::test]
+async fn a_tail_longer_than_a_page_arriving_as_the_run_ends_is_delivered_whole() {
+    let mut cluster = Cluster::start().await;
+    let replica = cluster.api.replica().await;
+    cluster.start_worker("w1");
+    // One line, a pause (the subscriber is caught up and waits), then 2,500 lines at once
+    // and the end: more than a page (1,000) is stored after the follower's last read.
+    let task = cluster
+        .create_task(json!({
+            "name": "tail",
+            "schedule": "0 0 1 1 *",
+            "command": "echo start; sleep 1; seq 1 2500",
+        }))
+        .await;
+    cluster.wait_assigned(&task).await;
+    let mut socket = GqlSocket::connect(&replica.url, &token(&cluster)).await;
+    let run = cluster.run_now(&task).await;
+    socket
+        .subscribe("logs", LOGS, json!({ "run": run, "from": 0 }))
+        .await;
+    let lines = offsets_and_texts(&socket.until_complete("logs", Duration::from_secs(60)).await);
+    let mut expected = vec![(0, "start".to_owned())];
+    expected.extend((1..=2500).map(|i| (i, i.to_string())));
+    assert_eq!(lines.len(), expected.len());
+    assert_eq!(lines, expected, "order and offsets exact, each line once");
+
+    // Subscribed after the end, from the middle of a page: the rest, then complete.
+    let mut again = GqlSocket::connect(&replica.url, &token(&cluster)).await;
+    again
+        .subscribe("logs", LOGS, json!({ "run": run, "from": 1200 }))
+        .await;
+    let rest = offsets_and_texts(&again.until_complete("logs", Duration::from_secs(30)).await);
+    assert_eq!(rest, expected[1200..].to_vec());
+}
+
+#[tokio::test]
 async fn run_and_worker_events_arrive_on_another_replica() {
     let mut cluster = Cluster::start().await;
     let replica = cluster.api.replica().await;

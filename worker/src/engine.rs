@@ -719,6 +719,14 @@ impl Actor {
             }
         }
         if let Some(claimed) = claimed {
+            // A staged shell with nothing to wait for goes now, before any job is
+            // scheduled: every fire due at this instant is let go in this one pass.
+            if replaced.is_empty()
+                && let Some((version, shell)) = claimed.staged.lock().expect("staged slot").as_mut()
+                && *version == node.version
+            {
+                shell.release();
+            }
             self.start_run(task, Start::Claimed(claimed), replaced);
             return;
         }
@@ -799,7 +807,9 @@ async fn run_fire(
             let staged = claimed.staged.clone();
             // Usually in already; if the API is slow, wait for it like a claim at the
             // fire time would.
+            // An answer that is in goes first: its shell may be let go already.
             let answer = tokio::select! {
+                biased;
                 answer = waiting.wait_for(Option::is_some) => {
                     answer.ok().and_then(|a| *a)
                 }

@@ -23,8 +23,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{RunId, TaskId};
 use cloudtask_core::run::{LogLine, LogStream, Outcome, RunStatus};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -74,8 +74,8 @@ const HOLD: &str = "read -r _ct_go || exit 125; unset _ct_go; exec </dev/null; "
 pub struct Staged {
     spec: RunSpec,
     child: Child,
-    go: ChildStdin,
-    _held: Held,
+    /// The shell's stdin until it is let go, and its place among the `MAX_STAGED`.
+    go: Option<(std::fs::File, Held)>,
 }
 
 /// One of the `MAX_STAGED`, given back when dropped.
@@ -98,12 +98,11 @@ pub fn stage(spec: RunSpec) -> Option<Staged> {
         }
         let held = Held;
         let mut child = command(&spec, true).spawn().ok()?;
-        let go = child.stdin.take()?;
+        let go = std::fs::File::from(child.stdin.take()?.into_owned_fd().ok()?);
         Some(Staged {
             spec,
             child,
-            go,
-            _held: held,
+            go: Some((go, held)),
         })
     }
     #[cfg(not(unix))]
@@ -116,6 +115,16 @@ pub fn stage(spec: RunSpec) -> Option<Staged> {
 impl Staged {
     pub fn spec(&self) -> &RunSpec {
         &self.spec
+    }
+
+    /// Lets the shell go on to the command; once (later calls do nothing). One line
+    /// into an empty pipe: written at once, without blocking. A shell that is gone
+    /// already (the command did not parse) fails the write; its status and output say why.
+    pub fn release(&mut self) {
+        if let Some((mut go, _held)) = self.go.take() {
+            use std::io::Write;
+            let _ = go.write_all(b"\n");
+        }
     }
 }
 
@@ -130,24 +139,16 @@ pub async fn execute(
     supervise_logged(spec, command(spec, false).spawn(), limits, reporter, stop).await
 }
 
-/// [`execute`] for a staged fire: lets its shell go on to the command.
+/// [`execute`] for a staged fire: lets its shell go on to the command (if
+/// [`Staged::release`] has not already).
 pub async fn execute_staged(
-    staged: Staged,
+    mut staged: Staged,
     limits: ExecLimits,
     reporter: &Reporter,
     stop: &CancellationToken,
 ) -> Outcome {
-    let Staged {
-        spec,
-        child,
-        mut go,
-        _held: held,
-    } = staged;
-    drop(held);
-    // One line into an empty pipe: written at once. A shell that is gone already (the
-    // command did not parse) fails the write; its status and output tell why.
-    let _ = go.write_all(b"\n").await;
-    drop(go);
+    staged.release();
+    let Staged { spec, child, .. } = staged;
     supervise_logged(&spec, Ok(child), limits, reporter, stop).await
 }
 

@@ -80,14 +80,7 @@ impl SubscriptionRoot {
         }
         let log = handle.run_log(run).await?;
         let events = state(ctx).catalogue.events().await?;
-        let follow = LogFollow {
-            log,
-            events,
-            run,
-            next: from as u64,
-            buffer: VecDeque::new(),
-            ended: false,
-        };
+        let follow = LogFollow::new(log, events, run, from as u64);
         Ok(futures_util::stream::unfold(
             follow,
             |mut follow| async move {
@@ -183,7 +176,11 @@ impl SubscriptionRoot {
 /// Follows one run's log: what is stored from `next` on, then what is stored later.
 ///
 /// A run's lines are stored in offset order (its worker reports them in order, and the
-/// spool replays them in order), so "from `next` on" never skips one.
+/// spool replays them in order), so "from `next` on" never skips one. Once a read has
+/// found everything stored, the follower waits for an event before it reads again (the
+/// events are followed from before the first read, so none is missed in between); the
+/// run's status is read only when it may have changed: at the start, after a status
+/// event, a resync or a quiet spell.
 struct LogFollow {
     log: RunLog,
     events: Events,
@@ -191,10 +188,30 @@ struct LogFollow {
     /// The offset of the next line to deliver.
     next: u64,
     buffer: VecDeque<LogLine>,
+    /// Everything stored at the last read has been read: wait for news first.
+    caught_up: bool,
+    /// The run may have ended since its status was last read.
+    may_have_ended: bool,
+    /// The run has ended: read what is left, then complete.
+    ending: bool,
     ended: bool,
 }
 
 impl LogFollow {
+    fn new(log: RunLog, events: Events, run: RunId, next: u64) -> LogFollow {
+        LogFollow {
+            log,
+            events,
+            run,
+            next,
+            buffer: VecDeque::new(),
+            caught_up: false,
+            may_have_ended: true,
+            ending: false,
+            ended: false,
+        }
+    }
+
     async fn next_line(&mut self) -> Option<LogLine> {
         loop {
             if let Some(line) = self.buffer.pop_front() {
@@ -203,44 +220,51 @@ impl LogFollow {
             if self.ended {
                 return None;
             }
-            match self.read().await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, run = %self.run, "reading the log failed; retrying");
-                    tokio::time::sleep(RETRY).await;
-                    continue;
+            if self.caught_up {
+                if !self.wait().await {
+                    return None;
                 }
+                self.caught_up = false;
             }
-            if !self.wait().await {
-                return None;
+            if let Err(e) = self.read().await {
+                tracing::warn!(error = %e, run = %self.run, "reading the log failed; retrying");
+                tokio::time::sleep(RETRY).await;
             }
         }
     }
 
-    /// Reads what is stored from `next` on. Ok(false): nothing yet, the run goes on.
-    async fn read(&mut self) -> Result<bool, Error> {
-        if self.fetch().await? {
-            return Ok(true);
+    /// Reads a page of what is stored from `next` on; caught up when that was all.
+    async fn read(&mut self) -> Result<(), Error> {
+        if self.fetch().await? == LOG_PAGE as usize {
+            return Ok(()); // more may be stored
         }
-        // Nothing new. A run's outcome is reported after its last line, so once the run
-        // has ended, one more read gets whatever was stored in between, and that is all.
-        if self.log.has_ended().await? {
-            self.fetch().await?;
+        if self.ending {
             self.ended = true;
-            return Ok(true);
+            return Ok(());
         }
-        Ok(false)
+        if self.may_have_ended {
+            let ended = self.log.has_ended().await?;
+            self.may_have_ended = false;
+            if ended {
+                // A run's outcome is reported after its last line: what was stored
+                // between the read and the status is all that is left to read.
+                self.ending = true;
+                return Ok(());
+            }
+        }
+        self.caught_up = true;
+        Ok(())
     }
 
-    async fn fetch(&mut self) -> Result<bool, Error> {
+    /// Reads up to a page into the buffer; how many lines it got.
+    async fn fetch(&mut self) -> Result<usize, Error> {
         let lines = self.log.lines(self.next, LOG_PAGE).await?;
-        let Some(last) = lines.last() else {
-            return Ok(false);
-        };
-        self.next = last.offset + 1;
+        if let Some(last) = lines.last() {
+            self.next = last.offset + 1;
+        }
+        let read = lines.len();
         self.buffer.extend(lines);
-        Ok(true)
+        Ok(read)
     }
 
     /// Waits until something may have changed for this run. False once the catalogue is
@@ -252,13 +276,15 @@ impl LogFollow {
             tokio::select! {
                 event = self.events.next() => match event {
                     Some(Event::Logs { run, next }) if run == self.run && next > self.next => return true,
-                    Some(Event::Run { run, .. }) if run == self.run => return true,
-                    Some(Event::Resync) => return true,
+                    Some(Event::Run { run, .. }) if run == self.run => break,
+                    Some(Event::Resync) => break,
                     Some(_) => continue,
                     None => return false,
                 },
-                _ = &mut quiet => return true,
+                _ = &mut quiet => break,
             }
         }
+        self.may_have_ended = true;
+        true
     }
 }
