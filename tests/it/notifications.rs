@@ -251,6 +251,21 @@ async fn a_killed_worker_is_mailed_as_offline() {
     assert!(mail.subject().contains("acme-cluster"), "{mail:#?}");
     assert_eq!(mail.envelope_to(), ["ops@acme.example"]);
     assert!(mail.body.contains("marked LOST"), "{}", mail.body);
+
+    // The same worker back: a mail says so, once.
+    cluster.spawn_worker_process("w-doomed");
+    let mails = sink
+        .wait_for("the back-online mail", LONG, |m| {
+            m.iter().any(|m| m.subject().contains("back online"))
+        })
+        .await;
+    let back: Vec<_> = mails
+        .iter()
+        .filter(|m| m.subject().contains("back online"))
+        .collect();
+    assert_eq!(back.len(), 1, "{back:#?}");
+    assert!(back[0].subject().contains("w-doomed"), "{:#?}", back[0]);
+    assert_eq!(back[0].envelope_to(), ["ops@acme.example"]);
 }
 
 #[tokio::test]

@@ -15,7 +15,28 @@ const WITHIN: Duration = Duration::from_secs(10);
 #[tokio::test]
 async fn a_socket_without_a_valid_token_is_closed_with_4403() {
     let world = World::new().await;
-    for payload in [json!({}), json!({ "accessToken": "not-a-token" })] {
+    // A token of the right key and a real user that expired two minutes ago.
+    let owner = world
+        .api
+        .catalogue
+        .user_credentials(&world.a.owner_email)
+        .await
+        .unwrap()
+        .expect("the owner exists")
+        .user
+        .id;
+    let expired = cloudtask_api::auth::TokenKeys::new(
+        cloudtask_testkit::TEST_JWT_SECRET.as_bytes(),
+        chrono::Duration::seconds(-120),
+    )
+    .issue_access(owner, Some(world.a.id.parse().unwrap()), false)
+    .unwrap()
+    .token;
+    for payload in [
+        json!({}),
+        json!({ "accessToken": "not-a-token" }),
+        json!({ "accessToken": expired }),
+    ] {
         let mut socket = GqlSocket::open(&world.api.url).await;
         socket
             .send(json!({ "type": "connection_init", "payload": payload }))
