@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use cloudtask_testkit::{GqlSocket, Reply};
+use cloudtask_testkit::{GqlSocket, Reply, TestApi};
 use serde_json::{Value, json};
 
 use crate::harness::Cluster;
@@ -45,26 +45,31 @@ fn offsets_and_texts(payloads: &[Value]) -> Vec<(u64, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn live_logs_reach_a_subscriber_of_another_replica_without_gap_or_duplicate() {
+/// A manual task running `command`, its worker reporting to the cluster's first API
+/// replica, started now; a subscriber of its logs from offset 0 on a second replica.
+async fn follow_a_run(name: &str, command: &str) -> (Cluster, TestApi, GqlSocket, String) {
     let mut cluster = Cluster::start().await;
-    // The worker reports to the first replica; the subscriber listens on a second one.
     let replica = cluster.api.replica().await;
     cluster.start_worker("w1");
     let task = cluster
-        .create_task(json!({
-            "name": "talker",
-            "schedule": "0 0 1 1 *",
-            "command": "for i in $(seq 1 20); do echo line-$i; sleep 0.1; done",
-        }))
+        .create_task(json!({ "name": name, "schedule": "0 0 1 1 *", "command": command }))
         .await;
     cluster.wait_assigned(&task).await;
-
     let mut socket = GqlSocket::connect(&replica.url, &token(&cluster)).await;
     let run = cluster.run_now(&task).await;
     socket
         .subscribe("logs", LOGS, json!({ "run": run, "from": 0 }))
         .await;
+    (cluster, replica, socket, run)
+}
+
+#[tokio::test]
+async fn live_logs_reach_a_subscriber_of_another_replica_without_gap_or_duplicate() {
+    let (cluster, replica, mut socket, run) = follow_a_run(
+        "talker",
+        "for i in $(seq 1 20); do echo line-$i; sleep 0.1; done",
+    )
+    .await;
 
     // The first line comes while the run is still going (it takes two seconds).
     let first = match socket.reply("logs", Duration::from_secs(20)).await {
@@ -98,24 +103,10 @@ async fn live_logs_reach_a_subscriber_of_another_replica_without_gap_or_duplicat
 
 #[tokio::test]
 async fn a_tail_longer_than_a_page_arriving_as_the_run_ends_is_delivered_whole() {
-    let mut cluster = Cluster::start().await;
-    let replica = cluster.api.replica().await;
-    cluster.start_worker("w1");
     // One line, a pause (the subscriber is caught up and waits), then 2,500 lines at once
     // and the end: more than a page (1,000) is stored after the follower's last read.
-    let task = cluster
-        .create_task(json!({
-            "name": "tail",
-            "schedule": "0 0 1 1 *",
-            "command": "echo start; sleep 1; seq 1 2500",
-        }))
-        .await;
-    cluster.wait_assigned(&task).await;
-    let mut socket = GqlSocket::connect(&replica.url, &token(&cluster)).await;
-    let run = cluster.run_now(&task).await;
-    socket
-        .subscribe("logs", LOGS, json!({ "run": run, "from": 0 }))
-        .await;
+    let (cluster, replica, mut socket, run) =
+        follow_a_run("tail", "echo start; sleep 1; seq 1 2500").await;
     let lines = offsets_and_texts(&socket.until_complete("logs", Duration::from_secs(60)).await);
     let mut expected = vec![(0, "start".to_owned())];
     expected.extend((1..=2500).map(|i| (i, i.to_string())));
