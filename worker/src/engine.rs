@@ -451,7 +451,13 @@ impl Actor {
             let keep = firing
                 .as_ref()
                 .is_some_and(|s| s.next_after(at - chrono::Duration::milliseconds(1)) == Some(at));
-            if !keep && let Some(claimed) = self.preclaims.remove(&(task, at)) {
+            if keep {
+                // Kept, but its shell was staged from the old spec: killed now; the
+                // fire starts from the new one at its time.
+                if let Some(claimed) = self.preclaims.get(&(task, at)) {
+                    drop(claimed.staged.lock().expect("staged slot").take());
+                }
+            } else if let Some(claimed) = self.preclaims.remove(&(task, at)) {
                 self.abandon(
                     claimed,
                     "not started: the task changed before its fire time",
@@ -614,11 +620,12 @@ impl Actor {
             self.jobs.spawn(async move {
                 let stop = shared.shutdown.clone();
                 let run = claim_fire(&shared, &node, &claim, &stop).await;
+                // Staged when its package is ready (a download would hold the answer
+                // back: such a fire prepares its package at its time).
                 if let Some(run) = run
-                    && let Ok(workdir) = shared
-                        .packages
-                        .workdir(node.spec.package_sha256.as_deref())
-                        .await
+                    && !stop.is_cancelled()
+                    && let Some(workdir) =
+                        shared.packages.cached(node.spec.package_sha256.as_deref())
                     && let Some(shell) = stage(run_spec(&node, run, &claim, workdir))
                 {
                     *staged.lock().expect("staged slot") = Some((node.version, shell));
@@ -721,9 +728,12 @@ impl Actor {
         if let Some(claimed) = claimed {
             // A staged shell with nothing to wait for goes now, before any job is
             // scheduled: every fire due at this instant is let go in this one pass.
+            // (Its claim answer is in: the job then cannot take it for a stopped fire.)
+            let answered = claimed.result.borrow().is_some();
             if replaced.is_empty()
+                && answered
                 && let Some((version, shell)) = claimed.staged.lock().expect("staged slot").as_mut()
-                && *version == node.version
+                && fits(shell, *version, &node, &self.shared.packages)
             {
                 shell.release();
             }
@@ -805,14 +815,20 @@ async fn run_fire(
             let claim = claimed.claim.clone();
             let mut waiting = claimed.result.clone();
             let staged = claimed.staged.clone();
-            // Usually in already; if the API is slow, wait for it like a claim at the
-            // fire time would.
-            // An answer that is in goes first: its shell may be let go already.
-            let answer = tokio::select! {
+            let released = staged
+                .lock()
+                .expect("staged slot")
+                .as_ref()
+                .is_some_and(|(_, shell)| shell.released());
+            // A shell let go at the fire time is running: it is supervised whatever
+            // happens next (its answer was in). Otherwise the answer is usually in
+            // already; if the API is slow, wait for it like a claim at the fire time
+            // would, unless the fire is stopped first.
+            let answer = if released {
+                *waiting.borrow()
+            } else {
+                tokio::select! {
                 biased;
-                answer = waiting.wait_for(Option::is_some) => {
-                    answer.ok().and_then(|a| *a)
-                }
                 _ = stop.cancelled() => {
                     // Stopped (moved, paused) before it could start.
                     let reporter = shared.reporter.clone();
@@ -826,12 +842,19 @@ async fn run_fire(
                     });
                     return None;
                 }
+                answer = waiting.wait_for(Option::is_some) => {
+                    answer.ok().and_then(|a| *a)
+                }
+                }
             };
-            // Staged from the spec it runs now (an edit that kept the fire changes the
-            // version: that shell is killed and the fire starts afresh).
+            // A shell still held runs only if it fits the spec that runs now (an edit
+            // that kept the fire: that shell is killed and the fire starts afresh).
             let shell = staged.lock().expect("staged slot").take();
-            let shell =
-                shell.and_then(|(version, shell)| (version == node.version).then_some(shell));
+            let shell = shell
+                .filter(|(version, shell)| {
+                    shell.released() || fits(shell, *version, node, &shared.packages)
+                })
+                .map(|(_, shell)| shell);
             (answer.flatten()?, claim, shell)
         }
         Start::Queued(run) => match shared.client.start(run, &shared.worker).await {
@@ -987,6 +1010,16 @@ async fn execute_fire(
         _ = stop.cancelled() => None,
         _ = tokio::time::sleep(wait) => Some((claim.scheduled_at, claim.attempt + 1)),
     }
+}
+
+/// Whether a held shell, staged from task version `version`, may run the fire of
+/// `node`: the same version, and its package folder still there (one stat).
+fn fits(shell: &Staged, version: u32, node: &TaskNode, packages: &Packages) -> bool {
+    version == node.version
+        && packages
+            .cached(node.spec.package_sha256.as_deref())
+            .as_ref()
+            == Some(&shell.spec().workdir)
 }
 
 /// What runs for a claimed fire of the task.

@@ -59,26 +59,55 @@ pub struct RunSpec {
 /// worker (its credentials above all) stays out.
 const INHERITED: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
 
-/// Staged shells held at once, at most; fires beyond start at their time.
-const MAX_STAGED: usize = 512;
+/// Staged shells held at once, at most (fires beyond start at their time): 512, fewer
+/// when open files are scarce (each holds three of the worker's descriptors).
+fn max_staged() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        #[cfg(unix)]
+        let files = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        #[cfg(not(unix))]
+        let files = 1024u64;
+        usize::try_from(files / 8).unwrap_or(usize::MAX).min(512)
+    })
+}
 static STAGED: AtomicUsize = AtomicUsize::new(0);
+
+/// Raises the soft limit of open files to the hard one: every running or staged fire
+/// holds three of the worker's descriptors, and the usual soft default (1,024) is low
+/// for a worker of many tasks.
+pub fn raise_open_files_limit() {
+    #[cfg(unix)]
+    {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+            && soft < hard
+            && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        {
+            tracing::debug!(error = %e, soft, hard, "cannot raise the open files limit");
+        }
+    }
+}
 
 /// What a staged shell runs before the command, on the command's first line: wait for
 /// the go line (end of input: exit without running anything), then give the command the
-/// null stdin it has when started directly.
+/// null stdin it has when started directly. (`CLOUDTASK_` names are refused in a task's
+/// environment, so the variable read is nobody's.)
 #[cfg(unix)]
-const HOLD: &str = "read -r _ct_go || exit 125; unset _ct_go; exec </dev/null; ";
+const HOLD: &str = "read -r CLOUDTASK_GO || exit 125; unset CLOUDTASK_GO; exec </dev/null; ";
 
-/// A fire's shell started ahead of its time, holding before the command.
-/// Dropped without [`execute_staged`], the shell is killed before it runs anything.
+/// A fire's shell started ahead of its time, holding before the command. Dropped, its
+/// whole process group is killed: before it runs anything, unless it was let go.
 pub struct Staged {
     spec: RunSpec,
-    child: Child,
-    /// The shell's stdin until it is let go, and its place among the `MAX_STAGED`.
+    /// Taken by [`execute_staged`], which supervises it from then on.
+    child: Option<Child>,
+    /// The shell's stdin until it is let go, and its place among the staged.
     go: Option<(std::fs::File, Held)>,
 }
 
-/// One of the `MAX_STAGED`, given back when dropped.
+/// One of the [`max_staged`], given back when dropped.
 struct Held;
 
 impl Drop for Held {
@@ -87,23 +116,40 @@ impl Drop for Held {
     }
 }
 
-/// Starts the fire's shell now, held until [`execute_staged`]. None when it cannot be
+impl Drop for Staged {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            // The shell leads its group, and is not reaped before its `Child` goes, so
+            // the group id is still its own. A shell let go may have children already.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Starts the fire's shell now, held until [`Staged::release`]. None when it cannot be
 /// staged (too many held, the spawn failed, not on Unix): the fire starts at its time.
 pub fn stage(spec: RunSpec) -> Option<Staged> {
     #[cfg(unix)]
     {
-        if STAGED.fetch_add(1, Ordering::Relaxed) >= MAX_STAGED {
+        if STAGED.fetch_add(1, Ordering::Relaxed) >= max_staged() {
             STAGED.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
         let held = Held;
         let mut child = command(&spec, true).spawn().ok()?;
-        let go = std::fs::File::from(child.stdin.take()?.into_owned_fd().ok()?);
-        Some(Staged {
+        let stdin = child.stdin.take();
+        let mut staged = Staged {
             spec,
-            child,
-            go: Some((go, held)),
-        })
+            child: Some(child),
+            go: None,
+        };
+        let go = std::fs::File::from(stdin?.into_owned_fd().ok()?);
+        staged.go = Some((go, held));
+        Some(staged)
     }
     #[cfg(not(unix))]
     {
@@ -115,6 +161,11 @@ pub fn stage(spec: RunSpec) -> Option<Staged> {
 impl Staged {
     pub fn spec(&self) -> &RunSpec {
         &self.spec
+    }
+
+    /// Whether [`Staged::release`] has let it go.
+    pub fn released(&self) -> bool {
+        self.go.is_none()
     }
 
     /// Lets the shell go on to the command; once (later calls do nothing). One line
@@ -148,8 +199,11 @@ pub async fn execute_staged(
     stop: &CancellationToken,
 ) -> Outcome {
     staged.release();
-    let Staged { spec, child, .. } = staged;
-    supervise_logged(&spec, Ok(child), limits, reporter, stop).await
+    let child = staged
+        .child
+        .take()
+        .ok_or_else(|| std::io::Error::other("the staged shell was run already"));
+    supervise_logged(&staged.spec, child, limits, reporter, stop).await
 }
 
 async fn supervise_logged(
@@ -173,10 +227,12 @@ fn command(spec: &RunSpec, staged: bool) -> Command {
         // By its path: with PATH in the child's environment, a bare `sh` makes the
         // standard library fork the whole worker instead of using posix_spawn.
         let mut c = Command::new("/bin/sh");
+        // `--`: a command that starts with `-` is a command, not the shell's options.
+        c.arg("-c").arg("--");
         if staged {
-            c.arg("-c").arg(format!("{HOLD}{}", spec.command));
+            c.arg(format!("{HOLD}{}", spec.command));
         } else {
-            c.arg("-c").arg(&spec.command);
+            c.arg(&spec.command);
         }
         c.process_group(0);
         c
@@ -613,7 +669,7 @@ mod tests {
     #[tokio::test]
     async fn a_staged_shell_runs_the_command_only_once_let_go_and_as_sh_c_would() {
         let dir = tempfile::tempdir().unwrap();
-        let command = "touch ran; echo \"$0 $GREETING $CLOUDTASK_ATTEMPT [$(cat)] [${_ct_go-unset}]\"; nosuch";
+        let command = "touch ran; echo \"$0 $GREETING $CLOUDTASK_ATTEMPT [$(cat)] [${CLOUDTASK_GO-unset}]\"; nosuch";
         let staged = stage(spec(command, dir.path())).expect("staged");
         // Its chance to run early: it must not take it.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -637,17 +693,25 @@ mod tests {
     async fn a_staged_shell_dropped_runs_nothing_and_a_bad_command_fails_as_usual() {
         let dir = tempfile::tempdir().unwrap();
         let staged = stage(spec("touch ran", dir.path())).expect("staged");
-        let pid = staged.child.id().expect("pid");
+        let group = staged.child.as_ref().and_then(Child::id).expect("pid");
         drop(staged);
-        let gone = async {
-            while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok() {
+        group_gone(group).await;
+        assert!(!dir.path().join("ran").exists());
+
+        // Let go, then dropped (its job went away): the whole group goes, children too.
+        let mut staged = stage(spec("sleep 30 & touch ran; sleep 30", dir.path())).expect("staged");
+        let group = staged.child.as_ref().and_then(Child::id).expect("pid");
+        staged.release();
+        let ran = async {
+            while !dir.path().join("ran").exists() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(10), gone)
+        tokio::time::timeout(Duration::from_secs(10), ran)
             .await
-            .expect("the dropped shell is killed");
-        assert!(!dir.path().join("ran").exists());
+            .expect("the shell let go runs the command");
+        drop(staged);
+        group_gone(group).await;
 
         // A command that does not parse: the shell ends before it is let go, and the run
         // fails with the shell's own message.
@@ -661,6 +725,26 @@ mod tests {
             panic!("no output");
         };
         assert!(lines[0].text.contains("Syntax error"), "{lines:?}");
+    }
+
+    /// Waits until no process of the group is left (bounded).
+    async fn group_gone(group: u32) {
+        let group = nix::unistd::Pid::from_raw(group as i32);
+        let gone = async {
+            while nix::sys::signal::killpg(group, None).is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), gone)
+            .await
+            .expect("the group is killed");
+    }
+
+    #[tokio::test]
+    async fn a_command_that_starts_with_a_dash_is_a_command_not_options() {
+        let (outcome, lines) = run("-no-such-program", limits_wide()).await;
+        assert_eq!(outcome.exit_code, Some(127), "{outcome:?} {lines:?}");
+        assert!(lines[0].text.contains("-no-such-program"), "{lines:?}");
     }
 
     fn limits_wide() -> ExecLimits {

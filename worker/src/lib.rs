@@ -58,6 +58,7 @@ pub async fn run_on(
     clock: Arc<dyn clock::Clock>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    exec::raise_open_files_limit();
     let token = config
         .cluster_token
         .as_deref()

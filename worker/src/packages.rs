@@ -54,25 +54,31 @@ impl Packages {
 
     /// The folder a run of this package works in; with no package, an empty folder.
     pub async fn workdir(&self, sha256: Option<&str>) -> Result<PathBuf, PackageError> {
-        let key = sha256.unwrap_or_default();
-        // One stat, no blocking-pool round trip: the folder may have been removed
-        // behind the cache's back (then it is prepared again).
-        if self.ready.lock().expect("ready folders").contains(key) {
-            let folder = self.folder(sha256);
-            let marker = match sha256 {
-                Some(_) => folder.join(COMPLETE),
-                None => folder.clone(),
-            };
-            if marker.exists() {
-                return Ok(folder);
-            }
+        if let Some(folder) = self.cached(sha256) {
+            return Ok(folder);
         }
+        let key = sha256.unwrap_or_default();
         let folder = self.prepare(sha256).await?;
         self.ready
             .lock()
             .expect("ready folders")
             .insert(key.to_owned());
         Ok(folder)
+    }
+
+    /// The folder, if it is ready now: one stat, no blocking-pool round trip and no
+    /// download (the folder may have been removed behind the cache's back: then None).
+    pub fn cached(&self, sha256: Option<&str>) -> Option<PathBuf> {
+        let key = sha256.unwrap_or_default();
+        if !self.ready.lock().expect("ready folders").contains(key) {
+            return None;
+        }
+        let folder = self.folder(sha256);
+        let marker = match sha256 {
+            Some(_) => folder.join(COMPLETE),
+            None => folder.clone(),
+        };
+        marker.exists().then_some(folder)
     }
 
     /// Where a package is unpacked; "none" is the empty folder of runs without one.
