@@ -678,3 +678,108 @@ async fn drive_to_any(clock: &ManualClock, fire: DateTime<Utc>) {
 fn in_flight_on(run: &Value, worker: &str) -> bool {
     status(run) == "RUNNING" && run["worker"] == worker && !run["startedAt"].is_null()
 }
+
+/// Pids of held (staged) shells whose command mentions `marker`.
+fn staged_shells(marker: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("read -r CLOUDTASK_GO") && cmdline.contains(marker) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits (bounded) until `check` holds of the staged shells of `marker`.
+async fn until_staged(marker: &str, what: &str, check: impl Fn(&[u32]) -> bool) {
+    let wait = async {
+        while !check(&staged_shells(marker)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+#[tokio::test]
+async fn a_staged_fire_runs_at_its_time_and_a_pause_before_it_runs_nothing() {
+    let mut cluster = Cluster::start().await;
+    let out = tempfile::tempdir().unwrap();
+    let ran = out.path().join("ran");
+    let marker = ran.to_str().unwrap().to_owned();
+    // 23:59:55 on the worker's clock; fires every 10 s.
+    let clock = std::sync::Arc::new(ManualClock::new(utc("2021-06-01T23:59:55Z")));
+    cluster.start_worker_with_clock("w1", clock.clone());
+    let task = cluster
+        .create_task(json!({
+            "name": "staged",
+            "schedule": "*/10 * * * * *",
+            "command": format!("echo \"$CLOUDTASK_SCHEDULED_AT\" >> {marker}"),
+        }))
+        .await;
+    let ahead = chrono::Duration::milliseconds(400);
+    let lines = || std::fs::read_to_string(&ran).unwrap_or_default();
+
+    // The first fire prepares the (empty) package folder; the second is staged: its shell
+    // is up before its time, runs nothing until then, and runs once let go.
+    drive_to(&cluster, &clock, &task, "2021-06-02T00:00:00Z").await;
+    let second = utc("2021-06-02T00:00:10Z");
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        clock.wait_for_sleeper(second - ahead),
+    )
+    .await
+    .expect("the second fire is to be claimed ahead");
+    clock.set(second - chrono::Duration::milliseconds(300));
+    until_staged(&marker, "the second fire's shell", |pids| pids.len() == 1).await;
+    assert_eq!(
+        lines().lines().count(),
+        1,
+        "ran before its time: {}",
+        lines()
+    );
+    clock.set(second + chrono::Duration::seconds(1));
+    cluster
+        .runs_until(&task, "the second fire's run", |runs| {
+            runs.iter()
+                .any(|r| at(r, "scheduledAt") == second && status(r) == "SUCCEEDED")
+        })
+        .await;
+    assert!(lines().contains("2021-06-02T00:00:10"), "{}", lines());
+
+    // The third is staged, then the task is paused: the shell goes, nothing runs.
+    let third = utc("2021-06-02T00:00:20Z");
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        clock.wait_for_sleeper(third - ahead),
+    )
+    .await
+    .expect("the third fire is to be claimed ahead");
+    clock.set(third - chrono::Duration::milliseconds(300));
+    until_staged(&marker, "the third fire's shell", |pids| pids.len() == 1).await;
+    cluster.pause(&task).await;
+    until_staged(&marker, "the third fire's shell to be killed", |pids| {
+        pids.is_empty()
+    })
+    .await;
+    clock.set(third + chrono::Duration::seconds(1));
+    // Its claim is given back: recorded SKIPPED, or dropped as not due; never started.
+    let runs = cluster
+        .runs_until(&task, "the third fire's claim to be given back", |runs| {
+            !runs
+                .iter()
+                .any(|r| at(r, "scheduledAt") == third && status(r) != "SKIPPED")
+        })
+        .await;
+    for run in runs.iter().filter(|r| at(r, "scheduledAt") == third) {
+        assert!(run["startedAt"].is_null(), "{run:#?}");
+    }
+    assert!(!lines().contains("2021-06-02T00:00:20"), "{}", lines());
+    assert_eq!(lines().lines().count(), 2, "{}", lines());
+}

@@ -620,15 +620,27 @@ impl Actor {
             self.jobs.spawn(async move {
                 let stop = shared.shutdown.clone();
                 let run = claim_fire(&shared, &node, &claim, &stop).await;
-                // Staged when its package is ready (a download would hold the answer
-                // back: such a fire prepares its package at its time).
+                // Staged when its package is ready. A download would hold the answer
+                // back: it starts now, in the background, and the fire waits for it at
+                // its time (later fires are staged).
+                let package = node.spec.package_sha256.clone();
                 if let Some(run) = run
                     && !stop.is_cancelled()
-                    && let Some(workdir) =
-                        shared.packages.cached(node.spec.package_sha256.as_deref())
-                    && let Some(shell) = stage(run_spec(&node, run, &claim, workdir))
                 {
-                    *staged.lock().expect("staged slot") = Some((node.version, shell));
+                    match shared.packages.cached(package.as_deref()) {
+                        Some(workdir) => {
+                            if let Some(shell) = stage(run_spec(&node, run, &claim, workdir)) {
+                                *staged.lock().expect("staged slot") = Some((node.version, shell));
+                            }
+                        }
+                        None => {
+                            let packages = shared.packages.clone();
+                            tokio::spawn(async move {
+                                // Errors are the fire's to report, at its time.
+                                let _ = packages.workdir(package.as_deref()).await;
+                            });
+                        }
+                    }
                 }
                 let _ = tx.send(Some(run));
             });
