@@ -12,9 +12,9 @@
 //!   scheduled fire is claimed `CLAIM_AHEAD` before its time, so at the fire time only
 //!   the spawn is left; its real start is reported with its lines. Once its claim is in,
 //!   its shell is staged (started, holding before the command: `exec::stage`), so at the
-//!   fire time not even the spawn is left. A claimed fire that is
-//!   not started after all (the task changed, moved or was paused in between, the worker
-//!   could not fire it on time, an overlap SKIP) is reported SKIPPED.
+//!   fire time not even the spawn is left. A claimed fire that is not started after all
+//!   (the task changed, moved or was paused in between, the worker could not fire it on
+//!   time, an overlap SKIP) is reported SKIPPED; its held shell is killed unrun.
 //! - Overlap: `SKIP` records a SKIPPED run, `ALLOW` starts another, `REPLACE` stops the
 //!   running ones first. Retries are new attempts of the same fire after a backoff.
 //! - When a task's assignment goes (moved, paused, deleted) or the session's epoch ends,
