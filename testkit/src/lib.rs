@@ -3,6 +3,7 @@
 
 mod smtp;
 mod socket;
+mod stand_in;
 pub mod stats;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use smtp::{Mail, SmtpSink};
 pub use socket::{GqlSocket, Reply};
+pub use stand_in::stand_in_api;
 
 /// Where tests create their databases: `CLOUDTASK_TEST_DATABASE_URL`, else the local
 /// server's maintenance database.

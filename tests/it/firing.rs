@@ -707,6 +707,20 @@ async fn until_staged(marker: &str, what: &str, check: impl Fn(&[u32]) -> bool) 
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
 }
 
+/// Moves the worker's clock to 300 ms before `fire` once the worker is to claim it
+/// (400 ms ahead), and waits until its shell is staged.
+async fn stage_fire(clock: &ManualClock, fire: DateTime<Utc>, marker: &str) {
+    let claim_at = fire - chrono::Duration::milliseconds(400);
+    tokio::time::timeout(Duration::from_secs(20), clock.wait_for_sleeper(claim_at))
+        .await
+        .unwrap_or_else(|_| panic!("the fire of {fire} is never claimed ahead"));
+    clock.set(fire - chrono::Duration::milliseconds(300));
+    until_staged(marker, &format!("the shell of {fire}"), |pids| {
+        pids.len() == 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_staged_fire_runs_at_its_time_and_a_pause_before_it_runs_nothing() {
     let mut cluster = Cluster::start().await;
@@ -723,21 +737,13 @@ async fn a_staged_fire_runs_at_its_time_and_a_pause_before_it_runs_nothing() {
             "command": format!("echo \"$CLOUDTASK_SCHEDULED_AT\" >> {marker}"),
         }))
         .await;
-    let ahead = chrono::Duration::milliseconds(400);
     let lines = || std::fs::read_to_string(&ran).unwrap_or_default();
 
     // The first fire prepares the (empty) package folder; the second is staged: its shell
     // is up before its time, runs nothing until then, and runs once let go.
     drive_to(&cluster, &clock, &task, "2021-06-02T00:00:00Z").await;
     let second = utc("2021-06-02T00:00:10Z");
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        clock.wait_for_sleeper(second - ahead),
-    )
-    .await
-    .expect("the second fire is to be claimed ahead");
-    clock.set(second - chrono::Duration::milliseconds(300));
-    until_staged(&marker, "the second fire's shell", |pids| pids.len() == 1).await;
+    stage_fire(&clock, second, &marker).await;
     assert_eq!(
         lines().lines().count(),
         1,
@@ -755,14 +761,7 @@ async fn a_staged_fire_runs_at_its_time_and_a_pause_before_it_runs_nothing() {
 
     // The third is staged, then the task is paused: the shell goes, nothing runs.
     let third = utc("2021-06-02T00:00:20Z");
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        clock.wait_for_sleeper(third - ahead),
-    )
-    .await
-    .expect("the third fire is to be claimed ahead");
-    clock.set(third - chrono::Duration::milliseconds(300));
-    until_staged(&marker, "the third fire's shell", |pids| pids.len() == 1).await;
+    stage_fire(&clock, third, &marker).await;
     cluster.pause(&task).await;
     until_staged(&marker, "the third fire's shell to be killed", |pids| {
         pids.is_empty()

@@ -222,73 +222,32 @@ mod tests {
     use super::*;
     use cloudtask_core::ids::TaskId;
     use cloudtask_core::run::{RunStatus, RunTrigger};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// An API from before batched claims: no batch route; single claims take the first
     /// fire and refuse the second.
     async fn old_api(run: RunId) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            let mut claims = 0;
-            loop {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                let mut request = Vec::new();
-                let mut buffer = [0u8; 4096];
-                // Head, then as much body as Content-Length says.
-                loop {
-                    let n = socket.read(&mut buffer).await.unwrap();
-                    request.extend_from_slice(&buffer[..n]);
-                    let text = String::from_utf8_lossy(&request);
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let length = text[..end]
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap())
-                            })
-                            .unwrap_or(0);
-                        if request.len() >= end + 4 + length {
-                            break;
-                        }
-                    }
-                    if n == 0 {
-                        break;
-                    }
-                }
-                let head = String::from_utf8_lossy(&request)
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                let (status, body) = if head.starts_with("POST /worker/claims/batch ") {
-                    ("404 Not Found", String::new())
-                } else if head.starts_with("POST /worker/claims ") {
-                    claims += 1;
-                    if claims == 1 {
-                        (
-                            "200 OK",
-                            serde_json::to_string(&Claimed { run_id: run }).unwrap(),
-                        )
-                    } else {
-                        (
-                            "409 Conflict",
-                            r#"{"error":"this fire is claimed already","code":"CONFLICT"}"#
-                                .to_owned(),
-                        )
-                    }
+        let mut claims = 0;
+        cloudtask_testkit::stand_in_api(move |line| {
+            if line.starts_with("POST /worker/claims/batch ") {
+                ("404 Not Found", String::new())
+            } else if line.starts_with("POST /worker/claims ") {
+                claims += 1;
+                if claims == 1 {
+                    (
+                        "200 OK",
+                        serde_json::to_string(&Claimed { run_id: run }).unwrap(),
+                    )
                 } else {
-                    ("500 Internal Server Error", String::new())
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                socket.write_all(response.as_bytes()).await.unwrap();
+                    (
+                        "409 Conflict",
+                        r#"{"error":"this fire is claimed already","code":"CONFLICT"}"#.to_owned(),
+                    )
+                }
+            } else {
+                ("500 Internal Server Error", String::new())
             }
-        });
-        url
+        })
+        .await
     }
 
     #[tokio::test]

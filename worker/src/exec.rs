@@ -61,14 +61,12 @@ const INHERITED: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "
 
 /// Staged shells held at once, at most (fires beyond start at their time): 512, fewer
 /// when open files are scarce (each holds three of the worker's descriptors).
+#[cfg(unix)]
 fn max_staged() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| {
-        #[cfg(unix)]
         let files = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(1024, |(soft, _)| soft);
-        #[cfg(not(unix))]
-        let files = 1024u64;
         usize::try_from(files / 8).unwrap_or(usize::MAX).min(512)
     })
 }

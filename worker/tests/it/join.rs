@@ -115,62 +115,27 @@ async fn an_unreachable_api_is_retried_until_shutdown() {
     assert!(matches!(result, Err(JoinError::Cancelled)), "{result:?}");
 }
 
-/// A minimal HTTP server: 503 for the first `failures` requests, then a join answer.
+/// An API that answers 503 to the first `failures` requests, then a join answer.
 async fn flaky_api(failures: usize, cluster: ClusterId) -> (String, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let served = Arc::new(AtomicUsize::new(0));
     let counter = served.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let n = counter.fetch_add(1, Ordering::SeqCst);
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            // Headers, then as much body as Content-Length says.
-            loop {
-                let read = stream.read(&mut buf).await.unwrap_or(0);
-                if read == 0 {
-                    break;
-                }
-                request.extend_from_slice(&buf[..read]);
-                let text = String::from_utf8_lossy(&request);
-                if let Some(end) = text.find("\r\n\r\n") {
-                    let length = text[..end]
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse::<usize>().ok())?
-                        })
-                        .unwrap_or(0);
-                    if request.len() >= end + 4 + length {
-                        break;
-                    }
-                }
-            }
-            let (status, body) = if n < failures {
-                (
-                    "503 Service Unavailable",
-                    json!({ "error": "starting", "code": "UNAVAILABLE" }),
-                )
-            } else {
-                (
-                    "200 OK",
-                    json!({ "credential": "c", "expiresAt": "2099-01-01T00:00:00Z",
-                            "tenantId": cloudtask_core::ids::TenantId::new().to_string(),
-                            "clusterId": cluster.to_string() }),
-                )
-            };
-            let body = body.to_string();
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-                 connection: close\r\n\r\n{body}",
-                body.len()
-            );
-            stream.write_all(response.as_bytes()).await.ok();
-            stream.shutdown().await.ok();
+    let url = cloudtask_testkit::stand_in_api(move |_| {
+        if counter.fetch_add(1, Ordering::SeqCst) < failures {
+            (
+                "503 Service Unavailable",
+                json!({ "error": "starting", "code": "UNAVAILABLE" }).to_string(),
+            )
+        } else {
+            (
+                "200 OK",
+                json!({ "credential": "c", "expiresAt": "2099-01-01T00:00:00Z",
+                        "tenantId": cloudtask_core::ids::TenantId::new().to_string(),
+                        "clusterId": cluster.to_string() })
+                .to_string(),
+            )
         }
-    });
+    })
+    .await;
     (url, served)
 }
 
