@@ -13,7 +13,6 @@ use cloudtask_core::ids::ClusterId;
 use cloudtask_testkit::{TestApi, fresh_zookeeper};
 use cloudtask_worker::{JoinError, join};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{SESSION_TIMEOUT, registered_node, wait_node, within};
