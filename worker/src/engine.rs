@@ -21,7 +21,7 @@
 //!   its processes are stopped and reported STOPPED.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ use crate::backoff::Backoff;
 use crate::claims::Claims;
 use crate::client::{ApiClient, CallError};
 use crate::clock::Clock;
-use crate::exec::{ExecLimits, RunSpec, Staged, execute, execute_staged, stage};
+use crate::exec::{ExecLimits, RunSpec, Staged, execute, execute_staged, release_all, stage};
 use crate::membership::Assignments;
 use crate::packages::Packages;
 use crate::report::{Report, Reporter};
@@ -676,6 +676,7 @@ impl Actor {
 
     fn fire_due(&mut self) {
         let now = self.clock.now();
+        let mut due = Vec::new();
         while let Some(Reverse((at, task, generation))) = self.heap.peek().copied() {
             if at > now {
                 break;
@@ -698,9 +699,48 @@ impl Actor {
             if !self.is_active(task) {
                 continue;
             }
+            due.push((task, at));
+        }
+        // The staged shells that go are let go first, back to back.
+        let mut first = HashSet::new();
+        let slots: Vec<StagedSlot> = due
+            .iter()
+            .filter(|(task, _)| first.insert(*task))
+            .filter_map(|&(task, at)| self.goes_now(task, at))
+            .collect();
+        let mut shells: Vec<_> = slots
+            .iter()
+            .map(|s| s.lock().expect("staged slot"))
+            .collect();
+        release_all(
+            shells
+                .iter_mut()
+                .filter_map(|s| s.as_mut().map(|(_, shell)| shell)),
+        );
+        drop(shells);
+        for (task, at) in due {
             self.arm(task, at);
             self.dispatch(task, at, 0, RunTrigger::Schedule);
         }
+    }
+
+    /// The staged shell of a claimed fire due now, when [`Actor::dispatch`] will start
+    /// it at once: its claim answer is in (so its job cannot take it for a stopped
+    /// fire), it fits the task's spec, and no run of the task is going that it would
+    /// wait for or be skipped for. One fire per task at most in a pass: the second
+    /// would find the first running.
+    fn goes_now(&self, task: TaskId, at: DateTime<Utc>) -> Option<StagedSlot> {
+        let node = self.tasks.get(&task)?.node.as_ref()?;
+        let claimed = self.preclaims.get(&(task, at))?;
+        let running = self.runs.get(&task).is_some_and(|r| !r.is_empty());
+        if running && node.spec.overlap_policy != OverlapPolicy::Allow
+            || claimed.result.borrow().is_none()
+        {
+            return None;
+        }
+        let slot = claimed.staged.lock().expect("staged slot");
+        let (version, shell) = slot.as_ref()?;
+        fits(shell, *version, node, &self.shared.packages).then(|| claimed.staged.clone())
     }
 
     fn dispatch(
@@ -738,17 +778,7 @@ impl Actor {
             }
         }
         if let Some(claimed) = claimed {
-            // A staged shell with nothing to wait for goes now, before any job is
-            // scheduled: every fire due at this instant is let go in this one pass.
-            // (Its claim answer is in: the job then cannot take it for a stopped fire.)
-            let answered = claimed.result.borrow().is_some();
-            if replaced.is_empty()
-                && answered
-                && let Some((version, shell)) = claimed.staged.lock().expect("staged slot").as_mut()
-                && fits(shell, *version, &node, &self.shared.packages)
-            {
-                shell.release();
-            }
+            // Its staged shell has been let go by `fire_due` if it could.
             self.start_run(task, Start::Claimed(claimed), replaced);
             return;
         }

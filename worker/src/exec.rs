@@ -13,6 +13,12 @@
 //! fires starts with that already done. The hold is on the command's first line, so the
 //! command sees what `sh -c <command>` gives it (`$0`, line numbers, a null stdin); if the
 //! worker goes before the fire time, the shell reads end of input and runs nothing.
+//! While held, a shell is in the batch scheduling class, in which a woken process does
+//! not preempt the one that woke it: the engine lets every shell due at an instant go in
+//! one pass without being pushed off its core by the first ones it woke (each would take
+//! the core for its whole exec), then puts them back in the normal class. (A process a
+//! command forks within that pass, the first stage of a pipeline say, keeps the batch
+//! class: same share of the processor, less eager to preempt.)
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -139,6 +145,9 @@ pub fn stage(spec: RunSpec) -> Option<Staged> {
         }
         let held = Held;
         let mut child = command(&spec, true).spawn().ok()?;
+        if let Some(pid) = child.id() {
+            scheduling::batch(pid);
+        }
         let stdin = child.stdin.take();
         let mut staged = Staged {
             spec,
@@ -166,15 +175,73 @@ impl Staged {
         self.go.is_none()
     }
 
-    /// Lets the shell go on to the command; once (later calls do nothing). One line
-    /// into an empty pipe: written at once, without blocking. A shell that is gone
-    /// already (the command did not parse) fails the write; its status and output say why.
+    /// Lets the shell go on to the command, back in the normal scheduling class; once
+    /// (later calls do nothing). See [`release_all`] for many at once.
     pub fn release(&mut self) {
-        if let Some((mut go, _held)) = self.go.take() {
-            use std::io::Write;
-            let _ = go.write_all(b"\n");
+        release_all([self]);
+    }
+
+    /// Writes the go line, once: one line into an empty pipe, written at once without
+    /// blocking. A shell that is gone already (the command did not parse) fails the
+    /// write; its status and output say why. Returns the shell's process id, still in
+    /// the batch class.
+    fn go(&mut self) -> Option<Option<u32>> {
+        let (mut go, _held) = self.go.take()?;
+        use std::io::Write;
+        let _ = go.write_all(b"\n");
+        Some(self.child.as_ref().and_then(Child::id))
+    }
+}
+
+/// Lets the shells go, back to back (nothing else between two writes, and the ones
+/// already going, in the batch class, do not push this thread off its core), then puts
+/// them back in the normal class. The shells are not reaped meanwhile (their `Child`
+/// is here), so their process ids are still theirs.
+pub fn release_all<'a>(shells: impl IntoIterator<Item = &'a mut Staged>) {
+    let going: Vec<u32> = shells
+        .into_iter()
+        .filter_map(Staged::go)
+        .flatten()
+        .collect();
+    for pid in &going {
+        scheduling::normal(*pid);
+    }
+}
+
+/// The scheduling class of a staged shell (Linux; elsewhere, nothing changes).
+mod scheduling {
+    #[cfg(target_os = "linux")]
+    pub fn batch(pid: u32) {
+        set(pid, libc::SCHED_BATCH);
+    }
+
+    #[cfg(target_os = "linux")]
+    pub fn normal(pid: u32) {
+        set(pid, libc::SCHED_OTHER);
+    }
+
+    /// Same nice value, other fair class: allowed to any process of the same user. A
+    /// failure costs the pass some speed or leaves a run in the batch class: logged,
+    /// never fatal.
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn set(pid: u32, policy: libc::c_int) {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return;
+        };
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a plain system call; `param` is a valid sched_param that outlives it.
+        if unsafe { libc::sched_setscheduler(pid, policy, &param) } != 0 {
+            let error = std::io::Error::last_os_error();
+            tracing::debug!(pid, policy, %error, "cannot set the scheduling class of a staged shell");
         }
     }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn batch(_pid: u32) {}
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn normal(_pid: u32) {}
 }
 
 /// Runs the fire to its end and returns the outcome; the log lines have been handed to
@@ -699,7 +766,12 @@ mod tests {
         // Let go, then dropped (its job went away): the whole group goes, children too.
         let mut staged = stage(spec("sleep 30 & touch ran; sleep 30", dir.path())).expect("staged");
         let group = staged.child.as_ref().and_then(Child::id).expect("pid");
+        // Held in the batch class, back in the normal one once its pass is over.
+        #[cfg(target_os = "linux")]
+        assert_eq!(policy(group), libc::SCHED_BATCH as u32);
         staged.release();
+        #[cfg(target_os = "linux")]
+        assert_eq!(policy(group), libc::SCHED_OTHER as u32);
         let ran = async {
             while !dir.path().join("ran").exists() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -723,6 +795,15 @@ mod tests {
             panic!("no output");
         };
         assert!(lines[0].text.contains("Syntax error"), "{lines:?}");
+    }
+
+    /// The scheduling policy of a process (`/proc/<pid>/stat`, field 41).
+    #[cfg(target_os = "linux")]
+    fn policy(pid: u32) -> u32 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the command name (which may hold spaces) start at field 3.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.split(' ').nth(41 - 3).unwrap().parse().unwrap()
     }
 
     /// Waits until no process of the group is left (bounded).
