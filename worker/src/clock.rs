@@ -44,7 +44,8 @@ impl Clock for SystemClock {
                         tokio::time::sleep(coarse.min(SLICE)).await;
                     }
                     _ => {
-                        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+                        // What is left is read on the thread: starting it takes time too.
+                        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(left())).await;
                     }
                 }
             }
