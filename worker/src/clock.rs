@@ -45,7 +45,8 @@ impl Clock for SystemClock {
                     }
                     _ => {
                         // What is left is read on the thread: starting it takes time too.
-                        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(left())).await;
+                        let last = move || std::thread::sleep(left().min(PRECISE));
+                        let _ = tokio::task::spawn_blocking(last).await;
                     }
                 }
             }

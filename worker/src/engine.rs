@@ -40,7 +40,7 @@ use crate::backoff::Backoff;
 use crate::claims::Claims;
 use crate::client::{ApiClient, CallError};
 use crate::clock::Clock;
-use crate::exec::{ExecLimits, RunSpec, Staged, execute, execute_staged, release_all, stage};
+use crate::exec::{ExecLimits, RunSpec, Staged, execute, execute_staged, stage};
 use crate::membership::Assignments;
 use crate::packages::Packages;
 use crate::report::{Report, Reporter};
@@ -701,23 +701,18 @@ impl Actor {
             }
             due.push((task, at));
         }
-        // The staged shells that go are let go first, back to back.
+        // The staged shells that go are let go first, back to back (the checks done).
         let mut first = HashSet::new();
-        let slots: Vec<StagedSlot> = due
+        let going: Vec<StagedSlot> = due
             .iter()
             .filter(|(task, _)| first.insert(*task))
             .filter_map(|&(task, at)| self.goes_now(task, at))
             .collect();
-        let mut shells: Vec<_> = slots
-            .iter()
-            .map(|s| s.lock().expect("staged slot"))
-            .collect();
-        release_all(
-            shells
-                .iter_mut()
-                .filter_map(|s| s.as_mut().map(|(_, shell)| shell)),
-        );
-        drop(shells);
+        for slot in going {
+            if let Some((_, shell)) = slot.lock().expect("staged slot").as_mut() {
+                shell.release();
+            }
+        }
         for (task, at) in due {
             self.arm(task, at);
             self.dispatch(task, at, 0, RunTrigger::Schedule);
@@ -727,8 +722,8 @@ impl Actor {
     /// The staged shell of a claimed fire due now, when [`Actor::dispatch`] will start
     /// it at once: its claim answer is in (so its job cannot take it for a stopped
     /// fire), it fits the task's spec, and no run of the task is going that it would
-    /// wait for or be skipped for. One fire per task at most in a pass: the second
-    /// would find the first running.
+    /// wait for or be skipped for. The first fire of a task in a pass only: the
+    /// others find it running (a second due at once is rare: a late pass).
     fn goes_now(&self, task: TaskId, at: DateTime<Utc>) -> Option<StagedSlot> {
         let node = self.tasks.get(&task)?.node.as_ref()?;
         let claimed = self.preclaims.get(&(task, at))?;
@@ -778,7 +773,8 @@ impl Actor {
             }
         }
         if let Some(claimed) = claimed {
-            // Its staged shell has been let go by `fire_due` if it could.
+            // Its staged shell has been let go by `fire_due` if it could; otherwise
+            // (it waits, or this is a late fire run once) its job lets it go.
             self.start_run(task, Start::Claimed(claimed), replaced);
             return;
         }

@@ -13,12 +13,14 @@
 //! fires starts with that already done. The hold is on the command's first line, so the
 //! command sees what `sh -c <command>` gives it (`$0`, line numbers, a null stdin); if the
 //! worker goes before the fire time, the shell reads end of input and runs nothing.
-//! While held, a shell is in the batch scheduling class, in which a woken process does
-//! not preempt the one that woke it: the engine lets every shell due at an instant go in
-//! one pass without being pushed off its core by the first ones it woke (each would take
-//! the core for its whole exec), then puts them back in the normal class. (A process a
-//! command forks within that pass, the first stage of a pipeline say, keeps the batch
-//! class: same share of the processor, less eager to preempt.)
+//! While held, a shell is in the batch scheduling class (when the worker runs in the
+//! normal one), in which a woken process does not preempt the one that woke it: the
+//! engine lets every shell due at an instant go in one pass without being pushed off its
+//! core by the first ones it woke (each would take the core for its whole exec). Each
+//! shell is put back in the normal class right after its go line is written, before it
+//! can have run anything of the command but the start of its first line (a process it
+//! forked in those microseconds would keep the batch class: same share of the
+//! processor, less eager to preempt).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -109,6 +111,8 @@ pub struct Staged {
     child: Option<Child>,
     /// The shell's stdin until it is let go, and its place among the staged.
     go: Option<(std::fs::File, Held)>,
+    /// Whether it was put in the batch class (to put back in the normal one).
+    batch: bool,
 }
 
 /// One of the [`max_staged`], given back when dropped.
@@ -145,14 +149,13 @@ pub fn stage(spec: RunSpec) -> Option<Staged> {
         }
         let held = Held;
         let mut child = command(&spec, true).spawn().ok()?;
-        if let Some(pid) = child.id() {
-            scheduling::batch(pid);
-        }
+        let batch = child.id().is_some_and(scheduling::batch);
         let stdin = child.stdin.take();
         let mut staged = Staged {
             spec,
             child: Some(child),
             go: None,
+            batch,
         };
         let go = std::fs::File::from(stdin?.into_owned_fd().ok()?);
         staged.go = Some((go, held));
@@ -175,70 +178,68 @@ impl Staged {
         self.go.is_none()
     }
 
-    /// Lets the shell go on to the command, back in the normal scheduling class; once
-    /// (later calls do nothing). See [`release_all`] for many at once.
+    /// Lets the shell go on to the command; once (later calls do nothing). One line into
+    /// an empty pipe: written at once, without blocking. A shell that is gone already
+    /// (the command did not parse) fails the write; its status and output say why.
+    /// Right after the write, the shell is back in the normal class: the wake-up, in
+    /// the batch class, did not preempt this thread, and the class change does not
+    /// either.
     pub fn release(&mut self) {
-        release_all([self]);
-    }
-
-    /// Writes the go line, once: one line into an empty pipe, written at once without
-    /// blocking. A shell that is gone already (the command did not parse) fails the
-    /// write; its status and output say why. Returns the shell's process id, still in
-    /// the batch class.
-    fn go(&mut self) -> Option<Option<u32>> {
-        let (mut go, _held) = self.go.take()?;
-        use std::io::Write;
-        let _ = go.write_all(b"\n");
-        Some(self.child.as_ref().and_then(Child::id))
+        if let Some((mut go, _held)) = self.go.take() {
+            use std::io::Write;
+            let _ = go.write_all(b"\n");
+            // Not reaped yet (its `Child` is here): the process id is still the shell's.
+            if self.batch
+                && let Some(pid) = self.child.as_ref().and_then(Child::id)
+            {
+                scheduling::normal(pid);
+            }
+        }
     }
 }
 
-/// Lets the shells go, back to back (nothing else between two writes, and the ones
-/// already going, in the batch class, do not push this thread off its core), then puts
-/// them back in the normal class. The shells are not reaped meanwhile (their `Child`
-/// is here), so their process ids are still theirs.
-pub fn release_all<'a>(shells: impl IntoIterator<Item = &'a mut Staged>) {
-    let going: Vec<u32> = shells
-        .into_iter()
-        .filter_map(Staged::go)
-        .flatten()
-        .collect();
-    for pid in &going {
-        scheduling::normal(*pid);
-    }
-}
-
-/// The scheduling class of a staged shell (Linux; elsewhere, nothing changes).
+/// The scheduling class of a staged shell (Linux; elsewhere, nothing changes). The one
+/// place of the workspace with `unsafe`: two system calls libc has and nix does not.
+#[allow(unsafe_code)]
 mod scheduling {
+    /// Puts a process of the normal class in the batch class; false when it is in
+    /// another class (the worker's own, inherited: left alone) or the change failed.
     #[cfg(target_os = "linux")]
-    pub fn batch(pid: u32) {
-        set(pid, libc::SCHED_BATCH);
+    pub fn batch(pid: u32) -> bool {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: a plain system call on a process id.
+        let normal = unsafe { libc::sched_getscheduler(pid) } == libc::SCHED_OTHER;
+        normal && set(pid, libc::SCHED_BATCH)
     }
 
     #[cfg(target_os = "linux")]
     pub fn normal(pid: u32) {
-        set(pid, libc::SCHED_OTHER);
+        if let Ok(pid) = libc::pid_t::try_from(pid) {
+            set(pid, libc::SCHED_OTHER);
+        }
     }
 
     /// Same nice value, other fair class: allowed to any process of the same user. A
     /// failure costs the pass some speed or leaves a run in the batch class: logged,
     /// never fatal.
     #[cfg(target_os = "linux")]
-    #[allow(unsafe_code)]
-    fn set(pid: u32, policy: libc::c_int) {
-        let Ok(pid) = libc::pid_t::try_from(pid) else {
-            return;
-        };
+    pub(super) fn set(pid: libc::pid_t, policy: libc::c_int) -> bool {
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: a plain system call; `param` is a valid sched_param that outlives it.
-        if unsafe { libc::sched_setscheduler(pid, policy, &param) } != 0 {
+        let done = unsafe { libc::sched_setscheduler(pid, policy, &param) } == 0;
+        if !done {
             let error = std::io::Error::last_os_error();
             tracing::debug!(pid, policy, %error, "cannot set the scheduling class of a staged shell");
         }
+        done
     }
 
     #[cfg(not(target_os = "linux"))]
-    pub fn batch(_pid: u32) {}
+    pub fn batch(_pid: u32) -> bool {
+        false
+    }
 
     #[cfg(not(target_os = "linux"))]
     pub fn normal(_pid: u32) {}
@@ -795,6 +796,21 @@ mod tests {
             panic!("no output");
         };
         assert!(lines[0].text.contains("Syntax error"), "{lines:?}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_worker_outside_the_normal_class_stages_shells_in_its_own() {
+        // This test's thread (its runtime's only one) moves to the batch class; the
+        // shells it starts inherit it, and it is theirs once let go too.
+        assert!(scheduling::set(0, libc::SCHED_BATCH));
+        let dir = tempfile::tempdir().unwrap();
+        let mut staged = stage(spec("sleep 30", dir.path())).expect("staged");
+        let pid = staged.child.as_ref().and_then(Child::id).expect("pid");
+        assert!(!staged.batch, "not switched: left in the worker's class");
+        staged.release();
+        assert_eq!(policy(pid), libc::SCHED_BATCH as u32);
+        scheduling::set(0, libc::SCHED_OTHER);
     }
 
     /// The scheduling policy of a process (`/proc/<pid>/stat`, field 41).
