@@ -469,9 +469,9 @@ async fn succeeded_between(stack: &Stack, from: DateTime<Utc>, to: DateTime<Utc>
     row.try_get::<i64>("", "n").unwrap() as u64
 }
 
-/// Every scenario (and stamp) runs in a process of its own, this program again: bursts
-/// measured after other scenarios in the same process had two to three times the p99 of
-/// bursts measured first (whatever the earlier stacks left running in it).
+/// Every scenario (and stamp) runs in a process of its own, this program again, so that
+/// nothing an earlier scenario's stack left running in the process weighs on a later
+/// one (bursts measured after other scenarios in the same process came out slower).
 fn bench() {
     row("| scenario | measured | baseline (same run) | verdict |".into());
     row("|---|---|---|---|".into());
