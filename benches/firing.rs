@@ -338,12 +338,12 @@ async fn direct_spawn_lags(
     let stamps = dir.to_path_buf();
     let command = match start {
         Start::Now => stamp.command.to_owned(),
-        Start::Held => format!("read -r GO || exit 125; exec </dev/null; {}", stamp.command),
+        // The worker's own hold.
+        Start::Held => format!("{}{}", cloudtask_worker::exec::HOLD, stamp.command),
     };
     let env = stamp.env.clone();
     tokio::task::spawn_blocking(move || {
         for round in 0..rounds {
-            let mut at = Utc::now();
             let spawn = |i: usize, at: DateTime<Utc>| {
                 std::process::Command::new("/bin/sh")
                     .args(["-c", "--", &command])
@@ -360,22 +360,23 @@ async fn direct_spawn_lags(
                     .spawn()
                     .unwrap()
             };
-            let mut children: Vec<_> = match start {
-                Start::Now => (0..at_once).map(|i| spawn(i, at)).collect(),
+            let children: Vec<_> = match start {
+                Start::Now => {
+                    let at = Utc::now();
+                    (0..at_once).map(|i| spawn(i, at)).collect()
+                }
                 Start::Held => {
-                    // Scheduled a little ahead; the line goes at that moment.
-                    at = Utc::now() + chrono::Duration::milliseconds(300 + 3 * at_once as i64);
-                    let children: Vec<_> = (0..at_once).map(|i| spawn(i, at)).collect();
+                    // Scheduled a little ahead; the lines go at that moment.
+                    let at = Utc::now() + chrono::Duration::milliseconds(300 + 3 * at_once as i64);
+                    let mut children: Vec<_> = (0..at_once).map(|i| spawn(i, at)).collect();
                     std::thread::sleep((at - Utc::now()).to_std().unwrap_or_default());
+                    use std::io::Write;
+                    for child in &mut children {
+                        child.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+                    }
                     children
                 }
             };
-            if start == Start::Held {
-                use std::io::Write;
-                for child in &mut children {
-                    child.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
-                }
-            }
             for mut child in children {
                 drop(child.stdin.take());
                 child.wait().unwrap();

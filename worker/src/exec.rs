@@ -101,7 +101,7 @@ pub fn raise_open_files_limit() {
 /// null stdin it has when started directly. (`CLOUDTASK_` names are refused in a task's
 /// environment, so the variable read is nobody's.)
 #[cfg(unix)]
-const HOLD: &str = "read -r CLOUDTASK_GO || exit 125; unset CLOUDTASK_GO; exec </dev/null; ";
+pub const HOLD: &str = "read -r CLOUDTASK_GO || exit 125; unset CLOUDTASK_GO; exec </dev/null; ";
 
 /// A fire's shell started ahead of its time, holding before the command. Dropped, its
 /// whole process group is killed: before it runs anything, unless it was let go.
@@ -767,7 +767,7 @@ mod tests {
         // Let go, then dropped (its job went away): the whole group goes, children too.
         let mut staged = stage(spec("sleep 30 & touch ran; sleep 30", dir.path())).expect("staged");
         let group = staged.child.as_ref().and_then(Child::id).expect("pid");
-        // Held in the batch class, back in the normal one once its pass is over.
+        // Held in the batch class, back in the normal one right after its go line.
         #[cfg(target_os = "linux")]
         assert_eq!(policy(group), libc::SCHED_BATCH as u32);
         staged.release();
