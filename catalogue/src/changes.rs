@@ -81,21 +81,30 @@ pub(crate) async fn listen(pool: &sea_orm::sqlx::PgPool, channel: &str) -> Resul
     Ok(listener)
 }
 
-/// The next change. While the database is unreachable this keeps retrying (sqlx
-/// reconnects) and reports `Resync` once it is back.
+/// The next change (a bad payload is logged and passed over).
 async fn next_change(listener: &mut PgListener) -> Change {
     loop {
+        let Some(payload) = heard(listener, "change").await else {
+            return Change::Resync;
+        };
+        match payload.parse() {
+            Ok(cluster) => return Change::Cluster(cluster),
+            Err(_) => tracing::warn!(%payload, "ignoring a bad notification"),
+        }
+    }
+}
+
+/// The payload of the next notification `listener` hears, or `None` when its connection
+/// was lost and is back (notifications may have been missed). While the database is
+/// unreachable this keeps retrying (sqlx reconnects), once a second. `what` names the
+/// listener in the log.
+pub(crate) async fn heard(listener: &mut PgListener, what: &str) -> Option<String> {
+    loop {
         match listener.try_recv().await {
-            Ok(Some(notification)) => match notification.payload().parse() {
-                Ok(cluster) => return Change::Cluster(cluster),
-                Err(_) => tracing::warn!(
-                    payload = notification.payload(),
-                    "ignoring a bad notification"
-                ),
-            },
-            Ok(None) => return Change::Resync,
+            Ok(Some(notification)) => return Some(notification.payload().to_owned()),
+            Ok(None) => return None,
             Err(e) => {
-                tracing::warn!(error = %e, "change listener lost the database; retrying");
+                tracing::warn!(error = %e, "{what} listener lost the database; retrying");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         }

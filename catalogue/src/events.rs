@@ -285,25 +285,21 @@ impl crate::Catalogue {
     }
 }
 
-/// Forwards what the LISTEN connection hears. While the database is unreachable sqlx
-/// reconnects; once it is back every subscriber is told to resync.
+/// Forwards what the LISTEN connection hears. Once a lost connection is back, every
+/// subscriber is told to resync.
 async fn forward(mut listener: PgListener, tx: broadcast::Sender<Event>) {
     loop {
-        match listener.try_recv().await {
-            Ok(Some(notification)) => match Event::decode(notification.payload()) {
-                Some(event) => {
-                    let _ = tx.send(event);
+        let event = match crate::changes::heard(&mut listener, "event").await {
+            Some(payload) => match Event::decode(&payload) {
+                Some(event) => event,
+                None => {
+                    tracing::warn!(%payload, "ignoring a bad event");
+                    continue;
                 }
-                None => tracing::warn!(payload = notification.payload(), "ignoring a bad event"),
             },
-            Ok(None) => {
-                let _ = tx.send(Event::Resync);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "event listener lost the database; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        }
+            None => Event::Resync,
+        };
+        let _ = tx.send(event);
     }
 }
 
