@@ -727,15 +727,24 @@ impl Actor {
     fn goes_now(&self, task: TaskId, at: DateTime<Utc>) -> Option<StagedSlot> {
         let node = self.tasks.get(&task)?.node.as_ref()?;
         let claimed = self.preclaims.get(&(task, at))?;
-        let running = self.runs.get(&task).is_some_and(|r| !r.is_empty());
-        if running && node.spec.overlap_policy != OverlapPolicy::Allow
-            || claimed.result.borrow().is_none()
-        {
+        if self.overlap(task, node) != Overlap::StartNow || claimed.result.borrow().is_none() {
             return None;
         }
         let slot = claimed.staged.lock().expect("staged slot");
         let (version, shell) = slot.as_ref()?;
         fits(shell, *version, node, &self.shared.packages).then(|| claimed.staged.clone())
+    }
+
+    /// What the overlap policy makes of a fire of `task` now: the one place that
+    /// decides it, for the pass that lets staged shells go and for [`Actor::dispatch`].
+    fn overlap(&self, task: TaskId, node: &TaskNode) -> Overlap {
+        let running = self.runs.get(&task).is_some_and(|r| !r.is_empty());
+        match node.spec.overlap_policy {
+            _ if !running => Overlap::StartNow,
+            OverlapPolicy::Allow => Overlap::StartNow,
+            OverlapPolicy::Skip => Overlap::Skip,
+            OverlapPolicy::Replace => Overlap::Replace,
+        }
     }
 
     fn dispatch(
@@ -751,25 +760,22 @@ impl Actor {
         let claimed = (trigger == RunTrigger::Schedule && attempt == 0)
             .then(|| self.preclaims.remove(&(task, scheduled_at)))
             .flatten();
-        let running = self.runs.get(&task).is_some_and(|r| !r.is_empty());
         let mut replaced = Vec::new();
-        if running {
-            match node.spec.overlap_policy {
-                OverlapPolicy::Skip => {
-                    let reason = "overlap: the previous run is still going";
-                    match claimed {
-                        Some(claimed) => self.abandon(claimed, reason),
-                        None => self.record_skipped(task, &node, scheduled_at, reason),
-                    }
-                    return;
+        match self.overlap(task, &node) {
+            Overlap::StartNow => {}
+            Overlap::Skip => {
+                let reason = "overlap: the previous run is still going";
+                match claimed {
+                    Some(claimed) => self.abandon(claimed, reason),
+                    None => self.record_skipped(task, &node, scheduled_at, reason),
                 }
-                OverlapPolicy::Replace => {
-                    for run in &self.runs[&task] {
-                        run.stop.cancel();
-                        replaced.push(run.ended.clone());
-                    }
+                return;
+            }
+            Overlap::Replace => {
+                for run in &self.runs[&task] {
+                    run.stop.cancel();
+                    replaced.push(run.ended.clone());
                 }
-                OverlapPolicy::Allow => {}
             }
         }
         if let Some(claimed) = claimed {
@@ -837,6 +843,17 @@ impl Actor {
         };
         self.jobs.spawn(record(self.shared.clone(), claim));
     }
+}
+
+/// What a fire does about a run of its task still going (see [`Actor::overlap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overlap {
+    /// Starts at once: nothing is running, or the policy allows overlap.
+    StartNow,
+    /// Recorded SKIPPED.
+    Skip,
+    /// Starts once the running runs, stopped, have ended.
+    Replace,
 }
 
 /// One fire: claim, prepare, run, report. Returns the retry to schedule, if any.
