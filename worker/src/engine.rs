@@ -189,6 +189,7 @@ impl Engine {
             shared,
             reads,
             epoch: 0,
+            hurry: CancellationToken::new(),
             tasks: HashMap::new(),
             heap: BinaryHeap::new(),
             claims: BinaryHeap::new(),
@@ -253,6 +254,9 @@ struct Actor {
     shared: Shared,
     reads: Arc<SharedSession>,
     epoch: u64,
+    /// Cancelled when `epoch` ends: the runs started in it are then stopped in a hurry
+    /// (the session is gone or may be, and with it the hold on their fires).
+    hurry: CancellationToken,
     tasks: HashMap<TaskId, TaskEntry>,
     heap: BinaryHeap<Reverse<(DateTime<Utc>, TaskId, u64)>>,
     claims: BinaryHeap<Reverse<ClaimAhead>>,
@@ -265,7 +269,10 @@ struct Actor {
 impl Actor {
     fn assignments_changed(&mut self, current: Assignments) {
         if current.epoch != self.epoch {
-            // A new session: nothing read in the old one may be acted on.
+            // A new session, or the worker fenced itself off (a long disconnection):
+            // nothing read before may be acted on, and what runs stops in a hurry.
+            self.hurry.cancel();
+            self.hurry = CancellationToken::new();
             let all: Vec<TaskId> = self.tasks.keys().copied().collect();
             for task in all {
                 self.drop_task(task);
@@ -812,13 +819,14 @@ impl Actor {
             ended: ended.clone(),
         });
         let shared = self.shared.clone();
+        let hurry = self.hurry.clone();
         self.jobs.spawn(async move {
             let _ended = ended.drop_guard();
             // REPLACE: the runs it replaces end (stopped) before this one starts.
             for previous in replaced {
                 previous.cancelled().await;
             }
-            let retry = run_fire(&shared, task, &node, start, &stop).await;
+            let retry = run_fire(&shared, task, &node, start, &stop, &hurry).await;
             let _ = shared.events.send(Event::Done { task, id, retry });
         });
     }
@@ -863,6 +871,7 @@ async fn run_fire(
     node: &TaskNode,
     start: Start,
     stop: &CancellationToken,
+    hurry: &CancellationToken,
 ) -> Option<(DateTime<Utc>, u32)> {
     let (run_id, claim, staged) = match start {
         Start::Claim(claim) => (claim_fire(shared, node, &claim, stop).await?, claim, None),
@@ -937,7 +946,7 @@ async fn run_fire(
         .lock()
         .expect("run registry")
         .insert(run_id, stop.clone());
-    let retry = execute_fire(shared, node, run_id, &claim, staged, stop).await;
+    let retry = execute_fire(shared, node, run_id, &claim, staged, stop, hurry).await;
     shared.running.lock().expect("run registry").remove(&run_id);
     retry
 }
@@ -1001,6 +1010,7 @@ async fn execute_fire(
     claim: &Claim,
     staged: Option<Staged>,
     stop: &CancellationToken,
+    hurry: &CancellationToken,
 ) -> Option<(DateTime<Utc>, u32)> {
     let spec = &node.spec;
     let workdir = match staged {
@@ -1019,10 +1029,12 @@ async fn execute_fire(
                 at: Utc::now(),
             });
             match staged {
-                Some(shell) => execute_staged(shell, shared.limits, &shared.reporter, stop).await,
+                Some(shell) => {
+                    execute_staged(shell, shared.limits, &shared.reporter, stop, hurry).await
+                }
                 None => {
                     let run = run_spec(node, run_id, claim, workdir);
-                    execute(&run, shared.limits, &shared.reporter, stop).await
+                    execute(&run, shared.limits, &shared.reporter, stop, hurry).await
                 }
             }
         }

@@ -47,7 +47,11 @@ const FLUSH_LINES: usize = 500;
 pub struct ExecLimits {
     pub max_lines: u64,
     pub max_line_bytes: usize,
+    /// Between SIGTERM and SIGKILL when a run is stopped or times out.
     pub kill_grace: Duration,
+    /// The grace instead, when the run is stopped in a hurry (see [`execute`]): short
+    /// enough that the group is gone before the worker's coordination session can expire.
+    pub hurried_grace: Duration,
 }
 
 /// What to run.
@@ -246,14 +250,19 @@ mod scheduling {
 }
 
 /// Runs the fire to its end and returns the outcome; the log lines have been handed to
-/// `reporter` by then. Cancelling `stop` ends the run as STOPPED.
+/// `reporter` by then. Cancelling `stop` ends the run as STOPPED; if `hurry` is cancelled
+/// by then, its group gets the hurried grace between SIGTERM and SIGKILL (the worker lost
+/// its hold on the task's fires, and a retry of this fire may be handed to another
+/// worker once the session has expired).
 pub async fn execute(
     spec: &RunSpec,
     limits: ExecLimits,
     reporter: &Reporter,
     stop: &CancellationToken,
+    hurry: &CancellationToken,
 ) -> Outcome {
-    supervise_logged(spec, command(spec, false).spawn(), limits, reporter, stop).await
+    let spawned = command(spec, false).spawn();
+    supervise_logged(spec, spawned, limits, reporter, stop, hurry).await
 }
 
 /// [`execute`] for a staged fire: lets its shell go on to the command (if
@@ -263,13 +272,14 @@ pub async fn execute_staged(
     limits: ExecLimits,
     reporter: &Reporter,
     stop: &CancellationToken,
+    hurry: &CancellationToken,
 ) -> Outcome {
     staged.release();
     let child = staged
         .child
         .take()
         .ok_or_else(|| std::io::Error::other("the staged shell was run already"));
-    supervise_logged(&staged.spec, child, limits, reporter, stop).await
+    supervise_logged(&staged.spec, child, limits, reporter, stop, hurry).await
 }
 
 async fn supervise_logged(
@@ -278,10 +288,11 @@ async fn supervise_logged(
     limits: ExecLimits,
     reporter: &Reporter,
     stop: &CancellationToken,
+    hurry: &CancellationToken,
 ) -> Outcome {
     let (line_tx, line_rx) = mpsc::channel(1024);
     let collector = tokio::spawn(collect(spec.run_id, line_rx, limits, reporter.clone()));
-    let outcome = supervise(spec, spawned, limits, stop, line_tx).await;
+    let outcome = supervise(spec, spawned, limits, stop, hurry, line_tx).await;
     let _ = collector.await;
     outcome
 }
@@ -344,6 +355,7 @@ async fn supervise(
     spawned: std::io::Result<Child>,
     limits: ExecLimits,
     stop: &CancellationToken,
+    hurry: &CancellationToken,
     lines: mpsc::Sender<Line>,
 ) -> Outcome {
     let mut child = match spawned {
@@ -428,6 +440,11 @@ async fn supervise(
             o
         }
         End::Stopped => {
+            let grace = if hurry.is_cancelled() {
+                limits.kill_grace.min(limits.hurried_grace)
+            } else {
+                limits.kill_grace
+            };
             let _ = lines
                 .send((
                     LogStream::System,
@@ -435,7 +452,7 @@ async fn supervise(
                     Utc::now(),
                 ))
                 .await;
-            let status = terminate_group(group, limits.kill_grace, &mut child, false).await;
+            let status = terminate_group(group, grace, &mut child, false).await;
             let mut o = status
                 .map(exit_outcome)
                 .unwrap_or_else(|| outcome(RunStatus::Stopped, None, None, None));
@@ -659,6 +676,7 @@ mod tests {
             max_lines: 5,
             max_line_bytes: 8,
             kill_grace: Duration::from_millis(200),
+            hurried_grace: Duration::from_millis(200),
         }
     }
 
@@ -682,7 +700,8 @@ mod tests {
             &spec(command, dir.path()),
             limits,
             &reporter,
-            &CancellationToken::new(),
+            &never(),
+            &never(),
         )
         .await;
         drop(reporter);
@@ -741,8 +760,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!dir.path().join("ran").exists(), "ran before it was let go");
         let (reporter, mut reports) = Reporter::capture();
-        let outcome =
-            execute_staged(staged, limits_wide(), &reporter, &CancellationToken::new()).await;
+        let outcome = execute_staged(staged, limits_wide(), &reporter, &never(), &never()).await;
         drop(reporter);
         assert!(dir.path().join("ran").exists());
         assert_eq!(outcome.exit_code, Some(127), "{outcome:?}");
@@ -788,8 +806,7 @@ mod tests {
         // fails with the shell's own message.
         let staged = stage(spec("echo (", dir.path())).expect("staged");
         let (reporter, mut reports) = Reporter::capture();
-        let outcome =
-            execute_staged(staged, limits_wide(), &reporter, &CancellationToken::new()).await;
+        let outcome = execute_staged(staged, limits_wide(), &reporter, &never(), &never()).await;
         drop(reporter);
         assert_eq!(outcome.exit_code, Some(2), "{outcome:?}");
         let Some(Report::Logs { lines, .. }) = reports.recv().await else {
@@ -865,8 +882,50 @@ mod tests {
             limits(),
             &reporter,
             &stop,
+            &never(),
         )
         .await;
         assert_eq!(outcome.status, RunStatus::Stopped);
+    }
+
+    /// A token nobody cancels.
+    fn never() -> CancellationToken {
+        CancellationToken::new()
+    }
+
+    #[tokio::test]
+    async fn a_hurried_stop_kills_a_group_that_ignores_sigterm_after_the_short_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reporter, mut reports) = Reporter::capture();
+        let long = ExecLimits {
+            kill_grace: Duration::from_secs(60),
+            hurried_grace: Duration::from_millis(300),
+            ..limits_wide()
+        };
+        let (stop, hurry) = (CancellationToken::new(), CancellationToken::new());
+        // SIGTERM ignored by the shell and, inherited, by its background child.
+        let spec = spec("trap '' TERM; sleep 60 & echo up; wait", dir.path());
+        let run = tokio::spawn({
+            let (stop, hurry) = (stop.clone(), hurry.clone());
+            async move { execute(&spec, long, &reporter, &stop, &hurry).await }
+        });
+        let up = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(report) = reports.recv().await {
+                if let Report::Logs { lines, .. } = report
+                    && lines.iter().any(|l| l.text == "up")
+                {
+                    return;
+                }
+            }
+        });
+        up.await.expect("the run said it was up");
+        hurry.cancel();
+        stop.cancel();
+        let outcome = tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .expect("the hurried grace, not the 60 s one")
+            .unwrap();
+        assert_eq!(outcome.status, RunStatus::Stopped);
+        assert_eq!(outcome.signal, Some(9), "{outcome:?}");
     }
 }

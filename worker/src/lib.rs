@@ -134,6 +134,7 @@ pub async fn run_on(
             max_lines: config.run_max_log_lines,
             max_line_bytes: config.run_max_line_bytes as usize,
             kill_grace: Duration::from_secs(config.run_kill_grace_secs),
+            hurried_grace: session_timeout / 5,
         },
     };
     let engine_task = tokio::spawn(engine.run(published, engine_stop.clone()));
@@ -141,6 +142,10 @@ pub async fn run_on(
     let membership = tokio::spawn(
         Membership::new(coordinator, joined.cluster_id, me)
             .previous_incarnation_wait(session_timeout * 2)
+            // Cut off: noticed by 2/5 of the timeout after the last contact, fenced a
+            // quarter later, SIGKILL a fifth after that (the hurried grace): all gone
+            // by 0.85 of the timeout, before the server can expire the session.
+            .fence_after(session_timeout / 4)
             .run(assignments, membership_stop.clone()),
     );
     shutdown.cancelled().await;

@@ -4,6 +4,11 @@
 //!
 //! - connection lost: keep going on the last known assignments; when the session resumes,
 //!   read them again;
+//! - connection lost for long (a network cut): fence ourselves off before the session can
+//!   expire on the server, so that nothing of ours still runs when the scheduler hands
+//!   our tasks, and the retries of our runs, to another worker: drop every assignment
+//!   under the next epoch (see [`Membership::fence_after`]); if the same session resumes,
+//!   read them again;
 //! - session ended (expired, closed, or our node removed by someone else): drop every
 //!   assignment at once, then register again from scratch on a new session, under a new
 //!   epoch;
@@ -28,9 +33,10 @@ use crate::backoff::Backoff;
 /// The tasks this worker owns, as read in one coordination session.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Assignments {
-    /// Increments with every session. Assignments belong to the session that read them:
-    /// when it ends, an empty set with the next epoch is published at once, so a consumer
-    /// must never act on assignments of an epoch other than the latest.
+    /// Increments with every session, and when the worker fences itself off. Assignments
+    /// belong to the epoch that read them: when it ends, an empty set with the next epoch
+    /// is published at once, so a consumer must never act on assignments of an epoch
+    /// other than the latest.
     pub epoch: u64,
     pub tasks: BTreeSet<TaskId>,
 }
@@ -52,6 +58,11 @@ pub enum MembershipStatus {
     Disconnected {
         epoch: u64,
     },
+    /// Connection lost for longer than the fence delay: every assignment dropped (under
+    /// this new epoch); they are read again if the session resumes.
+    Fenced {
+        epoch: u64,
+    },
     /// Shut down (after leaving cleanly when registered).
     Stopped,
 }
@@ -71,6 +82,7 @@ pub struct Membership {
     me: WorkerNode,
     previous_incarnation_wait: Duration,
     leave_timeout: Duration,
+    fence_after: Option<Duration>,
     status: watch::Sender<MembershipStatus>,
 }
 
@@ -118,6 +130,7 @@ impl Membership {
             me,
             previous_incarnation_wait: DEFAULT_PREVIOUS_INCARNATION_WAIT,
             leave_timeout: DEFAULT_LEAVE_TIMEOUT,
+            fence_after: None,
             status: watch::channel(MembershipStatus::Connecting).0,
         }
     }
@@ -133,6 +146,16 @@ impl Membership {
     /// past it the worker just closes its session, which the scheduler sees as a failure.
     pub fn leave_timeout(mut self, timeout: Duration) -> Self {
         self.leave_timeout = timeout;
+        self
+    }
+
+    /// How long the connection may stay lost before the worker fences itself off (drops
+    /// every assignment, so the engine stops what runs). It must end before the session
+    /// can expire on the server: the client notices a silent connection at most 2/5 of
+    /// the session timeout after its last contact, so a quarter of the timeout leaves
+    /// a third of it for the runs to be stopped. Never fenced by default.
+    pub fn fence_after(mut self, after: Duration) -> Self {
+        self.fence_after = Some(after);
         self
     }
 
@@ -180,9 +203,13 @@ impl Membership {
                 epoch,
                 assignments: &assignments,
                 registered_at: None,
+                disconnected_at: None,
+                fenced: false,
+                reread: false,
             };
             let stop = live.serve().await;
             let registered_at = live.registered_at;
+            epoch = live.epoch; // a fence moved it on
             let why = match stop {
                 Stop::Shutdown => {
                     // Drop everything before the scheduler can hand it to someone else.
@@ -289,6 +316,14 @@ impl Membership {
     }
 }
 
+/// Sleeps until `at`; never without.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Publishes `tasks` under `epoch`, waking consumers only on an actual change.
 fn publish(assignments: &watch::Sender<Assignments>, epoch: u64, tasks: BTreeSet<TaskId>) {
     assignments.send_if_modified(|current| {
@@ -310,6 +345,12 @@ struct Live<'a> {
     epoch: u64,
     assignments: &'a watch::Sender<Assignments>,
     registered_at: Option<Instant>,
+    /// Since when the connection is lost, if it is.
+    disconnected_at: Option<Instant>,
+    /// Fenced off during the current disconnection.
+    fenced: bool,
+    /// Fenced off since the assignments were last read: read them again.
+    reread: bool,
 }
 
 impl Live<'_> {
@@ -329,6 +370,48 @@ impl Live<'_> {
 
     fn set_status(&self, status: MembershipStatus) {
         self.membership.status.send_replace(status);
+    }
+
+    /// The connection is lost (again): the fence delay runs from the first notice.
+    fn disconnected(&mut self) {
+        if self.disconnected_at.is_none() {
+            self.disconnected_at = Some(Instant::now());
+            tracing::warn!(
+                epoch = self.epoch,
+                "coordination connection lost; keeping current assignments"
+            );
+        }
+        if !self.fenced {
+            self.set_status(MembershipStatus::Disconnected { epoch: self.epoch });
+        }
+    }
+
+    /// The session is connected again (the same session: it did not expire).
+    fn reconnected(&mut self) {
+        self.fenced = false;
+        if self.disconnected_at.take().is_some() && self.registered_at.is_some() {
+            tracing::info!(epoch = self.epoch, "coordination connection back");
+            self.set_status(MembershipStatus::Registered { epoch: self.epoch });
+        }
+    }
+
+    /// When to fence ourselves off, while disconnected and not fenced yet.
+    fn fence_at(&self) -> Option<Instant> {
+        let after = self.membership.fence_after?;
+        (!self.fenced).then_some(self.disconnected_at? + after)
+    }
+
+    /// Drops every assignment under the next epoch: the engine stops what runs, in a
+    /// hurry, before the session can expire and our tasks go to another worker.
+    fn fence(&mut self) {
+        self.fenced = true;
+        self.reread = true;
+        self.epoch += 1;
+        publish(self.assignments, self.epoch, BTreeSet::new());
+        self.set_status(MembershipStatus::Fenced { epoch: self.epoch });
+        tracing::warn!(epoch = self.epoch, after = ?self.membership.fence_after,
+            "coordination connection lost for too long: dropped all assignments \
+             before the session can expire");
     }
 
     /// Runs one coordination call; a lost connection waits for the session to resume and
@@ -357,10 +440,14 @@ impl Live<'_> {
         loop {
             let state = *self.state.borrow_and_update();
             match state {
-                SessionState::Connected => return Ok(()),
+                SessionState::Connected => {
+                    self.reconnected();
+                    return Ok(());
+                }
                 SessionState::Expired | SessionState::Closed => return Err(Stop::SessionEnded),
                 SessionState::Disconnected => {
-                    self.set_status(MembershipStatus::Disconnected { epoch: self.epoch });
+                    self.disconnected();
+                    let fence_at = self.fence_at();
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
                         changed = self.state.changed() => {
@@ -368,6 +455,7 @@ impl Live<'_> {
                                 return Err(Stop::SessionEnded);
                             }
                         }
+                        _ = until(fence_at) => self.fence(),
                     }
                 }
             }
@@ -459,6 +547,12 @@ impl Live<'_> {
         let mut own: Option<WatchFuture> = None;
         let mut assigned: Option<WatchFuture> = None;
         loop {
+            if std::mem::take(&mut self.reread) {
+                // Back on the same session after a fence: read everything again (under the
+                // epoch the fence began).
+                own = None;
+                assigned = None;
+            }
             if own.is_none() {
                 let (node, watch) = self.call(|| session.get_and_watch(&own_path)).await?;
                 if node.is_none() {
@@ -474,6 +568,7 @@ impl Live<'_> {
             let (Some(own_fired), Some(assigned_fired)) = (own.as_mut(), assigned.as_mut()) else {
                 unreachable!("both watches are armed above");
             };
+            let fence_at = self.fence_at();
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
                 changed = self.state.changed() => {
@@ -482,17 +577,12 @@ impl Live<'_> {
                     }
                     let state = *self.state.borrow_and_update();
                     match state {
-                        SessionState::Disconnected => {
-                            // Keep the last known assignments: the session may resume.
-                            tracing::warn!(epoch = self.epoch,
-                                "coordination connection lost; keeping current assignments");
-                            self.set_status(MembershipStatus::Disconnected { epoch: self.epoch });
-                        }
+                        // Keep the last known assignments: the session may resume.
+                        SessionState::Disconnected => self.disconnected(),
                         SessionState::Connected => {
                             // Resumed: read everything again rather than trust that no
                             // change slipped by while we were away.
-                            tracing::info!(epoch = self.epoch, "coordination connection back; re-reading");
-                            self.set_status(MembershipStatus::Registered { epoch: self.epoch });
+                            self.reconnected();
                             own = None;
                             assigned = None;
                         }
@@ -501,6 +591,7 @@ impl Live<'_> {
                         }
                     }
                 }
+                _ = until(fence_at) => self.fence(),
                 event = own_fired => {
                     own = None;
                     if event == WatchEvent::SessionEnded {

@@ -268,3 +268,49 @@ async fn an_expired_session_drops_everything_then_registers_again() {
     worker.expect_assignments(2, &t).await;
     worker.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn a_long_disconnection_fences_the_worker_off_before_its_session_can_expire() {
+    let connect_string = fresh_zookeeper();
+    let (server, chroot) = split(&connect_string);
+    let proxy = Proxy::start(server).await;
+    let direct: Arc<dyn Coordinator> =
+        Arc::new(ZkCoordinator::new(connect_string.clone(), SESSION_TIMEOUT));
+    let proxied: Arc<dyn Coordinator> = Arc::new(ZkCoordinator::new(
+        format!("{}{chroot}", proxy.addr),
+        SESSION_TIMEOUT,
+    ));
+    let observer = connect(&direct).await;
+    let cluster = ClusterId::new();
+    let membership =
+        Membership::new(proxied, cluster, worker_node("w1")).fence_after(SESSION_TIMEOUT / 4);
+    let mut worker = Worker::start(membership);
+    registered_node(observer.as_ref(), cluster, "w1").await;
+    let t = tasks(1);
+    assign(observer.as_ref(), cluster, "w1", &t).await;
+    worker.expect_assignments(1, &t).await;
+
+    proxy.cut();
+    worker
+        .expect_status(MembershipStatus::Disconnected { epoch: 1 })
+        .await;
+    // Fenced: everything dropped under the next epoch while the session still lives on
+    // the server (our node is there: nobody else can have been given our tasks yet).
+    worker
+        .expect_status(MembershipStatus::Fenced { epoch: 2 })
+        .await;
+    worker.expect_assignments(2, &[]).await;
+    let path = layout::worker(cluster, "w1");
+    assert!(
+        observer.get(&path).await.unwrap().is_some(),
+        "fenced only after the session expired"
+    );
+
+    // The same session resumes: the assignments are read again, under the new epoch.
+    proxy.restore();
+    worker
+        .expect_status(MembershipStatus::Registered { epoch: 2 })
+        .await;
+    worker.expect_assignments(2, &t).await;
+    worker.stop().await.expect("clean stop");
+}
