@@ -384,3 +384,102 @@ async fn kill_9_of_a_worker_process_moves_exactly_its_tasks_to_the_survivors() {
         }
     }
 }
+
+/// Whether process `pid` is gone (or a zombie waiting to be reaped: it runs nothing).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn a_worker_cut_off_from_zookeeper_stops_its_run_before_its_session_expires() {
+    let session_timeout = Duration::from_secs(6);
+    let mut cluster = Cluster::start_with(Options {
+        session_timeout,
+        ..Options::default()
+    })
+    .await;
+    // The worker reaches ZooKeeper through a proxy that can cut it off; the API stays
+    // reachable.
+    let (server, chroot) = cluster
+        .zookeeper
+        .split_at(cluster.zookeeper.find('/').expect("a chroot"));
+    let proxy = cloudtask_testkit::Proxy::start(server).await;
+    let via = format!("{}{chroot}", proxy.addr);
+    cluster.spawn_worker_process_via("w1", &via);
+    let pids = cluster.data.path().join("pids");
+    std::fs::create_dir_all(&pids).unwrap();
+    // The whole group ignores SIGTERM: only the kill after the grace ends it.
+    let task = cluster
+        .create_task(json!({
+            "name": "long",
+            "schedule": "0 0 1 1 *",
+            "command": format!(
+                "trap '' TERM; echo $$ > {}/$CLOUDTASK_RUN_ID; exec sleep 600",
+                pids.display()
+            ),
+        }))
+        .await;
+    cluster.wait_assigned(&task).await;
+    let run = cluster.run_now(&task).await;
+    let pid_file = pids.join(&run);
+    let started = tokio::time::Instant::now();
+    let pid: u32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let observer = ZkCoordinator::new(cluster.zookeeper.clone(), session_timeout)
+        .connect()
+        .await
+        .unwrap();
+    let node = layout::worker(cluster.cluster_id.parse().unwrap(), "w1");
+    assert!(observer.get(&node).await.unwrap().is_some());
+    proxy.cut();
+    // The server expires the session; by then the run's process must be gone.
+    let cut_at = tokio::time::Instant::now();
+    while observer.get(&node).await.unwrap().is_some() {
+        assert!(
+            cut_at.elapsed() < session_timeout * 3,
+            "the session never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        gone(pid),
+        "the run's process {pid} outlived the session of its cut-off worker"
+    );
+    // Reported by the worker itself (the API is reachable): stopped, not lost.
+    let runs = cluster
+        .runs_until(&task, "the run to end", |runs| {
+            runs.iter()
+                .any(|r| r["id"] == run.as_str() && r["finishedAt"].is_string())
+        })
+        .await;
+    let ended = runs.iter().find(|r| r["id"] == run.as_str()).unwrap();
+    assert_eq!(status(ended), "STOPPED", "{ended:#?}");
+
+    // Back on the network, it registers again on a new session.
+    proxy.restore();
+    let back = tokio::time::Instant::now();
+    while observer.get(&node).await.unwrap().is_none() {
+        assert!(
+            back.elapsed() < session_timeout * 3,
+            "the worker never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

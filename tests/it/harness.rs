@@ -143,6 +143,12 @@ impl Cluster {
     /// Starts `cloudtask worker` as a process of its own; returns its index in
     /// `processes`.
     pub fn spawn_worker_process(&mut self, name: &str) -> usize {
+        let zookeeper = self.zookeeper.clone();
+        self.spawn_worker_process_via(name, &zookeeper)
+    }
+
+    /// [`Cluster::spawn_worker_process`] with its own ZooKeeper connect string (a proxy).
+    pub fn spawn_worker_process_via(&mut self, name: &str, zookeeper: &str) -> usize {
         let dir = self.data.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let log = std::fs::File::create(dir.join("worker.log")).unwrap();
@@ -151,7 +157,7 @@ impl Cluster {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("CLOUDTASK_API_URL", self.worker_api_url())
-            .env("CLOUDTASK_ZOOKEEPER", &self.zookeeper)
+            .env("CLOUDTASK_ZOOKEEPER", zookeeper)
             .env(
                 "CLOUDTASK_ZOOKEEPER_SESSION_TIMEOUT_MS",
                 self.session_timeout.as_millis().to_string(),
