@@ -214,3 +214,45 @@ async fn tenants_clusters_tasks_and_packages_end_to_end() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_schema_uses_the_designs_names_for_roots_and_filters() {
+    let world = World::new().await;
+    let owner = &world.a.owner;
+    let roots = owner
+        .run(
+            "{ __schema { queryType { name } mutationType { name } subscriptionType { name } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        roots.data()["__schema"],
+        json!({
+            "queryType": { "name": "Query" },
+            "mutationType": { "name": "Mutation" },
+            "subscriptionType": { "name": "Subscription" },
+        })
+    );
+    // Filters passed as variables of the design's input types.
+    let listed = owner
+        .run(
+            "query($tasks: TaskFilter, $runs: RunFilter) {
+               tasks(filter: $tasks) { edges { node { id } } }
+               runs(filter: $runs) { edges { node { id } } }
+             }",
+            json!({
+                "tasks": { "nameContains": "" },
+                "runs": { "taskId": world.a.task_id, "status": "SUCCEEDED" },
+            }),
+        )
+        .await;
+    let tasks = listed.data()["tasks"]["edges"].as_array().unwrap();
+    assert!(
+        tasks
+            .iter()
+            .any(|t| t["node"]["id"] == world.a.task_id.as_str()),
+        "{}",
+        listed.body
+    );
+    assert_eq!(listed.data()["runs"]["edges"], json!([]));
+}

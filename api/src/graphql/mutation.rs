@@ -249,7 +249,7 @@ async fn issue_tokens(
     })
 }
 
-#[Object]
+#[Object(name = "Mutation")]
 impl MutationRoot {
     /// Exchanges email and password for tokens. `tenantId` picks the tenant to act in;
     /// without it, the user's first tenant (or none, for a platform admin without one).

@@ -13,7 +13,9 @@ use crate::error::ApiResult;
 
 pub struct QueryRoot;
 
+/// Which tasks `tasks` lists: every field given must match.
 #[derive(InputObject, Default)]
+#[graphql(name = "TaskFilter")]
 pub struct TaskFilterInput {
     pub cluster_id: Option<ID>,
     pub state: Option<TaskStateGql>,
@@ -35,7 +37,9 @@ impl TaskFilterInput {
     }
 }
 
+/// Which runs `runs` lists: every field given must match.
 #[derive(InputObject, Default)]
+#[graphql(name = "RunFilter")]
 pub struct RunFilterInput {
     pub task_id: Option<ID>,
     pub status: Option<RunStatusGql>,
@@ -54,7 +58,7 @@ impl RunFilterInput {
     }
 }
 
-#[Object]
+#[Object(name = "Query")]
 impl QueryRoot {
     /// The caller.
     async fn me(&self, ctx: &Context<'_>) -> ApiResult<UserObj> {

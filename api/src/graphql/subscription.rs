@@ -60,7 +60,7 @@ pub struct WorkerEvent {
     pub at: DateTime<Utc>,
 }
 
-#[Subscription]
+#[Subscription(name = "Subscription")]
 impl SubscriptionRoot {
     /// The run's stored lines from `fromOffset` (default 0), then its new lines as they
     /// are stored, in order, each once; completes when the run has ended and every line is
