@@ -1,7 +1,13 @@
 //! The one place domain errors become GraphQL errors with `extensions.code`. Internal
 //! details are logged here and never sent to the client.
 
-use async_graphql::ErrorExtensions;
+use std::sync::Arc;
+
+use async_graphql::extensions::{
+    Extension, ExtensionContext, ExtensionFactory, NextRequest, NextSubscribe,
+};
+use async_graphql::futures_util::stream::{BoxStream, StreamExt};
+use async_graphql::{ErrorExtensions, Response};
 use cloudtask_core::Error;
 
 /// A resolver's error. It deliberately does not implement `Display`, so the conversion
@@ -30,8 +36,8 @@ impl From<ApiError> for async_graphql::Error {
     fn from(e: ApiError) -> Self {
         match e {
             ApiError::Domain(e) => to_graphql(&e),
-            // Errors raised by async-graphql itself (bad upload, missing data) keep their
-            // message; give them a code when they lack one.
+            // Errors raised by async-graphql itself (bad upload, missing data): kept
+            // when they carry a code, otherwise logged and sent as INTERNAL.
             ApiError::Graphql(e)
                 if e.extensions
                     .as_ref()
@@ -74,6 +80,87 @@ pub fn to_graphql(e: &Error) -> async_graphql::Error {
         }
         _ => {
             async_graphql::Error::new(e.to_string()).extend_with(|_, ext| ext.set("code", e.code()))
+        }
+    }
+}
+
+/// Gives every error of a response a code, on every transport (HTTP, and queries and
+/// subscriptions over WebSocket): see [`give_codes`].
+pub struct ErrorCodes;
+
+impl ExtensionFactory for ErrorCodes {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(ErrorCodes)
+    }
+}
+
+#[async_graphql::async_trait::async_trait]
+impl Extension for ErrorCodes {
+    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
+        let mut response = next.run(ctx).await;
+        give_codes(&mut response);
+        response
+    }
+
+    fn subscribe<'s>(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        stream: BoxStream<'s, Response>,
+        next: NextSubscribe<'_>,
+    ) -> BoxStream<'s, Response> {
+        next.run(ctx, stream)
+            .map(|mut response| {
+                give_codes(&mut response);
+                response
+            })
+            .boxed()
+    }
+}
+
+/// Resolver errors carry a code already (see `error.rs`). What is left are errors the
+/// request itself caused before any resolver ran: syntax, unknown fields, wrong argument
+/// types, depth and complexity limits. Those are the client's to fix.
+///
+/// A value that does not fit its argument's type is reported by async-graphql as
+/// `Invalid value for argument "input.schedule", expected type "String"` (a missing
+/// input field as `…argument "input", field "schedule" of type "String!" is required…`).
+/// The quoted path names the field, so it goes to `extensions.field` the way resolver
+/// errors name theirs: an `input` argument's fields by their own name (`schedule`), other
+/// arguments by their path (`filter.clusterId`), and a list by its own name (`env`, not
+/// `env.0.name`).
+fn give_codes(response: &mut async_graphql::Response) {
+    /// The text between the quotes that follow `after`, and what comes behind it.
+    fn quoted<'a>(text: &'a str, after: &str) -> Option<(&'a str, &'a str)> {
+        let start = text.find(after)? + after.len();
+        let rest = &text[start..];
+        let end = rest.find('"')?;
+        Some((&rest[..end], &rest[end + 1..]))
+    }
+    fn field_of(message: &str) -> Option<String> {
+        let reason = message.strip_prefix("Invalid value for argument ")?;
+        let (argument, rest) = quoted(reason, "\"")?;
+        let mut path: Vec<&str> = argument.split('.').collect();
+        if let Some((field, _)) = quoted(rest, "field \"") {
+            path.push(field);
+        }
+        if let Some(index) = path.iter().position(|s| s.parse::<usize>().is_ok()) {
+            path.truncate(index);
+        }
+        if path.len() > 1 && path[0] == "input" {
+            path.remove(0);
+        }
+        (!path.is_empty() && path.iter().all(|s| !s.is_empty())).then(|| path.join("."))
+    }
+
+    for error in &mut response.errors {
+        let extensions = error.extensions.get_or_insert_with(Default::default);
+        if extensions.get("code").is_none() {
+            extensions.set("code", "BAD_USER_INPUT");
+            if extensions.get("field").is_none()
+                && let Some(field) = field_of(&error.message)
+            {
+                extensions.set("field", field);
+            }
         }
     }
 }

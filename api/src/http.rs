@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use async_graphql::BatchResponse;
 use async_graphql::http::{GraphiQLSource, MultipartOptions, receive_batch_body};
 use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
 use axum::Json;
@@ -127,11 +126,7 @@ async fn graphql(
     };
     let context = RequestContext::new(verify_user(&http.state, &headers), peer.ip());
     let batch = batch.data(context);
-    let mut response = http.schema.execute_batch(batch).await;
-    match &mut response {
-        BatchResponse::Single(r) => give_codes(r),
-        BatchResponse::Batch(rs) => rs.iter_mut().for_each(give_codes),
-    }
+    let response = http.schema.execute_batch(batch).await;
     GraphQLResponse::from(response).into_response()
 }
 
@@ -229,54 +224,6 @@ where
 
 /// The reason prefix of a refused `connection_init`.
 const REFUSED: &str = "forbidden: ";
-
-/// Resolver errors carry a code already (see `error.rs`). What is left are errors the
-/// request itself caused before any resolver ran: syntax, unknown fields, wrong argument
-/// types, depth and complexity limits. Those are the client's to fix.
-///
-/// A value that does not fit its argument's type is reported by async-graphql as
-/// `Invalid value for argument "input.schedule", expected type "String"` (a missing
-/// input field as `…argument "input", field "schedule" of type "String!" is required…`).
-/// The quoted path names the field, so it goes to `extensions.field` the way resolver
-/// errors name theirs: an `input` argument's fields by their own name (`schedule`), other
-/// arguments by their path (`filter.clusterId`), and a list by its own name (`env`, not
-/// `env.0.name`).
-fn give_codes(response: &mut async_graphql::Response) {
-    /// The text between the quotes that follow `after`, and what comes behind it.
-    fn quoted<'a>(text: &'a str, after: &str) -> Option<(&'a str, &'a str)> {
-        let start = text.find(after)? + after.len();
-        let rest = &text[start..];
-        let end = rest.find('"')?;
-        Some((&rest[..end], &rest[end + 1..]))
-    }
-    fn field_of(message: &str) -> Option<String> {
-        let reason = message.strip_prefix("Invalid value for argument ")?;
-        let (argument, rest) = quoted(reason, "\"")?;
-        let mut path: Vec<&str> = argument.split('.').collect();
-        if let Some((field, _)) = quoted(rest, "field \"") {
-            path.push(field);
-        }
-        if let Some(index) = path.iter().position(|s| s.parse::<usize>().is_ok()) {
-            path.truncate(index);
-        }
-        if path.len() > 1 && path[0] == "input" {
-            path.remove(0);
-        }
-        (!path.is_empty() && path.iter().all(|s| !s.is_empty())).then(|| path.join("."))
-    }
-
-    for error in &mut response.errors {
-        let extensions = error.extensions.get_or_insert_with(Default::default);
-        if extensions.get("code").is_none() {
-            extensions.set("code", "BAD_USER_INPUT");
-            if extensions.get("field").is_none()
-                && let Some(field) = field_of(&error.message)
-            {
-                extensions.set("field", field);
-            }
-        }
-    }
-}
 
 async fn graphiql() -> Html<String> {
     Html(

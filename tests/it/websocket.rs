@@ -106,3 +106,37 @@ async fn the_legacy_graphql_ws_protocol_is_served_too() {
         break;
     }
 }
+
+#[tokio::test]
+async fn requests_refused_before_any_resolver_runs_carry_a_code_over_the_socket_too() {
+    let world = World::new().await;
+    let token = world.a.owner.token.clone().unwrap();
+    let mut socket = GqlSocket::connect(&world.api.url, &token).await;
+    let bad = [
+        ("syntax", "subscription { runLogs(runId: ", json!({})),
+        ("unknown field", "subscription { noSuchThing }", json!({})),
+        (
+            "wrong variable type",
+            "subscription($id: ID!, $from: Int) { runLogs(runId: $id, fromOffset: $from) { text } }",
+            json!({ "id": "x", "from": "not a number" }),
+        ),
+        (
+            "query, unknown field",
+            "query { me { noSuchField } }",
+            json!({}),
+        ),
+    ];
+    for (i, (what, query, variables)) in bad.into_iter().enumerate() {
+        let id = i.to_string();
+        socket.subscribe(&id, query, variables).await;
+        let errors = match socket.reply(&id, WITHIN).await {
+            Reply::Error(errors) => errors,
+            Reply::Next(payload) => payload["errors"].clone(),
+            Reply::Complete => panic!("{what}: completed without an error"),
+        };
+        assert_eq!(
+            errors[0]["extensions"]["code"], "BAD_USER_INPUT",
+            "{what}: {errors}"
+        );
+    }
+}

@@ -43,7 +43,8 @@ impl RequestContext {
 }
 
 pub fn build_schema(state: Option<Arc<AppState>>) -> AppSchema {
-    let mut builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot);
+    let mut builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+        .extension(crate::error::ErrorCodes);
     if let Some(state) = state {
         builder = builder
             .limit_depth(state.config.query_max_depth)
