@@ -7,6 +7,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Duration, Utc};
 use cloudtask_core::ids::{ClusterId, TenantId, UserId};
+use cloudtask_core::roles::Role;
 use cloudtask_core::{Error, Result};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
@@ -30,6 +31,10 @@ struct Claims {
     cid: Option<String>,
     #[serde(default)]
     pa: bool,
+    /// The role in `tid` when the token was issued. For the client to read: every request
+    /// checks the role held now in the catalogue, so a change applies at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    role: Option<String>,
 }
 
 /// A verified user.
@@ -99,10 +104,11 @@ impl TokenKeys {
             })
     }
 
+    /// An access token for `user_id`, acting in `tenant` (with the role held there now).
     pub fn issue_access(
         &self,
         user_id: UserId,
-        tenant_id: Option<TenantId>,
+        tenant: Option<(TenantId, Role)>,
         platform_admin: bool,
     ) -> Result<IssuedAccess> {
         let now = Utc::now();
@@ -112,9 +118,10 @@ impl TokenKeys {
             aud: AUDIENCE_USER.into(),
             exp: expires_at.timestamp(),
             iat: now.timestamp(),
-            tid: tenant_id.map(|t| t.to_string()),
+            tid: tenant.map(|(t, _)| t.to_string()),
             cid: None,
             pa: platform_admin,
+            role: tenant.map(|(_, role)| role.as_str().to_owned()),
         })?;
         Ok(IssuedAccess { token, expires_at })
     }
@@ -145,6 +152,7 @@ impl TokenKeys {
             tid: Some(tenant_id.to_string()),
             cid: Some(cluster_id.to_string()),
             pa: false,
+            role: None,
         })?;
         Ok(IssuedAccess { token, expires_at })
     }

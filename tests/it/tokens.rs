@@ -580,3 +580,26 @@ async fn a_removed_member_loses_access_at_once_despite_a_valid_token() {
     let clusters = owner.run("{ clusters { name } }", json!({})).await;
     assert_eq!(clusters.data()["clusters"].as_array().unwrap().len(), 1);
 }
+
+/// The claims of a token the API issued (its signature is checked by the API itself).
+fn claims_of(token: &str) -> Value {
+    let payload = token.split('.').nth(1).expect("a JWT");
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("base64url")).expect("json")
+}
+
+#[tokio::test]
+async fn an_access_token_carries_the_user_the_tenant_and_the_role() {
+    let world = World::new().await;
+    let owner = login(
+        &world.api,
+        &world.a.owner_email,
+        PASSWORD,
+        Some(&world.a.id),
+    )
+    .await;
+    let claims = claims_of(&owner.access);
+    assert_eq!(claims["sub"], owner.user_id.as_str(), "{claims}");
+    assert_eq!(claims["tid"], world.a.id.as_str(), "{claims}");
+    assert_eq!(claims["role"], "OWNER", "{claims}");
+    assert_eq!(claims["aud"], "cloudtask-user", "{claims}");
+}

@@ -29,7 +29,14 @@ async fn a_socket_without_a_valid_token_is_closed_with_4403() {
         cloudtask_testkit::TEST_JWT_SECRET.as_bytes(),
         chrono::Duration::seconds(-120),
     )
-    .issue_access(owner, Some(world.a.id.parse().unwrap()), false)
+    .issue_access(
+        owner,
+        Some((
+            world.a.id.parse().unwrap(),
+            cloudtask_core::roles::Role::Owner,
+        )),
+        false,
+    )
     .unwrap()
     .token;
     for payload in [

@@ -226,9 +226,13 @@ async fn issue_tokens(
             Some((tenant, role))
         }
     };
-    let access = state
-        .keys
-        .issue_access(user_id, tenant_id, user.platform_admin)?;
+    let access = state.keys.issue_access(
+        user_id,
+        tenant_role
+            .as_ref()
+            .map(|(tenant, role)| (tenant.id, *role)),
+        user.platform_admin,
+    )?;
     let refresh_token = random_token("rt_");
     state
         .catalogue
