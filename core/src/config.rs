@@ -265,10 +265,14 @@ impl Config {
                 "use letters, digits, '-', '_' or '.'",
             ));
         }
-        if self.worker_label_set().iter().any(|l| !valid_segment(l)) {
+        if let Some(label) = self
+            .worker_label_set()
+            .iter()
+            .find(|l| !crate::task::valid_label(l))
+        {
             return Err(ConfigError::new(
                 "worker_labels",
-                "labels use letters, digits, '-', '_' or '.'",
+                format!("bad label {label:?}: {}", crate::task::LABEL_RULE),
             ));
         }
         if self.login_max_attempts == 0 {

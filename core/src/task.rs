@@ -160,14 +160,27 @@ impl TaskSpec {
         {
             return Err(Error::bad_input("package", "not a sha256 hex digest"));
         }
-        for label in &self.labels {
-            if label.is_empty() || label.len() > 63 || label.chars().any(char::is_whitespace) {
-                return Err(Error::bad_input("labels", format!("bad label {label:?}")));
-            }
+        if let Some(label) = self.labels.iter().find(|l| !valid_label(l)) {
+            return Err(Error::bad_input(
+                "labels",
+                format!("bad label {label:?}: {LABEL_RULE}"),
+            ));
         }
         validate_emails(&self.notify_emails)?;
         Ok(schedule)
     }
+}
+
+/// What a label (of a worker, or needed by a task) may be, said to whoever gave a bad one.
+pub const LABEL_RULE: &str = "use 1 to 63 letters, digits, '-', '_' or '.'";
+
+/// Whether `label` may name a worker label: the same rule on both sides, so a task never
+/// needs a label no worker can carry.
+pub fn valid_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {

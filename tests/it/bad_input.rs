@@ -113,6 +113,12 @@ async fn create_task_refuses_each_bad_field_and_changes_nothing() {
             json!({ "timezone": "Mars/Olympus_Mons" }),
         ),
         ("empty command", "command", json!({ "command": "" })),
+        (
+            "a label no worker can carry",
+            "labels",
+            json!({ "labels": ["gpu:a100"] }),
+        ),
+        ("an empty label", "labels", json!({ "labels": [""] })),
         ("blank command", "command", json!({ "command": "   " })),
         ("101-char name", "name", json!({ "name": long_name })),
         ("empty name", "name", json!({ "name": "" })),
