@@ -91,8 +91,22 @@ impl Coordinator for ZkCoordinator {
     }
 }
 
+/// Where everything goes when the connect string names no chroot (DESIGN §2).
+pub const DEFAULT_ROOT: &str = "/cloudtask";
+
+/// `connect_string` with [`DEFAULT_ROOT`] as its chroot when it names none
+/// (`zk1:2181,zk2:2181`); one it names is kept, `/` included (the server's root).
+pub fn rooted(connect_string: &str) -> std::borrow::Cow<'_, str> {
+    if connect_string.contains('/') {
+        connect_string.into()
+    } else {
+        format!("{connect_string}{DEFAULT_ROOT}").into()
+    }
+}
+
 impl ZkSession {
     pub async fn connect(connect_string: &str, session_timeout: Duration) -> Result<ZkSession> {
+        let connect_string = &*rooted(connect_string);
         let client = zk::Client::connector()
             .with_session_timeout(session_timeout)
             .connect(connect_string)
@@ -287,5 +301,17 @@ impl Session for ZkSession {
 
     async fn close(&self) {
         self.client.lock().expect("client lock").take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rooted;
+
+    #[test]
+    fn a_connect_string_without_a_chroot_gets_the_default_root() {
+        assert_eq!(rooted("zk1:2181,zk2:2181"), "zk1:2181,zk2:2181/cloudtask");
+        assert_eq!(rooted("127.0.0.1:2181/tenant-a"), "127.0.0.1:2181/tenant-a");
+        assert_eq!(rooted("127.0.0.1:2181/"), "127.0.0.1:2181/");
     }
 }

@@ -174,7 +174,7 @@ async fn zookeeper_conforms_in_a_chroot() {
     conformance(&ZkCoordinator::new(&connect, Duration::from_secs(6))).await;
     // Everything happened inside the chroot.
     let (server, chroot) = connect.split_once('/').unwrap();
-    let unrooted = ZkCoordinator::new(server, Duration::from_secs(6))
+    let unrooted = ZkCoordinator::new(format!("{server}/"), Duration::from_secs(6))
         .connect()
         .await
         .unwrap();
@@ -183,4 +183,26 @@ async fn zookeeper_conforms_in_a_chroot() {
     cloudtask_coord::delete_recursive(unrooted.as_ref(), &format!("/{chroot}"))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_connect_string_without_a_chroot_works_under_the_default_root() {
+    let server = cloudtask_testkit::fresh_zookeeper();
+    let server = &server[..server.find('/').expect("a chroot")];
+    let bare = ZkCoordinator::new(server, Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let root = ZkCoordinator::new(format!("{server}/"), Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let probe = format!("/probe_{}", uuid::Uuid::new_v4().simple());
+    bare.create(&probe, b"here", NodeKind::Ephemeral)
+        .await
+        .unwrap();
+    let seen = root.get(&format!("/cloudtask{probe}")).await.unwrap();
+    assert_eq!(seen.map(|n| n.data), Some(b"here".to_vec()));
+    assert!(root.get(&probe).await.unwrap().is_none());
+    bare.close().await;
 }
