@@ -9,6 +9,7 @@ use async_graphql::http::{GraphiQLSource, MultipartOptions, receive_batch_body};
 use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
 use axum::Json;
 use axum::body::Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -43,7 +44,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         schema: schema.clone(),
     };
     axum::Router::new()
-        .route("/graphql", post(graphql).get(graphiql))
+        .route("/graphql", post(graphql).get(graphql_get))
         .route("/graphql/ws", get(graphql_ws))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -224,6 +225,21 @@ where
 
 /// The reason prefix of a refused `connection_init`.
 const REFUSED: &str = "forbidden: ";
+
+/// `GET /graphql`: GraphiQL for a browser; a WebSocket upgrade is served as on
+/// `/graphql/ws`, for clients that use one URL for queries and subscriptions.
+async fn graphql_get(
+    http: State<Http>,
+    peer: ConnectInfo<SocketAddr>,
+    protocol: Result<GraphQLProtocol, StatusCode>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match (upgrade, protocol) {
+        (Err(_), _) => graphiql().await.into_response(),
+        (Ok(upgrade), Ok(protocol)) => graphql_ws(http, peer, protocol, upgrade).await,
+        (Ok(_), Err(status)) => status.into_response(),
+    }
+}
 
 async fn graphiql() -> Html<String> {
     Html(

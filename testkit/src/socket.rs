@@ -32,7 +32,12 @@ impl GqlSocket {
 
     /// Opens the socket asking for `protocol` (`graphql-ws` is the legacy one).
     pub async fn open_with_protocol(api_url: &str, protocol: &str) -> GqlSocket {
-        let url = format!("{}/graphql/ws", api_url.replace("http://", "ws://"));
+        GqlSocket::open_at(api_url, "/graphql/ws", protocol).await
+    }
+
+    /// Opens `path` (`/graphql/ws`, or `/graphql`, which upgrades too) with `protocol`.
+    pub async fn open_at(api_url: &str, path: &str, protocol: &str) -> GqlSocket {
+        let url = format!("{}{path}", api_url.replace("http://", "ws://"));
         let mut request = url.into_client_request().expect("a WebSocket URL");
         request
             .headers_mut()

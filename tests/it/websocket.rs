@@ -147,3 +147,32 @@ async fn requests_refused_before_any_resolver_runs_carry_a_code_over_the_socket_
         );
     }
 }
+
+#[tokio::test]
+async fn the_graphql_url_upgrades_to_a_socket_too_and_still_serves_graphiql() {
+    let world = World::new().await;
+    let token = world.b.owner.token.clone().unwrap();
+    let mut socket = GqlSocket::open_at(&world.api.url, "/graphql", "graphql-transport-ws").await;
+    socket
+        .send(json!({ "type": "connection_init", "payload": { "accessToken": token } }))
+        .await;
+    let ack = socket.message(WITHIN).await;
+    assert_eq!(ack["type"], "connection_ack", "{ack}");
+    socket
+        .subscribe(
+            "1",
+            "query($id: ID!) { task(id: $id) { name } }",
+            json!({ "id": world.b.task_id }),
+        )
+        .await;
+    match socket.reply("1", WITHIN).await {
+        Reply::Next(own) => assert_eq!(own["data"]["task"]["name"], "beta-task", "{own}"),
+        other => panic!("expected data, got {other:?}"),
+    }
+    // A browser's GET is still GraphiQL.
+    let page = reqwest::get(format!("{}/graphql", world.api.url))
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("graphiql"));
+}
