@@ -116,8 +116,9 @@ impl TaskSpec {
     }
 
     /// Checks every field; the error names the input field (GraphQL spelling).
-    pub fn validate(&self) -> Result<Schedule> {
-        let schedule = Schedule::parse(
+    /// The schedule, its timezone and active window, parsed.
+    pub fn parse_schedule(&self) -> Result<Schedule> {
+        Schedule::parse(
             &self.schedule,
             &self.timezone,
             self.active_from,
@@ -127,7 +128,11 @@ impl TaskSpec {
             ScheduleError::Timezone(_) => Error::bad_input("timezone", e),
             ScheduleError::Window => Error::bad_input("activeUntil", e),
             ScheduleError::Cron(_) => Error::bad_input("schedule", e),
-        })?;
+        })
+    }
+
+    pub fn validate(&self) -> Result<Schedule> {
+        let schedule = self.parse_schedule()?;
         if self.command.trim().is_empty() {
             return Err(Error::bad_input("command", "must not be empty"));
         }

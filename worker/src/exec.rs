@@ -414,7 +414,7 @@ async fn supervise(
     let result = match end {
         End::Exited(status) => {
             // The main process is done; its group goes with it.
-            terminate_group(group, limits.kill_grace, &mut child, true).await;
+            terminate_group(group, limits, hurry, &mut child, true).await;
             match status {
                 Ok(status) => exit_outcome(status),
                 Err(e) => outcome(
@@ -431,7 +431,7 @@ async fn supervise(
                 spec.timeout.unwrap_or_default().as_secs()
             );
             let _ = lines.send((LogStream::System, note, Utc::now())).await;
-            let status = terminate_group(group, limits.kill_grace, &mut child, false).await;
+            let status = terminate_group(group, limits, hurry, &mut child, false).await;
             let mut o = status
                 .map(exit_outcome)
                 .unwrap_or_else(|| outcome(RunStatus::TimedOut, None, None, None));
@@ -440,11 +440,6 @@ async fn supervise(
             o
         }
         End::Stopped => {
-            let grace = if hurry.is_cancelled() {
-                limits.kill_grace.min(limits.hurried_grace)
-            } else {
-                limits.kill_grace
-            };
             let _ = lines
                 .send((
                     LogStream::System,
@@ -452,7 +447,7 @@ async fn supervise(
                     Utc::now(),
                 ))
                 .await;
-            let status = terminate_group(group, grace, &mut child, false).await;
+            let status = terminate_group(group, limits, hurry, &mut child, false).await;
             let mut o = status
                 .map(exit_outcome)
                 .unwrap_or_else(|| outcome(RunStatus::Stopped, None, None, None));
@@ -468,12 +463,14 @@ async fn supervise(
     result
 }
 
-/// SIGTERM to the group, then SIGKILL after `grace` if anything of it is left. With
-/// `exited`, the main process is reaped already and only leftovers are signalled.
-/// Returns the main process's status when it was still running.
+/// SIGTERM to the group, then SIGKILL after the kill grace if anything of it is left;
+/// once `hurry` is cancelled (before or during the grace), after the hurried grace at
+/// the latest. With `exited`, the main process is reaped already and only leftovers are
+/// signalled. Returns the main process's status when it was still running.
 async fn terminate_group(
     group: Option<u32>,
-    grace: Duration,
+    limits: ExecLimits,
+    hurry: &CancellationToken,
     child: &mut Child,
     exited: bool,
 ) -> Option<std::process::ExitStatus> {
@@ -491,17 +488,33 @@ async fn terminate_group(
             };
         }
         let _ = killpg(pgid, Signal::SIGTERM);
-        let deadline = tokio::time::Instant::now() + grace;
+        let deadline = tokio::time::Instant::now() + limits.kill_grace;
+        // The grace ends early once the stop is hurried (it may be already).
+        let over = async {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = async {
+                    hurry.cancelled().await;
+                    let hurried = tokio::time::Instant::now() + limits.hurried_grace;
+                    tokio::time::sleep_until(hurried.min(deadline)).await;
+                } => {}
+            }
+        };
+        tokio::pin!(over);
+        let mut over_done = false;
         let mut status = None;
         if !exited {
-            status = tokio::time::timeout_at(deadline, child.wait())
-                .await
-                .ok()
-                .and_then(Result::ok);
+            tokio::select! {
+                waited = child.wait() => status = waited.ok(),
+                _ = &mut over => over_done = true,
+            }
         }
         // Leftovers of the group: poll until they are gone or the grace is over.
-        while alive() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        while !over_done && alive() {
+            tokio::select! {
+                _ = &mut over => over_done = true,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
         }
         if alive() {
             let _ = killpg(pgid, Signal::SIGKILL);
@@ -513,7 +526,7 @@ async fn terminate_group(
     }
     #[cfg(not(unix))]
     {
-        let _ = (group, grace);
+        let _ = (group, limits, hurry);
         if exited {
             return None;
         }
@@ -893,39 +906,54 @@ mod tests {
         CancellationToken::new()
     }
 
-    #[tokio::test]
-    async fn a_hurried_stop_kills_a_group_that_ignores_sigterm_after_the_short_grace() {
-        let dir = tempfile::tempdir().unwrap();
-        let (reporter, mut reports) = Reporter::capture();
-        let long = ExecLimits {
-            kill_grace: Duration::from_secs(60),
-            hurried_grace: Duration::from_millis(300),
-            ..limits_wide()
-        };
-        let (stop, hurry) = (CancellationToken::new(), CancellationToken::new());
-        // SIGTERM ignored by the shell and, inherited, by its background child.
-        let spec = spec("trap '' TERM; sleep 60 & echo up; wait", dir.path());
-        let run = tokio::spawn({
-            let (stop, hurry) = (stop.clone(), hurry.clone());
-            async move { execute(&spec, long, &reporter, &stop, &hurry).await }
-        });
-        let up = tokio::time::timeout(Duration::from_secs(10), async {
+    /// Waits for a log line `text` among the captured reports.
+    async fn line(reports: &mut tokio::sync::mpsc::UnboundedReceiver<Report>, text: &str) {
+        let seen = tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(report) = reports.recv().await {
                 if let Report::Logs { lines, .. } = report
-                    && lines.iter().any(|l| l.text == "up")
+                    && lines.iter().any(|l| l.text == text)
                 {
                     return;
                 }
             }
         });
-        up.await.expect("the run said it was up");
-        hurry.cancel();
-        stop.cancel();
-        let outcome = tokio::time::timeout(Duration::from_secs(20), run)
-            .await
-            .expect("the hurried grace, not the 60 s one")
-            .unwrap();
-        assert_eq!(outcome.status, RunStatus::Stopped);
-        assert_eq!(outcome.signal, Some(9), "{outcome:?}");
+        seen.await
+            .unwrap_or_else(|_| panic!("no line {text:?} in time"));
+    }
+
+    #[tokio::test]
+    async fn a_hurried_stop_kills_a_group_that_ignores_sigterm_after_the_short_grace() {
+        // Hurried before the stop, and while the stop's long grace runs.
+        for hurried_first in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (reporter, mut reports) = Reporter::capture();
+            let long = ExecLimits {
+                kill_grace: Duration::from_secs(60),
+                hurried_grace: Duration::from_millis(300),
+                ..limits_wide()
+            };
+            let (stop, hurry) = (CancellationToken::new(), CancellationToken::new());
+            // SIGTERM ignored by the shell and, inherited, by its background child.
+            let spec = spec("trap '' TERM; sleep 60 & echo up; wait", dir.path());
+            let run = tokio::spawn({
+                let (stop, hurry) = (stop.clone(), hurry.clone());
+                async move { execute(&spec, long, &reporter, &stop, &hurry).await }
+            });
+            line(&mut reports, "up").await;
+            if hurried_first {
+                hurry.cancel();
+                stop.cancel();
+            } else {
+                stop.cancel();
+                line(&mut reports, "stopped: terminating the process group").await;
+                hurry.cancel();
+            }
+            let outcome = tokio::time::timeout(Duration::from_secs(20), run)
+                .await
+                .expect("the hurried grace, not the 60 s one")
+                .unwrap();
+            assert_eq!(outcome.status, RunStatus::Stopped);
+            assert_eq!(outcome.signal, Some(9), "{outcome:?}");
+        }
     }
 }

@@ -378,7 +378,9 @@ impl TaskMeta {
         if !(0..=100).contains(&count) {
             return Err(Error::bad_input("count", "must be between 0 and 100").into());
         }
-        let schedule = self.0.spec.validate()?;
+        // The schedule only: a stored task keeps answering when a rule about its other
+        // fields has tightened since it was saved.
+        let schedule = self.0.spec.parse_schedule()?;
         Ok(schedule.upcoming(Utc::now(), count as usize))
     }
     /// The worker that owns the task now; `null` while paused or while no live worker
