@@ -137,6 +137,11 @@ pub trait Session: Send + Sync {
     async fn multi(&self, ops: Vec<Op>) -> Result<()>;
     /// The session's state; it changes as the connection comes and goes.
     fn state(&self) -> watch::Receiver<SessionState>;
+    /// The session timeout the server granted (it may differ from the one asked for),
+    /// when there is a server.
+    fn granted_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// Ends the session at once: its ephemeral nodes vanish now, not after the timeout.
     async fn close(&self);
 }

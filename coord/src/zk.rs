@@ -299,6 +299,11 @@ impl Session for ZkSession {
         self.state.clone()
     }
 
+    fn granted_timeout(&self) -> Option<Duration> {
+        let client = self.client.lock().expect("client lock");
+        client.as_ref().map(zk::Client::session_timeout)
+    }
+
     async fn close(&self) {
         self.client.lock().expect("client lock").take();
     }

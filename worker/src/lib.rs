@@ -35,6 +35,11 @@ pub use join::{JoinError, JoinedCluster, join};
 pub use membership::{Assignments, Membership, MembershipStatus, run_membership};
 pub use packages::Packages;
 
+/// The longest hurried grace (SIGTERM to SIGKILL of a run stopped because the worker
+/// fenced itself off or lost its session), whatever the session timeout: out quickly,
+/// also when the server granted a shorter timeout than was asked for.
+const HURRIED_GRACE_CAP: Duration = Duration::from_secs(2);
+
 /// The `cloudtask worker` entry point: runs until `shutdown`, then leaves the cluster.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     run_with_clock(config, Arc::new(clock::SystemClock), shutdown).await
@@ -134,7 +139,7 @@ pub async fn run_on(
             max_lines: config.run_max_log_lines,
             max_line_bytes: config.run_max_line_bytes as usize,
             kill_grace: Duration::from_secs(config.run_kill_grace_secs),
-            hurried_grace: session_timeout / 5,
+            hurried_grace: (session_timeout / 5).min(HURRIED_GRACE_CAP),
         },
     };
     let engine_task = tokio::spawn(engine.run(published, engine_stop.clone()));
@@ -142,10 +147,11 @@ pub async fn run_on(
     let membership = tokio::spawn(
         Membership::new(coordinator, joined.cluster_id, me)
             .previous_incarnation_wait(session_timeout * 2)
-            // Cut off: noticed by 2/5 of the timeout after the last contact, fenced a
-            // quarter later, SIGKILL a fifth after that (the hurried grace): all gone
-            // by 0.85 of the timeout, before the server can expire the session.
-            .fence_after(session_timeout / 4)
+            // Cut off: noticed by 9/20 of the timeout after the last contact, fenced a
+            // fifth later, SIGKILL a fifth after that at the latest (the hurried
+            // grace): all gone by 0.85 of the timeout, before the server can expire
+            // the session.
+            .fence_after(session_timeout / 5)
             .run(assignments, membership_stop.clone()),
     );
     shutdown.cancelled().await;

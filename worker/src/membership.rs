@@ -151,9 +151,11 @@ impl Membership {
 
     /// How long the connection may stay lost before the worker fences itself off (drops
     /// every assignment, so the engine stops what runs). It must end before the session
-    /// can expire on the server: the client notices a silent connection at most 2/5 of
-    /// the session timeout after its last contact, so a quarter of the timeout leaves
-    /// a third of it for the runs to be stopped. Never fenced by default.
+    /// can expire on the server: the client notices a silent connection 2/5 of the
+    /// session timeout after its last contact (9/20 at worst: it checks once a tick), so
+    /// a fifth of the timeout leaves about a third of it for the runs to be stopped.
+    /// Never fenced by default; never later than a fifth of the timeout the server
+    /// granted.
     pub fn fence_after(mut self, after: Duration) -> Self {
         self.fence_after = Some(after);
         self
@@ -395,15 +397,24 @@ impl Live<'_> {
         }
     }
 
-    /// When to fence ourselves off, while disconnected and not fenced yet.
+    /// When to fence ourselves off, while disconnected and not fenced yet: after the
+    /// configured delay, or sooner when the server granted a shorter session timeout
+    /// than was asked for (the delay is a fifth of the timeout asked for, see
+    /// `fence_after`; a fifth of the granted one then).
     fn fence_at(&self) -> Option<Instant> {
-        let after = self.membership.fence_after?;
+        let mut after = self.membership.fence_after?;
+        if let Some(granted) = self.session.granted_timeout() {
+            after = after.min(granted / 5);
+        }
         (!self.fenced).then_some(self.disconnected_at? + after)
     }
 
     /// Drops every assignment under the next epoch: the engine stops what runs, in a
     /// hurry, before the session can expire and our tasks go to another worker.
     fn fence(&mut self) {
+        if *self.state.borrow() == SessionState::Connected {
+            return; // back in the meantime: `observe` takes it in next
+        }
         self.fenced = true;
         self.reread = true;
         self.epoch += 1;
@@ -415,7 +426,9 @@ impl Live<'_> {
     }
 
     /// Runs one coordination call; a lost connection waits for the session to resume and
-    /// tries again.
+    /// tries again. While the call is pending (a request made on a lost connection waits
+    /// for it to come back), the session's state is followed, the fence kept, and
+    /// shutdown heard.
     async fn call<T, F, Fut>(&mut self, mut op: F) -> Result<T, Stop>
     where
         F: FnMut() -> Fut,
@@ -423,7 +436,24 @@ impl Live<'_> {
     {
         let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
-            match op().await {
+            let attempt = op();
+            tokio::pin!(attempt);
+            let result = loop {
+                let fence_at = self.fence_at();
+                tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
+                    changed = self.state.changed() => {
+                        if changed.is_err() {
+                            return Err(Stop::SessionEnded);
+                        }
+                        self.observe()?;
+                    }
+                    result = &mut attempt => break result,
+                    _ = until(fence_at) => self.fence(),
+                }
+            };
+            match result {
                 Ok(value) => return Ok(value),
                 Err(CoordError::ConnectionLoss) => self.await_connection(&mut pause).await?,
                 Err(e) => return Err(e.into()),
@@ -438,28 +468,33 @@ impl Live<'_> {
             return Err(Stop::Shutdown);
         }
         loop {
-            let state = *self.state.borrow_and_update();
-            match state {
-                SessionState::Connected => {
-                    self.reconnected();
-                    return Ok(());
-                }
-                SessionState::Expired | SessionState::Closed => return Err(Stop::SessionEnded),
-                SessionState::Disconnected => {
-                    self.disconnected();
-                    let fence_at = self.fence_at();
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
-                        changed = self.state.changed() => {
-                            if changed.is_err() {
-                                return Err(Stop::SessionEnded);
-                            }
-                        }
-                        _ = until(fence_at) => self.fence(),
+            if self.observe()? == SessionState::Connected {
+                return Ok(());
+            }
+            let fence_at = self.fence_at();
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
+                changed = self.state.changed() => {
+                    if changed.is_err() {
+                        return Err(Stop::SessionEnded);
                     }
                 }
+                _ = until(fence_at) => self.fence(),
             }
         }
+    }
+
+    /// Takes in the session's current state: a lost connection starts the fence delay, a
+    /// connection back ends it; an ended session is an error.
+    fn observe(&mut self) -> Result<SessionState, Stop> {
+        let state = *self.state.borrow_and_update();
+        match state {
+            SessionState::Connected => self.reconnected(),
+            SessionState::Disconnected => self.disconnected(),
+            SessionState::Expired | SessionState::Closed => return Err(Stop::SessionEnded),
+        }
+        Ok(state)
     }
 
     /// Creates our ephemeral node, first waiting (bounded) for a node left under our
@@ -570,25 +605,18 @@ impl Live<'_> {
             };
             let fence_at = self.fence_at();
             tokio::select! {
+                biased;
                 _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
                 changed = self.state.changed() => {
                     if changed.is_err() {
                         return Err(Stop::SessionEnded);
                     }
-                    let state = *self.state.borrow_and_update();
-                    match state {
-                        // Keep the last known assignments: the session may resume.
-                        SessionState::Disconnected => self.disconnected(),
-                        SessionState::Connected => {
-                            // Resumed: read everything again rather than trust that no
-                            // change slipped by while we were away.
-                            self.reconnected();
-                            own = None;
-                            assigned = None;
-                        }
-                        SessionState::Expired | SessionState::Closed => {
-                            return Err(Stop::SessionEnded);
-                        }
+                    // Disconnected: keep the last known assignments, the session may
+                    // resume. Resumed: read everything again rather than trust that no
+                    // change slipped by while we were away.
+                    if self.observe()? == SessionState::Connected {
+                        own = None;
+                        assigned = None;
                     }
                 }
                 _ = until(fence_at) => self.fence(),

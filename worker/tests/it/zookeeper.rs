@@ -283,7 +283,7 @@ async fn a_long_disconnection_fences_the_worker_off_before_its_session_can_expir
     let observer = connect(&direct).await;
     let cluster = ClusterId::new();
     let membership =
-        Membership::new(proxied, cluster, worker_node("w1")).fence_after(SESSION_TIMEOUT / 4);
+        Membership::new(proxied, cluster, worker_node("w1")).fence_after(SESSION_TIMEOUT / 5);
     let mut worker = Worker::start(membership);
     registered_node(observer.as_ref(), cluster, "w1").await;
     let t = tasks(1);
