@@ -99,11 +99,17 @@ async fn next_change(listener: &mut PgListener) -> Change {
 /// unreachable this keeps retrying (sqlx reconnects), once a second. `what` names the
 /// listener in the log.
 pub(crate) async fn heard(listener: &mut PgListener, what: &str) -> Option<String> {
+    // sqlx says `None` only when it reconnects at once (its pool hands it a connection);
+    // after an error (the database down longer than the pool's acquire timeout) a later
+    // call reconnects without a word, so the loss is remembered here.
+    let mut lost = false;
     loop {
         match listener.try_recv().await {
+            Ok(Some(_)) if lost => return None, // what came before it may be missed
             Ok(Some(notification)) => return Some(notification.payload().to_owned()),
             Ok(None) => return None,
             Err(e) => {
+                lost = true;
                 tracing::warn!(error = %e, "{what} listener lost the database; retrying");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
