@@ -97,7 +97,8 @@ pub const DEFAULT_ROOT: &str = "/cloudtask";
 /// `connect_string` with [`DEFAULT_ROOT`] as its chroot when it names none
 /// (`zk1:2181,zk2:2181`); one it names is kept, `/` included (the server's root).
 pub fn rooted(connect_string: &str) -> std::borrow::Cow<'_, str> {
-    if connect_string.contains('/') {
+    // A chroot is the path after the hosts; `tcp://` and `tcp+tls://` are not one.
+    if connect_string.replace("://", "").contains('/') {
         connect_string.into()
     } else {
         format!("{connect_string}{DEFAULT_ROOT}").into()
@@ -318,5 +319,10 @@ mod tests {
         assert_eq!(rooted("zk1:2181,zk2:2181"), "zk1:2181,zk2:2181/cloudtask");
         assert_eq!(rooted("127.0.0.1:2181/tenant-a"), "127.0.0.1:2181/tenant-a");
         assert_eq!(rooted("127.0.0.1:2181/"), "127.0.0.1:2181/");
+        assert_eq!(
+            rooted("tcp://zk1:2181,tcp+tls://zk2:2281"),
+            "tcp://zk1:2181,tcp+tls://zk2:2281/cloudtask"
+        );
+        assert_eq!(rooted("tcp://zk1:2181/a"), "tcp://zk1:2181/a");
     }
 }
