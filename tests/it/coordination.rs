@@ -450,14 +450,7 @@ async fn a_worker_cut_off_from_zookeeper_stops_its_run_before_its_session_expire
     assert!(observer.get(&node).await.unwrap().is_some());
     proxy.cut();
     // The server expires the session; by then the run's process must be gone.
-    let cut_at = tokio::time::Instant::now();
-    while observer.get(&node).await.unwrap().is_some() {
-        assert!(
-            cut_at.elapsed() < session_timeout * 3,
-            "the session never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_node(observer.as_ref(), &node, false, session_timeout * 3).await;
     assert!(
         gone(pid),
         "the run's process {pid} outlived the session of its cut-off worker"
@@ -474,12 +467,23 @@ async fn a_worker_cut_off_from_zookeeper_stops_its_run_before_its_session_expire
 
     // Back on the network, it registers again on a new session.
     proxy.restore();
-    let back = tokio::time::Instant::now();
-    while observer.get(&node).await.unwrap().is_none() {
+    until_node(observer.as_ref(), &node, true, session_timeout * 3).await;
+}
+
+/// Polls `node` until it exists (`present`) or is gone, for at most `bound`.
+async fn until_node(
+    observer: &dyn cloudtask_coord::Session,
+    node: &str,
+    present: bool,
+    bound: Duration,
+) {
+    let since = tokio::time::Instant::now();
+    while observer.get(node).await.unwrap().is_some() != present {
         assert!(
-            back.elapsed() < session_timeout * 3,
-            "the worker never registered again"
+            since.elapsed() < bound,
+            "{node} still {} after {bound:?}",
+            if present { "absent" } else { "present" }
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

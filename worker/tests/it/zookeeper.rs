@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use cloudtask_coord::layout::{self, WorkerNode};
 use cloudtask_coord::zk::ZkCoordinator;
-use cloudtask_coord::{Coordinator, NodeKind, WatchEvent};
+use cloudtask_coord::{Coordinator, NodeKind, Session, WatchEvent};
 use cloudtask_core::ids::ClusterId;
 use cloudtask_testkit::fresh_zookeeper;
 use cloudtask_worker::{Assignments, Membership, MembershipStatus};
@@ -175,8 +175,9 @@ fn split(connect: &str) -> (&str, &str) {
     connect.split_at(at)
 }
 
-#[tokio::test]
-async fn a_lost_connection_keeps_assignments_and_resyncs_when_back() {
+/// A fresh chroot reached through a proxy that can cut it off (for the worker), and a
+/// direct session on it (for the test to look).
+async fn behind_a_proxy() -> (Proxy, Arc<dyn Coordinator>, Arc<dyn Session>) {
     let connect_string = fresh_zookeeper();
     let (server, chroot) = split(&connect_string);
     let proxy = Proxy::start(server).await;
@@ -186,7 +187,12 @@ async fn a_lost_connection_keeps_assignments_and_resyncs_when_back() {
         format!("{}{chroot}", proxy.addr),
         SESSION_TIMEOUT,
     ));
-    let observer = connect(&direct).await;
+    (proxy, proxied, connect(&direct).await)
+}
+
+#[tokio::test]
+async fn a_lost_connection_keeps_assignments_and_resyncs_when_back() {
+    let (proxy, proxied, observer) = behind_a_proxy().await;
     let cluster = ClusterId::new();
     let mut worker = Worker::start(Membership::new(proxied, cluster, worker_node("w1")));
     registered_node(observer.as_ref(), cluster, "w1").await;
@@ -222,16 +228,7 @@ async fn a_lost_connection_keeps_assignments_and_resyncs_when_back() {
 
 #[tokio::test]
 async fn an_expired_session_drops_everything_then_registers_again() {
-    let connect_string = fresh_zookeeper();
-    let (server, chroot) = split(&connect_string);
-    let proxy = Proxy::start(server).await;
-    let direct: Arc<dyn Coordinator> =
-        Arc::new(ZkCoordinator::new(connect_string.clone(), SESSION_TIMEOUT));
-    let proxied: Arc<dyn Coordinator> = Arc::new(ZkCoordinator::new(
-        format!("{}{chroot}", proxy.addr),
-        SESSION_TIMEOUT,
-    ));
-    let observer = connect(&direct).await;
+    let (proxy, proxied, observer) = behind_a_proxy().await;
     let cluster = ClusterId::new();
     let me = worker_node("w1");
     let mut worker = Worker::start(Membership::new(proxied, cluster, me.clone()));
@@ -271,16 +268,7 @@ async fn an_expired_session_drops_everything_then_registers_again() {
 
 #[tokio::test]
 async fn a_long_disconnection_fences_the_worker_off_before_its_session_can_expire() {
-    let connect_string = fresh_zookeeper();
-    let (server, chroot) = split(&connect_string);
-    let proxy = Proxy::start(server).await;
-    let direct: Arc<dyn Coordinator> =
-        Arc::new(ZkCoordinator::new(connect_string.clone(), SESSION_TIMEOUT));
-    let proxied: Arc<dyn Coordinator> = Arc::new(ZkCoordinator::new(
-        format!("{}{chroot}", proxy.addr),
-        SESSION_TIMEOUT,
-    ));
-    let observer = connect(&direct).await;
+    let (proxy, proxied, observer) = behind_a_proxy().await;
     let cluster = ClusterId::new();
     let membership =
         Membership::new(proxied, cluster, worker_node("w1")).fence_after(SESSION_TIMEOUT / 5);
