@@ -398,19 +398,7 @@ fn gone(pid: u32) -> bool {
 #[tokio::test]
 async fn a_worker_cut_off_from_zookeeper_stops_its_run_before_its_session_expires() {
     let session_timeout = Duration::from_secs(6);
-    let mut cluster = Cluster::start_with(Options {
-        session_timeout,
-        ..Options::default()
-    })
-    .await;
-    // The worker reaches ZooKeeper through a proxy that can cut it off; the API stays
-    // reachable.
-    let (server, chroot) = cluster
-        .zookeeper
-        .split_at(cluster.zookeeper.find('/').expect("a chroot"));
-    let proxy = cloudtask_testkit::Proxy::start(server).await;
-    let via = format!("{}{chroot}", proxy.addr);
-    cluster.spawn_worker_process_via("w1", &via);
+    let (cluster, proxy) = cluster_with_a_cuttable_worker(session_timeout).await;
     let pids = cluster.data.path().join("pids");
     std::fs::create_dir_all(&pids).unwrap();
     // The whole group ignores SIGTERM: only the kill after the grace ends it.
@@ -468,6 +456,64 @@ async fn a_worker_cut_off_from_zookeeper_stops_its_run_before_its_session_expire
     // Back on the network, it registers again on a new session.
     proxy.restore();
     until_node(observer.as_ref(), &node, true, session_timeout * 3).await;
+}
+
+/// A cluster whose one worker process, `w1`, reaches ZooKeeper through a proxy that can
+/// cut it off (the API stays reachable).
+async fn cluster_with_a_cuttable_worker(
+    session_timeout: Duration,
+) -> (Cluster, cloudtask_testkit::Proxy) {
+    let mut cluster = Cluster::start_with(Options {
+        session_timeout,
+        ..Options::default()
+    })
+    .await;
+    let (server, chroot) = cluster
+        .zookeeper
+        .split_at(cluster.zookeeper.find('/').expect("a chroot"));
+    let proxy = cloudtask_testkit::Proxy::start(server).await;
+    let via = format!("{}{chroot}", proxy.addr);
+    cluster.spawn_worker_process_via("w1", &via);
+    (cluster, proxy)
+}
+
+#[tokio::test]
+async fn a_worker_fenced_off_then_back_on_its_session_fires_on_once_per_fire_time() {
+    let session_timeout = Duration::from_secs(8);
+    let (cluster, proxy) = cluster_with_a_cuttable_worker(session_timeout).await;
+    let task = cluster
+        .create_task(json!({ "name": "tick", "schedule": "*/3 * * * * *", "command": "echo tick" }))
+        .await;
+    cluster
+        .runs_until(&task, "a first success", |runs| {
+            runs.iter().any(|r| status(r) == "SUCCEEDED")
+        })
+        .await;
+    // Cut for a little longer than the fence delay (a fifth of the timeout), far shorter
+    // than the session: the worker drops the task, then the same session comes back
+    // with it while fires it had planned are still ahead.
+    proxy.cut();
+    tokio::time::sleep(session_timeout / 5 + Duration::from_millis(400)).await; // the outage
+    proxy.restore();
+    let back_at = Utc::now();
+    cluster
+        .runs_until(&task, "successes after the outage", |runs| {
+            runs.iter()
+                .filter(|r| {
+                    at(r, "scheduledAt") > back_at + chrono::Duration::seconds(2)
+                        && status(r) == "SUCCEEDED"
+                })
+                .count()
+                >= 3
+        })
+        .await;
+    assert_eq!(
+        cluster.assigned_worker(&task).await.as_deref(),
+        Some("w1"),
+        "the session lived on: nothing moved"
+    );
+    let runs = cluster.pause_and_settle(&task, 3).await;
+    ledger(&runs, chrono::Duration::seconds(3));
 }
 
 /// Polls `node` until it exists (`present`) or is gone, for at most `bound`.

@@ -99,7 +99,9 @@ struct TaskEntry {
     watcher: CancellationToken,
     node: Option<TaskNode>,
     schedule: Option<Schedule>,
-    /// Bumped on every spec change: heap entries of older generations are stale.
+    /// New on every spec change, and for every adoption (from one counter for all
+    /// tasks): heap entries of any other generation are stale, also those left by an
+    /// earlier time the worker held the task.
     generation: u64,
     /// The latest fire accounted for; None until the takeover catch-up is done.
     cursor: Option<DateTime<Utc>>,
@@ -190,6 +192,7 @@ impl Engine {
             reads,
             epoch: 0,
             hurry: CancellationToken::new(),
+            generations: 0,
             tasks: HashMap::new(),
             heap: BinaryHeap::new(),
             claims: BinaryHeap::new(),
@@ -257,6 +260,8 @@ struct Actor {
     /// Cancelled when `epoch` ends: the runs started in it are then stopped in a hurry
     /// (the session is gone or may be, and with it the hold on their fires).
     hurry: CancellationToken,
+    /// The last generation handed out (see [`TaskEntry::generation`]).
+    generations: u64,
     tasks: HashMap<TaskId, TaskEntry>,
     heap: BinaryHeap<Reverse<(DateTime<Utc>, TaskId, u64)>>,
     claims: BinaryHeap<Reverse<ClaimAhead>>,
@@ -297,13 +302,14 @@ impl Actor {
 
     fn adopt(&mut self, task: TaskId) {
         let watcher = CancellationToken::new();
+        let generation = self.next_generation();
         self.tasks.insert(
             task,
             TaskEntry {
                 watcher: watcher.clone(),
                 node: None,
                 schedule: None,
-                generation: 0,
+                generation,
                 cursor: None,
                 catching_up: false,
             },
@@ -347,6 +353,12 @@ impl Actor {
                 }
             }
         });
+    }
+
+    /// A generation no task entry has had.
+    fn next_generation(&mut self) -> u64 {
+        self.generations += 1;
+        self.generations
     }
 
     fn drop_task(&mut self, task: TaskId) {
@@ -425,13 +437,14 @@ impl Actor {
     }
 
     fn spec_changed(&mut self, task: TaskId, node: Option<TaskNode>) {
+        if self.tasks.get(&task).is_none_or(|e| e.node == node) {
+            return;
+        }
+        let generation = self.next_generation();
         let Some(entry) = self.tasks.get_mut(&task) else {
             return;
         };
-        if entry.node == node {
-            return;
-        }
-        entry.generation += 1;
+        entry.generation = generation;
         entry.schedule = node.as_ref().and_then(|n| match n.spec.validate() {
             Ok(schedule) => Some(schedule),
             Err(e) => {

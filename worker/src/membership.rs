@@ -439,18 +439,8 @@ impl Live<'_> {
             let attempt = op();
             tokio::pin!(attempt);
             let result = loop {
-                let fence_at = self.fence_at();
-                tokio::select! {
-                    biased;
-                    _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
-                    changed = self.state.changed() => {
-                        if changed.is_err() {
-                            return Err(Stop::SessionEnded);
-                        }
-                        self.observe()?;
-                    }
-                    result = &mut attempt => break result,
-                    _ = until(fence_at) => self.fence(),
+                if let Some(result) = self.alongside(attempt.as_mut()).await? {
+                    break result;
                 }
             };
             match result {
@@ -467,20 +457,35 @@ impl Live<'_> {
         if !pause.wait(self.shutdown).await {
             return Err(Stop::Shutdown);
         }
-        loop {
-            if self.observe()? == SessionState::Connected {
-                return Ok(());
-            }
-            let fence_at = self.fence_at();
-            tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
-                changed = self.state.changed() => {
-                    if changed.is_err() {
-                        return Err(Stop::SessionEnded);
-                    }
+        while self.observe()? != SessionState::Connected {
+            self.alongside(std::pin::pin!(std::future::pending::<()>()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for `work` while following the session: shutdown heard, the state taken in
+    /// as it changes (see [`Live::observe`]), the fence kept. `None` when the state
+    /// changed first (`work` is still pending then).
+    async fn alongside<T>(
+        &mut self,
+        work: Pin<&mut impl Future<Output = T>>,
+    ) -> Result<Option<T>, Stop> {
+        let fence_at = self.fence_at();
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Err(Stop::Shutdown),
+            changed = self.state.changed() => {
+                if changed.is_err() {
+                    return Err(Stop::SessionEnded);
                 }
-                _ = until(fence_at) => self.fence(),
+                self.observe()?;
+                Ok(None)
+            }
+            done = work => Ok(Some(done)),
+            _ = until(fence_at) => {
+                self.fence();
+                Ok(None)
             }
         }
     }
