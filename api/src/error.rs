@@ -117,7 +117,7 @@ impl Extension for ErrorCodes {
     }
 }
 
-/// Resolver errors carry a code already (see `error.rs`). What is left are errors the
+/// Resolver errors carry a code already (see [`to_graphql`]). What is left are errors the
 /// request itself caused before any resolver ran: syntax, unknown fields, wrong argument
 /// types, depth and complexity limits. Those are the client's to fix.
 ///

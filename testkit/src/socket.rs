@@ -50,7 +50,12 @@ impl GqlSocket {
 
     /// Opens a socket and authenticates it with `token`; panics unless acknowledged.
     pub async fn connect(api_url: &str, token: &str) -> GqlSocket {
-        let mut socket = GqlSocket::open(api_url).await;
+        GqlSocket::connect_at(api_url, "/graphql/ws", token).await
+    }
+
+    /// [`GqlSocket::connect`] on `path`.
+    pub async fn connect_at(api_url: &str, path: &str, token: &str) -> GqlSocket {
+        let mut socket = GqlSocket::open_at(api_url, path, "graphql-transport-ws").await;
         socket
             .send(json!({ "type": "connection_init", "payload": { "accessToken": token } }))
             .await;

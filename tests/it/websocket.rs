@@ -152,12 +152,7 @@ async fn requests_refused_before_any_resolver_runs_carry_a_code_over_the_socket_
 async fn the_graphql_url_upgrades_to_a_socket_too_and_still_serves_graphiql() {
     let world = World::new().await;
     let token = world.b.owner.token.clone().unwrap();
-    let mut socket = GqlSocket::open_at(&world.api.url, "/graphql", "graphql-transport-ws").await;
-    socket
-        .send(json!({ "type": "connection_init", "payload": { "accessToken": token } }))
-        .await;
-    let ack = socket.message(WITHIN).await;
-    assert_eq!(ack["type"], "connection_ack", "{ack}");
+    let mut socket = GqlSocket::connect_at(&world.api.url, "/graphql", &token).await;
     socket
         .subscribe(
             "1",

@@ -318,6 +318,12 @@ impl Membership {
     }
 }
 
+/// Which of `follow`'s two watches fired.
+enum Fired {
+    Own(WatchEvent),
+    Assigned(WatchEvent),
+}
+
 /// Sleeps until `at`; never without.
 async fn until(at: Option<Instant>) {
     match at {
@@ -608,35 +614,35 @@ impl Live<'_> {
             let (Some(own_fired), Some(assigned_fired)) = (own.as_mut(), assigned.as_mut()) else {
                 unreachable!("both watches are armed above");
             };
-            let fence_at = self.fence_at();
-            tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
-                changed = self.state.changed() => {
-                    if changed.is_err() {
-                        return Err(Stop::SessionEnded);
-                    }
-                    // Disconnected: keep the last known assignments, the session may
-                    // resume. Resumed: read everything again rather than trust that no
-                    // change slipped by while we were away.
-                    if self.observe()? == SessionState::Connected {
+            let fired = async {
+                tokio::select! {
+                    event = own_fired => Fired::Own(event),
+                    event = assigned_fired => Fired::Assigned(event),
+                }
+            };
+            let fired = self.alongside(std::pin::pin!(fired)).await?;
+            let event = match fired {
+                Some(Fired::Own(event)) => {
+                    own = None;
+                    event
+                }
+                Some(Fired::Assigned(event)) => {
+                    assigned = None;
+                    event
+                }
+                None => {
+                    // The state changed (or we fenced). Disconnected: keep the last known
+                    // assignments, the session may resume. Resumed: read everything
+                    // again rather than trust that no change slipped by while away.
+                    if *self.state.borrow() == SessionState::Connected {
                         own = None;
                         assigned = None;
                     }
+                    continue;
                 }
-                _ = until(fence_at) => self.fence(),
-                event = own_fired => {
-                    own = None;
-                    if event == WatchEvent::SessionEnded {
-                        return Err(Stop::SessionEnded);
-                    }
-                }
-                event = assigned_fired => {
-                    assigned = None;
-                    if event == WatchEvent::SessionEnded {
-                        return Err(Stop::SessionEnded);
-                    }
-                }
+            };
+            if event == WatchEvent::SessionEnded {
+                return Err(Stop::SessionEnded);
             }
         }
     }
