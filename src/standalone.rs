@@ -91,6 +91,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         "CloudTask standalone is running (data in {}).",
         data_dir.display()
     );
+    println!("  console: {url}/");
     println!("  GraphQL API and GraphiQL: {url}/graphql");
     println!("  tenant \"{TENANT}\", cluster \"{CLUSTER}\" with one worker");
     match (&bootstrap.new_password, bootstrap.created) {

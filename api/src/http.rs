@@ -1,5 +1,5 @@
 //! HTTP routes around the GraphQL schema: request parsing with size limits, GraphiQL,
-//! health, package downloads, and the worker endpoints.
+//! the console, health, package downloads, and the worker endpoints.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -56,6 +56,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .route("/worker/tasks/{task_id}/cursor", get(worker_fire_cursor))
         .route("/worker/runs/{run_id}/start", post(worker_start))
         .route("/worker/reports", post(worker_reports))
+        .merge(crate::console::routes())
         .with_state(http)
 }
 

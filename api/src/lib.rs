@@ -1,8 +1,9 @@
-//! The API process: GraphQL over HTTP (and GraphiQL), health endpoints, package
-//! downloads, and the worker endpoints.
+//! The API process: GraphQL over HTTP (and GraphiQL), the web console, health endpoints,
+//! package downloads, and the worker endpoints.
 
 pub mod auth;
 pub mod cluster_view;
+mod console;
 mod error;
 pub mod graphql;
 mod http;

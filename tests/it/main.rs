@@ -5,6 +5,7 @@ mod support;
 mod archives;
 mod bad_input;
 mod cluster_view;
+mod console;
 mod coordination;
 mod firing;
 mod flow;

@@ -118,6 +118,22 @@ async fn standalone_runs_a_packaged_task_and_keeps_everything_across_a_restart()
         "{banner:?}"
     );
     assert!(dir.path().join("cloudtask-data/cloudtask.db").exists());
+    // The console is where the banner says, in standalone as in the API.
+    assert!(
+        banner
+            .iter()
+            .any(|l| l.trim() == format!("console: {url}/")),
+        "{banner:?}"
+    );
+    let console = reqwest::get(format!("{url}/")).await.unwrap();
+    assert_eq!(console.status(), 200);
+    assert!(
+        console
+            .text()
+            .await
+            .unwrap()
+            .contains("/console/console.js")
+    );
 
     let owner = login(&url).await;
     let clusters = owner.run("{ clusters { id name } }", json!({})).await;

@@ -1,0 +1,108 @@
+// Drives the console in headless Chromium against a live API (started by the Rust test
+// `console` in tests/it, which also starts a worker, creates the tasks and checks what
+// ended up in the catalogue). Talks to that test through lines: it prints `waiting-for-go`
+// once the first run's first line is on screen while the run is still going, and the
+// test then lets the run go on.
+//
+// Environment: CONSOLE_URL, CONSOLE_EMAIL, CONSOLE_PASSWORD; optional: CHROMIUM (the
+// browser), CONSOLE_SCREENSHOTS (a folder to save the pages in, to look at them).
+import { chromium } from 'playwright-core';
+
+const { CONSOLE_URL, CONSOLE_EMAIL, CONSOLE_PASSWORD } = process.env;
+const STEP = 20_000;
+
+async function snap(page, name) {
+  const folder = process.env.CONSOLE_SCREENSHOTS;
+  if (folder) await page.screenshot({ path: `${folder}/${name}.png`, fullPage: true });
+}
+
+function check(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+let page;
+try {
+  page = await browser.newPage();
+  page.setDefaultTimeout(STEP);
+  const problems = [];
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  page.on('console', (m) => { if (m.type() === 'error') problems.push(`console: ${m.text()}`); });
+
+  // A wrong password is refused with the API's code, and nothing else shows.
+  await page.goto(CONSOLE_URL);
+  await page.fill('input[name=email]', CONSOLE_EMAIL);
+  await page.fill('input[name=password]', 'not the password');
+  await page.click('button[type=submit]');
+  await page.locator('#error').filter({ hasText: 'UNAUTHENTICATED' }).waitFor();
+  check(await page.locator('#nav').isHidden(), 'the navigation shows before signing in');
+  problems.length = 0; // the browser logs the refused request itself
+
+  // Signed in: the tasks, with what the API says of them.
+  await page.fill('input[name=password]', CONSOLE_PASSWORD);
+  await page.click('button[type=submit]');
+  const demo = page.locator('tr[data-task]', { hasText: 'console-demo' });
+  await demo.waitFor();
+  check((await demo.textContent()).includes('0 0 1 1 *'), 'the task row shows no schedule');
+  check(await page.locator('#error').isHidden(), 'an error shows after signing in');
+  await snap(page, 'tasks');
+
+  // The description is shown as text, never as markup.
+  await demo.locator('a', { hasText: 'console-demo' }).click();
+  await page.locator('h1', { hasText: 'Task console-demo' }).waitFor();
+  await page.locator('main p', { hasText: '<b>not bold</b>' }).waitFor();
+  check(await page.locator('main b').count() === 0, 'the description was rendered as HTML');
+
+  // Run now: the run's page follows it live.
+  await page.click('button:has-text("Run now")');
+  await page.locator('h1', { hasText: 'Run' }).waitFor();
+  await page.locator('.logs .STDOUT', { hasText: 'first' }).waitFor();
+  // The run cannot go on before the test lets it: this is the run live, not its record.
+  await page.locator('dd [data-status="RUNNING"]').waitFor();
+  check(await page.locator('.logs .STDERR').count() === 0, 'the second line showed too soon');
+  console.log('waiting-for-go');
+
+  await page.locator('.logs .STDERR', { hasText: 'second' }).waitFor();
+  await page.locator('dd [data-status="FAILED"]').waitFor();
+  await page.locator('dd', { hasText: 'exit 3' }).waitFor();
+  await page.locator('.logs .end').waitFor();
+  await snap(page, 'run');
+  check(await page.locator('button:has-text("Stop")').isHidden(), 'Stop shows on an ended run');
+
+  // The task's page lists the run, as it ended.
+  await page.click('dd a:has-text("console-demo")');
+  await page.locator('table.runs tr[data-run] [data-status="FAILED"]').waitFor();
+  await snap(page, 'task');
+
+  // Stop: a long run of the other task ends STOPPED.
+  await page.click('nav a:has-text("Tasks")');
+  const sleeper = page.locator('tr[data-task]', { hasText: 'console-sleeper' });
+  await sleeper.locator('button:has-text("Run now")').click();
+  await page.locator('dd [data-status="RUNNING"]').waitFor();
+  await page.click('button:has-text("Stop")');
+  await page.locator('dd [data-status="STOPPED"]').waitFor();
+
+  // The clusters page shows the worker online.
+  await page.click('nav a:has-text("Clusters")');
+  await page.locator('table.workers tr', { hasText: 'w1' }).locator('[data-status="online"]').waitFor();
+
+  // Signing out leaves the sign-in form.
+  await page.click('#sign-out');
+  await page.locator('input[name=password]').waitFor();
+
+  check(problems.length === 0, `the page reported problems:\n${problems.join('\n')}`);
+  console.log('ok');
+} catch (e) {
+  // What the page showed when it went wrong.
+  const shown = page && await page.evaluate(() => [
+    location.href, document.getElementById('error').textContent, document.body.innerText,
+  ].join('\n')).catch(() => '');
+  console.error(`${e.stack}\n--- the page:\n${shown}`);
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
