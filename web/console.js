@@ -7,22 +7,30 @@ const errorBox = document.getElementById('error');
 const TOKENS = 'cloudtask.tokens';
 
 // ---- session --------------------------------------------------------------------------
+//
+// The tokens are shared by the browser's tabs (local storage), so a refresh token, which
+// works once, is spent by one tab at a time (a Web Lock where the browser has them) and
+// the others take the new pair from storage.
 
 function tokens() {
   try {
-    return JSON.parse(sessionStorage.getItem(TOKENS));
+    return JSON.parse(localStorage.getItem(TOKENS));
   } catch {
     return null;
   }
 }
 
 function keep(payload) {
-  sessionStorage.setItem(TOKENS, JSON.stringify({
+  localStorage.setItem(TOKENS, JSON.stringify({
     access: payload.accessToken,
     refresh: payload.refreshToken,
     email: payload.user.email,
     tenant: payload.tenant ? payload.tenant.name : null,
   }));
+}
+
+function forget() {
+  localStorage.removeItem(TOKENS);
 }
 
 const AUTH_FIELDS = 'accessToken refreshToken user { email } tenant { name }';
@@ -33,6 +41,9 @@ class ApiError extends Error {
     this.code = code;
   }
 }
+
+const firstError = (errors) => new ApiError(errors[0]?.message ?? 'refused',
+  errors[0]?.extensions?.code);
 
 async function post(query, variables, access) {
   const headers = { 'content-type': 'application/json' };
@@ -46,24 +57,32 @@ async function post(query, variables, access) {
   } catch {
     throw new ApiError(`the API answered ${response.status}`, 'UNAVAILABLE');
   }
-  if (body.errors && body.errors.length) {
-    const first = body.errors[0];
-    throw new ApiError(first.message, first.extensions && first.extensions.code);
-  }
+  if (body.errors && body.errors.length) throw firstError(body.errors);
   return body.data;
 }
 
-// A spent access token is renewed once with the refresh token; a refused renewal signs out.
-let renewing = null;
-async function renew() {
-  const held = tokens();
-  if (!held) return false;
-  renewing ??= post(`mutation($t: String!) { refreshToken(refreshToken: $t) { ${AUTH_FIELDS} } }`,
-    { t: held.refresh })
-    .then((data) => { keep(data.refreshToken); return true; })
-    .catch(() => false)
-    .finally(() => { renewing = null; });
-  return renewing;
+const withLock = (name, work) => (navigator.locks ? navigator.locks.request(name, work) : work());
+
+// Renews the pair after `spent` (the access token the API refused) was refused; true when
+// a usable access token is in storage afterwards.
+function renew(spent) {
+  return withLock('cloudtask.refresh', async () => {
+    const held = tokens();
+    if (!held) return false;
+    // Renewed meanwhile (another request, another tab): nothing to spend.
+    if (held.access !== spent) return true;
+    try {
+      const data = await post(
+        `mutation($t: String!) { refreshToken(refreshToken: $t) { ${AUTH_FIELDS} } }`,
+        { t: held.refresh });
+      // Signed out meanwhile: the new pair is not kept.
+      if (tokens()?.refresh !== held.refresh) return false;
+      keep(data.refreshToken);
+      return true;
+    } catch {
+      return false;
+    }
+  });
 }
 
 async function gql(query, variables = {}) {
@@ -72,16 +91,20 @@ async function gql(query, variables = {}) {
   try {
     return await post(query, variables, held.access);
   } catch (e) {
-    if (e.code === 'UNAUTHENTICATED' && await renew()) return post(query, variables, tokens().access);
-    throw e;
+    if (e.code !== 'UNAUTHENTICATED' || !await renew(held.access)) throw e;
+    const renewed = tokens();
+    if (!renewed) throw e;
+    return post(query, variables, renewed.access);
   }
 }
 
 // ---- subscriptions (graphql-transport-ws) -----------------------------------------------
 
-// Subscribes over a socket of its own; `onData` gets each payload's data, `onEnd` why it
-// ended ('complete', 'error', 'refused', 'closed'). Returns a function that unsubscribes.
-function subscribe(query, variables, onData, onEnd = () => {}) {
+// Subscribes over a socket of its own. `onStart` runs once the subscription is sent (what
+// changed before it took hold is for the caller to read again), `onData` gets each
+// payload's data, `onEnd` why it ended: 'complete', 'refused' (the access token: 4403),
+// 'closed', or the error's code. Returns a function that unsubscribes.
+function subscribe(query, variables, { onStart = () => {}, onData, onEnd = () => {} }) {
   const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/graphql`;
   const socket = new WebSocket(url, 'graphql-transport-ws');
   let ended = false;
@@ -98,37 +121,88 @@ function subscribe(query, variables, onData, onEnd = () => {}) {
     switch (message.type) {
       case 'connection_ack':
         socket.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query, variables } }));
+        onStart();
         break;
       case 'ping':
         socket.send(JSON.stringify({ type: 'pong' }));
         break;
       case 'next':
-        if (message.payload.errors) showError(new ApiError(message.payload.errors[0].message,
-          message.payload.errors[0].extensions?.code));
+        if (message.payload.errors) showError(firstError(message.payload.errors));
         else onData(message.payload.data);
         break;
-      case 'error':
-        showError(new ApiError(message.payload[0]?.message ?? 'subscription refused',
-          message.payload[0]?.extensions?.code));
-        end('error');
+      case 'error': {
+        const error = firstError(message.payload);
+        if (error.code !== 'UNAVAILABLE') showError(error);
+        end(error.code ?? 'error');
         socket.close();
         break;
+      }
       case 'complete':
         end('complete');
         socket.close();
         break;
     }
   };
-  // 4403: the access token was refused (it may have expired since the page loaded).
   socket.onclose = (event) => end(event.code === 4403 ? 'refused' : 'closed');
   return () => { ended = true; socket.close(); };
 }
 
-// Live subscriptions of the page shown; closed when another page is shown.
-let live = [];
-function closeLive() {
-  live.forEach((close) => close());
-  live = [];
+// ---- pages and their lifetime -----------------------------------------------------------
+//
+// Each address shown is a view; a view that is no longer the current one (the address
+// changed while it was loading) renders nothing and opens nothing, and what it opened is
+// closed when it goes.
+
+let current = null;
+
+class View {
+  constructor() {
+    this.closers = [];
+  }
+
+  get live() {
+    return current === this;
+  }
+
+  close() {
+    this.closers.forEach((close) => close());
+    this.closers = [];
+  }
+
+  render(title, ...content) {
+    if (this.live) main.replaceChildren(el('div', {}, el('h1', {}, title), ...content));
+  }
+
+  every(ms, work) {
+    const timer = setInterval(work, ms);
+    this.closers.push(() => clearInterval(timer));
+  }
+
+  // Follows a subscription for as long as the view is shown: `reload` reads again what
+  // the events update, each time the subscription (re)starts; a dropped socket is opened
+  // again after a pause, a refused token renewed first.
+  follow(query, variables, { onData, reload = () => {}, onComplete = () => {} }) {
+    if (!this.live) return;
+    const again = (ms) => setTimeout(() => this.follow(query, variables, { onData, reload, onComplete }), ms);
+    // Variables given as a function are read at each (re)start.
+    const close = subscribe(query, typeof variables === 'function' ? variables() : variables, {
+        onStart: reload,
+        onData: (data) => { if (this.live) onData(data); },
+        onEnd: (why) => {
+          if (!this.live) return;
+          if (why === 'complete') onComplete();
+          else if (why === 'refused') {
+            renew(tokens()?.access).then((renewed) => { if (renewed) again(0); else signedOut(); });
+          } else if (why === 'closed' || why === 'UNAVAILABLE') again(1000);
+        },
+      });
+    this.closers.push(() => close());
+  }
+}
+
+function signedOut() {
+  forget();
+  route();
 }
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -168,6 +242,9 @@ function outcome(run) {
 
 const status = (value) => el('span', { class: `status ${value}`, 'data-status': value }, value);
 const ongoing = (run) => run.status === 'QUEUED' || run.status === 'RUNNING';
+// How far along a run is: a late answer never takes a shown run back.
+const STAGE = { QUEUED: 0, RUNNING: 1 };
+const stage = (run) => STAGE[run.status] ?? 2;
 
 function showError(e) {
   errorBox.textContent = e.message;
@@ -179,25 +256,17 @@ function clearError() {
   errorBox.textContent = '';
 }
 
-// Runs `action`; an error is shown, a lost session goes back to the sign-in form.
+// Runs `action`; an error is shown, a session that ended goes back to the sign-in form
+// (a refused sign-in stays on its form, as typed).
 async function attempt(action) {
   clearError();
   try {
     return await action();
   } catch (e) {
-    // A session that ended goes back to the sign-in form (a refused sign-in stays on
-    // its form, as typed).
-    if (e.code === 'UNAUTHENTICATED' && tokens()) {
-      sessionStorage.removeItem(TOKENS);
-      route();
-    }
+    if (e.code === 'UNAUTHENTICATED' && tokens()) signedOut();
     showError(e);
     return undefined;
   }
-}
-
-function page(title, ...content) {
-  main.replaceChildren(el('div', {}, el('h1', {}, title), ...content));
 }
 
 // ---- pages ----------------------------------------------------------------------------------
@@ -205,7 +274,7 @@ function page(title, ...content) {
 const RUN_FIELDS = `id status trigger attempt scheduledAt startedAt finishedAt exitCode signal error
   worker task { id name }`;
 
-function signIn() {
+function signIn(view) {
   const email = el('input', { name: 'email', type: 'email', autocomplete: 'username', required: true });
   const password = el('input', {
     name: 'password', type: 'password', autocomplete: 'current-password', required: true,
@@ -227,11 +296,11 @@ function signIn() {
   el('label', {}, 'Email', el('br'), email),
   el('label', {}, 'Password', el('br'), password),
   el('button', { class: 'primary', type: 'submit' }, 'Sign in'));
-  page('Sign in', form);
+  view.render('Sign in', form);
 }
 
 function runRow(run, withTask) {
-  return el('tr', { 'data-run': run.id },
+  return el('tr', { 'data-run': run.id, 'data-at': run.scheduledAt },
     el('td', {}, el('a', { href: `#/runs/${run.id}` }, when(run.scheduledAt))),
     withTask ? el('td', {}, el('a', { href: `#/tasks/${run.task.id}` }, run.task.name)) : null,
     el('td', {}, status(run.status)),
@@ -241,7 +310,8 @@ function runRow(run, withTask) {
     el('td', {}, run.worker ?? '—'));
 }
 
-function runTable(runs, withTask) {
+// A table of runs, newest first (a page of at most `size`), that run events keep current.
+function runTable(runs, withTask, size) {
   const body = el('tbody', {}, runs.map((run) => runRow(run, withTask)));
   const table = el('table', { class: 'runs' },
     el('thead', {}, el('tr', {},
@@ -249,12 +319,18 @@ function runTable(runs, withTask) {
       el('th', {}, 'Trigger'), el('th', {}, 'Duration'), el('th', {}, 'Outcome'),
       el('th', {}, 'Worker'))),
     body);
-  // A run event replaces the run's row, or adds a new run on top.
+  // A shown run's row is replaced; a run not shown goes where its time puts it (a run
+  // older than the oldest shown is past the page, and left out).
   const update = (run) => {
     const row = runRow(run, withTask);
     const old = body.querySelector(`tr[data-run="${CSS.escape(run.id)}"]`);
-    if (old) old.replaceWith(row);
-    else body.prepend(row);
+    if (old) {
+      old.replaceWith(row);
+      return;
+    }
+    const later = [...body.rows].find((r) => r.dataset.at < run.scheduledAt);
+    if (later) body.insertBefore(row, later);
+    else if (runs.length < size) body.append(row);
   };
   return { table, update };
 }
@@ -279,43 +355,63 @@ function taskActions(task) {
   ];
 }
 
-async function tasksPage() {
-  const data = await gql(`{ tasks(first: 200) { nodes {
-    id name state schedule timezone cluster { name } assignedWorker { name }
-    lastRun { id status scheduledAt } nextFireTimes(count: 1)
-  } } }`);
-  const tasks = data.tasks.nodes;
+const TASKS = `{ tasks(first: 200) { nodes {
+  id name state schedule timezone cluster { name } assignedWorker { name }
+  lastRun { id status scheduledAt } nextFireTimes(count: 1)
+} } }`;
+
+async function tasksPage(view) {
+  const tasks = (await gql(TASKS)).tasks.nodes;
   if (!tasks.length) {
-    page('Tasks', el('p', { class: 'muted' },
+    view.render('Tasks', el('p', { class: 'muted' },
       'No tasks yet: create one with the createTask mutation (GraphiQL is at ',
       el('a', { href: '/graphql' }, '/graphql'), ').'));
     return;
   }
-  const lastRun = (run) => (run
-    ? [status(run.status), ' ', el('a', { href: `#/runs/${run.id}` }, when(run.scheduledAt))]
-    : '—');
-  const rows = tasks.map((task) => el('tr', { 'data-task': task.id },
-    el('td', {}, el('a', { href: `#/tasks/${task.id}` }, task.name)),
-    el('td', {}, task.cluster.name),
-    el('td', {}, el('code', {}, task.schedule), ' ', el('span', { class: 'muted' }, task.timezone)),
-    el('td', {}, status(task.state)),
-    el('td', { class: 'last-run' }, lastRun(task.lastRun)),
-    el('td', {}, task.state === 'PAUSED' ? '—' : when(task.nextFireTimes[0])),
-    el('td', {}, task.assignedWorker?.name ?? '—'),
-    el('td', { class: 'actions' }, taskActions(task))));
-  page('Tasks', el('table', { class: 'tasks' },
+  // A task's last run: the one with the latest time (an event may be of an older run).
+  const showLast = (cell, run) => {
+    if (!run || (cell.dataset.at && cell.dataset.at > run.scheduledAt)) return;
+    cell.dataset.at = run.scheduledAt;
+    cell.replaceChildren(status(run.status), ' ',
+      el('a', { href: `#/runs/${run.id}` }, when(run.scheduledAt)));
+  };
+  const lastCell = (id) => main.querySelector(`tr[data-task="${CSS.escape(id)}"] .last-run`);
+  const rows = tasks.map((task) => {
+    const last = el('td', { class: 'last-run' }, '—');
+    showLast(last, task.lastRun);
+    return el('tr', { 'data-task': task.id },
+      el('td', {}, el('a', { href: `#/tasks/${task.id}` }, task.name)),
+      el('td', {}, task.cluster.name),
+      el('td', {}, el('code', {}, task.schedule), ' ', el('span', { class: 'muted' }, task.timezone)),
+      el('td', {}, status(task.state)),
+      last,
+      el('td', {}, task.state === 'PAUSED' ? '—' : when(task.nextFireTimes[0])),
+      el('td', {}, task.assignedWorker?.name ?? '—'),
+      el('td', { class: 'actions' }, taskActions(task)));
+  });
+  view.render('Tasks', el('table', { class: 'tasks' },
     el('thead', {}, el('tr', {},
       ['Name', 'Cluster', 'Schedule', 'State', 'Last run', 'Next fire', 'Worker', '']
         .map((h) => el('th', {}, h)))),
     el('tbody', {}, rows)));
-  live.push(subscribe(`subscription { runEvents { id status scheduledAt task { id } } }`, {},
-    ({ runEvents: run }) => {
-      const cell = main.querySelector(`tr[data-task="${CSS.escape(run.task.id)}"] .last-run`);
-      if (cell) cell.replaceChildren(...[lastRun(run)].flat());
-    }));
+  view.follow(`subscription { runEvents { id status scheduledAt task { id } } }`, {}, {
+    onData: ({ runEvents: run }) => {
+      const cell = lastCell(run.task.id);
+      // The same run changing status, or a newer one.
+      if (cell && cell.dataset.at === run.scheduledAt) delete cell.dataset.at;
+      if (cell) showLast(cell, run);
+    },
+    reload: () => gql(TASKS).then((data) => data.tasks.nodes.forEach((task) => {
+      const cell = lastCell(task.id);
+      if (cell && task.lastRun) {
+        delete cell.dataset.at;
+        showLast(cell, task.lastRun);
+      }
+    }), () => {}),
+  });
 }
 
-async function taskPage(id) {
+async function taskPage(view, id) {
   const data = await gql(`query($id: ID!) { task(id: $id) {
     id name description state version schedule timezone command timeoutSeconds overlapPolicy
     misfirePolicy maxRetries labels cluster { name } assignedWorker { name } packageSha256
@@ -336,31 +432,31 @@ async function taskPage(id) {
     ['Labels', task.labels.join(', ') || '—'],
     ['Version', String(task.version)],
   ];
-  const { table, update } = runTable(task.runs.nodes, false);
-  page(`Task ${task.name}`,
+  const { table, update } = runTable(task.runs.nodes, false, 50);
+  view.render(`Task ${task.name}`,
     task.description ? el('p', {}, task.description) : null,
     el('p', {}, taskActions(task)),
     el('dl', { class: 'facts' }, facts.map(([k, v]) => [el('dt', {}, k), el('dd', {}, v)])),
     el('h2', {}, 'Runs'),
-    task.runs.nodes.length ? null : el('p', { class: 'muted' }, 'No runs yet.'),
     table);
-  live.push(subscribe(`subscription($t: ID) { runEvents(taskId: $t) { ${RUN_FIELDS} } }`,
-    { t: id }, ({ runEvents }) => update(runEvents)));
+  const RUNS = `query($id: ID!) { task(id: $id) { runs(first: 50) { nodes { ${RUN_FIELDS} } } } }`;
+  view.follow(`subscription($t: ID) { runEvents(taskId: $t) { ${RUN_FIELDS} } }`, { t: id }, {
+    onData: ({ runEvents }) => update(runEvents),
+    reload: () => gql(RUNS, { id }).then((d) => d.task.runs.nodes.reverse().forEach(update), () => {}),
+  });
 }
 
-async function runsPage() {
-  const data = await gql(`{ runs(first: 100) { nodes { ${RUN_FIELDS} } } }`);
-  const { table, update } = runTable(data.runs.nodes, true);
-  page('Runs', table);
-  live.push(subscribe(`subscription { runEvents { ${RUN_FIELDS} } }`, {},
-    ({ runEvents }) => update(runEvents)));
+async function runsPage(view) {
+  const RUNS = `{ runs(first: 100) { nodes { ${RUN_FIELDS} } } }`;
+  const { table, update } = runTable((await gql(RUNS)).runs.nodes, true, 100);
+  view.render('Runs', table);
+  view.follow(`subscription { runEvents { ${RUN_FIELDS} } }`, {}, {
+    onData: ({ runEvents }) => update(runEvents),
+    reload: () => gql(RUNS).then((d) => d.runs.nodes.reverse().forEach(update), () => {}),
+  });
 }
 
-// How far along a run is: a late answer never takes a shown run back.
-const STAGE = { QUEUED: 0, RUNNING: 1 };
-const stage = (run) => STAGE[run.status] ?? 2;
-
-async function runPage(id) {
+async function runPage(view, id) {
   const load = async () => (await gql(`query($id: ID!) { run(id: $id) { ${RUN_FIELDS} } }`, { id })).run;
   let run = await load();
   const head = el('div');
@@ -390,24 +486,21 @@ async function runPage(id) {
   const refresh = () => load().then(show, () => {});
   show(run);
   const logs = el('pre', { class: 'logs', 'aria-live': 'polite' });
-  page('Run', head, el('p', {}, stop), el('h2', {}, 'Output'), logs);
-  const shown = () => main.contains(logs);
+  view.render('Run', head, el('p', {}, stop), el('h2', {}, 'Output'), logs);
 
-  // Status changes come as run events; a change made before the subscription took hold
-  // is caught by reading the run again when its output starts or ends, and every few
-  // seconds while it is going.
-  live.push(subscribe(`subscription($t: ID) { runEvents(taskId: $t) { ${RUN_FIELDS} } }`,
-    { t: run.task.id }, ({ runEvents }) => show(runEvents)));
-  const poll = setInterval(() => { if (!shown()) clearInterval(poll); else if (ongoing(run)) refresh(); }, 5000);
-  live.push(() => clearInterval(poll));
+  // Its status from run events, read again when they (re)start, when the output starts or
+  // ends, and every few seconds while it is going.
+  view.follow(`subscription($t: ID) { runEvents(taskId: $t) { ${RUN_FIELDS} } }`,
+    { t: run.task.id }, { onData: ({ runEvents }) => show(runEvents), reload: refresh });
+  view.every(5000, () => { if (ongoing(run)) refresh(); });
 
   // Lines from the start, then live; after a dropped socket, on from the next offset.
   let next = 0;
-  const follow = () => {
-    live.push(subscribe(
-      `subscription($r: ID!, $from: Int) { runLogs(runId: $r, fromOffset: $from) { offset stream text } }`,
-      { r: id, from: next },
-      ({ runLogs: line }) => {
+  const follow = () => view.follow(
+    `subscription($r: ID!, $from: Int) { runLogs(runId: $r, fromOffset: $from) { offset stream text } }`,
+    () => ({ r: id, from: next }),
+    {
+      onData: ({ runLogs: line }) => {
         if (line.offset < next) return;
         if (run.status === 'QUEUED') refresh();
         next = line.offset + 1;
@@ -415,21 +508,15 @@ async function runPage(id) {
         logs.append(el('span', { class: `line ${line.stream}` }, line.text));
         if (atBottom) logs.scrollTop = logs.scrollHeight;
       },
-      (why) => {
-        if (why === 'complete') {
-          logs.append(el('span', { class: 'line end' }, '— end of output —'));
-          refresh();
-        } else if (why === 'refused') {
-          renew().then((renewed) => { if (renewed && shown()) follow(); });
-        } else if (why === 'closed' && shown()) {
-          setTimeout(() => { if (shown()) follow(); }, 1000);
-        }
-      }));
-  };
+      onComplete: () => {
+        logs.append(el('span', { class: 'line end' }, '— end of output —'));
+        refresh();
+      },
+    });
   follow();
 }
 
-async function clustersPage() {
+async function clustersPage(view) {
   const data = await gql(`{ clusters { id name workers {
     name online hostname labels assignedTaskCount startedAt
   } } }`);
@@ -448,7 +535,8 @@ async function clustersPage() {
           el('td', {}, when(w.startedAt))))))
       : el('p', { class: 'muted' }, 'No workers have joined.'),
   ]);
-  page('Clusters', data.clusters.length ? sections : el('p', { class: 'muted' }, 'No clusters yet.'));
+  view.render('Clusters',
+    data.clusters.length ? sections : el('p', { class: 'muted' }, 'No clusters yet.'));
 }
 
 // ---- routing --------------------------------------------------------------------------------
@@ -462,21 +550,23 @@ const routes = [
 ];
 
 function route() {
-  closeLive();
+  current?.close();
+  const view = new View();
+  current = view;
   const held = tokens();
   document.getElementById('nav').hidden = !held;
   document.getElementById('sign-out').hidden = !held;
   document.getElementById('who').textContent = held
     ? `${held.email}${held.tenant ? ` · ${held.tenant}` : ''}` : '';
   if (!held) {
-    signIn();
+    signIn(view);
     return;
   }
   const hash = location.hash || '#/tasks';
   for (const [pattern, show] of routes) {
     const match = hash.match(pattern);
     if (match) {
-      attempt(() => show(...match.slice(1)));
+      attempt(() => show(view, ...match.slice(1)));
       return;
     }
   }
@@ -484,13 +574,17 @@ function route() {
 
 document.getElementById('sign-out').addEventListener('click', async () => {
   const held = tokens();
-  sessionStorage.removeItem(TOKENS);
+  forget();
   if (held) {
     await post(`mutation($t: String!) { logout(refreshToken: $t) }`, { t: held.refresh }, held.access)
       .catch(() => {});
   }
   location.hash = '#/sign-in';
   route();
+});
+// Signed in or out in another tab.
+window.addEventListener('storage', (event) => {
+  if (event.key === TOKENS && !event.newValue !== !event.oldValue) route();
 });
 window.addEventListener('hashchange', route);
 route();

@@ -1,6 +1,6 @@
 //! The web console in headless Chromium (`web/tests/console.test.mjs`, on Playwright),
 //! against the real API with a worker: it signs in, runs a task and follows its output
-//! live, stops a run, and signs out. What its clicks did is checked here, in the
+//! live, stops a run, renews a refused access token, and signs out. What its clicks did is checked here, in the
 //! catalogue, and the console's files are served with their types and policy.
 
 use std::process::Stdio;
@@ -90,7 +90,13 @@ async fn the_console_runs_a_task_follows_its_output_live_and_stops_a_run() {
         .spawn()
         .expect("node runs the console test (Node.js is needed)");
     let mut stdout = BufReader::new(browser.stdout.take().unwrap()).lines();
+    // Read alongside: a full stderr pipe would stall the script.
     let mut stderr = browser.stderr.take().unwrap();
+    let errors = tokio::spawn(async move {
+        let mut errors = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut errors).await;
+        errors
+    });
     let said = tokio::time::timeout(Duration::from_secs(120), async {
         let mut said = Vec::new();
         while let Some(line) = stdout.next_line().await.unwrap() {
@@ -104,10 +110,7 @@ async fn the_console_runs_a_task_follows_its_output_live_and_stops_a_run() {
     .await
     .expect("the console test did not end within 2 minutes");
     let status_code = browser.wait().await.unwrap();
-    let mut errors = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut errors)
-        .await
-        .unwrap();
+    let errors = errors.await.unwrap();
     assert!(
         status_code.success() && said.last().map(String::as_str) == Some("ok"),
         "the console test failed ({status_code}): {said:?}\n{errors}"

@@ -27,7 +27,8 @@ const browser = await chromium.launch({
 });
 let page;
 try {
-  page = await browser.newPage();
+  const context = await browser.newContext();
+  page = await context.newPage();
   page.setDefaultTimeout(STEP);
   const problems = [];
   page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
@@ -40,7 +41,9 @@ try {
   await page.click('button[type=submit]');
   await page.locator('#error').filter({ hasText: 'UNAUTHENTICATED' }).waitFor();
   check(await page.locator('#nav').isHidden(), 'the navigation shows before signing in');
-  problems.length = 0; // the browser logs the refused request itself
+  // The browser logs the refused request (401) itself; nothing else is expected.
+  const refused = problems.findIndex((p) => p.includes('401'));
+  if (refused >= 0) problems.splice(refused, 1);
 
   // Signed in: the tasks, with what the API says of them.
   await page.fill('input[name=password]', CONSOLE_PASSWORD);
@@ -70,6 +73,8 @@ try {
   await page.locator('dd [data-status="FAILED"]').waitFor();
   await page.locator('dd', { hasText: 'exit 3' }).waitFor();
   await page.locator('.logs .end').waitFor();
+  const lines = await page.locator('.logs .line:not(.SYSTEM):not(.end)').allTextContents();
+  check(JSON.stringify(lines) === '["first","second"]', `the output shown: ${JSON.stringify(lines)}`);
   await snap(page, 'run');
   check(await page.locator('button:has-text("Stop")').isHidden(), 'Stop shows on an ended run');
 
@@ -85,6 +90,25 @@ try {
   await page.locator('dd [data-status="RUNNING"]').waitFor();
   await page.click('button:has-text("Stop")');
   await page.locator('dd [data-status="STOPPED"]').waitFor();
+
+  // An access token the API no longer takes is renewed with the refresh token (which
+  // rotates) and the page loads; a second tab shares the session.
+  const stored = () => page.evaluate(() => JSON.parse(localStorage.getItem('cloudtask.tokens')));
+  const before = await stored();
+  await page.evaluate(() => {
+    const held = JSON.parse(localStorage.getItem('cloudtask.tokens'));
+    localStorage.setItem('cloudtask.tokens', JSON.stringify({ ...held, access: 'expired' }));
+  });
+  await page.click('nav a:has-text("Runs")');
+  await page.locator('table.runs tr[data-run] [data-status="STOPPED"]').waitFor();
+  const after = await stored();
+  check(after.access !== 'expired' && after.refresh !== before.refresh,
+    `the refresh token was not spent for a new pair: ${JSON.stringify([before, after])}`);
+  check(await page.locator('#error').isHidden(), 'an error shows after the renewal');
+  const second = await context.newPage();
+  await second.goto(`${CONSOLE_URL}#/runs`);
+  await second.locator('table.runs tr[data-run] [data-status="FAILED"]').waitFor();
+  await second.close();
 
   // The clusters page shows the worker online.
   await page.click('nav a:has-text("Clusters")');
