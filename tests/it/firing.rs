@@ -375,6 +375,118 @@ async fn outcomes_and_logs_survive_ten_seconds_without_the_api() {
     assert!(!spool.exists(), "the spool is emptied once delivered");
 }
 
+/// The scheduler hands a manual run over once the task's assignment is written, but the
+/// worker reads its assignments, the task's spec and its commands on watches of their
+/// own, and on a busy machine the command can come before the spec. Played here by hand
+/// in ZooKeeper, in that order (no scheduler): the run waits for its task, then runs.
+#[tokio::test]
+async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is() {
+    use cloudtask_coord::layout::{self, AssignmentNode, CommandNode, TaskNode};
+    use cloudtask_coord::{Coordinator, NodeKind, zk::ZkCoordinator};
+    use cloudtask_core::task::TaskState;
+
+    let mut cluster = Cluster::start_with(crate::harness::Options {
+        in_process_scheduler: false,
+        ..Default::default()
+    })
+    .await;
+    let id: cloudtask_core::ids::ClusterId = cluster.cluster_id.parse().unwrap();
+    let zk = ZkCoordinator::new(cluster.zookeeper.clone(), cluster.session_timeout)
+        .connect()
+        .await
+        .unwrap();
+    cluster.start_worker("w1");
+    let registered = layout::worker(id, "w1");
+    let since = tokio::time::Instant::now();
+    while zk.get(&registered).await.unwrap().is_none() {
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "w1 never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let task = cluster
+        .create_task(json!({ "name": "early", "schedule": "0 0 1 1 *", "command": "echo ran" }))
+        .await;
+    let run = cluster.run_now(&task).await;
+    cluster
+        .api
+        .catalogue
+        .hand_queued_run(run.parse().unwrap(), "w1")
+        .await
+        .unwrap();
+
+    // The assignment and the command, but no spec yet.
+    let task_id = task.parse().unwrap();
+    zk.ensure_path(&layout::worker_assignments(id, "w1"))
+        .await
+        .unwrap();
+    zk.create(
+        &layout::assignment(id, "w1", task_id),
+        &layout::encode(&AssignmentNode { version: 1 }),
+        NodeKind::Persistent,
+    )
+    .await
+    .unwrap();
+    let commands = layout::commands(id, "w1");
+    zk.ensure_path(&commands).await.unwrap();
+    let command = CommandNode::RunNow {
+        task: task_id,
+        run: run.parse().unwrap(),
+    };
+    zk.create(
+        &layout::command_prefix(id, "w1"),
+        &layout::encode(&command),
+        NodeKind::PersistentSequential,
+    )
+    .await
+    .unwrap();
+    // Taken by the worker (it deletes what it has read).
+    let since = tokio::time::Instant::now();
+    while !zk.children(&commands).await.unwrap().is_empty() {
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "the command was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(&cluster.runs(&task).await[0]), "QUEUED");
+
+    // The spec arrives: the run that waited for it goes.
+    let record = cluster
+        .api
+        .catalogue
+        .tasks_of_cluster(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.id == task_id)
+        .unwrap();
+    let node = TaskNode {
+        tenant: record.tenant_id,
+        name: record.name.clone(),
+        version: record.version,
+        paused: record.state == TaskState::Paused,
+        spec: record.spec.clone(),
+    };
+    zk.ensure_path(&layout::tasks(id)).await.unwrap();
+    zk.create(
+        &layout::task(id, task_id),
+        &layout::encode(&node),
+        NodeKind::Persistent,
+    )
+    .await
+    .unwrap();
+    let runs = cluster
+        .runs_until(&task, "the early manual run to succeed", |runs| {
+            runs.iter().any(|r| status(r) == "SUCCEEDED")
+        })
+        .await;
+    assert_eq!(runs.len(), 1, "{runs:#?}");
+    assert_eq!(runs[0]["id"], run.as_str());
+    assert_eq!(runs[0]["logs"][0]["text"], "ran");
+}
+
 #[tokio::test]
 async fn run_now_and_stop_reach_the_worker_within_a_second() {
     let mut cluster = Cluster::start().await;

@@ -55,6 +55,9 @@ const LATE: chrono::Duration = chrono::Duration::seconds(2);
 /// A scheduled fire's claim is retried this long while the API is unreachable (longer
 /// for `RUN_ONCE`: its grace period).
 const CLAIM_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a manual run handed to this worker waits for its task to arrive here (its
+/// assignment and spec are read apart from the command, and may come after it).
+const EARLY_PATIENCE: Duration = Duration::from_secs(60);
 /// Scheduled fires are claimed this long before their time. Well below the session
 /// timeout: a worker whose session has ended cannot still hold a claim for a fire that
 /// a new owner is due to run.
@@ -198,6 +201,7 @@ impl Engine {
             claims: BinaryHeap::new(),
             preclaims: HashMap::new(),
             runs: HashMap::new(),
+            early: HashMap::new(),
             next_run: 0,
             jobs: JoinSet::new(),
         };
@@ -267,6 +271,9 @@ struct Actor {
     claims: BinaryHeap<Reverse<ClaimAhead>>,
     preclaims: HashMap<(TaskId, DateTime<Utc>), PreClaim>,
     runs: HashMap<TaskId, Vec<ActiveRun>>,
+    /// Manual runs handed to this worker before it knew their task (see
+    /// [`Actor::run_now`]), with when they came.
+    early: HashMap<TaskId, Vec<(RunId, tokio::time::Instant)>>,
     next_run: u64,
     jobs: JoinSet<()>,
 }
@@ -282,8 +289,17 @@ impl Actor {
             for task in all {
                 self.drop_task(task);
             }
+            self.early.clear();
             self.epoch = current.epoch;
         }
+        // Handed here for a task that never came: the scheduler hands the run to the
+        // task's owner again when that is another worker.
+        self.early.retain(|task, runs| {
+            if !current.tasks.contains(task) {
+                runs.retain(|(_, came)| came.elapsed() < EARLY_PATIENCE);
+            }
+            !runs.is_empty()
+        });
         let gone: Vec<TaskId> = self
             .tasks
             .keys()
@@ -365,6 +381,8 @@ impl Actor {
         if let Some(entry) = self.tasks.remove(&task) {
             entry.watcher.cancel();
         }
+        // Handed to the task's next owner by the scheduler.
+        self.early.remove(&task);
         self.abandon_claims(
             task,
             "not started: the task left this worker before its fire time",
@@ -397,15 +415,12 @@ impl Actor {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Spec(task, node) => self.spec_changed(task, node.map(|n| *n)),
-            Event::CaughtUp { task, since } => self.caught_up(task, since),
-            Event::Command(CommandNode::RunNow { task, run }) => {
-                if self.tasks.get(&task).is_some_and(|e| e.node.is_some()) {
-                    self.start_run(task, Start::Queued(run), Vec::new());
-                } else {
-                    tracing::warn!(%task, %run, "a manual run for a task not owned here");
-                }
+            Event::Spec(task, node) => {
+                self.spec_changed(task, node.map(|n| *n));
+                self.start_early(task);
             }
+            Event::CaughtUp { task, since } => self.caught_up(task, since),
+            Event::Command(CommandNode::RunNow { task, run }) => self.run_now(task, run),
             Event::Command(CommandNode::Stop { run }) => {
                 let running = self.shared.running.lock().expect("run registry");
                 match running.get(&run) {
@@ -425,6 +440,37 @@ impl Actor {
                 {
                     self.dispatch(task, scheduled_at, attempt, RunTrigger::Retry);
                 }
+            }
+        }
+    }
+
+    /// A manual run handed to this worker. The scheduler hands it over once the task's
+    /// assignment here is written, but this worker reads its assignments, each task's
+    /// spec and its commands on watches of their own: the command can come first. Then
+    /// the run waits for the task (a while, see [`EARLY_PATIENCE`]) instead of staying
+    /// QUEUED for good.
+    fn run_now(&mut self, task: TaskId, run: RunId) {
+        if self.tasks.get(&task).is_some_and(|e| e.node.is_some()) {
+            self.start_run(task, Start::Queued(run), Vec::new());
+        } else {
+            tracing::debug!(%task, %run, "a manual run for a task not read here yet: it waits");
+            let came = tokio::time::Instant::now();
+            self.early.entry(task).or_default().push((run, came));
+        }
+    }
+
+    /// Starts the manual runs that came before their task's spec, now read; a task
+    /// without a spec (deleted) takes them away.
+    fn start_early(&mut self, task: TaskId) {
+        let Some(known) = self.tasks.get(&task).map(|e| e.node.is_some()) else {
+            return;
+        };
+        let Some(runs) = self.early.remove(&task) else {
+            return;
+        };
+        if known {
+            for (run, _) in runs {
+                self.start_run(task, Start::Queued(run), Vec::new());
             }
         }
     }
