@@ -45,20 +45,30 @@ class ApiError extends Error {
 const firstError = (errors) => new ApiError(errors[0]?.message ?? 'refused',
   errors[0]?.extensions?.code);
 
-async function post(query, variables, access) {
-  const headers = { 'content-type': 'application/json' };
+// `files`: { 'variables.input.package': File, … }, sent as a GraphQL multipart request.
+async function post(query, variables, access, files = {}) {
+  const headers = {};
   if (access) headers.authorization = `Bearer ${access}`;
-  const response = await fetch('/graphql', {
-    method: 'POST', headers, body: JSON.stringify({ query, variables }),
-  });
   let body;
+  const uploads = Object.entries(files).filter(([, file]) => file);
+  if (uploads.length) {
+    body = new FormData();
+    body.append('operations', JSON.stringify({ query, variables }));
+    body.append('map', JSON.stringify(Object.fromEntries(uploads.map(([path], i) => [i, [path]]))));
+    uploads.forEach(([, file], i) => body.append(String(i), file, file.name));
+  } else {
+    headers['content-type'] = 'application/json';
+    body = JSON.stringify({ query, variables });
+  }
+  const response = await fetch('/graphql', { method: 'POST', headers, body });
+  let answer;
   try {
-    body = await response.json();
+    answer = await response.json();
   } catch {
     throw new ApiError(`the API answered ${response.status}`, 'UNAVAILABLE');
   }
-  if (body.errors && body.errors.length) throw firstError(body.errors);
-  return body.data;
+  if (answer.errors && answer.errors.length) throw firstError(answer.errors);
+  return answer.data;
 }
 
 const withLock = (name, work) => (navigator.locks ? navigator.locks.request(name, work) : work());
@@ -85,16 +95,16 @@ function renew(spent) {
   });
 }
 
-async function gql(query, variables = {}) {
+async function gql(query, variables = {}, files = {}) {
   const held = tokens();
   if (!held) throw new ApiError('signed out', 'UNAUTHENTICATED');
   try {
-    return await post(query, variables, held.access);
+    return await post(query, variables, held.access, files);
   } catch (e) {
     if (e.code !== 'UNAUTHENTICATED' || !await renew(held.access)) throw e;
     const renewed = tokens();
     if (!renewed) throw e;
-    return post(query, variables, renewed.access);
+    return post(query, variables, renewed.access, files);
   }
 }
 
@@ -362,10 +372,9 @@ const TASKS = `{ tasks(first: 200) { nodes {
 
 async function tasksPage(view) {
   const tasks = (await gql(TASKS)).tasks.nodes;
+  const create = el('p', {}, el('a', { class: 'button primary', href: '#/tasks/new' }, 'New task'));
   if (!tasks.length) {
-    view.render('Tasks', el('p', { class: 'muted' },
-      'No tasks yet: create one with the createTask mutation (GraphiQL is at ',
-      el('a', { href: '/graphql' }, '/graphql'), ').'));
+    view.render('Tasks', create, el('p', { class: 'muted' }, 'No tasks yet.'));
     return;
   }
   // A task's last run: the one with the latest time (an event may be of an older run).
@@ -389,7 +398,7 @@ async function tasksPage(view) {
       el('td', {}, task.assignedWorker?.name ?? '—'),
       el('td', { class: 'actions' }, taskActions(task)));
   });
-  view.render('Tasks', el('table', { class: 'tasks' },
+  view.render('Tasks', create, el('table', { class: 'tasks' },
     el('thead', {}, el('tr', {},
       ['Name', 'Cluster', 'Schedule', 'State', 'Last run', 'Next fire', 'Worker', '']
         .map((h) => el('th', {}, h)))),
@@ -409,6 +418,65 @@ async function tasksPage(view) {
       }
     }), () => {}),
   });
+}
+
+async function newTaskPage(view) {
+  const { clusters } = await gql(`{ clusters { id name } }`);
+  if (!clusters.length) {
+    view.render('New task', el('p', { class: 'muted' },
+      'A task runs on a cluster, and this tenant has none yet (createCluster, in GraphiQL at ',
+      el('a', { href: '/graphql' }, '/graphql'), ').'));
+    return;
+  }
+  const field = (label, input, hint) => el('label', {}, label, el('br'), input,
+    hint ? el('span', { class: 'muted hint' }, hint) : null);
+  const input = (name, attrs = {}) => el('input', { name, ...attrs });
+  const choice = (name, options) => el('select', { name },
+    options.map(([value, text]) => el('option', { value }, text)));
+  const form = el('form', {
+    class: 'task-form',
+    onsubmit: (event) => {
+      event.preventDefault();
+      const data = new FormData(form);
+      const text = (name) => String(data.get(name) ?? '').trim();
+      const spec = {
+        clusterId: text('cluster'),
+        name: text('name'),
+        description: text('description'),
+        schedule: text('schedule'),
+        command: text('command'),
+        overlapPolicy: text('overlap'),
+        paused: data.get('paused') === 'on',
+      };
+      if (text('timezone')) spec.timezone = text('timezone');
+      if (text('timeout')) spec.timeoutSeconds = Number(text('timeout'));
+      const file = data.get('package');
+      const upload = file && file.size ? file : null;
+      attempt(async () => {
+        const created = await gql(
+          `mutation($input: CreateTaskInput!) { createTask(input: $input) { id } }`,
+          { input: { ...spec, package: null } },
+          { 'variables.input.package': upload });
+        location.hash = `#/tasks/${created.createTask.id}`;
+      });
+    },
+  },
+  field('Cluster', choice('cluster', clusters.map((c) => [c.id, c.name]))),
+  field('Name', input('name', { required: true })),
+  field('Description', input('description')),
+  field('Schedule', input('schedule', { required: true, placeholder: '*/5 * * * *' }),
+    '5 fields, or 6 with seconds first; @hourly, @daily…'),
+  field('Timezone', input('timezone', { placeholder: 'UTC' }), 'IANA name, e.g. Europe/Paris'),
+  field('Command', input('command', { required: true, placeholder: './run.sh' }),
+    'run as sh -c in the unpacked package'),
+  field('Package', input('package', { type: 'file', accept: '.zip,.tar.gz,.tgz' }),
+    'a zip or tar.gz archive (optional)'),
+  field('Timeout (seconds)', input('timeout', { type: 'number', min: 1 })),
+  field('If still running at the next fire', choice('overlap',
+    [['SKIP', 'skip the fire'], ['ALLOW', 'run alongside'], ['REPLACE', 'stop it, run the new one']])),
+  el('label', {}, input('paused', { type: 'checkbox' }), ' Create paused'),
+  el('p', {}, el('button', { class: 'primary', type: 'submit' }, 'Create task')));
+  view.render('New task', form);
 }
 
 async function taskPage(view, id) {
@@ -542,6 +610,7 @@ async function clustersPage(view) {
 // ---- routing --------------------------------------------------------------------------------
 
 const routes = [
+  [/^#\/tasks\/new$/, newTaskPage],
   [/^#\/tasks\/([\w-]+)$/, taskPage],
   [/^#\/runs\/([\w-]+)$/, runPage],
   [/^#\/runs$/, runsPage],

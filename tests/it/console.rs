@@ -1,6 +1,7 @@
 //! The web console in headless Chromium (`web/tests/console.test.mjs`, on Playwright),
 //! against the real API with a worker: it signs in, runs a task and follows its output
-//! live, stops a run, renews a refused access token, and signs out. What its clicks did is checked here, in the
+//! live, stops a run, renews a refused access token, creates a task with a package and
+//! runs it, and signs out. What its clicks did is checked here, in the
 //! catalogue, and the console's files are served with their types and policy.
 
 use std::process::Stdio;
@@ -79,11 +80,23 @@ async fn the_console_runs_a_task_follows_its_output_live_and_stops_a_run() {
     cluster.wait_assigned(&demo).await;
     cluster.wait_assigned(&sleeper).await;
 
+    let package = gate.path().join("hello.tar.gz");
+    std::fs::write(
+        &package,
+        cloudtask_core::archive::samples::tar_gz_of(&[(
+            "hello.sh",
+            b"#!/bin/sh\necho \"hello from the package\"\n",
+            0o755,
+        )]),
+    )
+    .unwrap();
+
     let mut browser = tokio::process::Command::new("node")
         .arg(SCRIPT)
         .env("CONSOLE_URL", format!("{}/", cluster.api.url))
         .env("CONSOLE_EMAIL", "owner@acme.example")
         .env("CONSOLE_PASSWORD", PASSWORD)
+        .env("CONSOLE_PACKAGE", &package)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -141,5 +154,28 @@ async fn the_console_runs_a_task_follows_its_output_live_and_stops_a_run() {
     assert_eq!(
         (status(&stopped[0]), stopped[0]["trigger"].as_str()),
         ("STOPPED", Some("MANUAL"))
+    );
+    // The form's task, once (the refused attempt made nothing), with its package.
+    let made = cluster
+        .owner
+        .run(
+            "{ tasks(first: 10) { nodes { id name timezone packageSha256 } } }",
+            json!({}),
+        )
+        .await;
+    let made: Vec<&serde_json::Value> = made.data()["tasks"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"] == "console-made")
+        .collect();
+    assert_eq!(made.len(), 1, "{made:#?}");
+    assert_eq!(made[0]["timezone"], "Europe/Paris");
+    assert!(made[0]["packageSha256"].is_string(), "{made:#?}");
+    let runs = cluster.runs(made[0]["id"].as_str().unwrap()).await;
+    assert_eq!(
+        runs.iter().map(status).collect::<Vec<_>>(),
+        ["SUCCEEDED"],
+        "{runs:#?}"
     );
 }

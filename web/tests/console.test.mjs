@@ -4,7 +4,8 @@
 // once the first run's first line is on screen while the run is still going, and the
 // test then lets the run go on.
 //
-// Environment: CONSOLE_URL, CONSOLE_EMAIL, CONSOLE_PASSWORD; optional: CHROMIUM (the
+// Environment: CONSOLE_URL, CONSOLE_EMAIL, CONSOLE_PASSWORD, CONSOLE_PACKAGE (a tar.gz
+// with hello.sh in it, for the task it creates); optional: CHROMIUM (the
 // browser), CONSOLE_SCREENSHOTS (a folder to save the pages in, to look at them).
 import { chromium } from 'playwright-core';
 
@@ -109,6 +110,32 @@ try {
   await second.goto(`${CONSOLE_URL}#/runs`);
   await second.locator('table.runs tr[data-run] [data-status="FAILED"]').waitFor();
   await second.close();
+
+  // A new task with a package, after a schedule the API refuses (the form keeps what was
+  // typed, and the error names the field).
+  await page.click('nav a:has-text("Tasks")');
+  await page.click('a:has-text("New task")');
+  await page.fill('input[name=name]', 'console-made');
+  await page.fill('input[name=schedule]', 'every tuesday');
+  await page.fill('input[name=command]', './hello.sh');
+  await page.setInputFiles('input[name=package]', process.env.CONSOLE_PACKAGE);
+  await page.click('button:has-text("Create task")');
+  await page.locator('#error').filter({ hasText: 'BAD_USER_INPUT' }).waitFor();
+  check((await page.locator('#error').textContent()).includes('schedule'),
+    'the refusal does not name the schedule');
+  await snap(page, 'new-task-refused');
+  await page.fill('input[name=schedule]', '0 0 1 1 *');
+  await page.fill('input[name=timezone]', 'Europe/Paris');
+  await page.click('button:has-text("Create task")');
+  await page.locator('h1', { hasText: 'Task console-made' }).waitFor();
+  check((await page.locator('dl.facts').textContent()).includes('Europe/Paris'),
+    'the new task shows no timezone');
+  await page.locator('dd code').filter({ hasText: /^[0-9a-f]{12}$/ }).waitFor();
+  await snap(page, 'new-task');
+  // Its package runs (queued until the task has its worker, if it has none yet).
+  await page.click('button:has-text("Run now")');
+  await page.locator('.logs .STDOUT', { hasText: 'hello from the package' }).waitFor();
+  await page.locator('dd [data-status="SUCCEEDED"]').waitFor();
 
   // The clusters page shows the worker online.
   await page.click('nav a:has-text("Clusters")');
