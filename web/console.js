@@ -584,17 +584,19 @@ async function runPage(view, id) {
   follow();
 }
 
-async function clustersPage(view) {
-  const data = await gql(`{ clusters { id name workers {
-    name online hostname labels assignedTaskCount startedAt
-  } } }`);
-  const sections = data.clusters.map((cluster) => [
+const CLUSTERS = `{ clusters { id name workers {
+  name online hostname labels assignedTaskCount startedAt
+} } }`;
+
+function clusterSections(clusters) {
+  if (!clusters.length) return el('p', { class: 'muted' }, 'No clusters yet.');
+  return clusters.map((cluster) => [
     el('h2', {}, cluster.name),
     cluster.workers.length
       ? el('table', { class: 'workers' },
         el('thead', {}, el('tr', {},
           ['Worker', 'State', 'Host', 'Labels', 'Tasks', 'Started'].map((h) => el('th', {}, h)))),
-        el('tbody', {}, cluster.workers.map((w) => el('tr', {},
+        el('tbody', {}, cluster.workers.map((w) => el('tr', { 'data-worker': w.name },
           el('td', {}, w.name),
           el('td', {}, status(w.online ? 'online' : 'offline')),
           el('td', {}, w.hostname ?? '—'),
@@ -603,8 +605,20 @@ async function clustersPage(view) {
           el('td', {}, when(w.startedAt))))))
       : el('p', { class: 'muted' }, 'No workers have joined.'),
   ]);
-  view.render('Clusters',
-    data.clusters.length ? sections : el('p', { class: 'muted' }, 'No clusters yet.'));
+}
+
+// The workers as they join and leave: each worker event reads the clusters again.
+async function clustersPage(view) {
+  const body = el('div', {}, clusterSections((await gql(CLUSTERS)).clusters));
+  view.render('Clusters', body);
+  const load = () => gql(CLUSTERS)
+    .then((data) => {
+      if (view.live) body.replaceChildren(el('div', {}, clusterSections(data.clusters)));
+    }, () => {});
+  view.follow(`subscription { workerEvents { clusterId worker kind } }`, {}, {
+    onData: load,
+    reload: load,
+  });
 }
 
 // ---- routing --------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 //! The web console in headless Chromium (`web/tests/console.test.mjs`, on Playwright),
 //! against the real API with a worker: it signs in, runs a task and follows its output
 //! live, stops a run, renews a refused access token, creates a task with a package and
-//! runs it, and signs out. What its clicks did is checked here, in the
+//! runs it, sees a worker join, and signs out. What its clicks did is checked here, in the
 //! catalogue, and the console's files are served with their types and policy.
 
 use std::process::Stdio;
@@ -113,8 +113,12 @@ async fn the_console_runs_a_task_follows_its_output_live_and_stops_a_run() {
     let said = tokio::time::timeout(Duration::from_secs(120), async {
         let mut said = Vec::new();
         while let Some(line) = stdout.next_line().await.unwrap() {
-            if line == "waiting-for-go" {
-                std::fs::write(&go, b"").unwrap();
+            match line.as_str() {
+                "waiting-for-go" => std::fs::write(&go, b"").unwrap(),
+                "waiting-for-w2" => {
+                    cluster.start_worker("w2");
+                }
+                _ => {}
             }
             said.push(line);
         }

@@ -1,8 +1,9 @@
 // Drives the console in headless Chromium against a live API (started by the Rust test
 // `console` in tests/it, which also starts a worker, creates the tasks and checks what
 // ended up in the catalogue). Talks to that test through lines: it prints `waiting-for-go`
-// once the first run's first line is on screen while the run is still going, and the
-// test then lets the run go on.
+// once the first run's first line is on screen while the run is still going (the test
+// then lets the run go on), and `waiting-for-w2` on the clusters page (the test then
+// starts a second worker, which the page shows as it joins).
 //
 // Environment: CONSOLE_URL, CONSOLE_EMAIL, CONSOLE_PASSWORD, CONSOLE_PACKAGE (a tar.gz
 // with hello.sh in it, for the task it creates); optional: CHROMIUM (the
@@ -139,7 +140,10 @@ try {
 
   // The clusters page shows the worker online.
   await page.click('nav a:has-text("Clusters")');
-  await page.locator('table.workers tr', { hasText: 'w1' }).locator('[data-status="online"]').waitFor();
+  await page.locator('tr[data-worker="w1"] [data-status="online"]').waitFor();
+  // A worker that joins shows up live.
+  console.log('waiting-for-w2');
+  await page.locator('tr[data-worker="w2"] [data-status="online"]').waitFor();
 
   // Signing out leaves the sign-in form.
   await page.click('#sign-out');
