@@ -405,86 +405,96 @@ async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let task = cluster
-        .create_task(json!({ "name": "early", "schedule": "0 0 1 1 *", "command": "echo ran" }))
-        .await;
-    let run = cluster.run_now(&task).await;
-    cluster
-        .api
-        .catalogue
-        .hand_queued_run(run.parse().unwrap(), "w1")
-        .await
-        .unwrap();
-
-    // The assignment and the command, but no spec yet.
-    let task_id = task.parse().unwrap();
     zk.ensure_path(&layout::worker_assignments(id, "w1"))
         .await
         .unwrap();
-    zk.create(
-        &layout::assignment(id, "w1", task_id),
-        &layout::encode(&AssignmentNode { version: 1 }),
-        NodeKind::Persistent,
-    )
-    .await
-    .unwrap();
     let commands = layout::commands(id, "w1");
     zk.ensure_path(&commands).await.unwrap();
-    let command = CommandNode::RunNow {
-        task: task_id,
-        run: run.parse().unwrap(),
-    };
-    zk.create(
-        &layout::command_prefix(id, "w1"),
-        &layout::encode(&command),
-        NodeKind::PersistentSequential,
-    )
-    .await
-    .unwrap();
-    // Taken by the worker (it deletes what it has read).
-    let since = tokio::time::Instant::now();
-    while !zk.children(&commands).await.unwrap().is_empty() {
-        assert!(
-            since.elapsed() < Duration::from_secs(20),
-            "the command was never taken"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(status(&cluster.runs(&task).await[0]), "QUEUED");
-
-    // The spec arrives: the run that waited for it goes.
-    let record = cluster
-        .api
-        .catalogue
-        .tasks_of_cluster(id)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|t| t.id == task_id)
-        .unwrap();
-    let node = TaskNode {
-        tenant: record.tenant_id,
-        name: record.name.clone(),
-        version: record.version,
-        paused: record.state == TaskState::Paused,
-        spec: record.spec.clone(),
-    };
     zk.ensure_path(&layout::tasks(id)).await.unwrap();
-    zk.create(
-        &layout::task(id, task_id),
-        &layout::encode(&node),
-        NodeKind::Persistent,
-    )
-    .await
-    .unwrap();
-    let runs = cluster
-        .runs_until(&task, "the early manual run to succeed", |runs| {
-            runs.iter().any(|r| status(r) == "SUCCEEDED")
-        })
-        .await;
-    assert_eq!(runs.len(), 1, "{runs:#?}");
-    assert_eq!(runs[0]["id"], run.as_str());
-    assert_eq!(runs[0]["logs"][0]["text"], "ran");
+    // The command after the assignment, then before it (the worker may then read the
+    // task's spec as absent after the command came: the run waits on).
+    for (name, command_first) in [("early", false), ("earlier", true)] {
+        let task = cluster
+            .create_task(json!({ "name": name, "schedule": "0 0 1 1 *", "command": "echo ran" }))
+            .await;
+        let run = cluster.run_now(&task).await;
+        cluster
+            .api
+            .catalogue
+            .hand_queued_run(run.parse().unwrap(), "w1")
+            .await
+            .unwrap();
+        let task_id = task.parse().unwrap();
+        let assign = || async {
+            zk.create(
+                &layout::assignment(id, "w1", task_id),
+                &layout::encode(&AssignmentNode { version: 1 }),
+                NodeKind::Persistent,
+            )
+            .await
+            .unwrap();
+        };
+        if !command_first {
+            assign().await;
+        }
+        let command = CommandNode::RunNow {
+            task: task_id,
+            run: run.parse().unwrap(),
+        };
+        zk.create(
+            &layout::command_prefix(id, "w1"),
+            &layout::encode(&command),
+            NodeKind::PersistentSequential,
+        )
+        .await
+        .unwrap();
+        // Taken by the worker (it deletes what it has read).
+        let since = tokio::time::Instant::now();
+        while !zk.children(&commands).await.unwrap().is_empty() {
+            assert!(
+                since.elapsed() < Duration::from_secs(20),
+                "the command was never taken"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if command_first {
+            assign().await;
+        }
+        assert_eq!(status(&cluster.runs(&task).await[0]), "QUEUED");
+
+        // The spec arrives: the run that waited for it goes.
+        let record = cluster
+            .api
+            .catalogue
+            .tasks_of_cluster(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|t| t.id == task_id)
+            .unwrap();
+        let node = TaskNode {
+            tenant: record.tenant_id,
+            name: record.name.clone(),
+            version: record.version,
+            paused: record.state == TaskState::Paused,
+            spec: record.spec.clone(),
+        };
+        zk.create(
+            &layout::task(id, task_id),
+            &layout::encode(&node),
+            NodeKind::Persistent,
+        )
+        .await
+        .unwrap();
+        let runs = cluster
+            .runs_until(&task, "the early manual run to succeed", |runs| {
+                runs.iter().any(|r| status(r) == "SUCCEEDED")
+            })
+            .await;
+        assert_eq!(runs.len(), 1, "{runs:#?}");
+        assert_eq!(runs[0]["id"], run.as_str());
+        assert_eq!(runs[0]["logs"][0]["text"], "ran");
+    }
 }
 
 #[tokio::test]

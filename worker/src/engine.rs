@@ -459,19 +459,15 @@ impl Actor {
         }
     }
 
-    /// Starts the manual runs that came before their task's spec, now read; a task
-    /// without a spec (deleted) takes them away.
+    /// Starts the manual runs that came before their task's spec, now read. A spec read
+    /// as absent is one not mirrored yet as much as a deleted one: they wait on (a
+    /// deleted task leaves this worker's assignments, and they go with it).
     fn start_early(&mut self, task: TaskId) {
-        let Some(known) = self.tasks.get(&task).map(|e| e.node.is_some()) else {
+        if !self.tasks.get(&task).is_some_and(|e| e.node.is_some()) {
             return;
-        };
-        let Some(runs) = self.early.remove(&task) else {
-            return;
-        };
-        if known {
-            for (run, _) in runs {
-                self.start_run(task, Start::Queued(run), Vec::new());
-            }
+        }
+        for (run, _) in self.early.remove(&task).unwrap_or_default() {
+            self.start_run(task, Start::Queued(run), Vec::new());
         }
     }
 
