@@ -463,7 +463,7 @@ impl Actor {
     /// as absent is one not mirrored yet as much as a deleted one: they wait on (a
     /// deleted task leaves this worker's assignments, and they go with it).
     fn start_early(&mut self, task: TaskId) {
-        if !self.tasks.get(&task).is_some_and(|e| e.node.is_some()) {
+        if self.tasks.get(&task).is_none_or(|e| e.node.is_none()) {
             return;
         }
         for (run, _) in self.early.remove(&task).unwrap_or_default() {
