@@ -377,9 +377,10 @@ async function tasksPage(view) {
     view.render('Tasks', create, el('p', { class: 'muted' }, 'No tasks yet.'));
     return;
   }
-  // A task's last run: the one with the latest time (an event may be of an older run).
+  // A task's last run: the one with the latest time (an event may be of an older run;
+  // one of the same time is the shown run changing, or its retry).
   const showLast = (cell, run) => {
-    if (!run || (cell.dataset.at && cell.dataset.at > run.scheduledAt)) return;
+    if (!cell || !run || (cell.dataset.at && cell.dataset.at > run.scheduledAt)) return;
     cell.dataset.at = run.scheduledAt;
     cell.replaceChildren(status(run.status), ' ',
       el('a', { href: `#/runs/${run.id}` }, when(run.scheduledAt)));
@@ -404,19 +405,9 @@ async function tasksPage(view) {
         .map((h) => el('th', {}, h)))),
     el('tbody', {}, rows)));
   view.follow(`subscription { runEvents { id status scheduledAt task { id } } }`, {}, {
-    onData: ({ runEvents: run }) => {
-      const cell = lastCell(run.task.id);
-      // The same run changing status, or a newer one.
-      if (cell && cell.dataset.at === run.scheduledAt) delete cell.dataset.at;
-      if (cell) showLast(cell, run);
-    },
-    reload: () => gql(TASKS).then((data) => data.tasks.nodes.forEach((task) => {
-      const cell = lastCell(task.id);
-      if (cell && task.lastRun) {
-        delete cell.dataset.at;
-        showLast(cell, task.lastRun);
-      }
-    }), () => {}),
+    onData: ({ runEvents: run }) => showLast(lastCell(run.task.id), run),
+    reload: () => gql(`{ tasks(first: 200) { nodes { id lastRun { id status scheduledAt } } } }`)
+      .then((data) => data.tasks.nodes.forEach((t) => showLast(lastCell(t.id), t.lastRun)), () => {}),
   });
 }
 

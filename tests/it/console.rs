@@ -21,18 +21,14 @@ const PLAYWRIGHT: &str = concat!(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_console_is_served_with_its_types_and_a_strict_policy() {
-    let cluster = Cluster::start().await;
+    let api = cloudtask_testkit::TestApi::start().await;
     let http = reqwest::Client::new();
     for (path, kind) in [
         ("/", "text/html"),
         ("/console/console.js", "text/javascript"),
         ("/console/console.css", "text/css"),
     ] {
-        let response = http
-            .get(format!("{}{path}", cluster.api.url))
-            .send()
-            .await
-            .unwrap();
+        let response = http.get(format!("{}{path}", api.url)).send().await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
         let header = |name: &str| {
             response

@@ -10,7 +10,7 @@ use cloudtask_coord::{Coordinator, layout};
 use cloudtask_testkit::PrivateZooKeeper;
 use serde_json::{Value, json};
 
-use crate::harness::{Cluster, Options, at, ledger, status};
+use crate::harness::{Cluster, Options, at, ledger, status, until_node};
 
 fn signal(pid: u32, name: &str) {
     let status = std::process::Command::new("kill")
@@ -514,22 +514,4 @@ async fn a_worker_fenced_off_then_back_on_its_session_fires_on_once_per_fire_tim
     );
     let runs = cluster.pause_and_settle(&task, 3).await;
     ledger(&runs, chrono::Duration::seconds(3));
-}
-
-/// Polls `node` until it exists (`present`) or is gone, for at most `bound`.
-async fn until_node(
-    observer: &dyn cloudtask_coord::Session,
-    node: &str,
-    present: bool,
-    bound: Duration,
-) {
-    let since = tokio::time::Instant::now();
-    while observer.get(node).await.unwrap().is_some() != present {
-        assert!(
-            since.elapsed() < bound,
-            "{node} still {} after {bound:?}",
-            if present { "absent" } else { "present" }
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Timelike, Utc};
 use cloudtask_worker::clock::ManualClock;
 use serde_json::{Value, json};
 
-use crate::harness::{Cluster, at, ledger, status};
+use crate::harness::{Cluster, at, ledger, status, until_node};
 
 #[tokio::test]
 async fn a_task_firing_every_second_runs_once_per_second_with_its_logs() {
@@ -396,15 +396,8 @@ async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is()
         .await
         .unwrap();
     cluster.start_worker("w1");
-    let registered = layout::worker(id, "w1");
-    let since = tokio::time::Instant::now();
-    while zk.get(&registered).await.unwrap().is_none() {
-        assert!(
-            since.elapsed() < Duration::from_secs(20),
-            "w1 never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let bound = Duration::from_secs(20);
+    until_node(zk.as_ref(), &layout::worker(id, "w1"), true, bound).await;
     zk.ensure_path(&layout::worker_assignments(id, "w1"))
         .await
         .unwrap();
@@ -441,22 +434,16 @@ async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is()
             task: task_id,
             run: run.parse().unwrap(),
         };
-        zk.create(
-            &layout::command_prefix(id, "w1"),
-            &layout::encode(&command),
-            NodeKind::PersistentSequential,
-        )
-        .await
-        .unwrap();
+        let sent = zk
+            .create(
+                &layout::command_prefix(id, "w1"),
+                &layout::encode(&command),
+                NodeKind::PersistentSequential,
+            )
+            .await
+            .unwrap();
         // Taken by the worker (it deletes what it has read).
-        let since = tokio::time::Instant::now();
-        while !zk.children(&commands).await.unwrap().is_empty() {
-            assert!(
-                since.elapsed() < Duration::from_secs(20),
-                "the command was never taken"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_node(zk.as_ref(), &sent, false, bound).await;
         if command_first {
             assign().await;
         }

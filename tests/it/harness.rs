@@ -419,3 +419,21 @@ pub fn ledger(runs: &[Value], period: chrono::Duration) {
         "duplicates and unaccounted fires: {runs:#?}"
     );
 }
+
+/// Polls `node` until it exists (`present`) or is gone, for at most `bound`.
+pub async fn until_node(
+    observer: &dyn cloudtask_coord::Session,
+    node: &str,
+    present: bool,
+    bound: Duration,
+) {
+    let since = tokio::time::Instant::now();
+    while observer.get(node).await.unwrap().is_some() != present {
+        assert!(
+            since.elapsed() < bound,
+            "{node} still {} after {bound:?}",
+            if present { "absent" } else { "present" }
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -271,7 +271,7 @@ struct Actor {
     claims: BinaryHeap<Reverse<ClaimAhead>>,
     preclaims: HashMap<(TaskId, DateTime<Utc>), PreClaim>,
     runs: HashMap<TaskId, Vec<ActiveRun>>,
-    /// Manual runs handed to this worker before it knew their task (see
+    /// Manual runs handed to this worker that wait for their task (see
     /// [`Actor::run_now`]), with when they came.
     early: HashMap<TaskId, Vec<(RunId, tokio::time::Instant)>>,
     next_run: u64,
@@ -450,16 +450,12 @@ impl Actor {
     /// the run waits for the task (a while, see [`EARLY_PATIENCE`]) instead of staying
     /// QUEUED for good.
     fn run_now(&mut self, task: TaskId, run: RunId) {
-        if self.tasks.get(&task).is_some_and(|e| e.node.is_some()) {
-            self.start_run(task, Start::Queued(run), Vec::new());
-        } else {
-            tracing::debug!(%task, %run, "a manual run for a task not read here yet: it waits");
-            let came = tokio::time::Instant::now();
-            self.early.entry(task).or_default().push((run, came));
-        }
+        let came = tokio::time::Instant::now();
+        self.early.entry(task).or_default().push((run, came));
+        self.start_early(task);
     }
 
-    /// Starts the manual runs that came before their task's spec, now read. A spec read
+    /// Starts the manual runs waiting for their task, once its spec is read. A spec read
     /// as absent is one not mirrored yet as much as a deleted one: they wait on (a
     /// deleted task leaves this worker's assignments, and they go with it).
     fn start_early(&mut self, task: TaskId) {
