@@ -64,6 +64,11 @@ pub struct Config {
     pub max_request_bytes: u64,
     pub query_max_depth: usize,
     pub query_max_complexity: usize,
+    /// Bounds on a query's text, checked before it is parsed: characters, tokens, and how
+    /// deep `{`, `[` and `(` nest (selections and argument values alike).
+    pub query_max_chars: usize,
+    pub query_max_tokens: usize,
+    pub query_max_nesting: usize,
     /// Failed logins allowed per account and per client address within the window.
     pub login_max_attempts: u32,
     pub login_window_secs: u64,
@@ -109,6 +114,9 @@ impl Default for Config {
             max_request_bytes: 1 << 20,
             query_max_depth: 12,
             query_max_complexity: 2_000,
+            query_max_chars: 20_000,
+            query_max_tokens: 2_000,
+            query_max_nesting: 32,
             login_max_attempts: 5,
             login_window_secs: 300,
             run_max_log_lines: 100_000,
@@ -281,11 +289,16 @@ impl Config {
                 "must be greater than 0",
             ));
         }
-        if self.query_max_depth == 0 || self.query_max_complexity == 0 {
-            return Err(ConfigError::new(
-                "query_max_depth",
-                "limits must be greater than 0",
-            ));
+        for (key, value) in [
+            ("query_max_depth", self.query_max_depth),
+            ("query_max_complexity", self.query_max_complexity),
+            ("query_max_chars", self.query_max_chars),
+            ("query_max_tokens", self.query_max_tokens),
+            ("query_max_nesting", self.query_max_nesting),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::new("log_format", "must be `text` or `json`"));

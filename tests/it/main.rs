@@ -11,6 +11,7 @@ mod firing;
 mod flow;
 mod harness;
 mod health;
+mod hostile;
 mod isolation;
 mod notifications;
 mod roles;

@@ -1,5 +1,6 @@
 //! The GraphQL schema: per-request context, query and mutation roots, object types.
 
+pub mod bounds;
 mod mutation;
 mod query;
 mod subscription;
@@ -46,7 +47,13 @@ pub fn build_schema(state: Option<Arc<AppState>>) -> AppSchema {
     let mut builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .extension(crate::error::ErrorCodes);
     if let Some(state) = state {
+        let bounds = bounds::TextBounds {
+            max_chars: state.config.query_max_chars,
+            max_tokens: state.config.query_max_tokens,
+            max_nesting: state.config.query_max_nesting,
+        };
         builder = builder
+            .extension(bounds::Bounds(bounds))
             .limit_depth(state.config.query_max_depth)
             .limit_complexity(state.config.query_max_complexity)
             .data(state);

@@ -1,0 +1,154 @@
+//! Hostile clients, tried as an attacker would: each test sends the hostile request to the
+//! real server, expects a clear error code, and checks that nothing changed and that the
+//! process still answers.
+
+use std::time::Duration;
+
+use cloudtask_testkit::{Gql, GqlResponse, GqlSocket, Reply};
+use serde_json::{Value, json};
+
+use crate::support::World;
+
+/// Still serving: an anonymous question gets its usual answer.
+async fn still_answers(client: &Gql) {
+    let answer = client.run("{ me { id } }", json!({})).await;
+    assert_eq!(
+        answer.code(),
+        Some("UNAUTHENTICATED"),
+        "the server still answers: {}",
+        answer.body
+    );
+}
+
+fn assert_limit(response: &GqlResponse, limit: &str, what: &str) {
+    assert_eq!(
+        response.code(),
+        Some("BAD_USER_INPUT"),
+        "{what}: {}",
+        response.body
+    );
+    assert_eq!(
+        response.body["errors"][0]["extensions"]["limit"], limit,
+        "{what}: the limit is named: {}",
+        response.body
+    );
+    assert!(
+        response.body["data"].is_null(),
+        "{what}: no data: {}",
+        response.body
+    );
+}
+
+async fn task_names(owner: &Gql) -> Vec<String> {
+    let answer = owner
+        .run(
+            "{ tasks(first: 50) { edges { node { name } } } }",
+            json!({}),
+        )
+        .await;
+    answer.data()["tasks"]["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["node"]["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Argument values nested deep (lists, input objects) used to overflow a thread's stack
+/// in async-graphql's parser and abort the whole process (the API, and in standalone the
+/// scheduler and worker with it): its grammar stops itself near the stack's end, but what
+/// walks the parsed value afterwards does not. They are refused before parsing, on every
+/// transport, at every depth, and the server answers on. (On tokio's worker threads, as
+/// the binary serves: without the bounds, 500 levels abort this test's process.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argument_values_nested_deep_are_refused_and_the_server_lives() {
+    let world = World::new().await;
+    let anonymous = world.api.client();
+    let owner = &world.a.owner;
+    let tasks_before = task_names(owner).await;
+    let mut socket = GqlSocket::connect(&world.api.url, owner.token.as_deref().unwrap()).await;
+    for levels in [200, 500, 800, 1_200, 2_000, 3_000] {
+        let lists = format!(
+            "{{ tasks(first: {}1{}) {{ edges {{ node {{ id }} }} }} }}",
+            "[".repeat(levels),
+            "]".repeat(levels)
+        );
+        let objects = format!(
+            "{{ tasks(filter: {}1{}) {{ edges {{ node {{ id }} }} }} }}",
+            "{a: ".repeat(levels),
+            "}".repeat(levels)
+        );
+        let mutation = format!(
+            "mutation {{ createTask(input: {{ clusterId: \"{}\", name: \"deep\", \
+             schedule: \"* * * * *\", command: \"true\", env: {}1{} }}) {{ id }} }}",
+            world.a.cluster_id,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        );
+        for (what, client, query) in [
+            ("lists", &anonymous, &lists),
+            ("input objects", &anonymous, &objects),
+            ("a member's mutation", owner, &mutation),
+        ] {
+            let answer = client.run(query, json!({})).await;
+            assert_limit(
+                &answer,
+                "query_max_nesting",
+                &format!("{what}, {levels} deep"),
+            );
+            still_answers(&anonymous).await;
+        }
+
+        // A batch: every item is refused on its own; none reaches the parser.
+        let batch = json!([{ "query": lists }, { "query": objects }]);
+        let body: Value = post(&anonymous, batch.to_string())
+            .await
+            .json()
+            .await
+            .expect("JSON");
+        for item in body.as_array().expect("one answer per item") {
+            assert_eq!(
+                item["errors"][0]["extensions"]["limit"], "query_max_nesting",
+                "{body}"
+            );
+        }
+
+        // Variables nested as deep: JSON's own depth bound refuses them. (Built as text:
+        // a serde_json value this deep would overflow the test's own stack.)
+        let deep = format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+        let body = format!(
+            r#"{{"query":"query($v: Int) {{ tasks(first: $v) {{ edges {{ node {{ id }} }} }} }}","variables":{{"v":{deep}}}}}"#
+        );
+        assert_eq!(
+            post(&anonymous, body).await.status(),
+            400,
+            "deep variables, {levels} deep"
+        );
+
+        // Over the socket too.
+        let id = format!("deep-{levels}");
+        socket.subscribe(&id, &lists, json!({})).await;
+        let errors = match socket.reply(&id, Duration::from_secs(10)).await {
+            Reply::Error(errors) => errors,
+            Reply::Next(payload) => payload["errors"].clone(),
+            Reply::Complete => panic!("expected the socket to refuse the operation"),
+        };
+        assert_eq!(
+            errors[0]["extensions"]["limit"], "query_max_nesting",
+            "{errors}"
+        );
+    }
+    still_answers(&anonymous).await;
+    assert_eq!(task_names(owner).await, tasks_before, "no task was created");
+}
+
+async fn post(client: &Gql, body: String) -> reqwest::Response {
+    client
+        .http
+        .post(format!("{}/graphql", client.url))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("sent")
+}
