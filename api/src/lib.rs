@@ -8,6 +8,7 @@ mod error;
 pub mod graphql;
 mod http;
 mod limits;
+mod webhooks;
 
 use std::sync::Arc;
 

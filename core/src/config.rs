@@ -34,6 +34,10 @@ pub struct Config {
     /// STARTTLS, or `?tls=opportunistic`), `smtps://host:port` for TLS from the start;
     /// credentials as `smtp://user:password@host`. Unset: no mail is sent (webhooks still are).
     pub smtp_url: Option<String>,
+    /// Networks webhooks may reach besides public addresses (comma-separated CIDRs or
+    /// addresses, e.g. `10.1.0.0/16`); loopback, private, link-local and metadata
+    /// addresses are refused otherwise.
+    pub webhook_allow_networks: String,
     /// The From of notification mails.
     pub smtp_from: String,
     /// How long one SMTP conversation may take.
@@ -97,6 +101,7 @@ impl Default for Config {
             zookeeper: "127.0.0.1:2181/cloudtask".into(),
             zookeeper_session_timeout_ms: 10_000,
             smtp_url: None,
+            webhook_allow_networks: String::new(),
             smtp_from: "CloudTask <cloudtask@localhost>".into(),
             smtp_timeout_secs: 30,
             notify_digest_window_secs: 60,
@@ -154,6 +159,11 @@ pub struct Loaded {
 }
 
 impl Config {
+    /// The networks webhooks may reach (validated at start-up).
+    pub fn outbound_policy(&self) -> crate::net::OutboundPolicy {
+        crate::net::OutboundPolicy::parse(&self.webhook_allow_networks).unwrap_or_default()
+    }
+
     /// Every key the configuration knows, from the struct itself.
     pub fn keys() -> Vec<String> {
         match serde_json::to_value(Config::default()) {
@@ -233,6 +243,9 @@ impl Config {
                 "smtp_url",
                 "must be an smtp:// or smtps:// URL",
             ));
+        }
+        if let Err(message) = crate::net::OutboundPolicy::parse(&self.webhook_allow_networks) {
+            return Err(ConfigError::new("webhook_allow_networks", message));
         }
         if self.zookeeper.trim().is_empty() {
             return Err(ConfigError::new("zookeeper", "must not be empty"));

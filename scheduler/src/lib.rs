@@ -6,6 +6,7 @@ pub mod balance;
 pub mod cluster;
 pub mod election;
 pub mod notify;
+mod outbound;
 pub mod ring;
 
 use std::collections::{BTreeMap, HashSet};

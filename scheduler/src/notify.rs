@@ -28,6 +28,8 @@ use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::outbound::WebhookClient;
+
 /// How often the leader looks for due deliveries.
 const POLL: Duration = Duration::from_secs(1);
 /// Deliveries leased at once (a storm of one task's failures up to this many makes one
@@ -47,7 +49,7 @@ struct Inner {
     catalogue: Catalogue,
     mailer: Option<AsyncSmtpTransport<Tokio1Executor>>,
     from: Mailbox,
-    http: reqwest::Client,
+    webhooks: WebhookClient,
     public_url: String,
     digest_window: chrono::Duration,
     /// One send (an SMTP conversation, a webhook POST) at most.
@@ -84,19 +86,18 @@ impl Notifier {
                 key: "smtp_from",
                 message: e.to_string(),
             })?;
-        let http = reqwest::Client::builder()
-            .timeout(send_timeout)
-            .build()
-            .map_err(|e| NotifierConfigError {
+        let webhooks = WebhookClient::new(config.outbound_policy(), send_timeout).map_err(|e| {
+            NotifierConfigError {
                 key: "smtp_timeout_secs",
                 message: e.to_string(),
-            })?;
+            }
+        })?;
         Ok(Notifier {
             inner: Arc::new(Inner {
                 catalogue,
                 mailer,
                 from,
-                http,
+                webhooks,
                 public_url: config.public_url.trim_end_matches('/').to_owned(),
                 digest_window: chrono::Duration::seconds(config.notify_digest_window_secs as i64),
                 send_timeout,
@@ -256,8 +257,8 @@ impl Notifier {
         }))?;
         let response = self
             .inner
-            .http
-            .post(&url)
+            .webhooks
+            .post(&url)?
             .header("content-type", "application/json")
             .header("x-cloudtask-event", &notification.kind)
             .header("x-cloudtask-delivery", notification.id.to_string())

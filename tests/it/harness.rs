@@ -24,7 +24,8 @@ pub struct Options {
     /// Run a scheduler in this process (the usual case).
     pub in_process_scheduler: bool,
     /// Notification settings for the schedulers (`CLOUDTASK_*` names without the prefix,
-    /// lower-case): `smtp_url`, `notify_digest_window_secs`…
+    /// lower-case): `smtp_url`, `notify_digest_window_secs`, `webhook_allow_networks`
+    /// (for the API too)…
     pub notify: Vec<(&'static str, String)>,
 }
 
@@ -80,9 +81,18 @@ impl Cluster {
             .unwrap_or_else(cloudtask_testkit::fresh_zookeeper);
         let session_timeout = options.session_timeout;
         let zk = zookeeper.clone();
+        // The outbound policy binds the API (when a webhook is set) and the sender alike.
+        let allow = options
+            .notify
+            .iter()
+            .find(|(k, _)| *k == "webhook_allow_networks")
+            .map(|(_, v)| v.clone());
         let api = TestApi::start_with(move |c| {
             c.zookeeper = zk;
             c.zookeeper_session_timeout_ms = session_timeout.as_millis() as u64;
+            if let Some(allow) = allow {
+                c.webhook_allow_networks = allow;
+            }
         })
         .await;
         let api_proxy = Proxy::start(api.url.trim_start_matches("http://")).await;
@@ -98,6 +108,7 @@ impl Cluster {
                 "notify_digest_window_secs" => {
                     notify_config.notify_digest_window_secs = value.parse().unwrap()
                 }
+                "webhook_allow_networks" => notify_config.webhook_allow_networks = value.clone(),
                 other => panic!("no notify setting {other}"),
             }
         }

@@ -152,3 +152,107 @@ async fn post(client: &Gql, body: String) -> reqwest::Response {
         .await
         .expect("sent")
 }
+
+const SET_WEBHOOK: &str = "mutation($input: NotificationSettingsInput!) {
+    setNotificationSettings(input: $input) { webhookUrl }
+}";
+
+/// A webhook is a request the platform makes to an address the tenant chose. Loopback,
+/// private, link-local and metadata addresses are refused when the URL is set (written
+/// in it, or what its name resolves to now), and nothing is stored.
+#[tokio::test]
+async fn webhooks_to_internal_addresses_are_refused_when_set() {
+    let world = World::new().await;
+    let owner = &world.a.owner;
+    let internal = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = internal.local_addr().unwrap().port();
+    for url in [
+        format!("http://127.0.0.1:{port}/hook"),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        format!("http://localhost:{port}/hook"),
+        format!("http://[::1]:{port}/hook"),
+        format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+        "http://10.0.0.1/hook".to_owned(),
+        format!("http://2130706433:{port}/hook"),
+        "http://[fd00:ec2::254]/latest/".to_owned(),
+        "file:///etc/passwd".to_owned(),
+    ] {
+        let answer = owner
+            .run(
+                SET_WEBHOOK,
+                json!({ "input": { "notifyEmails": [], "webhookUrl": url,
+                    "webhookSecret": "a-webhook-secret-of-some-length" } }),
+            )
+            .await;
+        assert_eq!(
+            answer.code(),
+            Some("BAD_USER_INPUT"),
+            "{url}: {}",
+            answer.body
+        );
+        assert_eq!(
+            answer.body["errors"][0]["extensions"]["field"], "webhookUrl",
+            "{url}: {}",
+            answer.body
+        );
+    }
+    let settings = owner
+        .run("{ notificationSettings { webhookUrl } }", json!({}))
+        .await;
+    assert!(
+        settings.data()["notificationSettings"]["webhookUrl"].is_null(),
+        "nothing was stored: {}",
+        settings.body
+    );
+    // A public address is accepted as before.
+    let answer = owner
+        .run(
+            SET_WEBHOOK,
+            json!({ "input": { "notifyEmails": [], "webhookUrl": "https://93.184.216.34/hook",
+                "webhookSecret": "a-webhook-secret-of-some-length" } }),
+        )
+        .await;
+    assert_eq!(
+        answer.data()["setNotificationSettings"]["webhookUrl"],
+        "https://93.184.216.34/hook"
+    );
+    still_answers(&world.api.client()).await;
+}
+
+/// A URL that passed when it was set can reach an internal address later (its name now
+/// resolves elsewhere, or it was stored before the rule): the sender checks again at
+/// connect time and never POSTs there; the delivery stays unsent with its attempts
+/// counted.
+#[tokio::test]
+async fn a_stored_webhook_that_now_points_inside_is_never_posted() {
+    use crate::harness::Cluster;
+    use crate::notifications::{failing_task, outbox, tenant_id, wait_outbox, webhook_receiver};
+    use sea_orm::ConnectionTrait;
+
+    let (url, got) = webhook_receiver().await;
+    let mut cluster = Cluster::start().await;
+    cluster.start_worker("w1");
+    let tenant = tenant_id(&cluster).await;
+    cluster
+        .api
+        .catalogue
+        .connection()
+        .execute_unprepared(&format!(
+            "UPDATE tenants SET webhook_url = '{url}', \
+             webhook_secret = 'a-webhook-secret-of-some-length'"
+        ))
+        .await
+        .unwrap();
+    let task = failing_task(&cluster, "hooked").await;
+    cluster.run_now(&task).await;
+    wait_outbox(&cluster, tenant, "two refused attempts", |rows| {
+        rows.iter()
+            .any(|(_, channel, attempts, sent)| channel == "webhook" && *attempts >= 2 && !sent)
+    })
+    .await;
+    assert!(
+        got.lock().unwrap().is_empty(),
+        "nothing reached the internal receiver: {:?}",
+        outbox(&cluster, tenant).await
+    );
+}

@@ -438,6 +438,14 @@ impl MutationRoot {
         input: NotificationSettingsInput,
     ) -> ApiResult<NotificationSettingsObj> {
         let handle = tenant(ctx).await?;
+        if let Some(url) = &input.webhook_url
+            && handle
+                .role()
+                .allows(cloudtask_core::roles::Action::ManageNotifications)
+        {
+            let policy = state(ctx).config.outbound_policy();
+            crate::webhooks::check_webhook_url(&policy, url).await?;
+        }
         handle
             .set_notifications(TenantNotifications {
                 emails: input.notify_emails,
