@@ -110,12 +110,22 @@ async fn graphql(
     } else {
         config.max_request_bytes as usize
     };
-    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
-        return graphql_refusal(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "BAD_USER_INPUT",
-            format!("request body larger than {limit} bytes"),
-        );
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(e) if stalled(&e) => {
+            return graphql_refusal(
+                StatusCode::REQUEST_TIMEOUT,
+                "BAD_USER_INPUT",
+                "the request body stalled".into(),
+            );
+        }
+        Err(_) => {
+            return graphql_refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "BAD_USER_INPUT",
+                format!("request body larger than {limit} bytes"),
+            );
+        }
     };
     let options = MultipartOptions::default()
         .max_file_size(limit)
@@ -130,6 +140,19 @@ async fn graphql(
     let batch = batch.data(context);
     let response = http.schema.execute_batch(batch).await;
     GraphQLResponse::from(response).into_response()
+}
+
+/// Whether reading a body failed because the client stopped sending it
+/// (`http_body_idle_timeout_secs`, see `serve`).
+fn stalled(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// GraphQL over WebSocket (`graphql-transport-ws`, and the legacy `graphql-ws`). The
@@ -242,13 +265,21 @@ async fn graphql_get(
     }
 }
 
-async fn graphiql() -> Html<String> {
-    Html(
-        GraphiQLSource::build()
-            .endpoint("/graphql")
-            .subscription_endpoint("/graphql/ws")
-            .finish(),
+/// GraphiQL loads its scripts and styles from unpkg and talks to this origin only.
+const GRAPHIQL_CSP: &str = "default-src 'none'; script-src https://unpkg.com 'unsafe-inline'; \
+    style-src https://unpkg.com 'unsafe-inline'; img-src https://graphql.org data:; \
+    font-src https://unpkg.com data:; connect-src 'self' ws: wss:; frame-ancestors 'none'";
+
+async fn graphiql() -> Response {
+    let page = GraphiQLSource::build()
+        .endpoint("/graphql")
+        .subscription_endpoint("/graphql/ws")
+        .finish();
+    (
+        [(header::CONTENT_SECURITY_POLICY, GRAPHIQL_CSP)],
+        Html(page),
     )
+        .into_response()
 }
 
 async fn readyz(State(http): State<Http>) -> Response {

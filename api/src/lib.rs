@@ -8,17 +8,17 @@ mod error;
 pub mod graphql;
 mod http;
 mod limits;
+mod serve;
 mod webhooks;
 
 use std::sync::Arc;
 
 use cloudtask_catalogue::Catalogue;
 use cloudtask_core::config::Config;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 pub use graphql::sdl;
 pub use http::router;
+pub use serve::run;
 
 /// What every request handler shares.
 pub struct AppState {
@@ -65,24 +65,4 @@ impl AppState {
             cluster_view,
         }))
     }
-}
-
-/// Serves until `shutdown` is cancelled, then drains in-flight requests.
-pub async fn run(
-    state: Arc<AppState>,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    // Small request/response pairs (claims, report batches) must not wait for Nagle and
-    // the peer's delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
 }

@@ -64,6 +64,11 @@ pub struct Config {
     /// Largest total size of a package's files once unpacked (archive-bomb guard).
     pub max_unpacked_bytes: u64,
     pub max_package_entries: u64,
+    /// A connection that has not sent a whole request head within this long (including
+    /// the wait for the next request on a kept-alive connection) is closed.
+    pub http_header_timeout_secs: u64,
+    /// A request body that sends nothing for this long is cut off.
+    pub http_body_idle_timeout_secs: u64,
     /// Largest GraphQL request body that is not an upload.
     pub max_request_bytes: u64,
     pub query_max_depth: usize,
@@ -116,6 +121,8 @@ impl Default for Config {
             max_package_bytes: 64 << 20,
             max_unpacked_bytes: 512 << 20,
             max_package_entries: 10_000,
+            http_header_timeout_secs: 10,
+            http_body_idle_timeout_secs: 30,
             max_request_bytes: 1 << 20,
             query_max_depth: 12,
             query_max_complexity: 2_000,
@@ -263,6 +270,11 @@ impl Config {
             ("max_unpacked_bytes", self.max_unpacked_bytes),
             ("max_package_entries", self.max_package_entries),
             ("max_request_bytes", self.max_request_bytes),
+            ("http_header_timeout_secs", self.http_header_timeout_secs),
+            (
+                "http_body_idle_timeout_secs",
+                self.http_body_idle_timeout_secs,
+            ),
             ("login_window_secs", self.login_window_secs),
             ("run_max_log_lines", self.run_max_log_lines),
             ("run_max_line_bytes", self.run_max_line_bytes),

@@ -256,3 +256,103 @@ async fn a_stored_webhook_that_now_points_inside_is_never_posted() {
         outbox(&cluster, tenant).await
     );
 }
+
+/// Reads from `tcp` until the server closes it (or it answers and then closes), within
+/// `within`; what it sent.
+async fn until_closed(tcp: &mut tokio::net::TcpStream, within: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the server kept the connection open past {within:?}; it sent {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Slow clients cannot hold connections: a request head sent halfway, a body that stops,
+/// and a kept-alive connection that goes quiet are all closed after their timeouts.
+#[tokio::test]
+async fn half_sent_requests_and_idle_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let api = cloudtask_testkit::TestApi::start_with(|c| {
+        c.http_header_timeout_secs = 1;
+        c.http_body_idle_timeout_secs = 1;
+    })
+    .await;
+    let address = api.url.trim_start_matches("http://").to_owned();
+    let within = Duration::from_secs(10);
+
+    let mut head = tokio::net::TcpStream::connect(&address).await.unwrap();
+    head.write_all(b"POST /graphql HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        .await
+        .unwrap();
+    until_closed(&mut head, within).await;
+
+    let mut body = tokio::net::TcpStream::connect(&address).await.unwrap();
+    body.write_all(
+        b"POST /graphql HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"query\":",
+    )
+    .await
+    .unwrap();
+    let answer = until_closed(&mut body, within).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("BAD_USER_INPUT"), "{answer}");
+
+    let mut idle = tokio::net::TcpStream::connect(&address).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut idle, within).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    still_answers(&api.client()).await;
+}
+
+/// Every answer carries nosniff, no framing, no referrer and a Content-Security-Policy:
+/// GraphQL's JSON, GraphiQL (its own policy), health, errors.
+#[tokio::test]
+async fn every_answer_carries_security_headers() {
+    let api = cloudtask_testkit::TestApi::start().await;
+    let http = reqwest::Client::new();
+    let answers = [
+        (
+            "POST /graphql",
+            http.post(format!("{}/graphql", api.url))
+                .json(&json!({ "query": "{ me { id } }" })),
+        ),
+        ("GraphiQL", http.get(format!("{}/graphql", api.url))),
+        ("/healthz", http.get(format!("{}/healthz", api.url))),
+        (
+            "a missing package",
+            http.get(format!("{}/packages/{}", api.url, "0".repeat(64))),
+        ),
+        ("the console", http.get(format!("{}/", api.url))),
+    ];
+    for (what, request) in answers {
+        let answer = request.send().await.unwrap();
+        let headers = answer.headers();
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{what}");
+        assert_eq!(headers["x-frame-options"], "DENY", "{what}");
+        assert_eq!(headers["referrer-policy"], "no-referrer", "{what}");
+        let policy = headers["content-security-policy"].to_str().unwrap();
+        assert!(
+            policy.contains("frame-ancestors 'none'"),
+            "{what}: {policy}"
+        );
+        if what == "POST /graphql" || what == "/healthz" {
+            assert!(policy.starts_with("default-src 'none'"), "{what}: {policy}");
+        }
+    }
+}

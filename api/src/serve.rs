@@ -1,0 +1,119 @@
+//! The HTTP server around the router: what every connection and every answer gets, whatever
+//! the route. A client that opens a connection and sends its headers slowly, or goes
+//! quiet between requests, is cut off after `http_header_timeout_secs`; one that stalls
+//! inside a body, after `http_body_idle_timeout_secs` without a byte. Every answer says
+//! `nosniff`, no framing, no referrer, and carries a Content-Security-Policy (the console
+//! and GraphiQL set their own; everything else is data and may load nothing).
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tower_http::timeout::RequestBodyTimeoutLayer;
+
+use crate::AppState;
+
+/// Serves until `shutdown` is cancelled, then lets the requests in flight finish.
+pub async fn run(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let config = state.config.clone();
+    let app = crate::router(state)
+        .layer(axum::middleware::from_fn(security_headers))
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
+            config.http_body_idle_timeout_secs,
+        )));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(config.http_header_timeout_secs));
+    builder.http2().enable_connect_protocol();
+    let builder = Arc::new(builder);
+    // Shutdown drops `signal_rx`: each connection sees its sender closed and finishes
+    // gracefully; each holds a `close_rx` until it ends, so `close_tx.closed()` waits for all.
+    let (signal_tx, signal_rx) = watch::channel(());
+    let (close_tx, close_rx) = watch::channel(());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Small request/response pairs (claims, report batches) must not wait for Nagle
+        // and the peer's delayed ACK.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut request: Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request.map(axum::body::Body::new)
+            },
+        ));
+        let builder = builder.clone();
+        let signal_tx = signal_tx.clone();
+        let close_rx = close_rx.clone();
+        tokio::spawn(async move {
+            let io = TokioIo::new(tcp);
+            let mut connection = pin!(builder.serve_connection_with_upgrades(io, service));
+            let mut stop = pin!(signal_tx.closed());
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::trace!(error = %e, "connection ended");
+                        }
+                        break;
+                    }
+                    _ = &mut stop => connection.as_mut().graceful_shutdown(),
+                }
+            }
+            drop(close_rx);
+        });
+    }
+    drop(listener);
+    drop(signal_rx);
+    drop(close_rx);
+    close_tx.closed().await;
+    Ok(())
+}
+
+async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; frame-ancestors 'none'",
+        ),
+    ] {
+        headers
+            .entry(name)
+            .or_insert(HeaderValue::from_static(value));
+    }
+    response
+}
