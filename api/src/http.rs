@@ -28,20 +28,22 @@ use serde_json::json;
 
 use crate::AppState;
 use crate::auth::{Identity, WorkerIdentity, token_hash};
-use crate::graphql::{AppSchema, RequestContext, build_schema};
+use crate::graphql::{AppSchema, Audience, RequestContext, build_schema};
 
 #[derive(Clone)]
 struct Http {
     state: Arc<AppState>,
     schema: AppSchema,
+    /// For requests without a valid access token (see [`Audience`]).
+    anonymous: AppSchema,
 }
 
 /// Every route of the API.
 pub fn router(state: Arc<AppState>) -> axum::Router {
-    let schema = build_schema(Some(state.clone()));
     let http = Http {
+        schema: build_schema(Some(state.clone()), Audience::SignedIn),
+        anonymous: build_schema(Some(state.clone()), Audience::Anonymous),
         state,
-        schema: schema.clone(),
     };
     axum::Router::new()
         .route("/graphql", post(graphql).get(graphql_get))
@@ -136,9 +138,13 @@ async fn graphql(
             return graphql_refusal(StatusCode::BAD_REQUEST, "BAD_USER_INPUT", e.to_string());
         }
     };
-    let context = RequestContext::new(verify_user(&http.state, &headers), peer.ip());
-    let batch = batch.data(context);
-    let response = http.schema.execute_batch(batch).await;
+    let auth = verify_user(&http.state, &headers);
+    let schema = match auth {
+        Some(Ok(_)) => &http.schema,
+        _ => &http.anonymous,
+    };
+    let batch = batch.data(RequestContext::new(auth, peer.ip()));
+    let response = schema.execute_batch(batch).await;
     GraphQLResponse::from(response).into_response()
 }
 

@@ -356,3 +356,74 @@ async fn every_answer_carries_security_headers() {
         }
     }
 }
+
+/// Anonymous callers may only sign in: no introspection, no "Did you mean…" that spells
+/// out the schema. A signed-in member gets both (GraphiQL works once a token is set).
+#[tokio::test]
+async fn anonymous_callers_get_no_introspection_and_no_suggestions() {
+    let world = World::new().await;
+    let anonymous = world.api.client();
+    let introspection = "{ __schema { types { name } } }";
+    let typo = "{ tsks(first: 1) { edges { node { id } } } }";
+
+    // async-graphql answers a disabled introspection with null, not an error.
+    let answer = anonymous.run(introspection, json!({})).await;
+    assert!(
+        answer.body["data"].is_null() || answer.body["data"]["__schema"].is_null(),
+        "{}",
+        answer.body
+    );
+    assert!(!answer.body.to_string().contains("Task"), "{}", answer.body);
+    let answer = anonymous
+        .run("{ __type(name: \"Task\") { fields { name } } }", json!({}))
+        .await;
+    assert!(
+        answer.body["data"].is_null() || answer.body["data"]["__type"].is_null(),
+        "{}",
+        answer.body
+    );
+    let answer = anonymous.run(typo, json!({})).await;
+    assert_eq!(answer.code(), Some("BAD_USER_INPUT"), "{}", answer.body);
+    assert!(
+        !answer.message().contains("Did you mean"),
+        "{}",
+        answer.body
+    );
+    assert!(
+        !answer.body.to_string().contains("tasks"),
+        "{}",
+        answer.body
+    );
+    // A refused token is anonymous too.
+    let forged = anonymous.clone().with_token("not-a-token");
+    let answer = forged.run(introspection, json!({})).await;
+    assert!(
+        answer.body["data"].is_null() || answer.body["data"]["__schema"].is_null(),
+        "{}",
+        answer.body
+    );
+
+    let member = &world.a.owner;
+    let answer = member.run(introspection, json!({})).await;
+    assert!(
+        answer.data()["__schema"]["types"]
+            .as_array()
+            .is_some_and(|t| t.len() > 10),
+        "{}",
+        answer.body
+    );
+    let answer = member.run(typo, json!({})).await;
+    assert!(answer.message().contains("Did you mean"), "{}", answer.body);
+    // Signing in still works anonymously.
+    let login = anonymous
+        .run(
+            "mutation($e: String!, $p: String!) { login(email: $e, password: $p) { accessToken } }",
+            json!({ "e": world.a.owner_email, "p": crate::support::PASSWORD }),
+        )
+        .await;
+    assert!(
+        login.data()["login"]["accessToken"].is_string(),
+        "{}",
+        login.body
+    );
+}

@@ -43,9 +43,20 @@ impl RequestContext {
     }
 }
 
-pub fn build_schema(state: Option<Arc<AppState>>) -> AppSchema {
+/// Who a schema serves. Anonymous callers may only sign in: they get no introspection and
+/// no "Did you mean…" suggestions, which would map the API for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    SignedIn,
+    Anonymous,
+}
+
+pub fn build_schema(state: Option<Arc<AppState>>, audience: Audience) -> AppSchema {
     let mut builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .extension(crate::error::ErrorCodes);
+    if audience == Audience::Anonymous {
+        builder = builder.disable_introspection().disable_suggestions();
+    }
     if let Some(state) = state {
         let bounds = bounds::TextBounds {
             max_chars: state.config.query_max_chars,
@@ -63,7 +74,7 @@ pub fn build_schema(state: Option<Arc<AppState>>) -> AppSchema {
 
 /// The SDL that `cloudtask export-schema` prints and `schema.graphql` holds.
 pub fn sdl() -> String {
-    build_schema(None).sdl()
+    build_schema(None, Audience::SignedIn).sdl()
 }
 
 pub(crate) fn state<'a>(ctx: &Context<'a>) -> &'a Arc<AppState> {
