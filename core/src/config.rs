@@ -145,6 +145,54 @@ impl Config {
     /// Checks that hold for every role; role-specific ones (a JWT secret for the API, a
     /// cluster token for a worker) are in `require_*`.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_endpoints()?;
+        for (key, value) in [
+            ("access_token_ttl_secs", self.access_token_ttl_secs),
+            ("refresh_token_ttl_secs", self.refresh_token_ttl_secs),
+            ("max_package_bytes", self.max_package_bytes),
+            ("max_unpacked_bytes", self.max_unpacked_bytes),
+            ("max_package_entries", self.max_package_entries),
+            ("max_request_bytes", self.max_request_bytes),
+            ("login_window_secs", self.login_window_secs),
+            ("run_max_log_lines", self.run_max_log_lines),
+            ("run_max_line_bytes", self.run_max_line_bytes),
+            ("smtp_timeout_secs", self.smtp_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        self.validate_worker()?;
+        if self.login_max_attempts == 0 {
+            return Err(ConfigError::new(
+                "login_max_attempts",
+                "must be greater than 0",
+            ));
+        }
+        for (key, value) in [
+            ("query_max_depth", self.query_max_depth),
+            ("query_max_complexity", self.query_max_complexity),
+            ("query_max_chars", self.query_max_chars),
+            ("query_max_tokens", self.query_max_tokens),
+            ("query_max_nesting", self.query_max_nesting),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::new("log_format", "must be `text` or `json`"));
+        }
+        if let Some(secret) = &self.jwt_secret
+            && secret.len() < 32
+        {
+            return Err(ConfigError::new("jwt_secret", "must be at least 32 bytes"));
+        }
+        Ok(())
+    }
+
+    /// Where the catalogue, the API, mail and ZooKeeper are.
+    fn validate_endpoints(&self) -> Result<(), ConfigError> {
         let scheme_ok = |url: &str, schemes: &[&str]| schemes.iter().any(|s| url.starts_with(s));
         if !scheme_ok(
             &self.database_url,
@@ -177,22 +225,11 @@ impl Config {
                 "must be between 1000 and 600000",
             ));
         }
-        for (key, value) in [
-            ("access_token_ttl_secs", self.access_token_ttl_secs),
-            ("refresh_token_ttl_secs", self.refresh_token_ttl_secs),
-            ("max_package_bytes", self.max_package_bytes),
-            ("max_unpacked_bytes", self.max_unpacked_bytes),
-            ("max_package_entries", self.max_package_entries),
-            ("max_request_bytes", self.max_request_bytes),
-            ("login_window_secs", self.login_window_secs),
-            ("run_max_log_lines", self.run_max_log_lines),
-            ("run_max_line_bytes", self.run_max_line_bytes),
-            ("smtp_timeout_secs", self.smtp_timeout_secs),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::new(key, "must be greater than 0"));
-            }
-        }
+        Ok(())
+    }
+
+    /// A worker's own keys.
+    fn validate_worker(&self) -> Result<(), ConfigError> {
         if !(1..=64).contains(&self.worker_capacity) {
             return Err(ConfigError::new(
                 "worker_capacity",
@@ -216,31 +253,6 @@ impl Config {
                 "worker_labels",
                 format!("bad label {label:?}: {}", crate::task::LABEL_RULE),
             ));
-        }
-        if self.login_max_attempts == 0 {
-            return Err(ConfigError::new(
-                "login_max_attempts",
-                "must be greater than 0",
-            ));
-        }
-        for (key, value) in [
-            ("query_max_depth", self.query_max_depth),
-            ("query_max_complexity", self.query_max_complexity),
-            ("query_max_chars", self.query_max_chars),
-            ("query_max_tokens", self.query_max_tokens),
-            ("query_max_nesting", self.query_max_nesting),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::new(key, "must be greater than 0"));
-            }
-        }
-        if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(ConfigError::new("log_format", "must be `text` or `json`"));
-        }
-        if let Some(secret) = &self.jwt_secret
-            && secret.len() < 32
-        {
-            return Err(ConfigError::new("jwt_secret", "must be at least 32 bytes"));
         }
         Ok(())
     }
