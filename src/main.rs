@@ -13,6 +13,7 @@ use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_core::config::Config;
 use tokio_util::sync::CancellationToken;
 
+mod config;
 mod standalone;
 
 #[derive(Parser)]
@@ -67,7 +68,7 @@ fn main() -> ExitCode {
         print!("{}", cloudtask_api::sdl());
         return ExitCode::SUCCESS;
     }
-    let loaded = match Config::load(cli.config.as_deref(), std::env::vars()) {
+    let loaded = match config::load(cli.config.as_deref(), std::env::vars()) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("cloudtask: {e}");

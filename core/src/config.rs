@@ -1,18 +1,14 @@
-//! Configuration: embedded defaults, then a TOML file, then `CLOUDTASK_*` environment
-//! variables. Loaded and validated once at start-up, then passed down by value.
+//! Configuration: every key with its default, and the checks that hold for every role.
+//! The binary loads it (defaults, then a TOML file, then `CLOUDTASK_*` environment
+//! variables), validates it once at start-up, and passes it down by value.
 //!
 //! Every key is flat and snake_case, so `CLOUDTASK_DATABASE_URL` and `database_url` in the
-//! file name the same thing. An unknown key in the file stops start-up (it is a typo); an
-//! unknown `CLOUDTASK_*` variable is reported as a warning.
+//! file name the same thing; an unknown key is refused (it is a typo).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use figment::Figment;
-use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-
-pub const ENV_PREFIX: &str = "CLOUDTASK_";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -149,20 +145,12 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: &str, message: impl Into<String>) -> Self {
+    pub fn new(key: &str, message: impl Into<String>) -> Self {
         ConfigError {
             key: key.into(),
             message: message.into(),
         }
     }
-}
-
-/// The loaded configuration and what was noticed on the way.
-#[derive(Debug)]
-pub struct Loaded {
-    pub config: Config,
-    /// `CLOUDTASK_*` variables that name no key.
-    pub unknown_env: Vec<String>,
 }
 
 impl Config {
@@ -171,63 +159,62 @@ impl Config {
         crate::net::OutboundPolicy::parse(&self.webhook_allow_networks).unwrap_or_default()
     }
 
-    /// Every key the configuration knows, from the struct itself.
-    pub fn keys() -> Vec<String> {
-        match serde_json::to_value(Config::default()) {
-            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
-            _ => unreachable!("Config serialises to an object"),
-        }
-    }
-
-    /// Defaults, then `file`, then the given environment (normally `std::env::vars()`).
-    pub fn load(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Loaded, ConfigError> {
-        let keys = Config::keys();
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError::new(
-                    "--config",
-                    format!("{} not found", path.display()),
-                ));
-            }
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        let mut unknown_env = Vec::new();
-        let mut known_env = Vec::new();
-        for (name, value) in env {
-            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            let key = key.to_ascii_lowercase();
-            if keys.contains(&key) {
-                known_env.push((key, value));
-            } else {
-                unknown_env.push(name);
-            }
-        }
-        let defaults = serde_json::to_value(Config::default()).expect("Config serialises");
-        for (key, value) in known_env {
-            let value = parse_env_value(&value, &defaults[key.as_str()]);
-            figment = figment.merge(Serialized::default(&key, value));
-        }
-        let config: Config = figment.extract().map_err(|e| {
-            let key = e.path.last().cloned().unwrap_or_else(|| "config".into());
-            ConfigError::new(&key, e.kind.to_string())
-        })?;
-        config.validate()?;
-        unknown_env.sort();
-        Ok(Loaded {
-            config,
-            unknown_env,
-        })
-    }
-
     /// Checks that hold for every role; role-specific ones (a JWT secret for the API, a
     /// cluster token for a worker) are in `require_*`.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_endpoints()?;
+        for (key, value) in [
+            ("access_token_ttl_secs", self.access_token_ttl_secs),
+            ("refresh_token_ttl_secs", self.refresh_token_ttl_secs),
+            ("max_package_bytes", self.max_package_bytes),
+            ("max_unpacked_bytes", self.max_unpacked_bytes),
+            ("max_package_entries", self.max_package_entries),
+            ("max_request_bytes", self.max_request_bytes),
+            ("http_header_timeout_secs", self.http_header_timeout_secs),
+            (
+                "http_body_idle_timeout_secs",
+                self.http_body_idle_timeout_secs,
+            ),
+            ("login_window_secs", self.login_window_secs),
+            ("run_max_log_lines", self.run_max_log_lines),
+            ("run_max_line_bytes", self.run_max_line_bytes),
+            ("smtp_timeout_secs", self.smtp_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        self.validate_worker()?;
+        if self.login_max_attempts == 0 {
+            return Err(ConfigError::new(
+                "login_max_attempts",
+                "must be greater than 0",
+            ));
+        }
+        for (key, value) in [
+            ("query_max_depth", self.query_max_depth),
+            ("query_max_complexity", self.query_max_complexity),
+            ("query_max_chars", self.query_max_chars),
+            ("query_max_tokens", self.query_max_tokens),
+            ("query_max_nesting", self.query_max_nesting),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::new("log_format", "must be `text` or `json`"));
+        }
+        if let Some(secret) = &self.jwt_secret
+            && secret.len() < 32
+        {
+            return Err(ConfigError::new("jwt_secret", "must be at least 32 bytes"));
+        }
+        Ok(())
+    }
+
+    /// Where the catalogue, the API, mail and ZooKeeper are.
+    fn validate_endpoints(&self) -> Result<(), ConfigError> {
         let scheme_ok = |url: &str, schemes: &[&str]| schemes.iter().any(|s| url.starts_with(s));
         if !scheme_ok(
             &self.database_url,
@@ -263,27 +250,11 @@ impl Config {
                 "must be between 1000 and 600000",
             ));
         }
-        for (key, value) in [
-            ("access_token_ttl_secs", self.access_token_ttl_secs),
-            ("refresh_token_ttl_secs", self.refresh_token_ttl_secs),
-            ("max_package_bytes", self.max_package_bytes),
-            ("max_unpacked_bytes", self.max_unpacked_bytes),
-            ("max_package_entries", self.max_package_entries),
-            ("max_request_bytes", self.max_request_bytes),
-            ("http_header_timeout_secs", self.http_header_timeout_secs),
-            (
-                "http_body_idle_timeout_secs",
-                self.http_body_idle_timeout_secs,
-            ),
-            ("login_window_secs", self.login_window_secs),
-            ("run_max_log_lines", self.run_max_log_lines),
-            ("run_max_line_bytes", self.run_max_line_bytes),
-            ("smtp_timeout_secs", self.smtp_timeout_secs),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::new(key, "must be greater than 0"));
-            }
-        }
+        Ok(())
+    }
+
+    /// A worker's own keys.
+    fn validate_worker(&self) -> Result<(), ConfigError> {
         if !(1..=64).contains(&self.worker_capacity) {
             return Err(ConfigError::new(
                 "worker_capacity",
@@ -307,31 +278,6 @@ impl Config {
                 "worker_labels",
                 format!("bad label {label:?}: {}", crate::task::LABEL_RULE),
             ));
-        }
-        if self.login_max_attempts == 0 {
-            return Err(ConfigError::new(
-                "login_max_attempts",
-                "must be greater than 0",
-            ));
-        }
-        for (key, value) in [
-            ("query_max_depth", self.query_max_depth),
-            ("query_max_complexity", self.query_max_complexity),
-            ("query_max_chars", self.query_max_chars),
-            ("query_max_tokens", self.query_max_tokens),
-            ("query_max_nesting", self.query_max_nesting),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::new(key, "must be greater than 0"));
-            }
-        }
-        if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(ConfigError::new("log_format", "must be `text` or `json`"));
-        }
-        if let Some(secret) = &self.jwt_secret
-            && secret.len() < 32
-        {
-            return Err(ConfigError::new("jwt_secret", "must be at least 32 bytes"));
         }
         Ok(())
     }
@@ -362,101 +308,4 @@ fn valid_segment(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-/// Environment values are strings; numbers and booleans are recognised so that
-/// `CLOUDTASK_LOGIN_MAX_ATTEMPTS=10` reaches an integer field.
-/// An environment value typed after the key's default: numbers and booleans for keys
-/// that hold them, text for the rest (so a password or a worker name of digits stays text).
-fn parse_env_value(value: &str, default: &serde_json::Value) -> figment::value::Value {
-    use figment::value::Value;
-    match default {
-        serde_json::Value::Number(_) => match value.parse::<u64>() {
-            Ok(n) => Value::from(n),
-            Err(_) => Value::from(value.to_string()),
-        },
-        serde_json::Value::Bool(_) => match value.parse::<bool>() {
-            Ok(b) => Value::from(b),
-            Err(_) => Value::from(value.to_string()),
-        },
-        _ => Value::from(value.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn digits_stay_text_for_text_keys() {
-        let loaded = Config::load(
-            None,
-            env(&[
-                ("CLOUDTASK_ADMIN_PASSWORD", "12345678"),
-                ("CLOUDTASK_WORKER_NAME", "42"),
-                ("CLOUDTASK_WORKER_CAPACITY", "3"),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(loaded.config.admin_password.as_deref(), Some("12345678"));
-        assert_eq!(loaded.config.worker_name.as_deref(), Some("42"));
-        assert_eq!(loaded.config.worker_capacity, 3);
-    }
-
-    #[test]
-    fn defaults_then_file_then_env() {
-        let dir = std::env::temp_dir().join(format!("cloudtask-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
-        std::fs::write(&file, "listen = \"0.0.0.0:9000\"\nlogin_max_attempts = 7\n").unwrap();
-        let loaded = Config::load(
-            Some(&file),
-            env(&[
-                ("CLOUDTASK_LOGIN_MAX_ATTEMPTS", "9"),
-                ("CLOUDTASK_DATABASE_URL", "postgres://x@y/z"),
-                ("CLOUDTASK_NOPE", "1"),
-                ("HOME", "/"),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(loaded.config.listen.port(), 9000);
-        assert_eq!(loaded.config.login_max_attempts, 9);
-        assert_eq!(loaded.config.database_url, "postgres://x@y/z");
-        assert_eq!(loaded.unknown_env, vec!["CLOUDTASK_NOPE".to_string()]);
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn bad_values_name_the_key() {
-        let err = Config::load(None, env(&[("CLOUDTASK_LISTEN", "not an address")])).unwrap_err();
-        assert_eq!(err.key, "listen");
-        let err = Config::load(
-            None,
-            env(&[("CLOUDTASK_ZOOKEEPER_SESSION_TIMEOUT_MS", "5")]),
-        )
-        .unwrap_err();
-        assert_eq!(err.key, "zookeeper_session_timeout_ms");
-        let err = Config::load(None, env(&[("CLOUDTASK_JWT_SECRET", "short")])).unwrap_err();
-        assert_eq!(err.key, "jwt_secret");
-        let err = Config::load(None, env(&[("CLOUDTASK_LOGIN_MAX_ATTEMPTS", "many")])).unwrap_err();
-        assert_eq!(err.key, "login_max_attempts");
-    }
-
-    #[test]
-    fn unknown_key_in_file_is_an_error() {
-        let dir = std::env::temp_dir().join(format!("cloudtask-config-u-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
-        std::fs::write(&file, "lisen = \"0.0.0.0:9000\"\n").unwrap();
-        let err = Config::load(Some(&file), env(&[])).unwrap_err();
-        assert!(err.message.contains("lisen"), "{err}");
-        std::fs::remove_dir_all(dir).unwrap();
-    }
 }

@@ -1,5 +1,7 @@
-//! Domain types and rules of CloudTask. No IO lives here: ids, roles, schedules,
-//! archive validation (on bytes in memory), configuration and the domain error.
+//! Domain types and rules of CloudTask. No IO lives here: typed ids, roles, tasks, runs
+//! and their wire format, cron schedules, archive validation (on bytes in memory), the
+//! configuration's keys, defaults and validation (the binary loads it), and the domain
+//! error.
 
 pub mod archive;
 pub mod config;
