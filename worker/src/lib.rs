@@ -3,15 +3,15 @@
 //! and the API only, never to the database.
 //!
 //! Joining ([`join`]) and membership ([`Membership`]) publish the assigned tasks; the
-//! [`engine`] fires them, [`exec`] runs them, and [`report`] ships logs and outcomes,
+//! [`firing`] engine fires them, [`exec`] runs them, and [`report`] ships logs and outcomes,
 //! spooling to disk what the API cannot take now.
 
 mod backoff;
 pub mod claims;
 pub mod client;
 pub mod clock;
-pub mod engine;
 pub mod exec;
+pub mod firing;
 pub mod join;
 pub mod membership;
 pub mod packages;
@@ -29,8 +29,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use client::ApiClient;
-pub use engine::Engine;
 pub use exec::ExecLimits;
+pub use firing::Engine;
 pub use join::{JoinError, JoinedCluster, join};
 pub use membership::{Assignments, Membership, MembershipStatus, run_membership};
 pub use packages::Packages;
@@ -142,10 +142,12 @@ pub async fn run_on(
             hurried_grace: (session_timeout / 5).min(HURRIED_GRACE_CAP),
         },
     };
-    let engine_task = tokio::spawn(engine.run(published, engine_stop.clone()));
+    let (commands, delivered) = tokio::sync::mpsc::unbounded_channel();
+    let engine_task = tokio::spawn(engine.run(published, delivered, engine_stop.clone()));
     let membership_stop = CancellationToken::new();
     let membership = tokio::spawn(
         Membership::new(coordinator, joined.cluster_id, me)
+            .deliver_commands(commands)
             .previous_incarnation_wait(session_timeout * 2)
             // Cut off: noticed by 9/20 of the timeout after the last contact, fenced a
             // fifth later, SIGKILL a fifth after that at the latest (the hurried
