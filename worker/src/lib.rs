@@ -64,27 +64,7 @@ pub async fn run_on(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     exec::raise_open_files_limit();
-    let token = config
-        .cluster_token
-        .as_deref()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "a worker needs its cluster's join token: set CLOUDTASK_CLUSTER_TOKEN \
-                 (or `cluster_token` in the configuration file)"
-            )
-        })?;
-    let hostname = hostname();
-    let name = match &config.worker_name {
-        Some(name) => name.clone(),
-        None => worker_name_from_hostname(&hostname),
-    };
-    anyhow::ensure!(
-        layout::valid_worker_name(&name),
-        "worker name {name:?} cannot be used: use 1 to 128 letters, digits, '-', '_' or '.' \
-         (CLOUDTASK_WORKER_NAME)"
-    );
+    let (token, hostname, name) = identity(config)?;
     let joined = match join(&config.api_url, token, &shutdown).await {
         Ok(joined) => joined,
         Err(JoinError::Cancelled) => return Ok(()),
@@ -135,12 +115,7 @@ pub async fn run_on(
         client,
         reporter,
         packages,
-        limits: ExecLimits {
-            max_lines: config.run_max_log_lines,
-            max_line_bytes: config.run_max_line_bytes as usize,
-            kill_grace: Duration::from_secs(config.run_kill_grace_secs),
-            hurried_grace: (session_timeout / 5).min(HURRIED_GRACE_CAP),
-        },
+        limits: exec_limits(config, session_timeout),
     };
     let (commands, delivered) = tokio::sync::mpsc::unbounded_channel();
     let engine_task = tokio::spawn(engine.run(published, delivered, engine_stop.clone()));
@@ -166,6 +141,42 @@ pub async fn run_on(
     reporter_stop.cancel();
     reporter_task.await.ok();
     result
+}
+
+/// The cluster's join token, the machine's name and the worker's, checked.
+fn identity(config: &Config) -> anyhow::Result<(&str, String, String)> {
+    let token = config
+        .cluster_token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "a worker needs its cluster's join token: set CLOUDTASK_CLUSTER_TOKEN \
+                 (or `cluster_token` in the configuration file)"
+            )
+        })?;
+    let hostname = hostname();
+    let name = match &config.worker_name {
+        Some(name) => name.clone(),
+        None => worker_name_from_hostname(&hostname),
+    };
+    anyhow::ensure!(
+        layout::valid_worker_name(&name),
+        "worker name {name:?} cannot be used: use 1 to 128 letters, digits, '-', '_' or '.' \
+         (CLOUDTASK_WORKER_NAME)"
+    );
+    Ok((token, hostname, name))
+}
+
+/// Per-run limits from the configuration; the hurried grace follows the session timeout.
+fn exec_limits(config: &Config, session_timeout: Duration) -> ExecLimits {
+    ExecLimits {
+        max_lines: config.run_max_log_lines,
+        max_line_bytes: config.run_max_line_bytes as usize,
+        kill_grace: Duration::from_secs(config.run_kill_grace_secs),
+        hurried_grace: (session_timeout / 5).min(HURRIED_GRACE_CAP),
+    }
 }
 
 /// The machine's name, as the kernel knows it.
