@@ -252,6 +252,10 @@ impl<'a> Leader<'a> {
     }
 
     /// Hands queued manual runs to their task's worker and stop requests to the run's.
+    /// Always after `mirror` and `allocate`: a run-now command is written only once the
+    /// spec and the assignment of its task are (`assignments()` holds what was written),
+    /// on the same session, which the worker relies on to take commands in order with
+    /// its assignments.
     async fn deliver_commands(&mut self, cluster: ClusterId) -> anyhow::Result<()> {
         let Some(state) = self.clusters.get(&cluster) else {
             return Ok(());

@@ -375,10 +375,12 @@ async fn outcomes_and_logs_survive_ten_seconds_without_the_api() {
     assert!(!spool.exists(), "the spool is emptied once delivered");
 }
 
-/// The scheduler hands a manual run over once the task's assignment is written, but the
-/// worker reads its assignments, the task's spec and its commands on watches of their
-/// own, and on a busy machine the command can come before the spec. Played here by hand
-/// in ZooKeeper, in that order (no scheduler): the run waits for its task, then runs.
+/// The scheduler writes a run-now command only after its task's spec and assignment, and
+/// the worker takes commands in order with its assignments; the spec still comes on a
+/// watch of its own. Played here by hand in ZooKeeper in orders the scheduler never
+/// writes (no scheduler): the command before the spec, and before the assignment too.
+/// The run waits for its task (a command ahead of the assignment, for the next
+/// assignment change), then runs.
 #[tokio::test]
 async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is() {
     use cloudtask_coord::layout::{self, AssignmentNode, CommandNode, TaskNode};

@@ -3,15 +3,15 @@
 //! and the API only, never to the database.
 //!
 //! Joining ([`join`]) and membership ([`Membership`]) publish the assigned tasks; the
-//! [`engine`] fires them, [`exec`] runs them, and [`report`] ships logs and outcomes,
+//! [`firing`] engine fires them, [`exec`] runs them, and [`report`] ships logs and outcomes,
 //! spooling to disk what the API cannot take now.
 
 mod backoff;
 pub mod claims;
 pub mod client;
 pub mod clock;
-pub mod engine;
 pub mod exec;
+pub mod firing;
 pub mod join;
 pub mod membership;
 pub mod packages;
@@ -29,8 +29,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use client::ApiClient;
-pub use engine::Engine;
 pub use exec::ExecLimits;
+pub use firing::Engine;
 pub use join::{JoinError, JoinedCluster, join};
 pub use membership::{Assignments, Membership, MembershipStatus, run_membership};
 pub use packages::Packages;
@@ -64,27 +64,7 @@ pub async fn run_on(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     exec::raise_open_files_limit();
-    let token = config
-        .cluster_token
-        .as_deref()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "a worker needs its cluster's join token: set CLOUDTASK_CLUSTER_TOKEN \
-                 (or `cluster_token` in the configuration file)"
-            )
-        })?;
-    let hostname = hostname();
-    let name = match &config.worker_name {
-        Some(name) => name.clone(),
-        None => worker_name_from_hostname(&hostname),
-    };
-    anyhow::ensure!(
-        layout::valid_worker_name(&name),
-        "worker name {name:?} cannot be used: use 1 to 128 letters, digits, '-', '_' or '.' \
-         (CLOUDTASK_WORKER_NAME)"
-    );
+    let (token, hostname, name) = identity(config)?;
     let joined = match join(&config.api_url, token, &shutdown).await {
         Ok(joined) => joined,
         Err(JoinError::Cancelled) => return Ok(()),
@@ -135,17 +115,14 @@ pub async fn run_on(
         client,
         reporter,
         packages,
-        limits: ExecLimits {
-            max_lines: config.run_max_log_lines,
-            max_line_bytes: config.run_max_line_bytes as usize,
-            kill_grace: Duration::from_secs(config.run_kill_grace_secs),
-            hurried_grace: (session_timeout / 5).min(HURRIED_GRACE_CAP),
-        },
+        limits: exec_limits(config, session_timeout),
     };
-    let engine_task = tokio::spawn(engine.run(published, engine_stop.clone()));
+    let (commands, delivered) = tokio::sync::mpsc::unbounded_channel();
+    let engine_task = tokio::spawn(engine.run(published, delivered, engine_stop.clone()));
     let membership_stop = CancellationToken::new();
     let membership = tokio::spawn(
         Membership::new(coordinator, joined.cluster_id, me)
+            .deliver_commands(commands)
             .previous_incarnation_wait(session_timeout * 2)
             // Cut off: noticed by 9/20 of the timeout after the last contact, fenced a
             // fifth later, SIGKILL a fifth after that at the latest (the hurried
@@ -164,6 +141,42 @@ pub async fn run_on(
     reporter_stop.cancel();
     reporter_task.await.ok();
     result
+}
+
+/// The cluster's join token, the machine's name and the worker's, checked.
+fn identity(config: &Config) -> anyhow::Result<(&str, String, String)> {
+    let token = config
+        .cluster_token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "a worker needs its cluster's join token: set CLOUDTASK_CLUSTER_TOKEN \
+                 (or `cluster_token` in the configuration file)"
+            )
+        })?;
+    let hostname = hostname();
+    let name = match &config.worker_name {
+        Some(name) => name.clone(),
+        None => worker_name_from_hostname(&hostname),
+    };
+    anyhow::ensure!(
+        layout::valid_worker_name(&name),
+        "worker name {name:?} cannot be used: use 1 to 128 letters, digits, '-', '_' or '.' \
+         (CLOUDTASK_WORKER_NAME)"
+    );
+    Ok((token, hostname, name))
+}
+
+/// Per-run limits from the configuration; the hurried grace follows the session timeout.
+fn exec_limits(config: &Config, session_timeout: Duration) -> ExecLimits {
+    ExecLimits {
+        max_lines: config.run_max_log_lines,
+        max_line_bytes: config.run_max_line_bytes as usize,
+        kill_grace: Duration::from_secs(config.run_kill_grace_secs),
+        hurried_grace: (session_timeout / 5).min(HURRIED_GRACE_CAP),
+    }
 }
 
 /// The machine's name, as the kernel knows it.

@@ -6,41 +6,32 @@
 //! to the whole group, then SIGKILL after the grace period; when the main process exits,
 //! whatever it left running in its group is terminated the same way.
 //!
-//! A scheduled fire claimed ahead can be *staged*: its shell is started before the fire
-//! time, pipes attached, and holds on its stdin before anything of the command runs; at
-//! the fire time only a one-byte write is left. Creating a process is the slow part of a
-//! fire (fork and exec of the shell: milliseconds each, serial per core), so a burst of
-//! fires starts with that already done. The hold is on the command's first line, so the
-//! command sees what `sh -c <command>` gives it (`$0`, line numbers, a null stdin); if the
-//! worker goes before the fire time, the shell reads end of input and runs nothing.
-//! While held, a shell is in the batch scheduling class (when the worker runs in the
-//! normal one), in which a woken process does not preempt the one that woke it: the
-//! engine lets every shell due at an instant go in one pass without being pushed off its
-//! core by the first ones it woke (each would take the core for its whole exec). Each
-//! shell is put back in the normal class right after its go line is written, before it
-//! can have run anything of the command but the start of its first line (a process it
-//! forked in those microseconds would keep the batch class: same share of the
-//! processor, less eager to preempt).
+//! A scheduled fire claimed ahead can be *staged* (see [`staging`]): its shell started
+//! before the fire time and held before the command, so at the fire time only a
+//! one-byte write is left.
+
+mod group;
+mod output;
+mod staging;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{RunId, TaskId};
-use cloudtask_core::run::{LogLine, LogStream, Outcome, RunStatus};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use cloudtask_core::run::{LogStream, Outcome, RunStatus};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::report::{Report, Reporter};
-
-/// Lines go to the reporter at least this often while a run is producing them.
-const FLUSH_EVERY: Duration = Duration::from_millis(100);
-const FLUSH_LINES: usize = 500;
+use crate::report::Reporter;
+use group::terminate_group;
+use output::{Line, collect, read_streams};
+#[cfg(unix)]
+pub use staging::HOLD;
+pub use staging::{Staged, stage};
 
 /// Per-run limits, from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -71,19 +62,6 @@ pub struct RunSpec {
 /// worker (its credentials above all) stays out.
 const INHERITED: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
 
-/// Staged shells held at once, at most (fires beyond start at their time): 512, fewer
-/// when open files are scarce (each holds three of the worker's descriptors).
-#[cfg(unix)]
-fn max_staged() -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
-        let files = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .map_or(1024, |(soft, _)| soft);
-        usize::try_from(files / 8).unwrap_or(usize::MAX).min(512)
-    })
-}
-static STAGED: AtomicUsize = AtomicUsize::new(0);
-
 /// Raises the soft limit of open files to the hard one: every running or staged fire
 /// holds three of the worker's descriptors, and the usual soft default (1,024) is low
 /// for a worker of many tasks.
@@ -98,155 +76,6 @@ pub fn raise_open_files_limit() {
             tracing::debug!(error = %e, soft, hard, "cannot raise the open files limit");
         }
     }
-}
-
-/// What a staged shell runs before the command, on the command's first line: wait for
-/// the go line (end of input: exit without running anything), then give the command the
-/// null stdin it has when started directly. (`CLOUDTASK_` names are refused in a task's
-/// environment, so the variable read is nobody's.)
-#[cfg(unix)]
-pub const HOLD: &str = "read -r CLOUDTASK_GO || exit 125; unset CLOUDTASK_GO; exec </dev/null; ";
-
-/// A fire's shell started ahead of its time, holding before the command. Dropped, its
-/// whole process group is killed: before it runs anything, unless it was let go.
-pub struct Staged {
-    spec: RunSpec,
-    /// Taken by [`execute_staged`], which supervises it from then on.
-    child: Option<Child>,
-    /// The shell's stdin until it is let go, and its place among the staged.
-    go: Option<(std::fs::File, Held)>,
-    /// Whether it was put in the batch class (to put back in the normal one).
-    batch: bool,
-}
-
-/// One of the [`max_staged`], given back when dropped.
-struct Held;
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        STAGED.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        #[cfg(unix)]
-        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
-            // The shell leads its group, and is not reaped before its `Child` goes, so
-            // the group id is still its own. A shell let go may have children already.
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-/// Starts the fire's shell now, held until [`Staged::release`]. None when it cannot be
-/// staged (too many held, the spawn failed, not on Unix): the fire starts at its time.
-pub fn stage(spec: RunSpec) -> Option<Staged> {
-    #[cfg(unix)]
-    {
-        if STAGED.fetch_add(1, Ordering::Relaxed) >= max_staged() {
-            STAGED.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        let held = Held;
-        let mut child = command(&spec, true).spawn().ok()?;
-        let batch = child.id().is_some_and(scheduling::batch);
-        let stdin = child.stdin.take();
-        let mut staged = Staged {
-            spec,
-            child: Some(child),
-            go: None,
-            batch,
-        };
-        let go = std::fs::File::from(stdin?.into_owned_fd().ok()?);
-        staged.go = Some((go, held));
-        Some(staged)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = spec;
-        None
-    }
-}
-
-impl Staged {
-    pub fn spec(&self) -> &RunSpec {
-        &self.spec
-    }
-
-    /// Whether [`Staged::release`] has let it go.
-    pub fn released(&self) -> bool {
-        self.go.is_none()
-    }
-
-    /// Lets the shell go on to the command; once (later calls do nothing). One line into
-    /// an empty pipe: written at once, without blocking. A shell that is gone already
-    /// (the command did not parse) fails the write; its status and output say why.
-    /// Right after the write, the shell is back in the normal class: the wake-up, in
-    /// the batch class, did not preempt this thread, and the class change does not
-    /// either.
-    pub fn release(&mut self) {
-        if let Some((mut go, _held)) = self.go.take() {
-            use std::io::Write;
-            let _ = go.write_all(b"\n");
-            // Not reaped yet (its `Child` is here): the process id is still the shell's.
-            if self.batch
-                && let Some(pid) = self.child.as_ref().and_then(Child::id)
-            {
-                scheduling::normal(pid);
-            }
-        }
-    }
-}
-
-/// The scheduling class of a staged shell (Linux; elsewhere, nothing changes). The one
-/// place of the workspace with `unsafe`: two system calls libc has and nix does not.
-#[allow(unsafe_code)]
-mod scheduling {
-    /// Puts a process of the normal class in the batch class; false when it is in
-    /// another class (the worker's own, inherited: left alone) or the change failed.
-    #[cfg(target_os = "linux")]
-    pub fn batch(pid: u32) -> bool {
-        let Ok(pid) = libc::pid_t::try_from(pid) else {
-            return false;
-        };
-        // SAFETY: a plain system call on a process id.
-        let normal = unsafe { libc::sched_getscheduler(pid) } == libc::SCHED_OTHER;
-        normal && set(pid, libc::SCHED_BATCH)
-    }
-
-    #[cfg(target_os = "linux")]
-    pub fn normal(pid: u32) {
-        if let Ok(pid) = libc::pid_t::try_from(pid) {
-            set(pid, libc::SCHED_OTHER);
-        }
-    }
-
-    /// Same nice value, other fair class: allowed to any process of the same user. A
-    /// failure costs the pass some speed or leaves a run in the batch class: logged,
-    /// never fatal.
-    #[cfg(target_os = "linux")]
-    pub(super) fn set(pid: libc::pid_t, policy: libc::c_int) -> bool {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: a plain system call; `param` is a valid sched_param that outlives it.
-        let done = unsafe { libc::sched_setscheduler(pid, policy, &param) } == 0;
-        if !done {
-            let error = std::io::Error::last_os_error();
-            tracing::debug!(pid, policy, %error, "cannot set the scheduling class of a staged shell");
-        }
-        done
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    pub fn batch(_pid: u32) -> bool {
-        false
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    pub fn normal(_pid: u32) {}
 }
 
 /// Runs the fire to its end and returns the outcome; the log lines have been handed to
@@ -348,8 +177,6 @@ fn command(spec: &RunSpec, staged: bool) -> Command {
     command
 }
 
-type Line = (LogStream, String, DateTime<Utc>);
-
 async fn supervise(
     spec: &RunSpec,
     spawned: std::io::Result<Child>,
@@ -361,39 +188,14 @@ async fn supervise(
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
-            let _ = lines
-                .send((
-                    LogStream::System,
-                    format!("cannot start the command: {e}"),
-                    Utc::now(),
-                ))
-                .await;
-            return outcome(
-                RunStatus::Failed,
-                None,
-                None,
-                Some(format!("spawn failed: {e}")),
-            );
+            let note = format!("cannot start the command: {e}");
+            let _ = lines.send((LogStream::System, note, Utc::now())).await;
+            let error = Some(format!("spawn failed: {e}"));
+            return outcome(RunStatus::Failed, None, None, error);
         }
     };
     let group = child.id();
-    let mut readers = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        readers.push(tokio::spawn(read_lines(
-            out,
-            LogStream::Stdout,
-            limits.max_line_bytes,
-            lines.clone(),
-        )));
-    }
-    if let Some(err) = child.stderr.take() {
-        readers.push(tokio::spawn(read_lines(
-            err,
-            LogStream::Stderr,
-            limits.max_line_bytes,
-            lines.clone(),
-        )));
-    }
+    let readers = read_streams(&mut child, limits.max_line_bytes, &lines);
     let deadline = spec.timeout.map(|t| tokio::time::Instant::now() + t);
     let timed_out = async {
         match deadline {
@@ -411,11 +213,11 @@ async fn supervise(
         _ = timed_out => End::TimedOut,
         _ = stop.cancelled() => End::Stopped,
     };
-    let result = match end {
+    let (status, note, error) = match end {
         End::Exited(status) => {
             // The main process is done; its group goes with it.
             terminate_group(group, limits, hurry, &mut child, true).await;
-            match status {
+            let result = match status {
                 Ok(status) => exit_outcome(status),
                 Err(e) => outcome(
                     RunStatus::Failed,
@@ -423,116 +225,36 @@ async fn supervise(
                     None,
                     Some(format!("wait failed: {e}")),
                 ),
-            }
+            };
+            return ended(result, readers).await;
         }
         End::TimedOut => {
-            let note = format!(
-                "timed out after {} s: terminating the process group",
-                spec.timeout.unwrap_or_default().as_secs()
-            );
-            let _ = lines.send((LogStream::System, note, Utc::now())).await;
-            let status = terminate_group(group, limits, hurry, &mut child, false).await;
-            let mut o = status
-                .map(exit_outcome)
-                .unwrap_or_else(|| outcome(RunStatus::TimedOut, None, None, None));
-            o.status = RunStatus::TimedOut;
-            o.error = Some("timed out".into());
-            o
+            let secs = spec.timeout.unwrap_or_default().as_secs();
+            let note = format!("timed out after {secs} s: terminating the process group");
+            (RunStatus::TimedOut, note, "timed out")
         }
         End::Stopped => {
-            let _ = lines
-                .send((
-                    LogStream::System,
-                    "stopped: terminating the process group".into(),
-                    Utc::now(),
-                ))
-                .await;
-            let status = terminate_group(group, limits, hurry, &mut child, false).await;
-            let mut o = status
-                .map(exit_outcome)
-                .unwrap_or_else(|| outcome(RunStatus::Stopped, None, None, None));
-            o.status = RunStatus::Stopped;
-            o.error = Some("stopped".into());
-            o
+            let note = "stopped: terminating the process group".to_owned();
+            (RunStatus::Stopped, note, "stopped")
         }
     };
-    // Readers end when every holder of the pipes is gone, which the group kill ensures.
+    let _ = lines.send((LogStream::System, note, Utc::now())).await;
+    let exited = terminate_group(group, limits, hurry, &mut child, false).await;
+    let mut result = exited
+        .map(exit_outcome)
+        .unwrap_or_else(|| outcome(status, None, None, None));
+    result.status = status;
+    result.error = Some(error.into());
+    ended(result, readers).await
+}
+
+/// `result`, once the output readers are done: they end when every holder of the pipes
+/// is gone, which the group kill ensures.
+async fn ended(result: Outcome, readers: Vec<tokio::task::JoinHandle<()>>) -> Outcome {
     for reader in readers {
         let _ = reader.await;
     }
     result
-}
-
-/// SIGTERM to the group, then SIGKILL after the kill grace if anything of it is left;
-/// once `hurry` is cancelled (before or during the grace), after the hurried grace at
-/// the latest. With `exited`, the main process is reaped already and only leftovers are
-/// signalled. Returns the main process's status when it was still running.
-async fn terminate_group(
-    group: Option<u32>,
-    limits: ExecLimits,
-    hurry: &CancellationToken,
-    child: &mut Child,
-    exited: bool,
-) -> Option<std::process::ExitStatus> {
-    #[cfg(unix)]
-    {
-        use nix::sys::signal::{Signal, killpg};
-        use nix::unistd::Pid;
-        let pgid = group.map(|g| Pid::from_raw(g as i32))?;
-        let alive = || killpg(pgid, None).is_ok();
-        if !alive() {
-            return if exited {
-                None
-            } else {
-                child.wait().await.ok()
-            };
-        }
-        let _ = killpg(pgid, Signal::SIGTERM);
-        let deadline = tokio::time::Instant::now() + limits.kill_grace;
-        // The grace ends early once the stop is hurried (it may be already).
-        let over = async {
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {}
-                _ = async {
-                    hurry.cancelled().await;
-                    let hurried = tokio::time::Instant::now() + limits.hurried_grace;
-                    tokio::time::sleep_until(hurried.min(deadline)).await;
-                } => {}
-            }
-        };
-        tokio::pin!(over);
-        let mut over_done = false;
-        let mut status = None;
-        if !exited {
-            tokio::select! {
-                waited = child.wait() => status = waited.ok(),
-                _ = &mut over => over_done = true,
-            }
-        }
-        // Leftovers of the group: poll until they are gone or the grace is over.
-        while !over_done && alive() {
-            tokio::select! {
-                _ = &mut over => over_done = true,
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
-        }
-        if alive() {
-            let _ = killpg(pgid, Signal::SIGKILL);
-        }
-        if status.is_none() && !exited {
-            status = child.wait().await.ok();
-        }
-        status
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (group, limits, hurry);
-        if exited {
-            return None;
-        }
-        let _ = child.start_kill();
-        child.wait().await.ok()
-    }
 }
 
 fn outcome(
@@ -578,111 +300,11 @@ fn exit_outcome(status: std::process::ExitStatus) -> Outcome {
     }
 }
 
-/// Reads one stream into lines of at most `max` bytes.
-async fn read_lines(
-    stream: impl AsyncRead + Unpin,
-    which: LogStream,
-    max: usize,
-    lines: mpsc::Sender<Line>,
-) {
-    let mut reader = BufReader::new(stream);
-    let mut line: Vec<u8> = Vec::new();
-    let emit = |line: &mut Vec<u8>| {
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        let text = String::from_utf8_lossy(line).into_owned();
-        line.clear();
-        (which, text, Utc::now())
-    };
-    while let Ok(available) = reader.fill_buf().await {
-        if available.is_empty() {
-            if !line.is_empty() && lines.send(emit(&mut line)).await.is_err() {
-                return;
-            }
-            break;
-        }
-        let room = max.saturating_sub(line.len()).max(1);
-        let window = &available[..available.len().min(room)];
-        let (used, complete) = match window.iter().position(|&b| b == b'\n') {
-            Some(newline) => {
-                line.extend_from_slice(&window[..newline]);
-                (newline + 1, true)
-            }
-            None => {
-                line.extend_from_slice(window);
-                (window.len(), line.len() >= max)
-            }
-        };
-        reader.consume(used);
-        if complete && lines.send(emit(&mut line)).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Numbers the lines of both streams in arrival order, applies the cap, and hands
-/// batches to the reporter.
-async fn collect(run: RunId, mut rx: mpsc::Receiver<Line>, limits: ExecLimits, reporter: Reporter) {
-    let mut next_offset: u64 = 0;
-    let mut dropped: u64 = 0;
-    let mut batch: Vec<LogLine> = Vec::new();
-    let flush = |batch: &mut Vec<LogLine>| {
-        if !batch.is_empty() {
-            reporter.send(Report::Logs {
-                run,
-                lines: std::mem::take(batch),
-            });
-        }
-    };
-    loop {
-        let received = if batch.is_empty() {
-            rx.recv().await
-        } else {
-            match tokio::time::timeout(FLUSH_EVERY, rx.recv()).await {
-                Ok(line) => line,
-                Err(_) => {
-                    flush(&mut batch);
-                    continue;
-                }
-            }
-        };
-        let Some((stream, text, at)) = received else {
-            break;
-        };
-        // SYSTEM lines (timeouts, stops) are kept past the cap: they say why a run ended.
-        if next_offset >= limits.max_lines && stream != LogStream::System {
-            dropped += 1;
-            continue;
-        }
-        batch.push(LogLine {
-            offset: next_offset,
-            stream,
-            at,
-            text,
-        });
-        next_offset += 1;
-        if batch.len() >= FLUSH_LINES {
-            flush(&mut batch);
-        }
-    }
-    if dropped > 0 {
-        batch.push(LogLine {
-            offset: next_offset,
-            stream: LogStream::System,
-            at: Utc::now(),
-            text: format!(
-                "output capped at {} lines: {dropped} more lines were dropped",
-                limits.max_lines
-            ),
-        });
-    }
-    flush(&mut batch);
-}
-
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
+    use crate::report::Report;
+    use cloudtask_core::run::LogLine;
 
     fn limits() -> ExecLimits {
         ExecLimits {
@@ -833,14 +455,14 @@ mod tests {
     async fn a_worker_outside_the_normal_class_stages_shells_in_its_own() {
         // This test's thread (its runtime's only one) moves to the batch class; the
         // shells it starts inherit it, and it is theirs once let go too.
-        assert!(scheduling::set(0, libc::SCHED_BATCH));
+        assert!(staging::scheduling::set(0, libc::SCHED_BATCH));
         let dir = tempfile::tempdir().unwrap();
         let mut staged = stage(spec("sleep 30", dir.path())).expect("staged");
         let pid = staged.child.as_ref().and_then(Child::id).expect("pid");
         assert!(!staged.batch, "not switched: left in the worker's class");
         staged.release();
         assert_eq!(policy(pid), libc::SCHED_BATCH as u32);
-        scheduling::set(0, libc::SCHED_OTHER);
+        staging::scheduling::set(0, libc::SCHED_OTHER);
     }
 
     /// The scheduling policy of a process (`/proc/<pid>/stat`, field 41).
