@@ -5,6 +5,7 @@ pub mod archive;
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod protocol;
 pub mod roles;
 pub mod run;
 pub mod schedule;
