@@ -18,12 +18,13 @@ use axum::routing::{get, post};
 use cloudtask_catalogue::Scope;
 use cloudtask_core::Error;
 use cloudtask_core::ids::{ClusterId, RunId, TaskId};
-use cloudtask_core::run::{
-    Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, MAX_CLAIM_BATCH, ReportBatch, RunStatus,
-    Started,
+use cloudtask_core::protocol::{
+    Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, ErrorBody, FireCursor, JoinRequest,
+    JoinedCluster, MAX_CLAIM_BATCH, ReportBatch, StartRequest, Started,
 };
+use cloudtask_core::run::RunStatus;
 use cloudtask_core::task::is_sha256_hex;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 
 use crate::AppState;
@@ -313,7 +314,11 @@ fn error_response(e: Error) -> Response {
         Error::Internal(_) => "internal error".to_owned(),
         other => other.to_string(),
     };
-    (status, Json(json!({ "error": message, "code": e.code() }))).into_response()
+    let body = ErrorBody {
+        code: e.code().to_owned(),
+        error: message,
+    };
+    (status, Json(body)).into_response()
 }
 
 /// A JSON answer, or the error's status and code.
@@ -370,20 +375,6 @@ async fn user_package(
     result.map(archive_response).unwrap_or_else(error_response)
 }
 
-#[derive(Deserialize)]
-struct JoinRequest {
-    token: String,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct JoinResponse {
-    credential: String,
-    expires_at: chrono::DateTime<chrono::Utc>,
-    tenant_id: String,
-    cluster_id: String,
-}
-
 /// A worker exchanges its cluster's join token for a credential scoped to that cluster.
 async fn worker_join(State(http): State<Http>, Json(request): Json<JoinRequest>) -> Response {
     let result = async {
@@ -398,11 +389,11 @@ async fn worker_join(State(http): State<Http>, Json(request): Json<JoinRequest>)
             cluster.id,
             chrono::Duration::hours(12),
         )?;
-        Ok(JoinResponse {
+        Ok(JoinedCluster {
             credential: issued.token,
             expires_at: issued.expires_at,
-            tenant_id: cluster.tenant_id.to_string(),
-            cluster_id: cluster.id.to_string(),
+            tenant_id: cluster.tenant_id,
+            cluster_id: cluster.id,
         })
     }
     .await;
@@ -544,12 +535,6 @@ async fn claim_all(
     Ok(answers)
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct FireCursor {
-    since: chrono::DateTime<chrono::Utc>,
-}
-
 /// Where a worker taking a task over starts accounting for missed fires.
 async fn worker_fire_cursor(
     State(http): State<Http>,
@@ -568,11 +553,6 @@ async fn worker_fire_cursor(
     }
     .await;
     json_or_error(result)
-}
-
-#[derive(Deserialize)]
-struct StartRequest {
-    worker: String,
 }
 
 /// A worker starts a queued run it was handed (QUEUED → RUNNING, once): a manual run,

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod net;
+pub mod protocol;
 pub mod roles;
 pub mod run;
 pub mod schedule;

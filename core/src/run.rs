@@ -1,10 +1,15 @@
-//! Runs: what one fire of a task became, its log lines, and the wire format workers use to
-//! claim fires and report what happened (DESIGN §4–§6).
+//! Runs: what one fire of a task became (status, trigger, outcome) and its log lines. The
+//! requests workers send about runs are in [`crate::protocol`].
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{RunId, TaskId};
+// The worker protocol's run messages lived here before `protocol`; callers still name them
+// by this path.
+pub use crate::protocol::{
+    Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, MAX_CLAIM_BATCH, Report, ReportBatch,
+    Started,
+};
 
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
@@ -63,66 +68,6 @@ text_enum!(
     }
 );
 
-/// A worker asks to start one fire: (task, scheduled time, attempt) is claimed once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Claim {
-    pub task_id: TaskId,
-    pub scheduled_at: DateTime<Utc>,
-    pub attempt: u32,
-    /// The task version the worker's spec has: a claim on a stale spec is refused.
-    pub task_version: u32,
-    pub worker: String,
-    pub trigger: RunTrigger,
-    /// `Running` to start it; `Skipped` to record a fire not run (overlap, misfire).
-    pub status: RunStatus,
-    /// Why a skipped fire was skipped.
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Claimed {
-    pub run_id: RunId,
-}
-
-/// Claims sent in one request: a worker claims the fires due together at once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClaimBatch {
-    pub claims: Vec<Claim>,
-}
-
-/// Most claims one request may carry.
-pub const MAX_CLAIM_BATCH: usize = 1_000;
-
-/// The answer to one claim of a batch: its run, or why it was refused (final: the fire
-/// is claimed already, the task is paused, moved or changed).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
-pub enum ClaimAnswer {
-    Claimed { run_id: RunId },
-    Refused { code: String, message: String },
-}
-
-/// The answers to a batch, in the order of its claims.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClaimAnswers {
-    pub answers: Vec<ClaimAnswer>,
-}
-
-/// A queued run (manual, or the retry of a lost fire) as its worker starts it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Started {
-    pub run_id: RunId,
-    pub scheduled_at: DateTime<Utc>,
-    pub attempt: u32,
-    pub trigger: RunTrigger,
-}
-
 /// One line of a run's output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -133,51 +78,6 @@ pub struct LogLine {
     pub stream: LogStream,
     pub at: DateTime<Utc>,
     pub text: String,
-}
-
-/// One thing a worker reports about a run: when its process started (a fire is claimed
-/// ahead of its time), that a claimed fire was not started, a batch of its log lines, or
-/// how it ended. Reports of one run are delivered in the order they were
-/// made.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "camelCase")]
-pub enum Report {
-    Started {
-        run: RunId,
-        at: DateTime<Utc>,
-    },
-    /// A fire claimed ahead of its time was not started. The API decides what it was: not
-    /// due after all (the task was paused or deleted before it, or edited since the
-    /// claim: the record goes), or a fire not run (SKIPPED, with `reason`).
-    Abandon {
-        run: RunId,
-        reason: String,
-    },
-    Logs {
-        run: RunId,
-        lines: Vec<LogLine>,
-    },
-    Finish {
-        run: RunId,
-        outcome: Outcome,
-    },
-}
-
-impl Report {
-    pub fn run(&self) -> RunId {
-        match self {
-            Report::Started { run, .. }
-            | Report::Abandon { run, .. }
-            | Report::Logs { run, .. }
-            | Report::Finish { run, .. } => *run,
-        }
-    }
-}
-
-/// Reports delivered in one request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReportBatch {
-    pub reports: Vec<Report>,
 }
 
 /// How a run ended, as its worker saw it.

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{RunId, TaskId};
-use cloudtask_core::run::{
-    Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, Report, ReportBatch, Started,
+use cloudtask_core::protocol::{
+    Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, FireCursor, Report, ReportBatch,
+    StartRequest, Started,
 };
 use reqwest::StatusCode;
-use serde::Deserialize;
 use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
@@ -33,12 +33,6 @@ pub struct ApiClient {
     join_token: String,
     credential: RwLock<String>,
     shutdown: CancellationToken,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct FireCursor {
-    since: DateTime<Utc>,
 }
 
 impl ApiClient {
@@ -152,7 +146,9 @@ impl ApiClient {
 
     /// Starts a queued run handed to this worker (manual, or a lost fire's retry).
     pub async fn start(&self, run: RunId, worker: &str) -> Result<Started, CallError> {
-        let body = serde_json::json!({ "worker": worker });
+        let body = StartRequest {
+            worker: worker.to_owned(),
+        };
         let response = self
             .send(|http, base| {
                 http.post(format!("{base}/worker/runs/{run}/start"))

@@ -1,38 +1,14 @@
 //! Joining a cluster: the worker trades its cluster's join token for a credential scoped
 //! to that cluster alone (`POST /worker/join`, DESIGN §8).
 
-use std::fmt;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use cloudtask_core::ids::{ClusterId, TenantId};
+pub use cloudtask_core::protocol::JoinedCluster;
+use cloudtask_core::protocol::{ErrorBody, JoinRequest};
 use reqwest::StatusCode;
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-
-/// What the API hands a worker that presented a valid join token.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct JoinedCluster {
-    /// Bearer credential for the worker endpoints, valid for this cluster only.
-    pub credential: String,
-    pub cluster_id: ClusterId,
-    pub tenant_id: TenantId,
-    pub expires_at: DateTime<Utc>,
-}
-
-impl fmt::Debug for JoinedCluster {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JoinedCluster")
-            .field("credential", &"<redacted>")
-            .field("cluster_id", &self.cluster_id)
-            .field("tenant_id", &self.tenant_id)
-            .field("expires_at", &self.expires_at)
-            .finish()
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -108,11 +84,6 @@ enum Attempt {
     Final(JoinError),
 }
 
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: String,
-}
-
 async fn attempt_join(
     http: &reqwest::Client,
     endpoint: &str,
@@ -121,7 +92,9 @@ async fn attempt_join(
 ) -> Result<JoinedCluster, Attempt> {
     let response = http
         .post(endpoint)
-        .json(&serde_json::json!({ "token": token }))
+        .json(&JoinRequest {
+            token: token.to_owned(),
+        })
         .send()
         .await
         .map_err(|e| {

@@ -26,7 +26,7 @@ const LINGER: Duration = Duration::from_millis(20);
 /// How long a shutting-down worker keeps trying before it leaves the rest in the spool.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
-pub use cloudtask_core::run::Report;
+pub use cloudtask_core::protocol::Report;
 
 /// Hands reports to the writer. Cheap to clone.
 #[derive(Clone)]

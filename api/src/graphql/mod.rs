@@ -1,15 +1,24 @@
-//! The GraphQL schema: per-request context, query and mutation roots, object types.
+//! The GraphQL schema, one module per resource (its queries, mutations, subscriptions and
+//! object types), merged here into the roots; inputs in `inputs`, ids and paging in
+//! `args`. Also the per-request context every resolver reads the caller from.
 
+mod args;
+mod audit;
+mod auth;
 pub mod bounds;
-mod mutation;
-mod query;
-mod subscription;
-mod types;
+mod clusters;
+mod inputs;
+mod members;
+mod notifications;
+mod packages;
+mod runs;
+mod tasks;
+mod tenants;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use async_graphql::{Context, Schema};
+use async_graphql::{Context, MergedObject, MergedSubscription, Schema};
 use cloudtask_catalogue::{Scope, TenantHandle};
 use cloudtask_core::Error;
 use tokio::sync::OnceCell;
@@ -17,10 +26,37 @@ use tokio::sync::OnceCell;
 use crate::AppState;
 use crate::auth::Identity;
 
-pub use mutation::MutationRoot;
-pub use query::QueryRoot;
-pub use subscription::SubscriptionRoot;
-pub use types::encode_cursor;
+pub use args::encode_cursor;
+
+#[derive(MergedObject, Default)]
+#[graphql(name = "Query")]
+pub struct QueryRoot(
+    auth::AuthQuery,
+    tenants::TenantQuery,
+    clusters::ClusterQuery,
+    tasks::TaskQuery,
+    runs::RunQuery,
+    notifications::NotificationQuery,
+    members::MemberQuery,
+    audit::AuditQuery,
+);
+
+#[derive(MergedObject, Default)]
+#[graphql(name = "Mutation")]
+pub struct MutationRoot(
+    auth::AuthMutation,
+    tenants::TenantMutation,
+    members::MemberMutation,
+    clusters::ClusterMutation,
+    notifications::NotificationMutation,
+    tasks::TaskMutation,
+    packages::PackageMutation,
+    runs::RunMutation,
+);
+
+#[derive(MergedSubscription, Default)]
+#[graphql(name = "Subscription")]
+pub struct SubscriptionRoot(runs::RunSubscription, clusters::ClusterSubscription);
 
 pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
@@ -52,8 +88,12 @@ pub enum Audience {
 }
 
 pub fn build_schema(state: Option<Arc<AppState>>, audience: Audience) -> AppSchema {
-    let mut builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
-        .extension(crate::error::ErrorCodes);
+    let mut builder = Schema::build(
+        QueryRoot::default(),
+        MutationRoot::default(),
+        SubscriptionRoot::default(),
+    )
+    .extension(crate::error::ErrorCodes);
     if audience == Audience::Anonymous {
         builder = builder.disable_introspection().disable_suggestions();
     }

@@ -1,23 +1,28 @@
-//! Subscriptions over `/graphql/ws`. Each follows the catalogue's events (see
-//! `cloudtask_catalogue::events`), which say what changed, and reads the change from the
-//! catalogue through the subscriber's tenant handle: a missed or repeated event costs a
-//! query, never a gap, a duplicate, or another tenant's data.
+//! Runs and their logs: `runs`, `run`, `runTaskNow`, `stopRun`, and the `runLogs` and
+//! `runEvents` subscriptions. Subscriptions follow the catalogue's events (see
+//! `cloudtask_catalogue::events`), which say what changed, and read the change through the
+//! subscriber's tenant handle: a missed or repeated event costs a query, never a gap, a
+//! duplicate, or another tenant's data.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use async_graphql::{Context, Enum, ID, SimpleObject, Subscription};
+use async_graphql::connection::Connection;
+use async_graphql::{Context, Enum, ID, Object, Subscription};
 use chrono::{DateTime, Utc};
 use cloudtask_catalogue::RunLog;
-use cloudtask_catalogue::events::{Event, Events, Membership};
+use cloudtask_catalogue::events::{Event, Events};
+use cloudtask_catalogue::records::Run;
 use cloudtask_core::Error;
-use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId};
+use cloudtask_core::ids::{RunId, TaskId};
 use cloudtask_core::run::LogLine;
 use futures_util::Stream;
 
-use super::types::{LogLineObj, RunObj, parse_id};
+use super::args::{connection, page_request, parse_id, parse_optional_id};
+use super::inputs::RunFilterInput;
+use super::tasks::TaskObj;
 use super::{state, tenant};
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
 
 /// Lines read from the catalogue at a time while catching up.
 const LOG_PAGE: u64 = 1_000;
@@ -27,41 +32,85 @@ const QUIET_RECHECK: Duration = Duration::from_secs(10);
 /// How long a subscriber waits before reading again after the catalogue failed.
 const RETRY: Duration = Duration::from_secs(1);
 
-pub struct SubscriptionRoot;
-
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
-#[graphql(name = "WorkerEventKind")]
-pub enum WorkerEventKind {
-    Joined,
-    /// Left cleanly (shut down).
-    Left,
-    /// Its session ended without a clean leave; its tasks moved.
-    Offline,
+#[graphql(name = "RunStatus", remote = "cloudtask_core::run::RunStatus")]
+pub enum RunStatusGql {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Stopped,
+    Lost,
+    Skipped,
 }
 
-impl From<Membership> for WorkerEventKind {
-    fn from(m: Membership) -> Self {
-        match m {
-            Membership::Joined => WorkerEventKind::Joined,
-            Membership::Left => WorkerEventKind::Left,
-            Membership::Offline => WorkerEventKind::Offline,
-        }
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "RunTrigger", remote = "cloudtask_core::run::RunTrigger")]
+pub enum RunTriggerGql {
+    Schedule,
+    Manual,
+    Retry,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "LogStream", remote = "cloudtask_core::run::LogStream")]
+pub enum LogStreamGql {
+    Stdout,
+    Stderr,
+    System,
+}
+
+#[derive(Default)]
+pub struct RunQuery;
+
+#[Object]
+impl RunQuery {
+    /// Runs of the caller's tenant, newest first.
+    async fn runs(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+        filter: Option<RunFilterInput>,
+    ) -> ApiResult<Connection<String, RunObj>> {
+        let request = page_request(first, after)?;
+        let filter = filter.unwrap_or_default().parse()?;
+        let page = tenant(ctx).await?.runs(&filter, request).await?;
+        Ok(connection(page, request, |r| r.id.into(), RunObj))
+    }
+
+    /// A run of the caller's tenant; any other id answers `NOT_FOUND`.
+    async fn run(&self, ctx: &Context<'_>, id: ID) -> ApiResult<Option<RunObj>> {
+        let handle = tenant(ctx).await?;
+        Ok(Some(RunObj(handle.run(parse_id("id", &id)?).await?)))
     }
 }
 
-/// A worker joined or left its cluster.
-#[derive(SimpleObject)]
-pub struct WorkerEvent {
-    pub cluster_id: ID,
-    /// The worker's name, unique in its cluster.
-    pub worker: String,
-    pub kind: WorkerEventKind,
-    /// When this API heard of it.
-    pub at: DateTime<Utc>,
+#[derive(Default)]
+pub struct RunMutation;
+
+#[Object]
+impl RunMutation {
+    /// Queues a manual run now; the task's worker starts it (QUEUED, then RUNNING).
+    async fn run_task_now(&self, ctx: &Context<'_>, id: ID) -> ApiResult<RunObj> {
+        let handle = tenant(ctx).await?;
+        Ok(RunObj(handle.queue_run(parse_id("id", &id)?).await?))
+    }
+
+    /// Stops a run: a queued one at once, a running one through its worker, which
+    /// terminates its process group and reports it STOPPED.
+    async fn stop_run(&self, ctx: &Context<'_>, id: ID) -> ApiResult<RunObj> {
+        let handle = tenant(ctx).await?;
+        Ok(RunObj(handle.request_stop(parse_id("id", &id)?).await?))
+    }
 }
 
-#[Subscription(name = "Subscription")]
-impl SubscriptionRoot {
+#[derive(Default)]
+pub struct RunSubscription;
+
+#[Subscription]
+impl RunSubscription {
     /// The run's stored lines from `fromOffset` (default 0), then its new lines as they
     /// are stored, in order, each once; completes when the run has ended and every line is
     /// delivered. A subscriber that reconnects passes the offset after the last line it
@@ -97,10 +146,7 @@ impl SubscriptionRoot {
         task_id: Option<ID>,
     ) -> Result<impl Stream<Item = RunObj> + use<>, ApiError> {
         let handle = tenant(ctx).await?.clone();
-        let task: Option<TaskId> = task_id
-            .as_ref()
-            .map(|id| parse_id("taskId", id))
-            .transpose()?;
+        let task: Option<TaskId> = parse_optional_id("taskId", task_id.as_ref())?;
         if let Some(task) = task {
             handle.task(task).await?;
         }
@@ -129,47 +175,103 @@ impl SubscriptionRoot {
             },
         ))
     }
+}
 
-    /// Workers of the tenant's clusters (or of one cluster) joining and leaving.
-    async fn worker_events(
+/// One fire of a task, or one manual run, and what became of it.
+pub struct RunObj(pub Run);
+
+/// Most log lines `Run.logs` returns at once.
+pub const MAX_LOG_PAGE: i32 = 5_000;
+
+#[Object(name = "Run")]
+impl RunObj {
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+    async fn task(&self, ctx: &Context<'_>) -> ApiResult<TaskObj> {
+        Ok(tenant(ctx).await?.task(self.0.task_id).await?.into())
+    }
+    /// The task version the run ran.
+    async fn task_version(&self) -> u32 {
+        self.0.task_version
+    }
+    /// The fire time (UTC) this run is for; for a manual run, when it was asked for.
+    async fn scheduled_at(&self) -> DateTime<Utc> {
+        self.0.scheduled_at
+    }
+    async fn started_at(&self) -> Option<DateTime<Utc>> {
+        self.0.started_at
+    }
+    async fn finished_at(&self) -> Option<DateTime<Utc>> {
+        self.0.finished_at
+    }
+    async fn status(&self) -> RunStatusGql {
+        self.0.status.into()
+    }
+    async fn trigger(&self) -> RunTriggerGql {
+        self.0.trigger.into()
+    }
+    /// 0 for the first attempt of a fire, then 1, 2… for retries.
+    async fn attempt(&self) -> u32 {
+        self.0.attempt
+    }
+    async fn exit_code(&self) -> Option<i32> {
+        self.0.exit_code
+    }
+    /// The signal that ended the process, if one did.
+    async fn signal(&self) -> Option<i32> {
+        self.0.signal
+    }
+    /// Why the run failed, was skipped, stopped or lost.
+    async fn error(&self) -> Option<&str> {
+        self.0.error.as_deref()
+    }
+    /// The worker that ran it.
+    async fn worker(&self) -> Option<&str> {
+        self.0.worker.as_deref()
+    }
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+    /// Log lines from `fromOffset` (default 0), in order, at most `limit` (default and
+    /// maximum 5000).
+    async fn logs(
         &self,
         ctx: &Context<'_>,
-        cluster_id: Option<ID>,
-    ) -> Result<impl Stream<Item = WorkerEvent> + use<>, ApiError> {
-        let handle = tenant(ctx).await?;
-        let cluster: Option<ClusterId> = cluster_id
-            .as_ref()
-            .map(|id| parse_id("clusterId", id))
-            .transpose()?;
-        if let Some(cluster) = cluster {
-            handle.cluster(cluster).await?;
+        #[graphql(default = 0)] from_offset: i32,
+        #[graphql(default = 5000)] limit: i32,
+    ) -> ApiResult<Vec<LogLineObj>> {
+        if from_offset < 0 {
+            return Err(Error::bad_input("fromOffset", "must not be negative").into());
         }
-        let tenant_id: TenantId = handle.tenant_id();
-        let events = state(ctx).catalogue.events().await?;
-        Ok(futures_util::stream::unfold(
-            events,
-            move |mut events| async move {
-                loop {
-                    if let Event::Worker {
-                        tenant,
-                        cluster: of_cluster,
-                        change,
-                        worker,
-                    } = events.next().await?
-                        && tenant == tenant_id
-                        && cluster.is_none_or(|c| c == of_cluster)
-                    {
-                        let event = WorkerEvent {
-                            cluster_id: ID(of_cluster.to_string()),
-                            worker,
-                            kind: change.into(),
-                            at: Utc::now(),
-                        };
-                        return Some((event, events));
-                    }
-                }
-            },
-        ))
+        if !(0..=MAX_LOG_PAGE).contains(&limit) {
+            return Err(
+                Error::bad_input("limit", format!("must be between 0 and {MAX_LOG_PAGE}")).into(),
+            );
+        }
+        let lines = tenant(ctx)
+            .await?
+            .logs_of(&self.0, from_offset as u64, limit as u64)
+            .await?;
+        Ok(lines.into_iter().map(LogLineObj).collect())
+    }
+}
+
+pub struct LogLineObj(pub LogLine);
+
+#[Object(name = "LogLine")]
+impl LogLineObj {
+    async fn offset(&self) -> u64 {
+        self.0.offset
+    }
+    async fn stream(&self) -> LogStreamGql {
+        self.0.stream.into()
+    }
+    async fn at(&self) -> DateTime<Utc> {
+        self.0.at
+    }
+    async fn text(&self) -> &str {
+        &self.0.text
     }
 }
 

@@ -1,5 +1,8 @@
 //! Credentials: argon2id passwords, HS256 access tokens (algorithm pinned), opaque
-//! refresh tokens stored as sha256, worker credentials scoped to one cluster.
+//! refresh tokens stored as sha256, worker credentials scoped to one cluster. Users'
+//! sessions (login, refresh, logout) are in [`sessions`].
+
+pub mod sessions;
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
@@ -189,6 +192,14 @@ pub fn burn_password_check(password: &str) {
     let _ = verify_password(password, hash);
 }
 
+/// Checks a new password and hashes it (off the async runtime: argon2 is slow on purpose).
+pub async fn hash_new_password(field: &str, password: String) -> Result<String> {
+    validate_password(field, &password)?;
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(Error::internal)?
+}
+
 /// Checks a new password before it is hashed.
 pub fn validate_password(field: &str, password: &str) -> Result<()> {
     if password.chars().count() < 8 {
@@ -205,6 +216,13 @@ pub fn random_token(prefix: &str) -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// A new cluster join token, and the hash that is stored of it.
+pub fn new_join_token() -> (String, String) {
+    let token = random_token("ctj_");
+    let hash = token_hash(&token);
+    (token, hash)
 }
 
 /// How opaque tokens are stored: a fast hash suffices, they carry 256 bits of entropy.

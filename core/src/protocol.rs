@@ -1,0 +1,223 @@
+//! The worker protocol: the bodies of the API's `/worker/*` requests and answers, defined
+//! once for both ends (the API's endpoints and the worker's client). Field names are the
+//! JSON on the wire: renaming one breaks workers and APIs of other versions.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ClusterId, RunId, TaskId, TenantId};
+use crate::run::{LogLine, Outcome, RunStatus, RunTrigger};
+
+/// `POST /worker/join`: the cluster's join token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token: String,
+}
+
+/// What the API hands a worker that presented a valid join token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinedCluster {
+    /// Bearer credential for the worker endpoints, valid for this cluster only.
+    pub credential: String,
+    pub expires_at: DateTime<Utc>,
+    pub tenant_id: TenantId,
+    pub cluster_id: ClusterId,
+}
+
+impl fmt::Debug for JoinedCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinedCluster")
+            .field("credential", &"<redacted>")
+            .field("cluster_id", &self.cluster_id)
+            .field("tenant_id", &self.tenant_id)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// A refused worker request: the domain error's code and message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    #[serde(default)]
+    pub code: String,
+    pub error: String,
+}
+
+/// `GET /worker/tasks/{task}/cursor`: where a worker taking a task over starts accounting
+/// for missed fires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FireCursor {
+    pub since: DateTime<Utc>,
+}
+
+/// `POST /worker/runs/{run}/start`: the worker starting a queued run it was handed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRequest {
+    pub worker: String,
+}
+
+/// `POST /worker/claims`: a worker asks to start one fire; (task, scheduled time, attempt)
+/// is claimed once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Claim {
+    pub task_id: TaskId,
+    pub scheduled_at: DateTime<Utc>,
+    pub attempt: u32,
+    /// The task version the worker's spec has: a claim on a stale spec is refused.
+    pub task_version: u32,
+    pub worker: String,
+    pub trigger: RunTrigger,
+    /// `Running` to start it; `Skipped` to record a fire not run (overlap, misfire).
+    pub status: RunStatus,
+    /// Why a skipped fire was skipped.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The answer to one claim sent alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Claimed {
+    pub run_id: RunId,
+}
+
+/// `POST /worker/claims/batch`: a worker claims the fires due together in one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimBatch {
+    pub claims: Vec<Claim>,
+}
+
+/// Most claims one request may carry.
+pub const MAX_CLAIM_BATCH: usize = 1_000;
+
+/// The answer to one claim of a batch: its run, or why it was refused (final: the fire
+/// is claimed already, the task is paused, moved or changed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum ClaimAnswer {
+    Claimed { run_id: RunId },
+    Refused { code: String, message: String },
+}
+
+/// The answers to a batch, in the order of its claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimAnswers {
+    pub answers: Vec<ClaimAnswer>,
+}
+
+/// The answer to a start: the queued run (manual, or the retry of a lost fire) as its
+/// worker starts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Started {
+    pub run_id: RunId,
+    pub scheduled_at: DateTime<Utc>,
+    pub attempt: u32,
+    pub trigger: RunTrigger,
+}
+
+/// One thing a worker reports about a run: when its process started (a fire is claimed
+/// ahead of its time), that a claimed fire was not started, a batch of its log lines, or
+/// how it ended. Reports of one run are delivered in the order they were made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Report {
+    Started {
+        run: RunId,
+        at: DateTime<Utc>,
+    },
+    /// A fire claimed ahead of its time was not started. The API decides what it was: not
+    /// due after all (the task was paused or deleted before it, or edited since the
+    /// claim: the record goes), or a fire not run (SKIPPED, with `reason`).
+    Abandon {
+        run: RunId,
+        reason: String,
+    },
+    Logs {
+        run: RunId,
+        lines: Vec<LogLine>,
+    },
+    Finish {
+        run: RunId,
+        outcome: Outcome,
+    },
+}
+
+impl Report {
+    pub fn run(&self) -> RunId {
+        match self {
+            Report::Started { run, .. }
+            | Report::Abandon { run, .. }
+            | Report::Logs { run, .. }
+            | Report::Finish { run, .. } => *run,
+        }
+    }
+}
+
+/// `POST /worker/reports`: reports delivered in one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportBatch {
+    pub reports: Vec<Report>,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// The bodies as both ends built them by hand before this module: same bytes.
+    #[test]
+    fn bodies_keep_their_wire_form() {
+        let tenant = TenantId::new();
+        let cluster = ClusterId::new();
+        let at: DateTime<Utc> = "2030-01-02T03:04:05Z".parse().unwrap();
+        assert_eq!(
+            text(&JoinRequest { token: "t".into() }),
+            json!({ "token": "t" }).to_string()
+        );
+        assert_eq!(
+            text(&StartRequest { worker: "w".into() }),
+            json!({ "worker": "w" }).to_string()
+        );
+        assert_eq!(
+            text(&ErrorBody {
+                code: "CONFLICT".into(),
+                error: "no".into()
+            }),
+            json!({ "error": "no", "code": "CONFLICT" }).to_string()
+        );
+        assert_eq!(
+            text(&FireCursor { since: at }),
+            r#"{"since":"2030-01-02T03:04:05Z"}"#
+        );
+        assert_eq!(
+            text(&JoinedCluster {
+                credential: "c".into(),
+                expires_at: at,
+                tenant_id: tenant,
+                cluster_id: cluster,
+            }),
+            format!(
+                r#"{{"credential":"c","expiresAt":"2030-01-02T03:04:05Z","tenantId":"{tenant}","clusterId":"{cluster}"}}"#
+            )
+        );
+    }
+
+    #[test]
+    fn an_error_body_without_a_code_still_reads() {
+        let body: ErrorBody = serde_json::from_str(r#"{"error":"starting"}"#).unwrap();
+        assert_eq!(body.error, "starting");
+    }
+
+    fn text(body: &impl Serialize) -> String {
+        serde_json::to_string(body).unwrap()
+    }
+}
