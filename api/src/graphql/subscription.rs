@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_graphql::{Context, Enum, ID, SimpleObject, Subscription};
 use chrono::{DateTime, Utc};
 use cloudtask_catalogue::RunLog;
-use cloudtask_catalogue::events::{Event, Events, Membership};
+use cloudtask_catalogue::live_events::{Event, Events, Membership};
 use cloudtask_core::Error;
 use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId};
 use cloudtask_core::run::LogLine;

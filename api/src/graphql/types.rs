@@ -8,10 +8,10 @@ use async_graphql::{
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use cloudtask_catalogue::records::{
-    AuditEntry, Cluster, Member, Membership, PackageInfo, Run, Task, TaskVersion, Tenant, User,
+use cloudtask_catalogue::{
+    AuditEntry, Cluster, Member, Membership, PackageInfo, Page, PageRequest, Run, RunFilter, Task,
+    TaskFilter, TaskVersion, Tenant, User,
 };
-use cloudtask_catalogue::{Page, PageRequest, RunFilter, TaskFilter};
 use cloudtask_core::run::LogLine;
 use cloudtask_core::task::TaskSpec;
 use cloudtask_core::{Error, Result};
