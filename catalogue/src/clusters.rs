@@ -77,7 +77,7 @@ impl Catalogue {
 impl TenantHandle {
     pub async fn clusters(&self) -> Result<Vec<Cluster>> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             let rows = self
                 .find::<cluster::Entity>()
                 .order_by_asc(cluster::Column::Id)
@@ -103,7 +103,7 @@ impl TenantHandle {
 
     pub async fn cluster(&self, id: ClusterId) -> Result<Cluster> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| Ok(self.cluster_model(txn, id).await?.into()))
+        self.reading(async |txn| Ok(self.cluster_model(txn, id).await?.into()))
             .await
     }
 

@@ -101,7 +101,7 @@ impl RunLog {
     pub async fn lines(&self, from_offset: u64, limit: u64) -> Result<Vec<LogLine>> {
         let rows = self
             .tenant
-            .scoped(async |txn| {
+            .reading(async |txn| {
                 Ok(self
                     .tenant
                     .find::<run_log_line::Entity>()
@@ -120,7 +120,7 @@ impl RunLog {
     pub async fn has_ended(&self) -> Result<bool> {
         let status: Option<String> = self
             .tenant
-            .scoped(async |txn| {
+            .reading(async |txn| {
                 Ok(self
                     .tenant
                     .find::<run::Entity>()

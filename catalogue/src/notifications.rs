@@ -377,7 +377,7 @@ impl TenantHandle {
     /// The tenant's notification settings, without the webhook secret.
     pub async fn notifications(&self) -> Result<TenantNotifications> {
         self.require(Action::Read)?;
-        let tenant = self.scoped(async |txn| self.tenant_row(txn).await).await?;
+        let tenant = self.reading(async |txn| self.tenant_row(txn).await).await?;
         Ok(TenantNotifications {
             webhook_secret: None,
             ..settings_of(tenant)

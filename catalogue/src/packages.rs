@@ -58,7 +58,7 @@ impl TenantHandle {
     /// What the tenant's package is, without its bytes.
     pub async fn package(&self, sha256: &str) -> Result<PackageInfo> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             let found = self
                 .find::<package::Entity>()
                 .filter(package::Column::Sha256.eq(sha256))
@@ -90,7 +90,7 @@ impl TenantHandle {
 
     pub async fn package_content(&self, sha256: &str) -> Result<Vec<u8>> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             let found = self
                 .find::<package::Entity>()
                 .filter(package::Column::Sha256.eq(sha256))
@@ -105,7 +105,7 @@ impl TenantHandle {
 impl ClusterHandle {
     /// A package's bytes, if a task of this cluster uses it.
     pub async fn package_content(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             let found = self
                 .find::<package::Entity>()
                 .filter(package::Column::Sha256.eq(sha256))

@@ -125,12 +125,20 @@ impl TenantHandle {
         E::of_tenant(self.tenant_id.into())
     }
 
-    /// Runs `work` in one transaction behind the tenant's wall.
+    /// Runs `work` in one transaction behind the tenant's wall, and commits.
     pub(crate) async fn scoped<T>(
         &self,
         work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
     ) -> Result<T> {
-        walled(&self.db, Wall::Tenant(self.tenant_id), work).await
+        walled(&self.db, Wall::Tenant(self.tenant_id), Access::Write, work).await
+    }
+
+    /// Like [`TenantHandle::scoped`] for `work` that only reads.
+    pub(crate) async fn reading<T>(
+        &self,
+        work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
+    ) -> Result<T> {
+        walled(&self.db, Wall::Tenant(self.tenant_id), Access::Read, work).await
     }
 
     /// Runs raw SQL behind the tenant's wall and returns each row's first column as
@@ -156,12 +164,26 @@ impl ClusterHandle {
         E::of_cluster(self.cluster_id.into())
     }
 
-    /// Runs `work` in one transaction behind the cluster's wall.
+    /// Runs `work` in one transaction behind the cluster's wall, and commits.
     pub(crate) async fn scoped<T>(
         &self,
         work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
     ) -> Result<T> {
-        walled(&self.db, Wall::Cluster(self.cluster_id), work).await
+        walled(
+            &self.db,
+            Wall::Cluster(self.cluster_id),
+            Access::Write,
+            work,
+        )
+        .await
+    }
+
+    /// Like [`ClusterHandle::scoped`] for `work` that only reads.
+    pub(crate) async fn reading<T>(
+        &self,
+        work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
+    ) -> Result<T> {
+        walled(&self.db, Wall::Cluster(self.cluster_id), Access::Read, work).await
     }
 
     /// Runs raw SQL behind the cluster's wall and returns each row's first column as
@@ -179,10 +201,20 @@ enum Wall {
     Cluster(ClusterId),
 }
 
-/// Begins a transaction, puts it behind `wall` (Postgres), runs `work`, commits.
+/// Whether a walled transaction may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// Begins a transaction, puts it behind `wall` (Postgres), runs `work`, and commits a
+/// write. A read is made read-only by the database and ends without a COMMIT round
+/// trip: dropping it rolls it back, flushed when its connection goes back to the pool.
 async fn walled<T>(
     db: &DatabaseConnection,
     wall: Wall,
+    access: Access,
     work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
 ) -> Result<T> {
     let txn = db.begin().await.map_err(CatalogueError::from)?;
@@ -192,16 +224,25 @@ async fn walled<T>(
             Wall::Cluster(id) => (CLUSTER_ROLE, CLUSTER_SETTING, Uuid::from(id)),
         };
         // One round trip: `set_config('role', …, true)` is SET LOCAL ROLE.
+        let sql = match access {
+            Access::Write => "SELECT set_config('role', $1, true), set_config($2, $3, true)",
+            Access::Read => {
+                "SELECT set_config('role', $1, true), set_config($2, $3, true), \
+                 set_config('transaction_read_only', 'on', true)"
+            }
+        };
         txn.execute_raw(Statement::from_sql_and_values(
             DatabaseBackend::Postgres,
-            "SELECT set_config('role', $1, true), set_config($2, $3, true)",
+            sql,
             [role.into(), setting.into(), id.to_string().into()],
         ))
         .await
         .map_err(CatalogueError::from)?;
     }
     let value = work(&txn).await?;
-    txn.commit().await.map_err(CatalogueError::from)?;
+    if access == Access::Write {
+        txn.commit().await.map_err(CatalogueError::from)?;
+    }
     Ok(value)
 }
 
@@ -283,8 +324,8 @@ impl OfCluster for run::Entity {
 impl OfCluster for package::Entity {
     fn of_cluster(cluster: Uuid) -> SimpleExpr {
         Expr::tuple([
-            Expr::col(package::Column::TenantId).into(),
-            Expr::col(package::Column::Sha256).into(),
+            Expr::col(package::Column::TenantId),
+            Expr::col(package::Column::Sha256),
         ])
         .in_subquery(
             Query::select()

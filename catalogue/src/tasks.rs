@@ -124,7 +124,7 @@ impl Catalogue {
 impl TenantHandle {
     pub async fn tasks(&self, filter: &TaskFilter, request: PageRequest) -> Result<Page<Task>> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             let mut query = self.find::<task::Entity>();
             if let Some(cluster_id) = filter.cluster_id {
                 query = query.filter(task::Column::ClusterId.eq(Uuid::from(cluster_id)));
@@ -154,7 +154,7 @@ impl TenantHandle {
 
     pub async fn task_count(&self, state: Option<TaskState>) -> Result<u64> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             let mut query = self.find::<task::Entity>();
             if let Some(state) = state {
                 query = query.filter(task::Column::State.eq(state.as_str()));
@@ -179,7 +179,7 @@ impl TenantHandle {
 
     pub async fn task(&self, id: TaskId) -> Result<Task> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| Ok(self.task_model(txn, id).await?.try_into()?))
+        self.reading(async |txn| Ok(self.task_model(txn, id).await?.try_into()?))
             .await
     }
 
@@ -410,7 +410,7 @@ impl TenantHandle {
     /// Every version of the task, newest first.
     pub async fn task_versions(&self, id: TaskId) -> Result<Vec<TaskVersion>> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             self.task_model(txn, id).await?;
             let rows = self
                 .find::<task_version::Entity>()

@@ -157,7 +157,7 @@ impl Catalogue {
 
 impl TenantHandle {
     pub async fn tenant(&self) -> Result<Tenant> {
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             Ok(self
                 .find::<tenant::Entity>()
                 .one(txn)
@@ -170,7 +170,7 @@ impl TenantHandle {
 
     pub async fn members(&self) -> Result<Vec<Member>> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             let rows = self
                 .find::<membership::Entity>()
                 .order_by_asc(membership::Column::CreatedAt)
@@ -202,7 +202,7 @@ impl TenantHandle {
 
     pub async fn member(&self, user_id: UserId) -> Result<Member> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             let (m, u) = self.member_model(txn, user_id).await?;
             Ok(member_of(m, u).ok_or(Error::NotFound("member"))?)
         })

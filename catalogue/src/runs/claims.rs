@@ -111,7 +111,7 @@ impl ClusterHandle {
     /// fire claimed so far, or the task's last change (creation, edit, resume) if later.
     /// Fires after it and before now were due while nobody could run them: misfires.
     pub async fn fire_cursor(&self, task_id: TaskId) -> Result<DateTime<Utc>> {
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             let task = self
                 .find::<task::Entity>()
                 .filter(task::Column::Id.eq(Uuid::from(task_id)))

@@ -227,7 +227,7 @@ impl TenantHandle {
     /// Runs of the tenant, newest first.
     pub async fn runs(&self, filter: &RunFilter, request: PageRequest) -> Result<Page<Run>> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             let mut query = self.find::<run::Entity>();
             if let Some(task_id) = filter.task_id {
                 query = query.filter(run::Column::TaskId.eq(Uuid::from(task_id)));
@@ -259,14 +259,14 @@ impl TenantHandle {
 
     pub async fn run(&self, id: RunId) -> Result<Run> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| Ok(self.run_model(txn, id).await?.try_into()?))
+        self.reading(async |txn| Ok(self.run_model(txn, id).await?.try_into()?))
             .await
     }
 
     /// The task's latest run (by creation), if it has any.
     pub async fn last_run(&self, task_id: TaskId) -> Result<Option<Run>> {
         self.require(Action::Read)?;
-        self.scoped(async |txn| {
+        self.reading(async |txn| {
             let row = self
                 .find::<run::Entity>()
                 .filter(run::Column::TaskId.eq(Uuid::from(task_id)))
