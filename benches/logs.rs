@@ -116,7 +116,8 @@ async fn runs(setup: &Setup, count: usize) -> Vec<RunId> {
             setup
                 .api
                 .catalogue
-                .claim_run(setup.cluster, &claim)
+                .cluster(setup.cluster)
+                .claim_run(&claim)
                 .await
                 .unwrap()
                 .id,
@@ -172,7 +173,11 @@ async fn write(setup: &Setup, all: &[RunId], over_http: bool, paced: Option<usiz
                         .unwrap();
                     assert!(response.status().is_success(), "{}", response.status());
                 } else {
-                    catalogue.ingest_reports(cluster, &reports).await.unwrap();
+                    catalogue
+                        .cluster(cluster)
+                        .ingest_reports(&reports)
+                        .await
+                        .unwrap();
                 }
             }
             written
@@ -306,7 +311,8 @@ async fn main() {
     setup
         .api
         .catalogue
-        .ingest_reports(setup.cluster, &finish)
+        .cluster(setup.cluster)
+        .ingest_reports(&finish)
         .await
         .unwrap();
     let mut delivered = 0;

@@ -411,7 +411,8 @@ async fn worker_package(
         let worker = verify_worker(&http.state, &headers)?;
         http.state
             .catalogue
-            .package_for_cluster(worker.cluster_id, &sha256)
+            .cluster(worker.cluster_id)
+            .package_content(&sha256)
             .await?
             .ok_or(Error::NotFound("package"))
     }
@@ -523,7 +524,7 @@ async fn claim_all(
         .map(|(i, claim)| (claim, i))
         .unzip();
     if !asked.is_empty() {
-        let recorded = state.catalogue.claim_runs(cluster, &asked).await?;
+        let recorded = state.catalogue.cluster(cluster).claim_runs(&asked).await?;
         for (position, answer) in positions.into_iter().zip(recorded) {
             answers[position] = Some(answer.map(|run| run.id));
         }
@@ -547,7 +548,8 @@ async fn worker_fire_cursor(
         let since = http
             .state
             .catalogue
-            .fire_cursor(worker.cluster_id, task_id)
+            .cluster(worker.cluster_id)
+            .fire_cursor(task_id)
             .await?;
         Ok(FireCursor { since })
     }
@@ -569,7 +571,8 @@ async fn worker_start(
         let run = http
             .state
             .catalogue
-            .start_queued_run(worker.cluster_id, run_id, &request.worker)
+            .cluster(worker.cluster_id)
+            .start_queued_run(run_id, &request.worker)
             .await?;
         Ok(Started {
             run_id: run.id,
@@ -593,7 +596,8 @@ async fn worker_reports(
         let worker = verify_worker(&http.state, &headers)?;
         http.state
             .catalogue
-            .ingest_reports(worker.cluster_id, &batch.reports)
+            .cluster(worker.cluster_id)
+            .ingest_reports(&batch.reports)
             .await
     }
     .await;

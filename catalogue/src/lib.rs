@@ -1,34 +1,52 @@
-//! The catalogue: the only code that touches SQL. Platform-level operations (accounts,
-//! tenants, worker join) hang off [`Catalogue`]; everything inside a tenant goes through
-//! a [`TenantHandle`], which is built from a verified identity and checks the role
-//! matrix before each operation. There is no other way to reach tenant data.
+//! The catalogue: the only code that touches SQL. One module per resource it owns.
+//! Platform-level and cross-tenant operations (accounts, tenants, worker join, the
+//! scheduler's reads and writes) hang off [`Catalogue`], under the owner role; everything
+//! inside a tenant goes through a [`TenantHandle`], and what a worker may do through a
+//! [`ClusterHandle`] (see `scope`). There is no other way to reach tenant data.
 
 mod accounts;
-pub mod changes;
+mod audit;
+mod clusters;
 mod entities;
-pub mod events;
+mod error;
+pub mod live_events;
+mod logs;
+pub mod mirror_changes;
 pub mod notifications;
-pub mod records;
+mod packages;
 mod runs;
-mod system;
-mod tenant;
+mod scope;
+mod tasks;
+mod tenants;
+mod workers;
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::task::TaskSpec;
 use cloudtask_core::{Error, Result};
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, SqlErr};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction,
+    TransactionTrait,
+};
 use uuid::Uuid;
 
-pub use accounts::{NewUser, RefreshOutcome};
-pub use runs::{MAX_LOG_BATCH, RunFilter, RunLog};
-pub use system::WorkerEvent;
-pub use tenant::{NewPackage, NewTask, Scope, TaskEdit, TaskFilter, TenantHandle};
+pub use accounts::{NewUser, RefreshOutcome, User, UserCredentials};
+pub use audit::AuditEntry;
+pub use clusters::Cluster;
+pub use logs::{MAX_LOG_BATCH, RunLog};
+pub use packages::{NewPackage, PackageInfo};
+pub use runs::{Run, RunFilter};
+pub use scope::{ClusterHandle, Scope, TenantHandle};
+pub use tasks::{NewTask, Task, TaskEdit, TaskFilter, TaskVersion};
+pub use tenants::{Member, Membership, Tenant};
+pub use workers::WorkerEvent;
+
+use error::{CatalogueError, DbResult};
 
 /// A handle on the catalogue database. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Catalogue {
     db: DatabaseConnection,
-    hub: std::sync::Arc<events::Hub>,
+    hub: std::sync::Arc<live_events::Hub>,
 }
 
 /// A page of rows ordered by id (UUID v7, so by creation), with the keyset cursor.
@@ -46,6 +64,24 @@ pub struct PageRequest {
 
 pub const MAX_PAGE: u64 = 200;
 
+impl PageRequest {
+    /// Rows to read: one more than the page, to know whether another follows.
+    pub(crate) fn limit(self) -> u64 {
+        self.first.min(MAX_PAGE) + 1
+    }
+
+    /// The page out of rows read with [`PageRequest::limit`].
+    pub(crate) fn page<T>(self, mut rows: Vec<T>) -> Page<T> {
+        let first = self.first.min(MAX_PAGE) as usize;
+        let has_next = rows.len() > first;
+        rows.truncate(first);
+        Page {
+            items: rows,
+            has_next,
+        }
+    }
+}
+
 impl Catalogue {
     /// Connects to Postgres (`postgres://…`) or SQLite (`sqlite:…?mode=rwc`).
     pub async fn connect(url: &str) -> Result<Self> {
@@ -60,72 +96,53 @@ impl Catalogue {
         {
             // Readers never wait for the writer (the API reads while a worker's reports
             // are written); the setting stays with the database file.
-            use sea_orm::ConnectionTrait;
             db.execute_unprepared("PRAGMA journal_mode=WAL")
                 .await
-                .map_err(db_err)?;
+                .map_err(CatalogueError::from)?;
         }
         Ok(Catalogue {
             db,
-            hub: events::Hub::new(),
+            hub: live_events::Hub::new(),
         })
     }
 
     /// Applies pending migrations; with none pending it changes nothing.
     pub async fn migrate(&self) -> Result<()> {
         use cloudtask_migrations::{Migrator, MigratorTrait};
-        Migrator::up(&self.db, None).await.map_err(db_err)
+        self.with_db(async |db| Ok(Migrator::up(db, None).await?))
+            .await
     }
 
     /// Readiness: one round trip to the database.
     pub async fn ping(&self) -> Result<()> {
-        self.db.ping().await.map_err(db_err)
+        self.with_db(async |db| Ok(db.ping().await?)).await
     }
 
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
     }
 
-    /// An audit row for a platform-level event (logins, logouts).
-    pub async fn record_audit(
-        &self,
-        tenant_id: Option<cloudtask_core::ids::TenantId>,
-        actor: cloudtask_core::ids::UserId,
-        operation: &str,
-    ) -> Result<()> {
-        let actor_text = actor.to_string();
-        accounts::audit(
-            &self.db,
-            tenant_id,
-            Some((actor, &actor_text)),
-            operation,
-            "user",
-            Some(actor_text.clone()),
-        )
-        .await
-    }
-
     pub fn backend(&self) -> sea_orm::DatabaseBackend {
         self.db.get_database_backend()
     }
-}
 
-/// Maps a database error into the domain: a unique violation is a conflict; the rest is
-/// internal, logged with detail and returned without it.
-pub(crate) fn db_err(e: DbErr) -> Error {
-    if let Some(SqlErr::UniqueConstraintViolation(_)) = e.sql_err() {
-        return Error::Conflict("already exists".into());
+    /// Runs `work` on the owner's connection (cross-tenant, no wall).
+    pub(crate) async fn with_db<T>(
+        &self,
+        work: impl AsyncFnOnce(&DatabaseConnection) -> DbResult<T>,
+    ) -> Result<T> {
+        Ok(work(&self.db).await?)
     }
-    tracing::error!(error = %e, "catalogue query failed");
-    Error::internal(e)
-}
 
-pub(crate) fn conflict_or(e: DbErr, what: &str) -> Error {
-    match e.sql_err() {
-        Some(SqlErr::UniqueConstraintViolation(_)) => {
-            Error::Conflict(format!("{what} already exists"))
-        }
-        _ => db_err(e),
+    /// Runs `work` in one transaction on the owner's connection (cross-tenant, no wall).
+    pub(crate) async fn in_transaction<T>(
+        &self,
+        work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
+    ) -> Result<T> {
+        let txn = self.db.begin().await.map_err(CatalogueError::from)?;
+        let value = work(&txn).await?;
+        txn.commit().await.map_err(CatalogueError::from)?;
+        Ok(value)
     }
 }
 

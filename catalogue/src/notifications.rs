@@ -7,19 +7,19 @@
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId};
 use cloudtask_core::roles::Action;
-use cloudtask_core::run::{LogLine, RunStatus};
+use cloudtask_core::run::RunStatus;
 use cloudtask_core::{Error, Result};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    QueryOrder, QuerySelect,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::entities::{cluster, outbox, run, run_log_line, task, tenant};
-use crate::tenant::TenantHandle;
-use crate::{Catalogue, db_err, decode_spec, now};
+use crate::entities::{cluster, outbox, run, task, tenant};
+use crate::error::DbResult;
+use crate::{Catalogue, TenantHandle, decode_spec, now};
 
 pub const RUN_FAILED: &str = "RUN_FAILED";
 pub const WORKER_OFFLINE: &str = "WORKER_OFFLINE";
@@ -106,11 +106,10 @@ pub(crate) async fn enqueue(
     mut payload: Value,
     task_emails: &[String],
     group_key: Option<String>,
-) -> Result<bool> {
+) -> DbResult<bool> {
     let tenant = tenant::Entity::find_by_id(Uuid::from(tenant_id))
         .one(conn)
-        .await
-        .map_err(db_err)?
+        .await?
         .ok_or(Error::NotFound("tenant"))?;
     let mut recipients: Vec<String> = task_emails.to_vec();
     for email in emails_of(tenant.notify_emails) {
@@ -146,8 +145,7 @@ pub(crate) async fn enqueue(
         })
         .on_conflict_do_nothing_on([outbox::Column::DedupKey])
         .exec_without_returning(conn)
-        .await
-        .map_err(db_err)?;
+        .await?;
         fresh |= matches!(inserted, sea_orm::TryInsertResult::Inserted(n) if n > 0);
     }
     Ok(fresh)
@@ -155,7 +153,7 @@ pub(crate) async fn enqueue(
 
 /// A run that ended badly is an event: FAILED, TIMED_OUT or LOST. Called in the
 /// transaction that records the outcome.
-pub(crate) async fn run_ended(conn: &impl ConnectionTrait, row: &run::Model) -> Result<()> {
+pub(crate) async fn run_ended(conn: &impl ConnectionTrait, row: &run::Model) -> DbResult<()> {
     let Some(status) = RunStatus::parse(&row.status) else {
         return Ok(());
     };
@@ -165,18 +163,13 @@ pub(crate) async fn run_ended(conn: &impl ConnectionTrait, row: &run::Model) -> 
     ) {
         return Ok(());
     }
-    let Some(task) = task::Entity::find_by_id(row.task_id)
-        .one(conn)
-        .await
-        .map_err(db_err)?
-    else {
+    let Some(task) = task::Entity::find_by_id(row.task_id).one(conn).await? else {
         return Ok(());
     };
     let spec = decode_spec(task.spec.clone())?;
     let cluster_name = cluster::Entity::find_by_id(row.cluster_id)
         .one(conn)
-        .await
-        .map_err(db_err)?
+        .await?
         .map(|c| c.name)
         .unwrap_or_default();
     let payload = json!({
@@ -218,40 +211,40 @@ impl Catalogue {
     ) -> Result<Vec<Notification>> {
         let now = now();
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-        let txn = self.db.begin().await.map_err(db_err)?;
-        let mut query = outbox::Entity::find()
-            .filter(outbox::Column::SentAt.is_null())
-            .filter(outbox::Column::NextAttemptAt.lte(now))
-            .filter(outbox::Column::Channel.is_in(channels.iter().map(|c| c.as_str())))
-            .filter(
-                sea_orm::Condition::any()
-                    .add(outbox::Column::LockedUntil.is_null())
-                    .add(outbox::Column::LockedUntil.lt(now)),
-            )
-            .order_by_asc(outbox::Column::Id)
-            .limit(limit);
-        if self.backend() == DatabaseBackend::Postgres {
-            query = query.lock_with_behavior(
-                sea_orm::sea_query::LockType::Update,
-                sea_orm::sea_query::LockBehavior::SkipLocked,
-            );
-        }
-        let rows = query.all(&txn).await.map_err(db_err)?;
-        if rows.is_empty() {
-            txn.rollback().await.map_err(db_err)?;
-            return Ok(Vec::new());
-        }
-        outbox::Entity::update_many()
-            .col_expr(outbox::Column::LockedUntil, Expr::value(until))
-            .col_expr(
-                outbox::Column::Attempts,
-                Expr::col(outbox::Column::Attempts).add(1),
-            )
-            .filter(outbox::Column::Id.is_in(rows.iter().map(|r| r.id)))
-            .exec(&txn)
-            .await
-            .map_err(db_err)?;
-        txn.commit().await.map_err(db_err)?;
+        let rows = self
+            .in_transaction(async |txn| {
+                let mut query = outbox::Entity::find()
+                    .filter(outbox::Column::SentAt.is_null())
+                    .filter(outbox::Column::NextAttemptAt.lte(now))
+                    .filter(outbox::Column::Channel.is_in(channels.iter().map(|c| c.as_str())))
+                    .filter(
+                        sea_orm::Condition::any()
+                            .add(outbox::Column::LockedUntil.is_null())
+                            .add(outbox::Column::LockedUntil.lt(now)),
+                    )
+                    .order_by_asc(outbox::Column::Id)
+                    .limit(limit);
+                if self.backend() == DatabaseBackend::Postgres {
+                    query = query.lock_with_behavior(
+                        sea_orm::sea_query::LockType::Update,
+                        sea_orm::sea_query::LockBehavior::SkipLocked,
+                    );
+                }
+                let rows = query.all(txn).await?;
+                if !rows.is_empty() {
+                    outbox::Entity::update_many()
+                        .col_expr(outbox::Column::LockedUntil, Expr::value(until))
+                        .col_expr(
+                            outbox::Column::Attempts,
+                            Expr::col(outbox::Column::Attempts).add(1),
+                        )
+                        .filter(outbox::Column::Id.is_in(rows.iter().map(|r| r.id)))
+                        .exec(txn)
+                        .await?;
+                }
+                Ok(rows)
+            })
+            .await?;
         rows.into_iter()
             .map(|row| {
                 let mut n = Notification::try_from(row)?;
@@ -263,21 +256,23 @@ impl Catalogue {
 
     /// Delivered: never sent again.
     pub async fn notifications_sent(&self, ids: &[Uuid]) -> Result<()> {
-        outbox::Entity::update_many()
-            .col_expr(outbox::Column::SentAt, Expr::value(now()))
-            .col_expr(
-                outbox::Column::LockedUntil,
-                Expr::value(Option::<DateTime<Utc>>::None),
-            )
-            .col_expr(
-                outbox::Column::LastError,
-                Expr::value(Option::<String>::None),
-            )
-            .filter(outbox::Column::Id.is_in(ids.iter().copied()))
-            .exec(&self.db)
-            .await
-            .map_err(db_err)?;
-        Ok(())
+        self.with_db(async |db| {
+            outbox::Entity::update_many()
+                .col_expr(outbox::Column::SentAt, Expr::value(now()))
+                .col_expr(
+                    outbox::Column::LockedUntil,
+                    Expr::value(Option::<DateTime<Utc>>::None),
+                )
+                .col_expr(
+                    outbox::Column::LastError,
+                    Expr::value(Option::<String>::None),
+                )
+                .filter(outbox::Column::Id.is_in(ids.iter().copied()))
+                .exec(db)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Not delivered: tried again from `retry_at`. `error` says why (None: held back, not
@@ -301,49 +296,41 @@ impl Catalogue {
                 Expr::col(outbox::Column::Attempts).sub(1),
             ),
         };
-        update
+        let update = update
             .filter(outbox::Column::Id.is_in(ids.iter().copied()))
-            .filter(outbox::Column::SentAt.is_null())
-            .exec(&self.db)
-            .await
-            .map_err(db_err)?;
-        Ok(())
+            .filter(outbox::Column::SentAt.is_null());
+        self.with_db(async |db| {
+            update.exec(db).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// When the latest mail of a group went out.
     pub async fn last_mail_of_group(&self, group_key: &str) -> Result<Option<DateTime<Utc>>> {
-        let row = outbox::Entity::find()
-            .filter(outbox::Column::GroupKey.eq(group_key))
-            .filter(outbox::Column::Channel.eq(Channel::Email.as_str()))
-            .filter(outbox::Column::SentAt.is_not_null())
-            .order_by_desc(outbox::Column::SentAt)
-            .one(&self.db)
-            .await
-            .map_err(db_err)?;
-        Ok(row.and_then(|r| r.sent_at))
-    }
-
-    /// The last `count` log lines of a run, in order (for a failure mail).
-    pub async fn last_log_lines(&self, run_id: RunId, count: u64) -> Result<Vec<LogLine>> {
-        let mut rows = run_log_line::Entity::find()
-            .filter(run_log_line::Column::RunId.eq(Uuid::from(run_id)))
-            .order_by_desc(run_log_line::Column::Offset)
-            .limit(count)
-            .all(&self.db)
-            .await
-            .map_err(db_err)?;
-        rows.reverse();
-        rows.into_iter().map(LogLine::try_from).collect()
+        self.with_db(async |db| {
+            let row = outbox::Entity::find()
+                .filter(outbox::Column::GroupKey.eq(group_key))
+                .filter(outbox::Column::Channel.eq(Channel::Email.as_str()))
+                .filter(outbox::Column::SentAt.is_not_null())
+                .order_by_desc(outbox::Column::SentAt)
+                .one(db)
+                .await?;
+            Ok(row.and_then(|r| r.sent_at))
+        })
+        .await
     }
 
     /// A tenant's notification settings (the sender needs the webhook's secret).
     pub async fn tenant_notifications(&self, tenant_id: TenantId) -> Result<TenantNotifications> {
-        let tenant = tenant::Entity::find_by_id(Uuid::from(tenant_id))
-            .one(&self.db)
-            .await
-            .map_err(db_err)?
-            .ok_or(Error::NotFound("tenant"))?;
-        Ok(settings_of(tenant))
+        self.with_db(async |db| {
+            let tenant = tenant::Entity::find_by_id(Uuid::from(tenant_id))
+                .one(db)
+                .await?
+                .ok_or(Error::NotFound("tenant"))?;
+            Ok(settings_of(tenant))
+        })
+        .await
     }
 
     /// Every queued delivery of a tenant, oldest first, sent or not (tests, operators).
@@ -351,18 +338,30 @@ impl Catalogue {
         &self,
         tenant_id: TenantId,
     ) -> Result<Vec<(Notification, Option<DateTime<Utc>>)>> {
-        let rows = outbox::Entity::find()
-            .filter(outbox::Column::TenantId.eq(Uuid::from(tenant_id)))
-            .order_by_asc(outbox::Column::Id)
-            .all(&self.db)
-            .await
-            .map_err(db_err)?;
+        let rows = self.outbox_of(tenant_id).await?;
         rows.into_iter()
             .map(|row| {
                 let sent = row.sent_at;
                 Ok((Notification::try_from(row)?, sent))
             })
             .collect()
+    }
+
+    /// The kind and payload of every queued delivery of a tenant, oldest first (tests).
+    pub async fn outbox_kinds(&self, tenant_id: TenantId) -> Result<Vec<(String, Value)>> {
+        let rows = self.outbox_of(tenant_id).await?;
+        Ok(rows.into_iter().map(|r| (r.kind, r.payload)).collect())
+    }
+
+    async fn outbox_of(&self, tenant_id: TenantId) -> Result<Vec<outbox::Model>> {
+        self.with_db(async |db| {
+            Ok(outbox::Entity::find()
+                .filter(outbox::Column::TenantId.eq(Uuid::from(tenant_id)))
+                .order_by_asc(outbox::Column::Id)
+                .all(db)
+                .await?)
+        })
+        .await
     }
 }
 
@@ -378,15 +377,19 @@ impl TenantHandle {
     /// The tenant's notification settings, without the webhook secret.
     pub async fn notifications(&self) -> Result<TenantNotifications> {
         self.require(Action::Read)?;
-        let tenant = tenant::Entity::find_by_id(Uuid::from(self.tenant_id()))
-            .one(&self.db)
-            .await
-            .map_err(db_err)?
-            .ok_or(Error::NotFound("tenant"))?;
+        let tenant = self.reading(async |txn| self.tenant_row(txn).await).await?;
         Ok(TenantNotifications {
             webhook_secret: None,
             ..settings_of(tenant)
         })
+    }
+
+    async fn tenant_row(&self, conn: &impl ConnectionTrait) -> DbResult<tenant::Model> {
+        Ok(self
+            .find::<tenant::Entity>()
+            .one(conn)
+            .await?
+            .ok_or(Error::NotFound("tenant"))?)
     }
 
     /// Replaces the tenant's default recipients and webhook. A webhook needs a secret of
@@ -410,36 +413,31 @@ impl TenantHandle {
                 "must be at least 16 characters",
             ));
         }
-        let txn = self.db.begin().await.map_err(db_err)?;
-        let current = tenant::Entity::find_by_id(Uuid::from(self.tenant_id()))
-            .one(&txn)
-            .await
-            .map_err(db_err)?
-            .ok_or(Error::NotFound("tenant"))?;
-        let secret = settings.webhook_secret.or(current.webhook_secret);
-        if settings.webhook_url.is_some() && secret.is_none() {
-            txn.rollback().await.map_err(db_err)?;
-            return Err(Error::bad_input(
-                "webhookSecret",
-                "a webhook needs a secret to sign its deliveries",
-            ));
-        }
-        tenant::Entity::update_many()
-            .col_expr(
-                tenant::Column::NotifyEmails,
-                Expr::value(json!(settings.emails)),
-            )
-            .col_expr(
-                tenant::Column::WebhookUrl,
-                Expr::value(settings.webhook_url),
-            )
-            .col_expr(tenant::Column::WebhookSecret, Expr::value(secret))
-            .filter(tenant::Column::Id.eq(current.id))
-            .exec(&txn)
-            .await
-            .map_err(db_err)?;
-        self.audit(&txn, "setNotificationSettings", "tenant", self.tenant_id())
-            .await?;
-        txn.commit().await.map_err(db_err)
+        self.scoped(async |txn| {
+            let current = self.tenant_row(txn).await?;
+            let secret = settings.webhook_secret.or(current.webhook_secret);
+            if settings.webhook_url.is_some() && secret.is_none() {
+                Err(Error::bad_input(
+                    "webhookSecret",
+                    "a webhook needs a secret to sign its deliveries",
+                ))?;
+            }
+            tenant::Entity::update_many()
+                .col_expr(
+                    tenant::Column::NotifyEmails,
+                    Expr::value(json!(settings.emails)),
+                )
+                .col_expr(
+                    tenant::Column::WebhookUrl,
+                    Expr::value(settings.webhook_url),
+                )
+                .col_expr(tenant::Column::WebhookSecret, Expr::value(secret))
+                .filter(self.within::<tenant::Entity>())
+                .exec(txn)
+                .await?;
+            self.audit(txn, "setNotificationSettings", "tenant", self.tenant_id())
+                .await
+        })
+        .await
     }
 }

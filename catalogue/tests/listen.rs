@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use cloudtask_catalogue::Catalogue;
-use cloudtask_catalogue::changes::Changes;
-use cloudtask_catalogue::events::{Event, Events};
+use cloudtask_catalogue::live_events::{Event, Events};
+use cloudtask_catalogue::mirror_changes::Changes;
 use cloudtask_core::ids::{ClusterId, RunId};
 use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 
@@ -60,7 +60,7 @@ async fn an_event_subscriber_is_told_to_resync_and_hears_events_again() {
     catalogue.announce(Event::Logs { run, next: 1 });
     assert_eq!(heard(&mut events).await, Event::Logs { run, next: 1 });
 
-    drop_listener(&catalogue, cloudtask_catalogue::events::CHANNEL).await;
+    drop_listener(&catalogue, cloudtask_catalogue::live_events::CHANNEL).await;
     assert_eq!(heard(&mut events).await, Event::Resync);
 
     // Heard again once the listener is back (what is announced before it has listened
@@ -92,7 +92,7 @@ async fn the_change_listener_asks_for_a_resync_and_hears_changes_again() {
                 DatabaseBackend::Postgres,
                 "SELECT pg_notify($1, $2)",
                 [
-                    cloudtask_catalogue::changes::CHANNEL.into(),
+                    cloudtask_catalogue::mirror_changes::CHANNEL.into(),
                     cluster.to_string().into(),
                 ],
             ))
@@ -105,7 +105,7 @@ async fn the_change_listener_asks_for_a_resync_and_hears_changes_again() {
     notify(cluster).await;
     assert_eq!(batch(&mut changes).await, vec![cluster]);
 
-    drop_listener(&catalogue, cloudtask_catalogue::changes::CHANNEL).await;
+    drop_listener(&catalogue, cloudtask_catalogue::mirror_changes::CHANNEL).await;
     // A resync is an empty batch: every cluster is reconciled.
     assert_eq!(batch(&mut changes).await, Vec::<ClusterId>::new());
 

@@ -128,16 +128,24 @@ async fn exercise(catalogue: Catalogue) {
         status: RunStatus::Running,
         reason: None,
     };
-    let run = catalogue.claim_run(cluster.id, &claim).await.unwrap();
+    let run = catalogue
+        .cluster(cluster.id)
+        .claim_run(&claim)
+        .await
+        .unwrap();
     // The same worker asking again (its answer lost) gets the same run; another worker
     // is refused.
-    let again = catalogue.claim_run(cluster.id, &claim).await.unwrap();
+    let again = catalogue
+        .cluster(cluster.id)
+        .claim_run(&claim)
+        .await
+        .unwrap();
     assert_eq!(again.id, run.id);
     let other = Claim {
         worker: "w2".into(),
         ..claim.clone()
     };
-    let refused = catalogue.claim_run(cluster.id, &other).await;
+    let refused = catalogue.cluster(cluster.id).claim_run(&other).await;
     assert!(
         matches!(refused, Err(cloudtask_core::Error::Conflict(_))),
         "a second claim of one fire: {refused:?}"
@@ -159,11 +167,13 @@ async fn exercise(catalogue: Catalogue) {
         },
     ];
     catalogue
-        .ingest_reports(cluster.id, &reports)
+        .cluster(cluster.id)
+        .ingest_reports(&reports)
         .await
         .unwrap();
     catalogue
-        .ingest_reports(cluster.id, &reports)
+        .cluster(cluster.id)
+        .ingest_reports(&reports)
         .await
         .unwrap(); // delivered twice
     // Claims in one batch are answered one by one, in order.
@@ -192,7 +202,11 @@ async fn exercise(catalogue: Catalogue) {
             ..claim.clone()
         },
     ];
-    let answers = catalogue.claim_runs(cluster.id, &batch).await.unwrap();
+    let answers = catalogue
+        .cluster(cluster.id)
+        .claim_runs(&batch)
+        .await
+        .unwrap();
     assert_eq!(answers.len(), batch.len());
     let next_run = answers[0].as_ref().unwrap().clone();
     assert_eq!(next_run.status, RunStatus::Running);
@@ -216,30 +230,28 @@ async fn exercise(catalogue: Catalogue) {
     // Starts and outcomes of several runs in one batch land on each run.
     let started_at = chrono::Utc::now();
     catalogue
-        .ingest_reports(
-            cluster.id,
-            &[
-                Report::Started {
-                    run: next_run.id,
-                    at: started_at,
+        .cluster(cluster.id)
+        .ingest_reports(&[
+            Report::Started {
+                run: next_run.id,
+                at: started_at,
+            },
+            Report::Finish {
+                run: next_run.id,
+                outcome: Outcome {
+                    status: RunStatus::Failed,
+                    exit_code: Some(3),
+                    signal: None,
+                    error: Some("exit code 3".into()),
+                    finished_at: chrono::Utc::now(),
                 },
-                Report::Finish {
-                    run: next_run.id,
-                    outcome: Outcome {
-                        status: RunStatus::Failed,
-                        exit_code: Some(3),
-                        signal: None,
-                        error: Some("exit code 3".into()),
-                        finished_at: chrono::Utc::now(),
-                    },
-                },
-                // An outcome for a run that has one already changes nothing.
-                Report::Finish {
-                    run: skipped.id,
-                    outcome: succeeded(),
-                },
-            ],
-        )
+            },
+            // An outcome for a run that has one already changes nothing.
+            Report::Finish {
+                run: skipped.id,
+                outcome: succeeded(),
+            },
+        ])
         .await
         .unwrap();
     let failed = handle.run(next_run.id).await.unwrap();
@@ -254,31 +266,27 @@ async fn exercise(catalogue: Catalogue) {
     // Fires claimed ahead and not started: SKIPPED when they were due, gone when they
     // were not (the task changed after the claim).
     let ahead = catalogue
-        .claim_runs(
-            cluster.id,
-            &[
-                Claim {
-                    scheduled_at: fire + second * 4,
-                    ..claim.clone()
-                },
-                Claim {
-                    scheduled_at: fire + second * 5,
-                    ..claim.clone()
-                },
-            ],
-        )
+        .cluster(cluster.id)
+        .claim_runs(&[
+            Claim {
+                scheduled_at: fire + second * 4,
+                ..claim.clone()
+            },
+            Claim {
+                scheduled_at: fire + second * 5,
+                ..claim.clone()
+            },
+        ])
         .await
         .unwrap();
     let due = ahead[0].as_ref().unwrap().id;
     let not_due = ahead[1].as_ref().unwrap().id;
     catalogue
-        .ingest_reports(
-            cluster.id,
-            &[Report::Abandon {
-                run: due,
-                reason: "overlap: the previous run is still going".into(),
-            }],
-        )
+        .cluster(cluster.id)
+        .ingest_reports(&[Report::Abandon {
+            run: due,
+            reason: "overlap: the previous run is still going".into(),
+        }])
         .await
         .unwrap();
     let skipped_ahead = handle.run(due).await.unwrap();
@@ -292,13 +300,11 @@ async fn exercise(catalogue: Catalogue) {
         .await
         .unwrap();
     catalogue
-        .ingest_reports(
-            cluster.id,
-            &[Report::Abandon {
-                run: not_due,
-                reason: "not started: the task changed before its fire time".into(),
-            }],
-        )
+        .cluster(cluster.id)
+        .ingest_reports(&[Report::Abandon {
+            run: not_due,
+            reason: "not started: the task changed before its fire time".into(),
+        }])
         .await
         .unwrap();
     assert!(matches!(

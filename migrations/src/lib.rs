@@ -1,14 +1,16 @@
-//! Catalogue migrations. Written with sea-query's schema builder only, so the same
-//! migrations create the catalogue on Postgres and on SQLite (standalone mode). Nothing
-//! Postgres-specific belongs here: Postgres-only features (LISTEN/NOTIFY for the
-//! scheduler) go behind one module of the catalogue crate, with an in-process stand-in
-//! for SQLite.
+//! Catalogue migrations. Written with sea-query's schema builder, so the same migrations
+//! create the catalogue on Postgres and on SQLite (standalone mode). The one exception is
+//! row-level security (`m20261215_000001_row_security`), Postgres-only and skipped on
+//! SQLite; other Postgres-only features (LISTEN/NOTIFY for the scheduler) go behind one
+//! module of the catalogue crate, with an in-process stand-in for SQLite.
 
 pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_catalogue;
 mod m20261201_000001_run_control;
 mod m20261202_000001_notifications;
+mod m20261215_000001_row_security;
+pub mod row_security;
 
 pub struct Migrator;
 
@@ -19,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_catalogue::Migration),
             Box::new(m20261201_000001_run_control::Migration),
             Box::new(m20261202_000001_notifications::Migration),
+            Box::new(m20261215_000001_row_security::Migration),
         ]
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use cloudtask_catalogue::records::{Cluster, Task};
+use cloudtask_catalogue::{Cluster, Task};
 use cloudtask_coord::layout::{self, WorkerNode};
 use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_coord::{Coordinator, NodeKind, Op, Session, WatchEvent};

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cloudtask_catalogue::records::{Cluster, Task};
+use cloudtask_catalogue::{Cluster, Task};
 use cloudtask_coord::layout::{self, ClusterNode, CommandNode, TaskNode, WorkerNode};
 use cloudtask_coord::{CoordError, NodeKind, Op, Result, Session};
 use cloudtask_core::ids::{ClusterId, TaskId};

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use cloudtask_catalogue::changes::Changes;
-use cloudtask_catalogue::events::{Event, Membership};
-use cloudtask_catalogue::{Catalogue, WorkerEvent};
+use cloudtask_catalogue::live_events::{Event, Membership};
+use cloudtask_catalogue::mirror_changes::Changes;
+use cloudtask_catalogue::{Catalogue, Cluster, WorkerEvent};
 use cloudtask_coord::layout::CommandNode;
 use cloudtask_coord::{CoordError, Coordinator, Session, WatchEvent, delete_recursive, layout};
 use cloudtask_core::ids::{ClusterId, RunId};
@@ -229,10 +229,7 @@ impl<'a> Leader<'a> {
         }
     }
 
-    async fn reconcile_cluster(
-        &mut self,
-        cluster: cloudtask_catalogue::records::Cluster,
-    ) -> anyhow::Result<()> {
+    async fn reconcile_cluster(&mut self, cluster: Cluster) -> anyhow::Result<()> {
         let id = cluster.id;
         let tasks = self.scheduler.catalogue.tasks_of_cluster(id).await?;
         if !self.clusters.contains_key(&id) {

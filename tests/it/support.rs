@@ -110,7 +110,8 @@ pub async fn add_run(world: &World, cluster_id: &str, task_id: &str) -> String {
     let run = world
         .api
         .catalogue
-        .claim_run(cluster_id.parse().unwrap(), &claim)
+        .cluster(cluster_id.parse().unwrap())
+        .claim_run(&claim)
         .await
         .unwrap();
     run.id.to_string()

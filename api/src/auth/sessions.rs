@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use chrono::Utc;
 use cloudtask_catalogue::RefreshOutcome;
-use cloudtask_catalogue::records::{Tenant, User};
+use cloudtask_catalogue::{Tenant, User};
 use cloudtask_core::ids::{TenantId, UserId};
 use cloudtask_core::roles::Role;
 use cloudtask_core::{Error, Result};

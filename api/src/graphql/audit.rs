@@ -3,7 +3,7 @@
 use async_graphql::connection::Connection;
 use async_graphql::{Context, ID, Object};
 use chrono::{DateTime, Utc};
-use cloudtask_catalogue::records::AuditEntry;
+use cloudtask_catalogue::AuditEntry;
 
 use super::args::{connection, page_request};
 use super::tenant;

@@ -3,7 +3,7 @@
 
 use async_graphql::{ComplexObject, Context, ID, Object, SimpleObject};
 use chrono::{DateTime, Utc};
-use cloudtask_catalogue::records::Tenant;
+use cloudtask_catalogue::Tenant;
 use cloudtask_core::Error;
 use cloudtask_core::roles::Role;
 

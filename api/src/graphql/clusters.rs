@@ -4,9 +4,9 @@
 use async_graphql::connection::Connection;
 use async_graphql::{Context, Enum, ID, Object, SimpleObject, Subscription};
 use chrono::{DateTime, Utc};
+use cloudtask_catalogue::Cluster;
 use cloudtask_catalogue::TaskFilter;
-use cloudtask_catalogue::events::{Event, Membership};
-use cloudtask_catalogue::records::Cluster;
+use cloudtask_catalogue::live_events::{Event, Membership};
 use cloudtask_core::ids::{ClusterId, TenantId};
 use futures_util::Stream;
 

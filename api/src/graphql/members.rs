@@ -3,7 +3,7 @@
 
 use async_graphql::{Context, Enum, ID, Object};
 use chrono::{DateTime, Utc};
-use cloudtask_catalogue::records::{Member, Membership, User};
+use cloudtask_catalogue::{Member, Membership, User};
 use cloudtask_core::Error;
 
 use super::args::parse_id;

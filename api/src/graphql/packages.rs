@@ -4,7 +4,7 @@
 use async_graphql::{Context, ID, Object, Upload};
 use chrono::{DateTime, Utc};
 use cloudtask_catalogue::NewPackage;
-use cloudtask_catalogue::records::PackageInfo;
+use cloudtask_catalogue::PackageInfo;
 use cloudtask_core::archive::{self, Limits};
 use cloudtask_core::ids::TaskId;
 use cloudtask_core::{Error, Result};

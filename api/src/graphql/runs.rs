@@ -1,6 +1,6 @@
 //! Runs and their logs: `runs`, `run`, `runTaskNow`, `stopRun`, and the `runLogs` and
 //! `runEvents` subscriptions. Subscriptions follow the catalogue's events (see
-//! `cloudtask_catalogue::events`), which say what changed, and read the change through the
+//! `cloudtask_catalogue::live_events`), which say what changed, and read the change through the
 //! subscriber's tenant handle: a missed or repeated event costs a query, never a gap, a
 //! duplicate, or another tenant's data.
 
@@ -10,9 +10,9 @@ use std::time::Duration;
 use async_graphql::connection::Connection;
 use async_graphql::{Context, Enum, ID, Object, Subscription};
 use chrono::{DateTime, Utc};
+use cloudtask_catalogue::Run;
 use cloudtask_catalogue::RunLog;
-use cloudtask_catalogue::events::{Event, Events};
-use cloudtask_catalogue::records::Run;
+use cloudtask_catalogue::live_events::{Event, Events};
 use cloudtask_core::Error;
 use cloudtask_core::ids::{RunId, TaskId};
 use cloudtask_core::run::LogLine;

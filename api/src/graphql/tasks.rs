@@ -5,7 +5,7 @@ use async_graphql::connection::Connection;
 use async_graphql::{Context, Enum, ID, MergedObject, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use cloudtask_catalogue::RunFilter;
-use cloudtask_catalogue::records::{Task, TaskVersion};
+use cloudtask_catalogue::{Task, TaskVersion};
 use cloudtask_core::Error;
 use cloudtask_core::ids::TaskId;
 use cloudtask_core::task::{TaskSpec, TaskState};

@@ -1,4 +1,5 @@
-//! Catalogue change notifications: the one seam for a Postgres-only feature.
+//! Catalogue change notifications for the scheduler's mirror: the one seam for a
+//! Postgres-only feature.
 //!
 //! Every write that changes what the scheduler mirrors (a cluster or a task) notifies the
 //! cluster's id on the `cloudtask_changes` channel inside its transaction, so the
@@ -13,19 +14,19 @@ use cloudtask_core::{Error, Result};
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 
-use crate::{Catalogue, db_err};
+use crate::Catalogue;
+use crate::error::DbResult;
 
 pub const CHANNEL: &str = "cloudtask_changes";
 
-pub(crate) async fn notify(conn: &impl ConnectionTrait, cluster: ClusterId) -> Result<()> {
+pub(crate) async fn notify(conn: &impl ConnectionTrait, cluster: ClusterId) -> DbResult<()> {
     if conn.get_database_backend() == DatabaseBackend::Postgres {
         conn.execute_raw(Statement::from_sql_and_values(
             DatabaseBackend::Postgres,
             "SELECT pg_notify($1, $2)",
             [CHANNEL.into(), cluster.to_string().into()],
         ))
-        .await
-        .map_err(db_err)?;
+        .await?;
     }
     Ok(())
 }

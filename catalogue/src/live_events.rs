@@ -202,15 +202,17 @@ impl Outgoing {
     /// NOTIFYs the events inside `conn`'s transaction, so they go out with its commit at
     /// no extra round trip: for log batches, where subscribers wait on them. (Claims are
     /// announced after their commit instead: notifying commits queue behind one lock.)
-    pub(crate) async fn notify_within(&mut self, conn: &impl ConnectionTrait) -> Result<()> {
+    pub(crate) async fn notify_within(
+        &mut self,
+        conn: &impl ConnectionTrait,
+    ) -> crate::error::DbResult<()> {
         if conn.get_database_backend() != DatabaseBackend::Postgres || self.events.is_empty() {
             return Ok(());
         }
         conn.execute_raw(notify_statement(
             self.events.iter().filter_map(Event::encode).collect(),
         ))
-        .await
-        .map_err(crate::db_err)?;
+        .await?;
         self.notified = true;
         Ok(())
     }
@@ -271,7 +273,7 @@ impl crate::Catalogue {
             self.hub
                 .listener
                 .get_or_try_init(|| async move {
-                    let listener = crate::changes::listen(&pool, CHANNEL).await?;
+                    let listener = crate::mirror_changes::listen(&pool, CHANNEL).await?;
                     Ok::<_, Error>(tokio::spawn(forward(listener, tx)))
                 })
                 .await?;
@@ -289,7 +291,7 @@ impl crate::Catalogue {
 /// subscriber is told to resync.
 async fn forward(mut listener: PgListener, tx: broadcast::Sender<Event>) {
     loop {
-        let event = match crate::changes::heard(&mut listener, "event").await {
+        let event = match crate::mirror_changes::heard(&mut listener, "event").await {
             Some(payload) => match Event::decode(&payload) {
                 Some(event) => event,
                 None => {

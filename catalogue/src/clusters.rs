@@ -1,0 +1,190 @@
+//! Clusters: a tenant's groups of workers, each with a join token (stored hashed) that
+//! its workers exchange for a credential. Every change notifies the scheduler's mirror.
+
+use chrono::{DateTime, Utc};
+use cloudtask_core::ids::{ClusterId, TenantId};
+use cloudtask_core::roles::Action;
+use cloudtask_core::task::validate_name;
+use cloudtask_core::{Error, Result};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder,
+};
+use uuid::Uuid;
+
+use crate::entities::{cluster, task};
+use crate::error::{DbResult, conflict_as};
+use crate::mirror_changes::notify;
+use crate::{Catalogue, TenantHandle, now};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    pub id: ClusterId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub token_rotated_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<cluster::Model> for Cluster {
+    fn from(m: cluster::Model) -> Self {
+        Cluster {
+            id: m.id.into(),
+            tenant_id: m.tenant_id.into(),
+            name: m.name,
+            token_rotated_at: m.token_rotated_at,
+            created_at: m.created_at,
+        }
+    }
+}
+
+impl Catalogue {
+    /// A worker presents its cluster's join token (hashed by the caller).
+    pub async fn cluster_by_join_token(&self, token_hash: &str) -> Result<Option<Cluster>> {
+        self.with_db(async |db| {
+            let found = cluster::Entity::find()
+                .filter(cluster::Column::JoinTokenHash.eq(token_hash))
+                .one(db)
+                .await?;
+            Ok(found.map(Into::into))
+        })
+        .await
+    }
+
+    /// Every cluster of every tenant (the scheduler).
+    pub async fn all_clusters(&self) -> Result<Vec<Cluster>> {
+        self.with_db(async |db| {
+            let rows = cluster::Entity::find()
+                .order_by_asc(cluster::Column::Id)
+                .all(db)
+                .await?;
+            Ok(rows.into_iter().map(Into::into).collect())
+        })
+        .await
+    }
+
+    /// Any tenant's cluster (the scheduler).
+    pub async fn cluster_by_id(&self, id: ClusterId) -> Result<Option<Cluster>> {
+        self.with_db(async |db| {
+            let found = cluster::Entity::find_by_id(Uuid::from(id)).one(db).await?;
+            Ok(found.map(Into::into))
+        })
+        .await
+    }
+}
+
+impl TenantHandle {
+    pub async fn clusters(&self) -> Result<Vec<Cluster>> {
+        self.require(Action::Read)?;
+        self.reading(async |txn| {
+            let rows = self
+                .find::<cluster::Entity>()
+                .order_by_asc(cluster::Column::Id)
+                .all(txn)
+                .await?;
+            Ok(rows.into_iter().map(Into::into).collect())
+        })
+        .await
+    }
+
+    pub(crate) async fn cluster_model(
+        &self,
+        conn: &impl ConnectionTrait,
+        id: ClusterId,
+    ) -> DbResult<cluster::Model> {
+        Ok(self
+            .find::<cluster::Entity>()
+            .filter(cluster::Column::Id.eq(Uuid::from(id)))
+            .one(conn)
+            .await?
+            .ok_or(Error::NotFound("cluster"))?)
+    }
+
+    pub async fn cluster(&self, id: ClusterId) -> Result<Cluster> {
+        self.require(Action::Read)?;
+        self.reading(async |txn| Ok(self.cluster_model(txn, id).await?.into()))
+            .await
+    }
+
+    /// `join_token_hash`: the caller generates the token, shows it once, stores the hash.
+    pub async fn create_cluster(&self, name: &str, join_token_hash: String) -> Result<Cluster> {
+        self.require(Action::ManageClusters)?;
+        validate_name("name", name)?;
+        self.scoped(async |txn| {
+            let now = now();
+            let model = cluster::Entity::insert(cluster::ActiveModel {
+                id: Set(ClusterId::new().into()),
+                tenant_id: Set(self.tenant_id().into()),
+                name: Set(name.trim().to_owned()),
+                join_token_hash: Set(join_token_hash),
+                token_rotated_at: Set(now),
+                created_at: Set(now),
+            })
+            .exec_with_returning(txn)
+            .await
+            .map_err(conflict_as("a cluster with this name"))?;
+            let cluster = Cluster::from(model);
+            self.audit(txn, "createCluster", "cluster", cluster.id)
+                .await?;
+            notify(txn, cluster.id).await?;
+            Ok(cluster)
+        })
+        .await
+    }
+
+    pub async fn rotate_cluster_token(
+        &self,
+        id: ClusterId,
+        join_token_hash: String,
+    ) -> Result<Cluster> {
+        self.require(Action::ManageClusters)?;
+        self.scoped(async |txn| {
+            let mut model = self.cluster_model(txn, id).await?;
+            model.join_token_hash = join_token_hash;
+            model.token_rotated_at = now();
+            cluster::Entity::update_many()
+                .col_expr(
+                    cluster::Column::JoinTokenHash,
+                    Expr::value(model.join_token_hash.clone()),
+                )
+                .col_expr(
+                    cluster::Column::TokenRotatedAt,
+                    Expr::value(model.token_rotated_at),
+                )
+                .filter(self.within::<cluster::Entity>())
+                .filter(cluster::Column::Id.eq(Uuid::from(id)))
+                .exec(txn)
+                .await?;
+            self.audit(txn, "rotateClusterToken", "cluster", id).await?;
+            Ok(model.into())
+        })
+        .await
+    }
+
+    /// Refused while the cluster still holds tasks: deleting them silently would surprise.
+    pub async fn delete_cluster(&self, id: ClusterId) -> Result<()> {
+        self.require(Action::ManageClusters)?;
+        self.scoped(async |txn| {
+            self.cluster_model(txn, id).await?;
+            let tasks = self
+                .find::<task::Entity>()
+                .filter(task::Column::ClusterId.eq(Uuid::from(id)))
+                .count(txn)
+                .await?;
+            if tasks > 0 {
+                Err(Error::Conflict(format!(
+                    "the cluster still has {tasks} task(s); delete or move them first"
+                )))?;
+            }
+            cluster::Entity::delete_many()
+                .filter(self.within::<cluster::Entity>())
+                .filter(cluster::Column::Id.eq(Uuid::from(id)))
+                .exec(txn)
+                .await?;
+            self.audit(txn, "deleteCluster", "cluster", id).await?;
+            notify(txn, id).await
+        })
+        .await
+    }
+}
