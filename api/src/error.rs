@@ -99,6 +99,7 @@ impl Extension for ErrorCodes {
     async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
         let mut response = next.run(ctx).await;
         give_codes(&mut response);
+        crate::graphql::cost::cap_errors(&mut response);
         response
     }
 
@@ -156,6 +157,12 @@ fn give_codes(response: &mut async_graphql::Response) {
         let extensions = error.extensions.get_or_insert_with(Default::default);
         if extensions.get("code").is_none() {
             extensions.set("code", "BAD_USER_INPUT");
+            // async-graphql's own limits, named by their configuration keys.
+            if error.message.contains("too complex") {
+                extensions.set("limit", "query_max_complexity");
+            } else if error.message.contains("nested too deep") {
+                extensions.set("limit", "query_max_depth");
+            }
             if extensions.get("field").is_none()
                 && let Some(field) = field_of(&error.message)
             {

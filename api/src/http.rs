@@ -139,12 +139,27 @@ async fn graphql(
             return graphql_refusal(StatusCode::BAD_REQUEST, "BAD_USER_INPUT", e.to_string());
         }
     };
+    if let async_graphql::BatchRequest::Batch(items) = &batch
+        && items.len() > config.query_max_batch
+    {
+        return graphql_refusal(
+            StatusCode::BAD_REQUEST,
+            "BAD_USER_INPUT",
+            format!(
+                "a batch of {} operations; at most {} are allowed",
+                items.len(),
+                config.query_max_batch
+            ),
+        );
+    }
     let auth = verify_user(&http.state, &headers);
     let schema = match auth {
         Some(Ok(_)) => &http.schema,
         _ => &http.anonymous,
     };
-    let batch = batch.data(RequestContext::new(auth, peer.ip()));
+    let batch = batch
+        .data(RequestContext::new(auth, peer.ip()))
+        .data(crate::graphql::cost::Spent::default());
     let response = schema.execute_batch(batch).await;
     GraphQLResponse::from(response).into_response()
 }

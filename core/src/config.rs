@@ -68,7 +68,13 @@ pub struct Config {
     /// Largest GraphQL request body that is not an upload.
     pub max_request_bytes: u64,
     pub query_max_depth: usize,
+    /// What one request (or HTTP batch) may cost: every field costs 1, and a list its
+    /// requested size (`first`, `limit`, `count`) times what each item costs.
     pub query_max_complexity: usize,
+    /// Largest answer, in bytes of text, one request (or HTTP batch) may produce.
+    pub query_max_answer_bytes: usize,
+    /// Most operations in one HTTP batch.
+    pub query_max_batch: usize,
     /// Bounds on a query's text, checked before it is parsed: characters, tokens, and how
     /// deep `{`, `[` and `(` nest (selections and argument values alike).
     pub query_max_chars: usize,
@@ -121,7 +127,9 @@ impl Default for Config {
             http_body_idle_timeout_secs: 30,
             max_request_bytes: 1 << 20,
             query_max_depth: 12,
-            query_max_complexity: 2_000,
+            query_max_complexity: 1_000_000,
+            query_max_answer_bytes: 16 << 20,
+            query_max_batch: 10,
             query_max_chars: 20_000,
             query_max_tokens: 2_000,
             query_max_nesting: 32,
@@ -194,6 +202,8 @@ impl Config {
         for (key, value) in [
             ("query_max_depth", self.query_max_depth),
             ("query_max_complexity", self.query_max_complexity),
+            ("query_max_answer_bytes", self.query_max_answer_bytes),
+            ("query_max_batch", self.query_max_batch),
             ("query_max_chars", self.query_max_chars),
             ("query_max_tokens", self.query_max_tokens),
             ("query_max_nesting", self.query_max_nesting),

@@ -420,11 +420,12 @@ async fn duplicate_task_names_conflict_and_change_nothing() {
     guard.unchanged("duplicate task names").await;
 }
 
-/// A query nesting `levels` task → cluster → tasks hops.
+/// A query nesting `levels` task → cluster → tasks hops (one task a page, so that it is
+/// deep without being costly).
 fn deep_query(levels: usize) -> String {
     let mut query = String::from("id");
     for _ in 0..levels {
-        query = format!("tasks {{ edges {{ node {{ cluster {{ {query} }} }} }} }}");
+        query = format!("tasks(first: 1) {{ edges {{ node {{ cluster {{ {query} }} }} }} }}");
     }
     format!("{{ {query} }}")
 }

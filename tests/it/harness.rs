@@ -265,7 +265,7 @@ impl Cluster {
             .run(
                 "query($task: ID!) { runs(first: 200, filter: { taskId: $task }) { edges { node {
                     id scheduledAt startedAt finishedAt status trigger attempt exitCode error worker
-                    logs { offset stream text }
+                    logs(limit: 1000) { offset stream text }
                 } } } }",
                 json!({ "task": task }),
             )

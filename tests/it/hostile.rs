@@ -21,22 +21,13 @@ async fn still_answers(client: &Gql) {
 }
 
 fn assert_limit(response: &GqlResponse, limit: &str, what: &str) {
-    assert_eq!(
-        response.code(),
-        Some("BAD_USER_INPUT"),
-        "{what}: {}",
-        response.body
-    );
+    let body: String = response.body.to_string().chars().take(2_000).collect();
+    assert_eq!(response.code(), Some("BAD_USER_INPUT"), "{what}: {body}");
     assert_eq!(
         response.body["errors"][0]["extensions"]["limit"], limit,
-        "{what}: the limit is named: {}",
-        response.body
+        "{what}: the limit is named: {body}"
     );
-    assert!(
-        response.body["data"].is_null(),
-        "{what}: no data: {}",
-        response.body
-    );
+    assert!(response.body["data"].is_null(), "{what}: no data: {body}");
 }
 
 async fn task_names(owner: &Gql) -> Vec<String> {
@@ -425,5 +416,178 @@ async fn anonymous_callers_get_no_introspection_and_no_suggestions() {
         login.data()["login"]["accessToken"].is_string(),
         "{}",
         login.body
+    );
+}
+
+/// A run with `lines` log lines of `width` characters each, recorded as its worker would.
+async fn run_with_lines(world: &World, lines: u64, width: usize) -> String {
+    use cloudtask_core::protocol::{Claim, Report};
+    use cloudtask_core::run::{LogLine, LogStream, RunStatus, RunTrigger};
+    let cluster = world
+        .api
+        .catalogue
+        .cluster(world.a.cluster_id.parse().unwrap());
+    let run = cluster
+        .claim_run(&Claim {
+            task_id: world.a.task_id.parse().unwrap(),
+            scheduled_at: chrono::Utc::now(),
+            attempt: 0,
+            task_version: 1,
+            worker: "w1".into(),
+            trigger: RunTrigger::Schedule,
+            status: RunStatus::Running,
+            reason: None,
+        })
+        .await
+        .unwrap();
+    let text = "x".repeat(width);
+    let lines = (0..lines)
+        .map(|offset| LogLine {
+            offset,
+            stream: LogStream::Stdout,
+            at: chrono::Utc::now(),
+            text: text.clone(),
+        })
+        .collect();
+    cluster
+        .ingest_reports(&[Report::Logs { run: run.id, lines }])
+        .await
+        .unwrap();
+    run.id.to_string()
+}
+
+/// 600 aliases of a run's logs (24 KB, any member) asked for 3 million lines and once
+/// produced a 1.09 GB answer: lists now cost their requested size, and such a query is
+/// refused before anything runs (the text bounds refuse 600 plain aliases already; 300
+/// with a fragment fit them).
+#[tokio::test]
+async fn a_small_query_for_a_huge_answer_is_refused_before_it_runs() {
+    let world = World::new().await;
+    let run = run_with_lines(&world, 10, 100).await;
+    // The attack as it came: 600 aliases of 5,000 lines each (now over the text bounds).
+    let aliases = (0..600)
+        .map(|i| format!("r{i}: run(id: $run) {{ ...L }}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let query = format!(
+        "query($run: ID!) {{ {aliases} }} fragment L on Run {{ logs(limit: 5000) {{ text }} }}"
+    );
+    let started = std::time::Instant::now();
+    let answer = world.a.owner.run(&query, json!({ "run": run })).await;
+    assert_eq!(answer.code(), Some("BAD_USER_INPUT"), "{}", answer.body);
+    assert!(answer.body["data"].is_null(), "{}", answer.body);
+    // Nested pages in a few bytes: 200 tasks × 200 runs × 5,000 lines.
+    let nested = "{ tasks(first: 200) { edges { node { runs(first: 200) { edges { node {
+        logs(limit: 5000) { text } } } } } } } }";
+    let answer = world.a.owner.run(nested, json!({})).await;
+    assert_limit(&answer, "query_max_complexity", "nested pages of logs");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once"
+    );
+    // Control: the same run's logs, asked once, are served.
+    let one = world
+        .a
+        .owner
+        .run(
+            &format!("{{ run(id: \"{run}\") {{ logs(limit: 5000) {{ text }} }} }}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(one.data()["run"]["logs"].as_array().unwrap().len(), 10);
+    still_answers(&world.api.client()).await;
+}
+
+/// Within the cost budget, an answer can still be large (long lines): its text is counted
+/// as it is resolved and stops at `query_max_answer_bytes`, with a handful of errors, not
+/// one per field.
+#[tokio::test]
+async fn an_answer_stops_at_its_size_limit_with_few_errors() {
+    let world = World::new().await;
+    let run = run_with_lines(&world, 200, 10_000).await; // 2 MB of text
+    let aliases = (0..20)
+        .map(|i| format!("r{i}: run(id: \"{run}\") {{ logs {{ text }} }}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    // 20 × 2 MB = 40 MB asked; the limit is 16 MiB.
+    let answer = world
+        .a
+        .owner
+        .run(&format!("{{ {aliases} }}"), json!({}))
+        .await;
+    let errors = answer.body["errors"].as_array().expect("errors");
+    assert!(
+        errors.len() <= 11,
+        "at most 10 errors and a summary: {}",
+        errors.len()
+    );
+    assert_eq!(
+        errors[0]["extensions"]["limit"], "query_max_answer_bytes",
+        "{}",
+        errors[0]
+    );
+    let size = answer.body.to_string().len();
+    assert!(
+        size < 18 << 20,
+        "the answer stopped near the limit: {size} bytes"
+    );
+    still_answers(&world.api.client()).await;
+}
+
+/// Batches are bounded in count (10,000 operations once starved the pool) and share one
+/// cost budget (each item used to get a fresh one).
+#[tokio::test]
+async fn batches_are_bounded_and_share_one_budget() {
+    let world = World::new().await;
+    let anonymous = world.api.client();
+    let huge: Vec<Value> = (0..10_000)
+        .map(|_| json!({ "query": "{ me { id } }" }))
+        .collect();
+    let started = std::time::Instant::now();
+    let answer = post(&anonymous, Value::Array(huge).to_string()).await;
+    assert_eq!(answer.status(), 400);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once"
+    );
+
+    // Each item costs 30 × 5,001 (+1) ≈ 150,000 of the budget of 1,000,000: alone, each
+    // fits; ten of them in one batch share the budget, and the seventh is refused.
+    let run = run_with_lines(&world, 1, 10).await;
+    let item = (0..30)
+        .map(|i| format!("r{i}: run(id: \"{run}\") {{ logs(limit: 5000) {{ text }} }}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let item = format!("{{ {item} }}");
+    let batch: Vec<Value> = (0..10).map(|_| json!({ "query": item })).collect();
+    let answer = world
+        .a
+        .owner
+        .http
+        .post(format!("{}/graphql", world.api.url))
+        .bearer_auth(world.a.owner.token.as_deref().unwrap())
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = answer.json().await.unwrap();
+    let answers = body.as_array().expect("one answer per item");
+    let refused = answers
+        .iter()
+        .filter(|a| a["errors"][0]["extensions"]["limit"] == "query_max_complexity")
+        .count();
+    assert!(
+        refused >= 1,
+        "the batch ran out of its shared budget: {body}"
+    );
+    assert!(
+        answers[0]["errors"].is_null(),
+        "the first items ran: {}",
+        answers[0]
     );
 }

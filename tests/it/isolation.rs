@@ -22,7 +22,7 @@ const SNAPSHOT: &str = "{
     members { role createdAt user { id email } }
     dashboard { clusterCount taskCount activeTaskCount pausedTaskCount memberCount }
     auditLog(first: 200) { edges { node { id operation objectType objectId } } }
-    runs(first: 200) { edges { node { id status finishedAt logs { offset text } } } }
+    runs(first: 200) { edges { node { id status finishedAt logs(limit: 1000) { offset text } } } }
     notificationSettings { notifyEmails webhookUrl }
 }";
 

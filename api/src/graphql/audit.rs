@@ -15,6 +15,7 @@ pub struct AuditQuery;
 #[Object]
 impl AuditQuery {
     /// Every mutation in the tenant, newest first. OWNER and ADMIN only.
+    #[graphql(complexity = "super::cost::list(first, super::args::DEFAULT_PAGE, child_complexity)")]
     async fn audit_log(
         &self,
         ctx: &Context<'_>,

@@ -21,6 +21,7 @@ pub struct ClusterQuery;
 
 #[Object]
 impl ClusterQuery {
+    #[graphql(complexity = "super::cost::UNSIZED_LIST.saturating_mul(child_complexity.max(1))")]
     async fn clusters(&self, ctx: &Context<'_>) -> ApiResult<Vec<ClusterObj>> {
         Ok(tenant(ctx)
             .await?
@@ -143,10 +144,12 @@ impl ClusterObj {
     }
     /// Live workers (and departed ones still holding assignments), from the cluster's
     /// coordination state.
+    #[graphql(complexity = "super::cost::UNSIZED_LIST.saturating_mul(child_complexity.max(1))")]
     async fn workers(&self, ctx: &Context<'_>) -> ApiResult<Vec<WorkerObj>> {
         let workers = state(ctx).cluster_view.workers(self.0.id).await?;
         Ok(workers.into_iter().map(WorkerObj).collect())
     }
+    #[graphql(complexity = "super::cost::list(first, super::args::DEFAULT_PAGE, child_complexity)")]
     async fn tasks(
         &self,
         ctx: &Context<'_>,

@@ -27,6 +27,7 @@ pub struct MemberQuery;
 
 #[Object]
 impl MemberQuery {
+    #[graphql(complexity = "super::cost::UNSIZED_LIST.saturating_mul(child_complexity.max(1))")]
     async fn members(&self, ctx: &Context<'_>) -> ApiResult<Vec<MemberObj>> {
         Ok(tenant(ctx)
             .await?
@@ -96,6 +97,7 @@ impl UserObj {
         self.0.created_at
     }
     /// The user's tenants and roles. Only readable on yourself.
+    #[graphql(complexity = "super::cost::UNSIZED_LIST.saturating_mul(child_complexity.max(1))")]
     async fn memberships(&self, ctx: &Context<'_>) -> ApiResult<Vec<MembershipObj>> {
         let me = identity(ctx)?;
         if me.user_id != self.0.id {

@@ -7,6 +7,7 @@ mod audit;
 mod auth;
 pub mod bounds;
 mod clusters;
+pub mod cost;
 mod inputs;
 mod members;
 mod notifications;
@@ -105,6 +106,10 @@ pub fn build_schema(state: Option<Arc<AppState>>, audience: Audience) -> AppSche
         };
         builder = builder
             .extension(bounds::Bounds(bounds))
+            .extension(cost::Costs {
+                max_complexity: state.config.query_max_complexity,
+                max_answer_bytes: state.config.query_max_answer_bytes,
+            })
             .limit_depth(state.config.query_max_depth)
             .limit_complexity(state.config.query_max_complexity)
             .data(state);

@@ -67,6 +67,7 @@ pub struct RunQuery;
 #[Object]
 impl RunQuery {
     /// Runs of the caller's tenant, newest first.
+    #[graphql(complexity = "super::cost::list(first, super::args::DEFAULT_PAGE, child_complexity)")]
     async fn runs(
         &self,
         ctx: &Context<'_>,
@@ -235,6 +236,7 @@ impl RunObj {
     }
     /// Log lines from `fromOffset` (default 0), in order, at most `limit` (default and
     /// maximum 5000).
+    #[graphql(complexity = "super::cost::list(Some(limit), MAX_LOG_PAGE, child_complexity)")]
     async fn logs(
         &self,
         ctx: &Context<'_>,

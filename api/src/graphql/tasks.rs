@@ -45,6 +45,7 @@ pub struct TaskQuery;
 
 #[Object]
 impl TaskQuery {
+    #[graphql(complexity = "super::cost::list(first, super::args::DEFAULT_PAGE, child_complexity)")]
     async fn tasks(
         &self,
         ctx: &Context<'_>,
@@ -161,6 +162,7 @@ impl TaskMeta {
         self.0.version
     }
     /// Every version of the spec, newest first.
+    #[graphql(complexity = "super::cost::UNSIZED_LIST.saturating_mul(child_complexity.max(1))")]
     async fn versions(&self, ctx: &Context<'_>) -> ApiResult<Vec<TaskVersionObj>> {
         let versions = tenant(ctx).await?.task_versions(self.0.id).await?;
         Ok(versions.into_iter().map(TaskVersionObj).collect())
@@ -173,6 +175,7 @@ impl TaskMeta {
     }
     /// The next `count` (at most 100) fire times from now, in UTC, from the schedule and
     /// timezone. Shown for paused tasks too: what would fire once resumed.
+    #[graphql(complexity = "super::cost::list(Some(count), 5, child_complexity)")]
     async fn next_fire_times(
         &self,
         #[graphql(default = 5)] count: i32,
@@ -199,6 +202,7 @@ impl TaskMeta {
         Ok(tenant(ctx).await?.last_run(self.0.id).await?.map(RunObj))
     }
     /// The task's runs, newest first.
+    #[graphql(complexity = "super::cost::list(first, super::args::DEFAULT_PAGE, child_complexity)")]
     async fn runs(
         &self,
         ctx: &Context<'_>,

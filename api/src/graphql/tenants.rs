@@ -18,6 +18,7 @@ pub struct TenantQuery;
 #[Object]
 impl TenantQuery {
     /// Every tenant. Platform admins only.
+    #[graphql(complexity = "super::cost::UNSIZED_LIST.saturating_mul(child_complexity.max(1))")]
     async fn tenants(&self, ctx: &Context<'_>) -> ApiResult<Vec<TenantObj>> {
         if !identity(ctx)?.platform_admin {
             return Err(Error::Forbidden("platform admins only".into()).into());

@@ -1,0 +1,224 @@
+//! What one request may cost. A small query can ask for a huge answer (600 aliases of a
+//! run's 5,000 log lines), so:
+//! - lists cost their requested size (`first`, `limit`, `count`, or [`UNSIZED_LIST`] for
+//!   lists without one) times what each item costs; the total is checked against
+//!   `query_max_complexity` before anything runs ([`list`], used in `complexity = …`);
+//! - the operations of one HTTP batch (at most `query_max_batch`) share that budget;
+//! - the answer's text is counted as it is resolved and stops at `query_max_answer_bytes`
+//!   (later fields fail at once with one error);
+//! - an answer carries at most [`MAX_ERRORS`] errors, each at most [`MAX_MESSAGE`] long.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_graphql::extensions::{
+    Extension, ExtensionContext, ExtensionFactory, NextRequest, NextResolve, NextValidation,
+    ResolveInfo,
+};
+use async_graphql::{Response, ServerError, ServerResult, ValidationResult, Value};
+
+/// The assumed length of a list that takes no size (a tenant's clusters, members, a task's
+/// versions): what an ordinary tenant has at most.
+pub const UNSIZED_LIST: usize = 100;
+/// Errors kept in one answer; the rest are summed up in one more.
+pub const MAX_ERRORS: usize = 10;
+/// Longest error message kept, in characters.
+pub const MAX_MESSAGE: usize = 500;
+
+/// A list of `size` items (the default when not given), each costing `child`.
+pub fn list(size: Option<i32>, default: i32, child: usize) -> usize {
+    let size = size.unwrap_or(default).max(1) as usize;
+    size.saturating_mul(child.max(1))
+}
+
+/// What one HTTP batch has spent so far, shared by its operations (through the request
+/// data, which every operation of a batch gets a clone of).
+#[derive(Clone, Default)]
+pub struct Spent(Arc<SpentInner>);
+
+#[derive(Default)]
+struct SpentInner {
+    complexity: AtomicUsize,
+    answer_bytes: AtomicUsize,
+}
+
+/// The limits, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Costs {
+    pub max_complexity: usize,
+    pub max_answer_bytes: usize,
+}
+
+impl ExtensionFactory for Costs {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(CostExtension {
+            costs: *self,
+            counting: AtomicBool::new(false),
+            own: Spent::default(),
+        })
+    }
+}
+
+struct CostExtension {
+    costs: Costs,
+    /// Answers are counted for queries and mutations (`request`), not for the events of
+    /// a subscription, which are answers of their own over time.
+    counting: AtomicBool,
+    /// This operation's own spending, when it is not part of an HTTP batch.
+    own: Spent,
+}
+
+impl CostExtension {
+    fn spent<'a>(&'a self, ctx: &'a ExtensionContext<'_>) -> &'a Spent {
+        ctx.data_opt::<Spent>().unwrap_or(&self.own)
+    }
+}
+
+fn limit_error(message: String, limit: &str) -> ServerError {
+    let mut error = ServerError::new(message, None);
+    let extensions = error.extensions.get_or_insert_with(Default::default);
+    extensions.set("code", "BAD_USER_INPUT");
+    extensions.set("limit", limit);
+    error
+}
+
+/// The text a resolved value adds to the answer (its leaves; objects and lists are
+/// counted through their own fields, so only a list of scalars is walked, one level).
+fn leaf_bytes(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.len(),
+        Value::List(items) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => s.len(),
+                _ => 8,
+            })
+            .sum(),
+        _ => 8,
+    }
+}
+
+#[async_graphql::async_trait::async_trait]
+impl Extension for CostExtension {
+    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
+        self.counting.store(true, Ordering::Relaxed);
+        next.run(ctx).await
+    }
+
+    async fn validation(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        next: NextValidation<'_>,
+    ) -> Result<ValidationResult, Vec<ServerError>> {
+        let result = next.run(ctx).await?;
+        let total = self
+            .spent(ctx)
+            .0
+            .complexity
+            .fetch_add(result.complexity, Ordering::Relaxed)
+            + result.complexity;
+        if total > self.costs.max_complexity {
+            return Err(vec![limit_error(
+                format!(
+                    "the batch is too complex: its operations cost {total}, at most {} is allowed",
+                    self.costs.max_complexity
+                ),
+                "query_max_complexity",
+            )]);
+        }
+        Ok(result)
+    }
+
+    async fn resolve(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        info: ResolveInfo<'_>,
+        next: NextResolve<'_>,
+    ) -> ServerResult<Option<Value>> {
+        if !self.counting.load(Ordering::Relaxed) {
+            return next.run(ctx, info).await;
+        }
+        let spent = &self.spent(ctx).0.answer_bytes;
+        let too_large = || {
+            limit_error(
+                format!(
+                    "the answer would be larger than {} bytes; ask for less",
+                    self.costs.max_answer_bytes
+                ),
+                "query_max_answer_bytes",
+            )
+        };
+        if spent.load(Ordering::Relaxed) > self.costs.max_answer_bytes {
+            return Err(too_large());
+        }
+        let value = next.run(ctx, info).await?;
+        let added = value.as_ref().map_or(4, leaf_bytes);
+        if spent.fetch_add(added, Ordering::Relaxed) + added > self.costs.max_answer_bytes {
+            return Err(too_large());
+        }
+        Ok(value)
+    }
+}
+
+/// At most [`MAX_ERRORS`] errors, each at most [`MAX_MESSAGE`] characters; one more says
+/// how many were left out.
+pub fn cap_errors(response: &mut Response) {
+    for error in &mut response.errors {
+        if error.message.chars().count() > MAX_MESSAGE {
+            error.message = error.message.chars().take(MAX_MESSAGE).collect::<String>() + "…";
+        }
+    }
+    if response.errors.len() > MAX_ERRORS {
+        let left_out = response.errors.len() - MAX_ERRORS;
+        let code = response.errors[0]
+            .extensions
+            .as_ref()
+            .and_then(|x| x.get("code").cloned());
+        response.errors.truncate(MAX_ERRORS);
+        let mut more = ServerError::new(format!("{left_out} more errors left out"), None);
+        if let Some(code) = code {
+            more.extensions
+                .get_or_insert_with(Default::default)
+                .set("code", code);
+        }
+        response.errors.push(more);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_cost_their_size_times_their_items() {
+        assert_eq!(list(Some(50), 50, 3), 150);
+        assert_eq!(list(None, 5_000, 2), 10_000);
+        assert_eq!(
+            list(Some(0), 50, 3),
+            3,
+            "an empty page still costs its shape"
+        );
+        assert_eq!(list(Some(-5), 50, 3), 3);
+        assert_eq!(
+            list(Some(i32::MAX), 50, usize::MAX),
+            usize::MAX,
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn errors_are_capped_in_number_and_length() {
+        let mut response = Response::from_errors(
+            (0..25)
+                .map(|i| ServerError::new(format!("{i}: {}", "x".repeat(2_000)), None))
+                .collect(),
+        );
+        cap_errors(&mut response);
+        assert_eq!(response.errors.len(), MAX_ERRORS + 1);
+        assert!(response.errors[0].message.chars().count() <= MAX_MESSAGE + 1);
+        assert_eq!(
+            response.errors[MAX_ERRORS].message,
+            "15 more errors left out"
+        );
+    }
+}
