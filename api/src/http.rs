@@ -102,42 +102,15 @@ async fn graphql(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let multipart = content_type.is_some_and(|ct| ct.starts_with("multipart/"));
-    // Uploads may be as large as a package (plus the operations part); anything else is
-    // a query and stays small. A package above its limit but within this one is read and
-    // refused by the resolver with BAD_USER_INPUT naming the field.
-    let limit = if multipart {
-        (config.max_package_bytes as usize)
-            .saturating_mul(2)
-            .saturating_add(1 << 20)
+    let auth = verify_user(&http.state, &headers);
+    let batch = if content_type.is_some_and(|ct| ct.starts_with("multipart/")) {
+        receive_upload(&http.state, &auth, content_type, body).await
     } else {
-        config.max_request_bytes as usize
+        receive_query(config, content_type, body).await
     };
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => bytes,
-        Err(e) if stalled(&e) => {
-            return graphql_refusal(
-                StatusCode::REQUEST_TIMEOUT,
-                "BAD_USER_INPUT",
-                "the request body stalled".into(),
-            );
-        }
-        Err(_) => {
-            return graphql_refusal(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "BAD_USER_INPUT",
-                format!("request body larger than {limit} bytes"),
-            );
-        }
-    };
-    let options = MultipartOptions::default()
-        .max_file_size(limit)
-        .max_num_files(4);
-    let batch = match receive_batch_body(content_type, &bytes[..], options).await {
+    let batch = match batch {
         Ok(batch) => batch,
-        Err(e) => {
-            return graphql_refusal(StatusCode::BAD_REQUEST, "BAD_USER_INPUT", e.to_string());
-        }
+        Err(refusal) => return refusal,
     };
     if let async_graphql::BatchRequest::Batch(items) = &batch
         && items.len() > config.query_max_batch
@@ -152,7 +125,6 @@ async fn graphql(
             ),
         );
     }
-    let auth = verify_user(&http.state, &headers);
     let schema = match auth {
         Some(Ok(_)) => &http.schema,
         _ => &http.anonymous,
@@ -162,6 +134,101 @@ async fn graphql(
         .data(crate::graphql::cost::Spent::default());
     let response = schema.execute_batch(batch).await;
     GraphQLResponse::from(response).into_response()
+}
+
+/// A query: small (`max_request_bytes`), read whole.
+async fn receive_query(
+    config: &cloudtask_core::config::Config,
+    content_type: Option<&str>,
+    body: Body,
+) -> Result<async_graphql::BatchRequest, Response> {
+    let limit = config.max_request_bytes as usize;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(e) if stalled(&e) => {
+            return Err(graphql_refusal(
+                StatusCode::REQUEST_TIMEOUT,
+                "BAD_USER_INPUT",
+                "the request body stalled".into(),
+            ));
+        }
+        Err(_) => {
+            return Err(graphql_refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "BAD_USER_INPUT",
+                format!("request body larger than {limit} bytes"),
+            ));
+        }
+    };
+    receive_batch_body(content_type, &bytes[..], MultipartOptions::default())
+        .await
+        .map_err(|e| graphql_refusal(StatusCode::BAD_REQUEST, "BAD_USER_INPUT", e.to_string()))
+}
+
+/// An upload (a GraphQL multipart request). Only a signed-in caller's body is read at
+/// all, at most `max_uploads_in_flight` at once, and it is streamed: async-graphql writes
+/// each file part to a temporary file as it arrives, so memory does not grow with the
+/// body. The body may be as large as a package plus the operations part; a package above
+/// its limit but within this one is refused by the resolver with BAD_USER_INPUT naming
+/// the field.
+async fn receive_upload(
+    state: &Arc<AppState>,
+    auth: &Option<Result<Identity, String>>,
+    content_type: Option<&str>,
+    body: Body,
+) -> Result<async_graphql::BatchRequest, Response> {
+    use futures_util::{StreamExt, TryStreamExt};
+    if !matches!(auth, Some(Ok(_))) {
+        return Err(graphql_refusal(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "authentication required: uploads need a valid access token".into(),
+        ));
+    }
+    let Ok(_slot) = state.uploads.clone().try_acquire_owned() else {
+        return Err(graphql_refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMITED",
+            "too many uploads in flight; try again shortly".into(),
+        ));
+    };
+    let limit = (state.config.max_package_bytes as usize)
+        .saturating_mul(2)
+        .saturating_add(1 << 20);
+    // Why the body stopped, when it did: over the limit, or stalled.
+    let mut read = 0usize;
+    let stopped_at = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let why = stopped_at.clone();
+    let stream = body.into_data_stream().map(move |chunk| {
+        let status = match chunk {
+            Ok(chunk) if read + chunk.len() <= limit => {
+                read += chunk.len();
+                return Ok(chunk);
+            }
+            Ok(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Err(e) if stalled(&e) => StatusCode::REQUEST_TIMEOUT,
+            Err(_) => StatusCode::BAD_REQUEST,
+        };
+        *why.lock().expect("upload status") = Some(status);
+        Err(std::io::Error::other("the upload's body stopped"))
+    });
+    let options = MultipartOptions::default()
+        .max_file_size(limit)
+        .max_num_files(4);
+    let received = receive_batch_body(content_type, stream.into_async_read(), options).await;
+    received.map_err(|e| match *stopped_at.lock().expect("upload status") {
+        Some(StatusCode::PAYLOAD_TOO_LARGE) => graphql_refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "BAD_USER_INPUT",
+            format!("request body larger than {limit} bytes"),
+        ),
+        Some(StatusCode::REQUEST_TIMEOUT) => graphql_refusal(
+            StatusCode::REQUEST_TIMEOUT,
+            "BAD_USER_INPUT",
+            "the request body stalled".into(),
+        ),
+        _ => graphql_refusal(StatusCode::BAD_REQUEST, "BAD_USER_INPUT", e.to_string()),
+    })
 }
 
 /// Whether reading a body failed because the client stopped sending it

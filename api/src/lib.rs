@@ -27,6 +27,8 @@ pub struct AppState {
     pub keys: auth::TokenKeys,
     pub logins: limits::LoginLimiter,
     pub cluster_view: cluster_view::ClusterView,
+    /// Uploads being received now (`max_uploads_in_flight`).
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -57,7 +59,9 @@ impl AppState {
             std::time::Duration::from_secs(config.login_window_secs),
         );
         let cluster_view = cluster_view::ClusterView::new(coordinator);
+        let uploads = Arc::new(tokio::sync::Semaphore::new(config.max_uploads_in_flight));
         Ok(Arc::new(AppState {
+            uploads,
             catalogue,
             config: Arc::new(config),
             keys,

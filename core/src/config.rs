@@ -65,6 +65,9 @@ pub struct Config {
     pub http_header_timeout_secs: u64,
     /// A request body that sends nothing for this long is cut off.
     pub http_body_idle_timeout_secs: u64,
+    /// Uploads (multipart requests) received at once per API replica; more are refused
+    /// with RATE_LIMITED.
+    pub max_uploads_in_flight: usize,
     /// Largest GraphQL request body that is not an upload.
     pub max_request_bytes: u64,
     pub query_max_depth: usize,
@@ -125,6 +128,7 @@ impl Default for Config {
             max_package_entries: 10_000,
             http_header_timeout_secs: 10,
             http_body_idle_timeout_secs: 30,
+            max_uploads_in_flight: 4,
             max_request_bytes: 1 << 20,
             query_max_depth: 12,
             query_max_complexity: 1_000_000,
@@ -204,6 +208,7 @@ impl Config {
             ("query_max_complexity", self.query_max_complexity),
             ("query_max_answer_bytes", self.query_max_answer_bytes),
             ("query_max_batch", self.query_max_batch),
+            ("max_uploads_in_flight", self.max_uploads_in_flight),
             ("query_max_chars", self.query_max_chars),
             ("query_max_tokens", self.query_max_tokens),
             ("query_max_nesting", self.query_max_nesting),

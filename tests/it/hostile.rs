@@ -591,3 +591,121 @@ async fn batches_are_bounded_and_share_one_budget() {
         answers[0]
     );
 }
+
+/// The head of a multipart request announcing `length` bytes of body, and its first bytes.
+fn upload_head(host: &str, token: Option<&str>, length: u64) -> Vec<u8> {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "POST /graphql HTTP/1.1\r\nHost: {host}\r\n{auth}\
+         Content-Type: multipart/form-data; boundary=XYZ\r\nContent-Length: {length}\r\n\r\n\
+         --XYZ\r\nContent-Disposition: form-data; name=\"operations\"\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Reads one HTTP answer's head and body from `tcp` (within `within`), without waiting for
+/// the connection to close.
+async fn read_answer(tcp: &mut tokio::net::TcpStream, within: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    got.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&got);
+                    if text.contains("\r\n\r\n") && text.trim_end().ends_with('}') {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "no answer within {within:?}; got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Uploads used to be read whole into memory before the token was looked at: four
+/// anonymous 128 MiB bodies took 1.2 GB. An anonymous upload is now answered before its
+/// body is read, and a member's uploads are limited in number at once.
+#[tokio::test]
+async fn uploads_are_read_only_for_members_and_only_a_few_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let world = World::new().await;
+    let address = world.api.url.trim_start_matches("http://").to_owned();
+    let within = Duration::from_secs(5);
+
+    // Anonymous: 128 MiB announced, a few bytes sent, the answer comes at once.
+    let mut anonymous = tokio::net::TcpStream::connect(&address).await.unwrap();
+    anonymous
+        .write_all(&upload_head(&address, None, 128 << 20))
+        .await
+        .unwrap();
+    let answer = read_answer(&mut anonymous, within).await;
+    assert!(answer.contains("UNAUTHENTICATED"), "{answer}");
+
+    // A member: the uploads in flight (4) hold their slots while their bodies come in
+    // slowly; the next one is refused at once.
+    let token = world.a.owner.token.clone().unwrap();
+    let mut slow = Vec::new();
+    for _ in 0..world.api.state.config.max_uploads_in_flight {
+        let mut tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+        tcp.write_all(&upload_head(&address, Some(&token), 64 << 20))
+            .await
+            .unwrap();
+        slow.push(tcp);
+    }
+    // The slots are taken once the server has read those heads: wait until a fifth is
+    // refused (bounded).
+    let deadline = tokio::time::Instant::now() + within;
+    let refused = loop {
+        let mut tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+        tcp.write_all(&upload_head(&address, Some(&token), 64 << 20))
+            .await
+            .unwrap();
+        let answer = read_answer(&mut tcp, within).await;
+        if answer.contains("RATE_LIMITED") || tokio::time::Instant::now() > deadline {
+            break answer;
+        }
+    };
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+
+    // The slow uploads go away; their slots come back and a real upload works.
+    drop(slow);
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let uploaded = world
+            .a
+            .owner
+            .upload(
+                "mutation($id: ID!, $file: Upload!) { uploadPackage(taskId: $id, file: $file) { id } }",
+                json!({ "id": world.a.task_id, "file": null }),
+                vec![("variables.file", "run.sh", b"#!/bin/sh\necho hi\n".to_vec())],
+            )
+            .await;
+        if uploaded.code() != Some("RATE_LIMITED") {
+            // Read and judged by the resolver (it is no archive).
+            assert_eq!(
+                uploaded.body["errors"][0]["extensions"]["field"], "file",
+                "{}",
+                uploaded.body
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slots never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    still_answers(&world.api.client()).await;
+}
