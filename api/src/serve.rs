@@ -3,7 +3,8 @@
 //! quiet between requests, is cut off after `http_header_timeout_secs`; one that stalls
 //! inside a body, after `http_body_idle_timeout_secs` without a byte. Every answer says
 //! `nosniff`, no framing, no referrer, and carries a Content-Security-Policy (the console
-//! and GraphiQL set their own; everything else is data and may load nothing).
+//! and GraphiQL set their own; everything else is data and may load nothing). A handler
+//! that panics answers 500 INTERNAL; the process serves on.
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::AppState;
@@ -33,6 +35,9 @@ pub async fn run(
     let config = state.config.clone();
     let app = crate::router(state)
         .layer(axum::middleware::from_fn(security_headers))
+        // A request that panics answers 500 (logged); the connection and the process
+        // live on.
+        .layer(CatchPanicLayer::custom(panicked))
         .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
             config.http_body_idle_timeout_secs,
         )));
@@ -97,6 +102,23 @@ pub async fn run(
     drop(close_rx);
     close_tx.closed().await;
     Ok(())
+}
+
+fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic");
+    tracing::error!(%detail, "a request panicked");
+    let body = r#"{"errors":[{"message":"internal error","extensions":{"code":"INTERNAL"}}]}"#;
+    let mut response = Response::new(axum::body::Body::from(body));
+    *response.status_mut() = axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 async fn security_headers(request: Request, next: Next) -> Response {

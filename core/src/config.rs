@@ -83,6 +83,9 @@ pub struct Config {
     pub query_max_chars: usize,
     pub query_max_tokens: usize,
     pub query_max_nesting: usize,
+    /// Aliases and directives a query may write.
+    pub query_max_aliases: usize,
+    pub query_max_directives: usize,
     /// Failed logins allowed per account and per client address within the window.
     pub login_max_attempts: u32,
     pub login_window_secs: u64,
@@ -137,6 +140,8 @@ impl Default for Config {
             query_max_chars: 20_000,
             query_max_tokens: 2_000,
             query_max_nesting: 32,
+            query_max_aliases: 50,
+            query_max_directives: 50,
             login_max_attempts: 5,
             login_window_secs: 300,
             run_max_log_lines: 100_000,
@@ -212,6 +217,8 @@ impl Config {
             ("query_max_chars", self.query_max_chars),
             ("query_max_tokens", self.query_max_tokens),
             ("query_max_nesting", self.query_max_nesting),
+            ("query_max_aliases", self.query_max_aliases),
+            ("query_max_directives", self.query_max_directives),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));

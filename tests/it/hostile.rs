@@ -709,3 +709,31 @@ async fn uploads_are_read_only_for_members_and_only_a_few_at_once() {
     }
     still_answers(&world.api.client()).await;
 }
+
+/// Aliases and directives are bounded as written (10,000 duplicate directives once made a
+/// 1.2 MB error answer; now the token bound refuses those, and a few hundred are refused
+/// by count with one short error).
+#[tokio::test]
+async fn aliases_and_directives_are_bounded() {
+    let api = cloudtask_testkit::TestApi::start().await;
+    let anonymous = api.client();
+    let aliases = (0..60)
+        .map(|i| format!("a{i}: me {{ id }}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let answer = anonymous.run(&format!("{{ {aliases} }}"), json!({})).await;
+    assert_limit(&answer, "query_max_aliases", "60 aliases");
+    let directives = "@include(if: true) ".repeat(100);
+    let answer = anonymous
+        .run(&format!("{{ me {directives} {{ id }} }}"), json!({}))
+        .await;
+    assert_limit(&answer, "query_max_directives", "100 directives");
+    assert!(answer.body.to_string().len() < 1_000, "{}", answer.body);
+    let directives = "@include(if: true) ".repeat(10_000);
+    let answer = anonymous
+        .run(&format!("{{ me {directives} {{ id }} }}"), json!({}))
+        .await;
+    assert_eq!(answer.code(), Some("BAD_USER_INPUT"));
+    assert!(answer.body.to_string().len() < 1_000, "a short answer");
+    still_answers(&anonymous).await;
+}

@@ -4,13 +4,18 @@
 //! and abort the whole process. This scan is one loop over the bytes, with no recursion:
 //! it counts characters, tokens and the deepest nesting of `{`, `[` and `(` (selections,
 //! list and object values, arguments alike), skipping strings and comments.
+//!
+//! Once parsed (safely, within those bounds), the document's aliases and directives are
+//! counted as written, each definition once: a spread fragment's cost shows in the
+//! complexity, and a fragment that spreads itself is never followed here.
 
 use std::sync::Arc;
 
 use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
+    Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextPrepareRequest,
 };
-use async_graphql::{Request, ServerError, ServerResult};
+use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
+use async_graphql::{Request, ServerError, ServerResult, Variables};
 
 /// The bounds, from the configuration (`query_max_chars`, `query_max_tokens`,
 /// `query_max_nesting`).
@@ -19,6 +24,9 @@ pub struct TextBounds {
     pub max_chars: usize,
     pub max_tokens: usize,
     pub max_nesting: usize,
+    /// Of the parsed document (`query_max_aliases`, `query_max_directives`).
+    pub max_aliases: usize,
+    pub max_directives: usize,
 }
 
 /// Which bound a query broke, and the configuration key that sets it.
@@ -151,13 +159,88 @@ impl Extension for BoundsExtension {
         next: NextPrepareRequest<'_>,
     ) -> ServerResult<Request> {
         if let Err(out) = self.0.check(&request.query) {
-            let mut error = ServerError::new(out.message, None);
-            let extensions = error.extensions.get_or_insert_with(Default::default);
-            extensions.set("code", "BAD_USER_INPUT");
-            extensions.set("limit", out.key);
-            return Err(error);
+            return Err(out.into());
         }
         next.run(ctx, request).await
+    }
+
+    async fn parse_query(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        query: &str,
+        variables: &Variables,
+        next: NextParseQuery<'_>,
+    ) -> ServerResult<ExecutableDocument> {
+        let document = next.run(ctx, query, variables).await?;
+        self.0
+            .check_document(&document)
+            .map_err(ServerError::from)?;
+        Ok(document)
+    }
+}
+
+impl From<OutOfBounds> for ServerError {
+    fn from(out: OutOfBounds) -> Self {
+        let mut error = ServerError::new(out.message, None);
+        let extensions = error.extensions.get_or_insert_with(Default::default);
+        extensions.set("code", "BAD_USER_INPUT");
+        extensions.set("limit", out.key);
+        error
+    }
+}
+
+impl TextBounds {
+    /// Aliases and directives as written, every selection set visited once (a stack, no
+    /// recursion; fragment spreads are not followed).
+    pub fn check_document(&self, document: &ExecutableDocument) -> Result<(), OutOfBounds> {
+        let mut sets: Vec<&SelectionSet> = Vec::new();
+        let mut directives = 0usize;
+        for (_, operation) in document.operations.iter() {
+            directives += operation.node.directives.len();
+            sets.push(&operation.node.selection_set.node);
+        }
+        for fragment in document.fragments.values() {
+            directives += fragment.node.directives.len();
+            sets.push(&fragment.node.selection_set.node);
+        }
+        let mut aliases = 0usize;
+        while let Some(set) = sets.pop() {
+            for selection in &set.items {
+                match &selection.node {
+                    Selection::Field(field) => {
+                        aliases += usize::from(field.node.alias.is_some());
+                        directives += field.node.directives.len();
+                        sets.push(&field.node.selection_set.node);
+                    }
+                    Selection::FragmentSpread(spread) => {
+                        directives += spread.node.directives.len();
+                    }
+                    Selection::InlineFragment(inline) => {
+                        directives += inline.node.directives.len();
+                        sets.push(&inline.node.selection_set.node);
+                    }
+                }
+            }
+        }
+        if aliases > self.max_aliases {
+            return Err(OutOfBounds {
+                key: "query_max_aliases",
+                message: format!(
+                    "the query has {aliases} aliases; at most {} are allowed",
+                    self.max_aliases
+                ),
+            });
+        }
+        if directives > self.max_directives {
+            return Err(OutOfBounds {
+                key: "query_max_directives",
+                message: format!(
+                    "the query has {directives} directives; at most {} are allowed",
+                    self.max_directives
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -169,7 +252,42 @@ mod tests {
         max_chars: 10_000,
         max_tokens: 1_000,
         max_nesting: 8,
+        max_aliases: 3,
+        max_directives: 2,
     };
+
+    fn document_key(query: &str) -> Option<&'static str> {
+        let document = async_graphql::parser::parse_query(query).unwrap();
+        BOUNDS.check_document(&document).err().map(|e| e.key)
+    }
+
+    #[test]
+    fn aliases_and_directives_are_counted_as_written() {
+        assert_eq!(document_key("{ a: x b: y c: z }"), None);
+        assert_eq!(
+            document_key("{ a: x b: y c: z d: w }"),
+            Some("query_max_aliases")
+        );
+        assert_eq!(
+            document_key("{ a: x { b: y { c: z { d: w } } } }"),
+            Some("query_max_aliases")
+        );
+        assert_eq!(
+            document_key("{ ...F ...F ...F ...F } fragment F on Query { a: x }"),
+            None,
+            "a fragment's aliases count once"
+        );
+        assert_eq!(document_key("{ x @skip(if: true) @skip(if: true) }"), None);
+        assert_eq!(
+            document_key("{ x @skip(if: true) @skip(if: true) @skip(if: true) }"),
+            Some("query_max_directives")
+        );
+        assert_eq!(
+            document_key("{ ...F } fragment F on Query { ...F }"),
+            None,
+            "a fragment spreading itself is not followed"
+        );
+    }
 
     fn key(query: &str) -> Option<&'static str> {
         BOUNDS.check(query).err().map(|e| e.key)

@@ -103,6 +103,8 @@ pub fn build_schema(state: Option<Arc<AppState>>, audience: Audience) -> AppSche
             max_chars: state.config.query_max_chars,
             max_tokens: state.config.query_max_tokens,
             max_nesting: state.config.query_max_nesting,
+            max_aliases: state.config.query_max_aliases,
+            max_directives: state.config.query_max_directives,
         };
         builder = builder
             .extension(bounds::Bounds(bounds))
