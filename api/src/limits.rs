@@ -27,6 +27,8 @@ use cloudtask_core::Error;
 const MAX_KEYS: usize = 100_000;
 /// An account's failures kept beyond `max_failures`: the delay is at its cap long before.
 const ACCOUNT_EXTRA_KEPT: usize = 64;
+/// No email address is longer; a longer one names no account and is kept cut to this.
+const MAX_EMAIL_CHARS: usize = 320;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
@@ -36,7 +38,8 @@ enum Key {
 
 impl Key {
     fn account(email: &str) -> Key {
-        Key::Account(email.trim().to_lowercase())
+        let email: String = email.trim().chars().take(MAX_EMAIL_CHARS).collect();
+        Key::Account(email.to_lowercase())
     }
 
     fn address(ip: IpAddr) -> Key {
