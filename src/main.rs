@@ -129,7 +129,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .read_to_string(&mut password)
                 .context("reading the password")?;
             let password = password.trim_end_matches(['\n', '\r']).to_owned();
-            cloudtask_api::auth::validate_password("password", &password)?;
+            cloudtask_api::auth::validate_password("password", &password, &email)?;
             let password_hash = cloudtask_api::auth::hash_password(&password)?;
             let catalogue = Catalogue::connect(&config.database_url).await?;
             let user = catalogue

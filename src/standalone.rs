@@ -150,7 +150,17 @@ async fn bootstrap(catalogue: &Catalogue, config: &Config) -> anyhow::Result<Boo
                     generated
                 }
             };
-            cloudtask_api::auth::validate_password("admin_password", &password)?;
+            cloudtask_api::auth::validate_password(
+                "admin_password",
+                &password,
+                &config.admin_email,
+            )
+            .map_err(|e| match e {
+                cloudtask_core::Error::BadInput { message, .. } => anyhow::anyhow!(
+                    "the admin password (CLOUDTASK_ADMIN_PASSWORD, `admin_password`) {message}"
+                ),
+                other => other.into(),
+            })?;
             catalogue
                 .create_user(NewUser {
                     email: config.admin_email.clone(),

@@ -2,7 +2,6 @@
 //! the console, health, package downloads, and the worker endpoints.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_graphql::http::{GraphiQLSource, MultipartOptions, receive_batch_body};
@@ -11,7 +10,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,6 +28,7 @@ use serde_json::json;
 
 use crate::AppState;
 use crate::auth::{Identity, WorkerIdentity, token_hash};
+use crate::client_addr::ClientAddr;
 use crate::graphql::{AppSchema, Audience, RequestContext, build_schema};
 
 #[derive(Clone)]
@@ -94,7 +94,7 @@ fn graphql_refusal(status: StatusCode, code: &str, message: String) -> Response 
 
 async fn graphql(
     State(http): State<Http>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientAddr(client_ip)): Extension<ClientAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -130,7 +130,7 @@ async fn graphql(
         _ => &http.anonymous,
     };
     let batch = batch
-        .data(RequestContext::new(auth, peer.ip()))
+        .data(RequestContext::new(auth, client_ip))
         .data(crate::graphql::cost::Spent::default());
     let response = schema.execute_batch(batch).await;
     GraphQLResponse::from(response).into_response()
@@ -250,7 +250,7 @@ fn stalled(error: &axum::Error) -> bool {
 /// protocol's refusal (4403 on `graphql-transport-ws`) before any operation runs.
 async fn graphql_ws(
     State(http): State<Http>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientAddr(client_ip)): Extension<ClientAddr>,
     protocol: GraphQLProtocol,
     upgrade: WebSocketUpgrade,
 ) -> Response {
@@ -297,7 +297,7 @@ async fn graphql_ws(
                         .verify_access(token)
                         .map_err(|_| refused("invalid or expired access token"))?;
                     let mut data = async_graphql::Data::default();
-                    data.insert(RequestContext::new(Some(Ok(identity)), peer.ip()));
+                    data.insert(RequestContext::new(Some(Ok(identity)), client_ip));
                     Ok(data)
                 })
                 .serve()
@@ -343,13 +343,13 @@ const REFUSED: &str = "forbidden: ";
 /// `/graphql/ws`, for clients that use one URL for queries and subscriptions.
 async fn graphql_get(
     http: State<Http>,
-    peer: ConnectInfo<SocketAddr>,
+    client: Extension<ClientAddr>,
     protocol: Result<GraphQLProtocol, StatusCode>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match (upgrade, protocol) {
         (Err(_), _) => graphiql().await.into_response(),
-        (Ok(upgrade), Ok(protocol)) => graphql_ws(http, peer, protocol, upgrade).await,
+        (Ok(upgrade), Ok(protocol)) => graphql_ws(http, client, protocol, upgrade).await,
         (Ok(_), Err(status)) => status.into_response(),
     }
 }

@@ -2,6 +2,7 @@
 //! package downloads, and the worker endpoints.
 
 pub mod auth;
+mod client_addr;
 pub mod cluster_view;
 mod console;
 mod error;
@@ -26,6 +27,9 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub keys: auth::TokenKeys,
     pub logins: limits::LoginLimiter,
+    /// Every argon2 hash and check the API makes goes through it.
+    pub passwords: auth::PasswordHashing,
+    pub trusted_proxies: client_addr::TrustedProxies,
     pub cluster_view: cluster_view::ClusterView,
     /// Uploads being received now (`max_uploads_in_flight`).
     pub uploads: Arc<tokio::sync::Semaphore>,
@@ -57,7 +61,16 @@ impl AppState {
         let logins = limits::LoginLimiter::new(
             config.login_max_attempts,
             std::time::Duration::from_secs(config.login_window_secs),
+            std::time::Duration::from_secs(config.login_account_max_delay_secs),
         );
+        let passwords = auth::PasswordHashing::new(
+            config.password_hash_concurrency,
+            config.password_hash_queue,
+        );
+        let trusted_proxies =
+            client_addr::TrustedProxies::parse(&config.trusted_proxies).map_err(|message| {
+                cloudtask_core::config::ConfigError::new("trusted_proxies", message)
+            })?;
         let cluster_view = cluster_view::ClusterView::new(coordinator);
         let uploads = Arc::new(tokio::sync::Semaphore::new(config.max_uploads_in_flight));
         Ok(Arc::new(AppState {
@@ -66,6 +79,8 @@ impl AppState {
             config: Arc::new(config),
             keys,
             logins,
+            passwords,
+            trusted_proxies,
             cluster_view,
         }))
     }

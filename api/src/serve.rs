@@ -3,8 +3,9 @@
 //! quiet between requests, is cut off after `http_header_timeout_secs`; one that stalls
 //! inside a body, after `http_body_idle_timeout_secs` without a byte. Every answer says
 //! `nosniff`, no framing, no referrer, and carries a Content-Security-Policy (the console
-//! and GraphiQL set their own; everything else is data and may load nothing). A handler
-//! that panics answers 500 INTERNAL; the process serves on.
+//! and GraphiQL set their own; everything else is data and may load nothing). Each request
+//! carries its client's address ([`ClientAddr`], resolved through `trusted_proxies`). A
+//! handler that panics answers 500 INTERNAL; the process serves on.
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::AppState;
+use crate::client_addr::ClientAddr;
 
 /// Serves until `shutdown` is cancelled, then lets the requests in flight finish.
 pub async fn run(
@@ -33,6 +35,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let config = state.config.clone();
+    let trusted_proxies = Arc::new(state.trusted_proxies.clone());
     let app = crate::router(state)
         .layer(axum::middleware::from_fn(security_headers))
         // A request that panics answers 500 (logged); the connection and the process
@@ -70,8 +73,11 @@ pub async fn run(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        let trusted_proxies = trusted_proxies.clone();
         let service = TowerToHyperService::new(app.clone().map_request(
             move |mut request: Request<hyper::body::Incoming>| {
+                let client: ClientAddr = trusted_proxies.client_addr(peer.ip(), request.headers());
+                request.extensions_mut().insert(client);
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request.map(axum::body::Body::new)
             },

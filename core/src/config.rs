@@ -86,9 +86,18 @@ pub struct Config {
     /// Aliases and directives a query may write.
     pub query_max_aliases: usize,
     pub query_max_directives: usize,
-    /// Failed logins allowed per account and per client address within the window.
+    /// Failed logins a client address may make within the window (past it: RATE_LIMITED);
+    /// an account's failures past it slow further logins down (see `api::limits`).
     pub login_max_attempts: u32,
     pub login_window_secs: u64,
+    /// The longest a login waits because of its account's recent failures.
+    pub login_account_max_delay_secs: u64,
+    /// Password hashes and checks (argon2id, ~19 MiB each) running at once; more callers
+    /// wait, up to `password_hash_queue`, and past that are answered RATE_LIMITED.
+    pub password_hash_concurrency: usize,
+    pub password_hash_queue: usize,
+    /// Proxies whose `X-Forwarded-For` is believed (comma-separated CIDRs or addresses).
+    pub trusted_proxies: String,
     /// Most log lines kept per run; past it, one SYSTEM line says how many were dropped.
     pub run_max_log_lines: u64,
     /// Longer output lines are split at this many bytes.
@@ -144,6 +153,10 @@ impl Default for Config {
             query_max_directives: 50,
             login_max_attempts: 5,
             login_window_secs: 300,
+            login_account_max_delay_secs: 10,
+            password_hash_concurrency: 2,
+            password_hash_queue: 32,
+            trusted_proxies: String::new(),
             run_max_log_lines: 100_000,
             run_max_line_bytes: 16 << 10,
             run_kill_grace_secs: 10,
@@ -219,6 +232,7 @@ impl Config {
             ("query_max_nesting", self.query_max_nesting),
             ("query_max_aliases", self.query_max_aliases),
             ("query_max_directives", self.query_max_directives),
+            ("password_hash_concurrency", self.password_hash_concurrency),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));
@@ -262,6 +276,9 @@ impl Config {
         }
         if let Err(message) = crate::net::OutboundPolicy::parse(&self.webhook_allow_networks) {
             return Err(ConfigError::new("webhook_allow_networks", message));
+        }
+        if let Err(message) = crate::net::parse_networks(&self.trusted_proxies) {
+            return Err(ConfigError::new("trusted_proxies", message));
         }
         if self.zookeeper.trim().is_empty() {
             return Err(ConfigError::new("zookeeper", "must not be empty"));

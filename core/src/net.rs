@@ -18,19 +18,9 @@ pub struct OutboundPolicy {
 impl OutboundPolicy {
     /// Comma-separated networks (`10.1.0.0/16`) or single addresses (`127.0.0.1`).
     pub fn parse(list: &str) -> Result<Self, String> {
-        let allowed = list
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.parse::<IpNet>()
-                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| {
-                        format!("{s:?} is not a network such as 10.1.0.0/16 or an address")
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(OutboundPolicy { allowed })
+        Ok(OutboundPolicy {
+            allowed: parse_networks(list)?,
+        })
     }
 
     pub fn permits(&self, ip: IpAddr) -> bool {
@@ -63,6 +53,20 @@ impl OutboundPolicy {
             Some(_) => Ok(()),
         }
     }
+}
+
+/// Comma-separated networks (`10.1.0.0/16`) or single addresses (`127.0.0.1`), as the
+/// configuration writes them.
+pub fn parse_networks(list: &str) -> Result<Vec<IpNet>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("{s:?} is not a network such as 10.1.0.0/16 or an address"))
+        })
+        .collect()
 }
 
 /// A public unicast address: not loopback, private, link-local (which holds the cloud

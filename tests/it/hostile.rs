@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cloudtask_testkit::{Gql, GqlResponse, GqlSocket, Reply};
+use cloudtask_testkit::{Gql, GqlResponse, GqlSocket, Reply, TestApi};
 use serde_json::{Value, json};
 
 use crate::support::World;
@@ -736,4 +736,318 @@ async fn aliases_and_directives_are_bounded() {
     assert_eq!(answer.code(), Some("BAD_USER_INPUT"));
     assert!(answer.body.to_string().len() < 1_000, "a short answer");
     still_answers(&anonymous).await;
+}
+
+const LOGIN: &str =
+    "mutation($e: String!, $p: String!) { login(email: $e, password: $p) { accessToken } }";
+const VICTIM: &str = "victim@example.com";
+
+/// A login sent from the loopback address `from` (the TCP peer the server sees), with an
+/// `X-Forwarded-For` header when given.
+async fn login_from(
+    api_url: &str,
+    from: [u8; 4],
+    forwarded_for: Option<&str>,
+    email: &str,
+    password: &str,
+) -> GqlResponse {
+    let http = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(from))
+        .build()
+        .unwrap();
+    let mut request = http
+        .post(format!("{api_url}/graphql"))
+        .json(&json!({ "query": LOGIN, "variables": { "e": email, "p": password } }));
+    if let Some(forwarded_for) = forwarded_for {
+        request = request.header("x-forwarded-for", forwarded_for);
+    }
+    let answer = request.send().await.expect("sent");
+    GqlResponse {
+        status: answer.status().as_u16(),
+        body: answer.json().await.expect("JSON"),
+    }
+}
+
+/// How many of `answers` failed with `code`; each RATE_LIMITED one must say when to retry,
+/// and none may carry a token.
+fn count_codes(answers: &[Value], code: &str) -> usize {
+    for answer in answers {
+        assert!(answer["data"]["login"].is_null(), "{answer}");
+        if answer["errors"][0]["extensions"]["code"] == "RATE_LIMITED" {
+            let retry = answer["errors"][0]["extensions"]["retryAfterSeconds"].as_u64();
+            assert!(retry.is_some_and(|s| s >= 1), "{answer}");
+        }
+    }
+    answers
+        .iter()
+        .filter(|a| a["errors"][0]["extensions"]["code"] == code)
+        .count()
+}
+
+fn assert_code(answer: &GqlResponse, code: &str, what: &str) {
+    assert_eq!(answer.code(), Some(code), "{what}: {}", answer.body);
+}
+
+/// A JSON batch of `login` operations with wrong passwords for one account, anonymous (a
+/// batch of 200 used to check all of them, ~19 MiB of argon2 each; batches now hold at
+/// most `query_max_batch`, 10): attempts are counted before any hashing, so the
+/// address's budget (`login_max_attempts`, 5) is checked and the rest are RATE_LIMITED. The account is not locked: its owner, from another address, signs in.
+#[tokio::test]
+async fn a_batch_of_logins_gets_no_more_checks_than_the_address_budget() {
+    let api = TestApi::start().await;
+    api.create_user(VICTIM, crate::support::PASSWORD, false)
+        .await;
+    let batch: Vec<Value> = (0..10)
+        .map(|i| json!({ "query": LOGIN, "variables": { "e": VICTIM, "p": format!("guess {i}") } }))
+        .collect();
+    let answers: Value = post(&api.client(), Value::Array(batch).to_string())
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    let answers = answers.as_array().expect("one answer per operation");
+    assert_eq!(answers.len(), 10);
+    assert_eq!(count_codes(answers, "UNAUTHENTICATED"), 5, "{answers:?}");
+    assert_eq!(count_codes(answers, "RATE_LIMITED"), 5, "{answers:?}");
+
+    still_answers(&api.client()).await;
+    let same_address = login_from(
+        &api.url,
+        [127, 0, 0, 1],
+        None,
+        VICTIM,
+        crate::support::PASSWORD,
+    );
+    assert_code(
+        &same_address.await,
+        "RATE_LIMITED",
+        "the same address, right password",
+    );
+    let owner = login_from(
+        &api.url,
+        [127, 0, 0, 3],
+        None,
+        VICTIM,
+        crate::support::PASSWORD,
+    )
+    .await;
+    assert!(
+        owner.data()["login"]["accessToken"].is_string(),
+        "the owner from another address: {}",
+        owner.body
+    );
+}
+
+/// 40 wrong logins in parallel (they used to pass the check together and be hashed
+/// together): no more than the address's budget are checked.
+#[tokio::test]
+async fn parallel_logins_get_no_more_checks_than_the_address_budget() {
+    let api = TestApi::start().await;
+    api.create_user(VICTIM, crate::support::PASSWORD, false)
+        .await;
+    let mut attempts = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let client = api.client();
+        attempts.spawn(async move {
+            client
+                .run(LOGIN, json!({ "e": VICTIM, "p": format!("guess {i}") }))
+                .await
+                .body
+        });
+    }
+    let answers = attempts.join_all().await;
+    assert_eq!(count_codes(&answers, "UNAUTHENTICATED"), 5, "{answers:?}");
+    assert_eq!(count_codes(&answers, "RATE_LIMITED"), 35, "{answers:?}");
+    still_answers(&api.client()).await;
+}
+
+/// Strangers behind the load balancer fail on the owner's account from many addresses
+/// (five would have locked it for everyone before): each stranger's own address runs out,
+/// and the account only slows down, so the owner, from their own address, signs in with
+/// the right password within the longest delay (`login_account_max_delay_secs`).
+#[tokio::test]
+async fn strangers_failing_from_many_addresses_do_not_lock_the_owner_out() {
+    const PROXY: [u8; 4] = [127, 0, 0, 2];
+    let api = TestApi::start_with(|c| {
+        c.trusted_proxies = "127.0.0.2".into();
+        c.login_max_attempts = 3;
+        c.login_account_max_delay_secs = 2;
+    })
+    .await;
+    api.create_user(VICTIM, crate::support::PASSWORD, false)
+        .await;
+    let strangers: Vec<String> = (1..=5).map(|i| format!("198.51.100.{i}")).collect();
+    let mut attempts = tokio::task::JoinSet::new();
+    for i in 0..15 {
+        let stranger = strangers[i % strangers.len()].clone();
+        let api_url = api.url.clone();
+        attempts.spawn(async move {
+            login_from(&api_url, PROXY, Some(&stranger), VICTIM, "wrong password").await
+        });
+    }
+    for answer in attempts.join_all().await {
+        assert_code(&answer, "UNAUTHENTICATED", "a stranger within its budget");
+    }
+    for stranger in &strangers {
+        let answer = login_from(&api.url, PROXY, Some(stranger), VICTIM, "wrong password").await;
+        assert_code(&answer, "RATE_LIMITED", "a stranger past its budget");
+    }
+
+    let started = std::time::Instant::now();
+    let owner = login_from(
+        &api.url,
+        PROXY,
+        Some("203.0.113.7"),
+        VICTIM,
+        crate::support::PASSWORD,
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        owner.data()["login"]["accessToken"].is_string(),
+        "the owner signs in: {}",
+        owner.body
+    );
+    assert!(
+        took >= Duration::from_millis(1_900),
+        "slowed down: {took:?}"
+    );
+    assert!(took < Duration::from_secs(10), "within the bound: {took:?}");
+    still_answers(&api.client()).await;
+}
+
+/// `X-Forwarded-For` counts only from a trusted proxy (127.0.0.2 here), and only its
+/// right-most untrusted entry: a client that writes the header itself, directly or through
+/// the proxy, keeps the budget of the address it really has.
+#[tokio::test]
+async fn a_forged_forwarded_for_does_not_dodge_the_address_budget() {
+    const DIRECT: [u8; 4] = [127, 0, 0, 1];
+    const PROXY: [u8; 4] = [127, 0, 0, 2];
+    let api = TestApi::start_with(|c| {
+        c.trusted_proxies = "127.0.0.2".into();
+        c.login_max_attempts = 3;
+    })
+    .await;
+    // A fresh account each time, so no account slow-down is involved.
+    let mut n = 0;
+    let mut attempt = |from: [u8; 4], forwarded_for: String| {
+        n += 1;
+        let (url, email) = (api.url.clone(), format!("nobody{n}@example.com"));
+        async move { login_from(&url, from, Some(&forwarded_for), &email, "wrong password").await }
+    };
+
+    // An untrusted peer names a new address each time: ignored, its own runs out.
+    for i in 1..=3 {
+        let answer = attempt(DIRECT, format!("198.51.100.{i}")).await;
+        assert_code(&answer, "UNAUTHENTICATED", "direct, within the budget");
+    }
+    let answer = attempt(DIRECT, "198.51.100.4".into()).await;
+    assert_code(&answer, "RATE_LIMITED", "direct, a forged header");
+
+    // Behind the proxy, the client is what the proxy appended, whatever it wrote before:
+    // 198.51.100.1 (named in the forgeries above) still has its whole budget.
+    for i in 1..=3 {
+        let answer = attempt(PROXY, format!("203.0.113.{i}, 198.51.100.1")).await;
+        assert_code(
+            &answer,
+            "UNAUTHENTICATED",
+            "a proxied client within its budget",
+        );
+    }
+    let answer = attempt(PROXY, "203.0.113.9, 198.51.100.1".into()).await;
+    assert_code(
+        &answer,
+        "RATE_LIMITED",
+        "a proxied client, a forged first entry",
+    );
+    // Another client behind the same proxy has its own budget.
+    let answer = attempt(PROXY, "198.51.100.2".into()).await;
+    assert_code(
+        &answer,
+        "UNAUTHENTICATED",
+        "another client behind the proxy",
+    );
+    still_answers(&api.client()).await;
+}
+
+/// Common and trivial passwords (and the email itself) are refused as new passwords, on
+/// `createTenant` and `addMember`, with BAD_USER_INPUT naming the field and zxcvbn's
+/// reason; nothing is created.
+#[tokio::test]
+async fn common_and_trivial_new_passwords_are_refused() {
+    let world = World::new().await;
+    let tenants = || async {
+        world
+            .admin
+            .run("{ tenants { name } }", json!({}))
+            .await
+            .data()["tenants"]
+            .clone()
+    };
+    let members = || async {
+        world
+            .a
+            .owner
+            .run("{ members { user { email } } }", json!({}))
+            .await
+            .data()["members"]
+            .clone()
+    };
+    let (tenants_before, members_before) = (tenants().await, members().await);
+    let new_owner = "owner@gamma.example";
+    let new_member = "viewer@alpha.example";
+    let create_tenant = |password: &str| {
+        world.admin.run(
+            "mutation($input: CreateTenantInput!) { createTenant(input: $input) { id } }",
+            json!({ "input": { "name": "gamma", "ownerEmail": new_owner, "ownerPassword": password } }),
+        )
+    };
+    let add_member = |password: &str| {
+        world.a.owner.run(
+            "mutation($input: AddMemberInput!) { addMember(input: $input) { role } }",
+            json!({ "input": { "email": new_member, "role": "VIEWER", "password": password } }),
+        )
+    };
+    let mut refusals = Vec::new();
+    for (weak, reason) in [
+        ("password", "common password"),
+        ("12345678", "common password"),
+        ("        ", "Repeats"),
+    ] {
+        refusals.push((create_tenant(weak).await, "ownerPassword", weak, reason));
+        refusals.push((add_member(weak).await, "password", weak, reason));
+    }
+    refusals.push((
+        create_tenant(new_owner).await,
+        "ownerPassword",
+        new_owner,
+        "email",
+    ));
+    refusals.push((
+        add_member(new_member).await,
+        "password",
+        new_member,
+        "email",
+    ));
+    for (answer, field, weak, reason) in &refusals {
+        assert_eq!(
+            answer.code(),
+            Some("BAD_USER_INPUT"),
+            "{weak:?}: {}",
+            answer.body
+        );
+        assert_eq!(
+            answer.body["errors"][0]["extensions"]["field"], *field,
+            "{weak:?}: {}",
+            answer.body
+        );
+        assert!(
+            answer.message().contains(reason),
+            "{weak:?}: {}",
+            answer.body
+        );
+    }
+    assert_eq!(tenants().await, tenants_before, "no tenant was created");
+    assert_eq!(members().await, members_before, "no member was added");
+    still_answers(&world.api.client()).await;
 }

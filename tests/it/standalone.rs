@@ -260,3 +260,38 @@ async fn standalone_runs_a_packaged_task_and_keeps_everything_across_a_restart()
     assert_eq!(texts, ["tick-2", "tick-3", "tick-4", "tick-5"]);
     terminate(child);
 }
+
+/// A weak `CLOUDTASK_ADMIN_PASSWORD` stops the first start, with a message that names it
+/// and says why, instead of creating an admin anyone could guess.
+#[test]
+fn a_weak_admin_password_stops_the_first_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudtask"))
+        .arg("standalone")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CLOUDTASK_LISTEN", "127.0.0.1:0")
+        .env("CLOUDTASK_ADMIN_PASSWORD", "password")
+        .env("CLOUDTASK_LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cloudtask standalone");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("standalone started with the admin password \"password\"");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("CLOUDTASK_ADMIN_PASSWORD"), "{stderr}");
+    assert!(stderr.contains("common password"), "{stderr}");
+}

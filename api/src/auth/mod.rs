@@ -1,11 +1,13 @@
-//! Credentials: argon2id passwords, HS256 access tokens (algorithm pinned), opaque
-//! refresh tokens stored as sha256, worker credentials scoped to one cluster. Users'
-//! sessions (login, refresh, logout) are in [`sessions`].
+//! Credentials: HS256 access tokens (algorithm pinned), opaque refresh tokens stored as
+//! sha256, worker credentials scoped to one cluster. Passwords (argon2id, the rule for new
+//! ones, bounded hashing) are in [`passwords`]; users' sessions (login, refresh, logout)
+//! in [`sessions`].
 
+mod passwords;
 pub mod sessions;
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+pub use passwords::{PasswordHashing, hash_password, validate_password, verify_password};
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Duration, Utc};
@@ -170,47 +172,6 @@ impl TokenKeys {
     }
 }
 
-/// argon2id with the crate's defaults (19 MiB, 2 passes), salt generated per hash.
-pub fn hash_password(password: &str) -> Result<String> {
-    Argon2::default()
-        .hash_password(password.as_bytes())
-        .map(|h| h.to_string())
-        .map_err(|e| Error::internal(format!("hashing a password: {e}")))
-}
-
-pub fn verify_password(password: &str, hash: &str) -> bool {
-    Argon2::default()
-        .verify_password(password.as_bytes(), hash)
-        .is_ok()
-}
-
-/// Does the work of one password check against a fixed hash, for logins of unknown
-/// accounts: their answer takes as long as a wrong password's.
-pub fn burn_password_check(password: &str) {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let hash = DUMMY.get_or_init(|| hash_password("dummy password").unwrap_or_default());
-    let _ = verify_password(password, hash);
-}
-
-/// Checks a new password and hashes it (off the async runtime: argon2 is slow on purpose).
-pub async fn hash_new_password(field: &str, password: String) -> Result<String> {
-    validate_password(field, &password)?;
-    tokio::task::spawn_blocking(move || hash_password(&password))
-        .await
-        .map_err(Error::internal)?
-}
-
-/// Checks a new password before it is hashed.
-pub fn validate_password(field: &str, password: &str) -> Result<()> {
-    if password.chars().count() < 8 {
-        return Err(Error::bad_input(field, "must be at least 8 characters"));
-    }
-    if password.len() > 1024 {
-        return Err(Error::bad_input(field, "must be at most 1024 bytes"));
-    }
-    Ok(())
-}
-
 /// 32 random bytes, URL-safe: refresh tokens and cluster join tokens.
 pub fn random_token(prefix: &str) -> String {
     let mut bytes = [0u8; 32];
@@ -261,13 +222,5 @@ mod tests {
             .token;
         let other = TokenKeys::new(&[8u8; 32], Duration::minutes(5));
         assert!(other.verify_access(&token).is_err());
-    }
-
-    #[test]
-    fn passwords_verify() {
-        let hash = hash_password("correct horse").unwrap();
-        assert!(hash.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse", &hash));
-        assert!(!verify_password("wrong horse", &hash));
     }
 }

@@ -12,7 +12,7 @@ use cloudtask_core::roles::Role;
 use cloudtask_core::{Error, Result};
 use uuid::Uuid;
 
-use super::{Identity, burn_password_check, random_token, token_hash, verify_password};
+use super::{Identity, random_token, token_hash};
 use crate::AppState;
 
 /// A fresh pair of tokens and whom they are for.
@@ -26,8 +26,9 @@ pub struct Session {
 }
 
 /// Exchanges email and password for a session in `tenant_id`, or without it in the user's
-/// first tenant (or none, for a platform admin without one). Failures count against the
-/// login limiter.
+/// first tenant (or none, for a platform admin without one). The attempt is counted by
+/// the login limiter before the password is checked, and waits out its account's
+/// slow-down first (see [`crate::limits`]).
 pub async fn login(
     state: &AppState,
     client_ip: IpAddr,
@@ -35,24 +36,28 @@ pub async fn login(
     password: String,
     tenant_id: Option<TenantId>,
 ) -> Result<Session> {
-    state.logins.check(email, client_ip)?;
-    let credentials = state.catalogue.user_credentials(email).await?;
-    let hash = credentials.as_ref().map(|c| c.password_hash.clone());
-    let verified = tokio::task::spawn_blocking(move || match hash {
-        Some(hash) => verify_password(&password, &hash),
-        None => {
-            // Same work for unknown accounts, so timing does not reveal which exist.
-            burn_password_check(&password);
-            false
+    let attempt = state.logins.start(email, client_ip)?;
+    tokio::time::sleep(attempt.delay()).await;
+    let credentials = match state.catalogue.user_credentials(email).await {
+        Ok(credentials) => credentials,
+        Err(e) => {
+            attempt.unchecked();
+            return Err(e);
         }
-    })
-    .await
-    .map_err(Error::internal)?;
+    };
+    let hash = credentials.as_ref().map(|c| c.password_hash.clone());
+    let verified = match state.passwords.verify(password, hash).await {
+        Ok(verified) => verified,
+        Err(e) => {
+            attempt.unchecked();
+            return Err(e);
+        }
+    };
+    // A wrong password leaves the attempt counted as the failure it is.
     let Some(credentials) = credentials.filter(|_| verified) else {
-        state.logins.record_failure(email, client_ip);
         return Err(Error::Unauthenticated("invalid email or password".into()));
     };
-    state.logins.record_success(email);
+    attempt.succeeded();
     let user_id = credentials.user.id;
     let memberships = state.catalogue.memberships(user_id).await?;
     let tenant_id = match tenant_id {

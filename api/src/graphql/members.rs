@@ -10,7 +10,6 @@ use super::args::parse_id;
 use super::inputs::AddMemberInput;
 use super::tenants::TenantObj;
 use super::{identity, state, tenant};
-use crate::auth::hash_new_password;
 use crate::error::ApiResult;
 
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
@@ -47,7 +46,12 @@ impl MemberMutation {
     async fn add_member(&self, ctx: &Context<'_>, input: AddMemberInput) -> ApiResult<MemberObj> {
         let handle = tenant(ctx).await?;
         let password_hash = match input.password {
-            Some(password) => Some(hash_new_password("password", password).await?),
+            Some(password) => Some(
+                state(ctx)
+                    .passwords
+                    .hash_new("password", password, &input.email)
+                    .await?,
+            ),
             None => None,
         };
         Ok(MemberObj(

@@ -66,6 +66,7 @@ pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 pub struct RequestContext {
     /// `None`: no token was sent. `Some(Err)`: one was sent and refused, with the reason.
     pub auth: Option<Result<Identity, String>>,
+    /// The client's address, through trusted proxies (see `crate::client_addr`).
     pub client_ip: IpAddr,
     tenant: OnceCell<TenantHandle>,
 }

@@ -9,7 +9,6 @@ use cloudtask_core::task::TaskState;
 
 use super::inputs::CreateTenantInput;
 use super::{identity, state, tenant};
-use crate::auth::hash_new_password;
 use crate::error::ApiResult;
 
 #[derive(Default)]
@@ -65,7 +64,12 @@ impl TenantMutation {
             return Err(Error::Forbidden("platform admins only".into()).into());
         }
         let password_hash = match input.owner_password {
-            Some(password) => Some(hash_new_password("ownerPassword", password).await?),
+            Some(password) => Some(
+                state(ctx)
+                    .passwords
+                    .hash_new("ownerPassword", password, &input.owner_email)
+                    .await?,
+            ),
             None => None,
         };
         let actor = identity.user_id.to_string();
