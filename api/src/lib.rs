@@ -9,6 +9,7 @@ pub mod graphql;
 mod http;
 mod limits;
 mod serve;
+mod sockets;
 mod webhooks;
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ pub struct AppState {
     pub keys: auth::TokenKeys,
     pub logins: limits::LoginLimiter,
     pub cluster_view: cluster_view::ClusterView,
+    pub sockets: sockets::SocketRegistry,
 }
 
 impl AppState {
@@ -57,12 +59,14 @@ impl AppState {
             std::time::Duration::from_secs(config.login_window_secs),
         );
         let cluster_view = cluster_view::ClusterView::new(coordinator);
+        let sockets = sockets::SocketRegistry::new(config.ws_max_sockets_per_user);
         Ok(Arc::new(AppState {
             catalogue,
             config: Arc::new(config),
             keys,
             logins,
             cluster_view,
+            sockets,
         }))
     }
 }

@@ -77,6 +77,12 @@ pub struct Config {
     /// Failed logins allowed per account and per client address within the window.
     pub login_max_attempts: u32,
     pub login_window_secs: u64,
+    /// A WebSocket that has not sent `connection_init` within this long is closed (4408).
+    pub ws_init_timeout_secs: u64,
+    /// Operations (subscriptions, queries, mutations) in flight at once on one socket.
+    pub ws_max_subscriptions: usize,
+    /// Open sockets per user on one API replica.
+    pub ws_max_sockets_per_user: usize,
     /// Most log lines kept per run; past it, one SYSTEM line says how many were dropped.
     pub run_max_log_lines: u64,
     /// Longer output lines are split at this many bytes.
@@ -127,6 +133,9 @@ impl Default for Config {
             query_max_nesting: 32,
             login_max_attempts: 5,
             login_window_secs: 300,
+            ws_init_timeout_secs: 10,
+            ws_max_subscriptions: 100,
+            ws_max_sockets_per_user: 20,
             run_max_log_lines: 100_000,
             run_max_line_bytes: 16 << 10,
             run_kill_grace_secs: 10,
@@ -176,6 +185,7 @@ impl Config {
                 self.http_body_idle_timeout_secs,
             ),
             ("login_window_secs", self.login_window_secs),
+            ("ws_init_timeout_secs", self.ws_init_timeout_secs),
             ("run_max_log_lines", self.run_max_log_lines),
             ("run_max_line_bytes", self.run_max_line_bytes),
             ("smtp_timeout_secs", self.smtp_timeout_secs),
@@ -197,6 +207,8 @@ impl Config {
             ("query_max_chars", self.query_max_chars),
             ("query_max_tokens", self.query_max_tokens),
             ("query_max_nesting", self.query_max_nesting),
+            ("ws_max_subscriptions", self.ws_max_subscriptions),
+            ("ws_max_sockets_per_user", self.ws_max_sockets_per_user),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));
