@@ -469,7 +469,10 @@ async fn a_socket_is_closed_when_its_access_token_expires() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let (code, closed_at) = loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match socket.frame(left).await {
+        let Ok(frame) = tokio::time::timeout(left, socket.frame(WITHIN)).await else {
+            panic!("the socket stayed open; its token expired at {expires_at}, events: {heard:?}");
+        };
+        match frame {
             Message::Text(text) => {
                 let message: Value = serde_json::from_str(&text).unwrap();
                 if message["type"] == "next" {

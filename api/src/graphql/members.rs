@@ -69,8 +69,8 @@ impl MemberMutation {
         Ok(MemberObj(member))
     }
 
-    /// The member's open sockets on this replica close at once; on other replicas at
-    /// their next operation or event.
+    // The member's open sockets on this replica close at once (on other replicas at
+    // their next operation or event).
     async fn remove_member(&self, ctx: &Context<'_>, user_id: ID) -> ApiResult<bool> {
         let user_id = parse_id("userId", &user_id)?;
         tenant(ctx).await?.remove_member(user_id).await?;
