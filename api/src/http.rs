@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_graphql::http::{GraphiQLSource, MultipartOptions, receive_batch_body};
-use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
+use async_graphql_axum::{GraphQLProtocol, GraphQLResponse};
 use axum::Json;
 use axum::body::Body;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -244,100 +244,20 @@ fn stalled(error: &axum::Error) -> bool {
     false
 }
 
-/// GraphQL over WebSocket (`graphql-transport-ws`, and the legacy `graphql-ws`). The
-/// access token comes in `connection_init` (`{"accessToken": "…"}` or
-/// `{"authorization": "Bearer …"}`); without a valid one the socket is closed with the
-/// protocol's refusal (4403 on `graphql-transport-ws`) before any operation runs.
+/// GraphQL over WebSocket: see [`crate::sockets`]. `_protocol` refuses (400) an upgrade
+/// that asks for no GraphQL subprotocol.
 async fn graphql_ws(
     State(http): State<Http>,
     Extension(ClientAddr(client_ip)): Extension<ClientAddr>,
-    protocol: GraphQLProtocol,
+    _protocol: GraphQLProtocol,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let state = http.state.clone();
     let schema = http.schema.clone();
     upgrade
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |socket| {
-            use futures_util::{SinkExt, StreamExt};
-            let (sink, stream) = socket.split();
-            // async-graphql closes a refused `connection_init` with 1002; the protocol
-            // says 4403 (Forbidden).
-            let sink = sink.with(|message: Message| async move {
-                Ok::<_, axum::Error>(match message {
-                    Message::Close(Some(frame))
-                        if frame.code == 1002 && frame.reason.starts_with(REFUSED) =>
-                    {
-                        Message::Close(Some(CloseFrame {
-                            code: 4403,
-                            reason: frame.reason,
-                        }))
-                    }
-                    other => other,
-                })
-            });
-            let sink = batched(sink);
-            GraphQLWebSocket::new_with_pair(sink, stream, schema, protocol)
-                .on_connection_init(move |payload| async move {
-                    let refused = |why: &str| async_graphql::Error::new(format!("{REFUSED}{why}"));
-                    let token = payload
-                        .get("accessToken")
-                        .and_then(|v| v.as_str())
-                        .or_else(|| {
-                            payload
-                                .get("authorization")
-                                .or_else(|| payload.get("Authorization"))
-                                .and_then(|v| v.as_str())
-                                .and_then(|v| v.strip_prefix("Bearer "))
-                        })
-                        .map(str::trim)
-                        .ok_or_else(|| refused("no access token"))?;
-                    let identity = state
-                        .keys
-                        .verify_access(token)
-                        .map_err(|_| refused("invalid or expired access token"))?;
-                    let mut data = async_graphql::Data::default();
-                    data.insert(RequestContext::new(Some(Ok(identity)), client_ip));
-                    Ok(data)
-                })
-                .serve()
-        })
+        .on_upgrade(move |socket| crate::sockets::serve(socket, state, schema, client_ip))
 }
-
-/// Messages a socket may have queued for its writer.
-const SOCKET_QUEUE: usize = 256;
-
-/// A sink that hands messages to a writer task, which writes whatever is queued and then
-/// flushes once. async-graphql flushes after every message; a subscription that
-/// delivers a burst of log lines would cost a write to the socket per line.
-fn batched<S>(sink: S) -> tokio_util::sync::PollSender<Message>
-where
-    S: futures_util::Sink<Message> + Send + 'static,
-{
-    use futures_util::SinkExt;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(SOCKET_QUEUE);
-    tokio::spawn(async move {
-        let mut sink = std::pin::pin!(sink);
-        while let Some(message) = rx.recv().await {
-            if sink.feed(message).await.is_err() {
-                return;
-            }
-            while let Ok(message) = rx.try_recv() {
-                if sink.feed(message).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-        let _ = sink.close().await;
-    });
-    tokio_util::sync::PollSender::new(tx)
-}
-
-/// The reason prefix of a refused `connection_init`.
-const REFUSED: &str = "forbidden: ";
 
 /// `GET /graphql`: GraphiQL for a browser; a WebSocket upgrade is served as on
 /// `/graphql/ws`, for clients that use one URL for queries and subscriptions.

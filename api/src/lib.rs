@@ -10,6 +10,7 @@ pub mod graphql;
 mod http;
 mod limits;
 mod serve;
+mod sockets;
 mod webhooks;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub struct AppState {
     pub cluster_view: cluster_view::ClusterView,
     /// Uploads being received now (`max_uploads_in_flight`).
     pub uploads: Arc<tokio::sync::Semaphore>,
+    pub sockets: sockets::SocketRegistry,
 }
 
 impl AppState {
@@ -73,6 +75,7 @@ impl AppState {
             })?;
         let cluster_view = cluster_view::ClusterView::new(coordinator);
         let uploads = Arc::new(tokio::sync::Semaphore::new(config.max_uploads_in_flight));
+        let sockets = sockets::SocketRegistry::new(config.ws_max_sockets_per_user);
         Ok(Arc::new(AppState {
             uploads,
             catalogue,
@@ -82,6 +85,7 @@ impl AppState {
             passwords,
             trusted_proxies,
             cluster_view,
+            sockets,
         }))
     }
 }

@@ -98,6 +98,12 @@ pub struct Config {
     pub password_hash_queue: usize,
     /// Proxies whose `X-Forwarded-For` is believed (comma-separated CIDRs or addresses).
     pub trusted_proxies: String,
+    /// A WebSocket that has not sent `connection_init` within this long is closed (4408).
+    pub ws_init_timeout_secs: u64,
+    /// Operations (subscriptions, queries, mutations) in flight at once on one socket.
+    pub ws_max_subscriptions: usize,
+    /// Open sockets per user on one API replica.
+    pub ws_max_sockets_per_user: usize,
     /// Most log lines kept per run; past it, one SYSTEM line says how many were dropped.
     pub run_max_log_lines: u64,
     /// Longer output lines are split at this many bytes.
@@ -157,6 +163,9 @@ impl Default for Config {
             password_hash_concurrency: 2,
             password_hash_queue: 32,
             trusted_proxies: String::new(),
+            ws_init_timeout_secs: 10,
+            ws_max_subscriptions: 100,
+            ws_max_sockets_per_user: 20,
             run_max_log_lines: 100_000,
             run_max_line_bytes: 16 << 10,
             run_kill_grace_secs: 10,
@@ -206,6 +215,7 @@ impl Config {
                 self.http_body_idle_timeout_secs,
             ),
             ("login_window_secs", self.login_window_secs),
+            ("ws_init_timeout_secs", self.ws_init_timeout_secs),
             ("run_max_log_lines", self.run_max_log_lines),
             ("run_max_line_bytes", self.run_max_line_bytes),
             ("smtp_timeout_secs", self.smtp_timeout_secs),
@@ -233,6 +243,8 @@ impl Config {
             ("query_max_aliases", self.query_max_aliases),
             ("query_max_directives", self.query_max_directives),
             ("password_hash_concurrency", self.password_hash_concurrency),
+            ("ws_max_subscriptions", self.ws_max_subscriptions),
+            ("ws_max_sockets_per_user", self.ws_max_sockets_per_user),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));

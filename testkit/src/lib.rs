@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub use smtp::{Mail, SmtpSink};
-pub use socket::{GqlSocket, Reply};
+pub use socket::{Closed, GqlSocket, Reply};
 pub use stand_in::stand_in_api;
 
 /// Where tests create their databases: `CLOUDTASK_TEST_DATABASE_URL`, else the local

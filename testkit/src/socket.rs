@@ -14,6 +14,14 @@ pub struct GqlSocket {
     socket: Stream,
 }
 
+/// How the server closed a socket, and the messages it sent before.
+#[derive(Debug)]
+pub struct Closed {
+    pub code: u16,
+    pub reason: String,
+    pub messages: Vec<Value>,
+}
+
 /// What the server said about one operation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
@@ -94,6 +102,37 @@ impl GqlSocket {
                 }
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("expected a message, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the server closes the socket, within `within` in all; panics when it
+    /// stays open.
+    pub async fn until_close(&mut self, within: Duration) -> Closed {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut messages = Vec::new();
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("the socket was not closed within {within:?}; it sent {messages:?}")
+                });
+            match frame {
+                Some(Ok(Message::Text(text))) => {
+                    messages.push(serde_json::from_str(&text).expect("JSON"));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    return Closed {
+                        code,
+                        reason,
+                        messages,
+                    };
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("the socket ended without a close frame: {other:?}"),
             }
         }
     }

@@ -1051,3 +1051,126 @@ async fn common_and_trivial_new_passwords_are_refused() {
     assert_eq!(members().await, members_before, "no member was added");
     still_answers(&world.api.client()).await;
 }
+
+/// A socket that never sends `connection_init` is closed with 4408 once
+/// `ws_init_timeout_secs` has passed, on both protocols; one that signed in stays.
+#[tokio::test]
+async fn sockets_that_never_say_connection_init_are_closed_with_4408() {
+    let api = cloudtask_testkit::TestApi::start_with(|c| c.ws_init_timeout_secs = 1).await;
+    let tenant = api
+        .tenant_with_cluster("alpha", crate::support::PASSWORD)
+        .await;
+    let opened = tokio::time::Instant::now();
+    let mut signed_in = GqlSocket::connect(&api.url, tenant.owner.token.as_deref().unwrap()).await;
+    for protocol in ["graphql-transport-ws", "graphql-ws"] {
+        let mut silent = GqlSocket::open_with_protocol(&api.url, protocol).await;
+        let closed = silent.until_close(Duration::from_secs(10)).await;
+        assert_eq!(closed.code, 4408, "{protocol}: {closed:?}");
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_millis(900),
+        "not before the timeout"
+    );
+    signed_in
+        .subscribe("me", "{ me { email } }", json!({}))
+        .await;
+    match signed_in.reply("me", Duration::from_secs(10)).await {
+        Reply::Next(me) => assert!(me["data"]["me"]["email"].is_string(), "{me}"),
+        other => panic!("the signed-in socket still answers: {other:?}"),
+    }
+    still_answers(&api.client()).await;
+}
+
+const WORKER_EVENTS: &str = "subscription { workerEvents { worker kind } }";
+
+fn assert_rate_limited(payload: &Value) {
+    let error = &payload["payload"]["errors"][0];
+    assert_eq!(error["extensions"]["code"], "RATE_LIMITED", "{payload}");
+    assert_eq!(
+        error["extensions"]["limit"], "ws_max_subscriptions",
+        "{payload}"
+    );
+}
+
+/// At most `ws_max_subscriptions` operations at once on a socket: the one over it is
+/// answered RATE_LIMITED and the socket stays (a freed place is taken again); a flood of
+/// 5,000 is refused one by one. At most `ws_max_sockets_per_user` sockets per user: the
+/// next `connection_init` is closed with 4429 until one of them goes.
+#[tokio::test]
+async fn subscriptions_per_socket_and_sockets_per_user_are_limited() {
+    let api = cloudtask_testkit::TestApi::start_with(|c| {
+        c.ws_max_subscriptions = 3;
+        c.ws_max_sockets_per_user = 2;
+    })
+    .await;
+    let tenant = api
+        .tenant_with_cluster("alpha", crate::support::PASSWORD)
+        .await;
+    let token = tenant.owner.token.clone().unwrap();
+    let within = Duration::from_secs(10);
+    let mut socket = GqlSocket::connect(&api.url, &token).await;
+    for id in ["1", "2", "3"] {
+        socket.subscribe(id, WORKER_EVENTS, json!({})).await;
+    }
+    socket
+        .subscribe("over", "{ me { email } }", json!({}))
+        .await;
+    match socket.reply("over", within).await {
+        Reply::Next(payload) => assert_rate_limited(&json!({ "payload": payload })),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(socket.reply("over", within).await, Reply::Complete);
+
+    let flood = 5_000;
+    for i in 0..flood {
+        socket
+            .subscribe(&format!("flood-{i}"), WORKER_EVENTS, json!({}))
+            .await;
+    }
+    let mut refused = 0;
+    while refused < flood {
+        let message = socket.message(within).await;
+        if message["type"] == "next" {
+            assert_rate_limited(&message);
+            refused += 1;
+        }
+    }
+
+    socket.send(json!({ "id": "1", "type": "complete" })).await;
+    socket
+        .subscribe("after", "{ me { email } }", json!({}))
+        .await;
+    match socket.reply("after", within).await {
+        Reply::Next(me) => assert!(me["data"]["me"]["email"].is_string(), "{me}"),
+        other => panic!("a freed place is taken again: {other:?}"),
+    }
+
+    let _second = GqlSocket::connect(&api.url, &token).await;
+    let init = json!({ "type": "connection_init", "payload": { "accessToken": token } });
+    let mut third = GqlSocket::open(&api.url).await;
+    third.send(init.clone()).await;
+    let closed = third.until_close(within).await;
+    assert_eq!(closed.code, 4429, "{closed:?}");
+    assert!(closed.reason.contains("too many"), "{closed:?}");
+
+    // Once the server has seen the first socket go, its place is free.
+    drop(socket);
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let mut again = GqlSocket::open(&api.url).await;
+        again.send(init.clone()).await;
+        match again.frame(within).await {
+            tokio_tungstenite::tungstenite::Message::Text(ack)
+                if ack.contains("connection_ack") =>
+            {
+                break;
+            }
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the place was never released: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    still_answers(&api.client()).await;
+}

@@ -10,7 +10,7 @@ pub use passwords::{PasswordHashing, hash_password, validate_password, verify_pa
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound, Utc};
 use cloudtask_core::ids::{ClusterId, TenantId, UserId};
 use cloudtask_core::roles::Role;
 use cloudtask_core::{Error, Result};
@@ -48,6 +48,8 @@ pub struct Identity {
     pub user_id: UserId,
     pub tenant_id: Option<TenantId>,
     pub platform_admin: bool,
+    /// When the access token stops being valid (an open socket is closed then).
+    pub expires_at: DateTime<Utc>,
 }
 
 /// A verified worker: it may act for this one cluster only.
@@ -117,7 +119,8 @@ impl TokenKeys {
         platform_admin: bool,
     ) -> Result<IssuedAccess> {
         let now = Utc::now();
-        let expires_at = now + self.access_ttl;
+        // In whole seconds, as `exp` says: the expiry reported is the one enforced.
+        let expires_at = (now + self.access_ttl).trunc_subsecs(0);
         let token = self.sign(&Claims {
             sub: user_id.to_string(),
             aud: AUDIENCE_USER.into(),
@@ -138,6 +141,8 @@ impl TokenKeys {
             user_id: claims.sub.parse().map_err(bad)?,
             tenant_id: claims.tid.map(|t| t.parse()).transpose().map_err(bad)?,
             platform_admin: claims.pa,
+            expires_at: DateTime::from_timestamp(claims.exp, 0)
+                .ok_or_else(|| Error::Unauthenticated("invalid token".into()))?,
         })
     }
 

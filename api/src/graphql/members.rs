@@ -68,18 +68,18 @@ impl MemberMutation {
         role: RoleGql,
     ) -> ApiResult<MemberObj> {
         let handle = tenant(ctx).await?;
-        Ok(MemberObj(
-            handle
-                .set_member_role(parse_id("userId", &user_id)?, role.into())
-                .await?,
-        ))
+        let user_id = parse_id("userId", &user_id)?;
+        let member = handle.set_member_role(user_id, role.into()).await?;
+        state(ctx).sockets.membership_changed(user_id);
+        Ok(MemberObj(member))
     }
 
+    // The member's open sockets on this replica close at once (on other replicas at
+    // their next operation or event).
     async fn remove_member(&self, ctx: &Context<'_>, user_id: ID) -> ApiResult<bool> {
-        tenant(ctx)
-            .await?
-            .remove_member(parse_id("userId", &user_id)?)
-            .await?;
+        let user_id = parse_id("userId", &user_id)?;
+        tenant(ctx).await?.remove_member(user_id).await?;
+        state(ctx).sockets.membership_changed(user_id);
         Ok(true)
     }
 }

@@ -61,7 +61,7 @@ pub struct SubscriptionRoot(runs::RunSubscription, clusters::ClusterSubscription
 
 pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
-/// Built once per HTTP request from its headers.
+/// Built once per HTTP request from its headers, and once per operation on a socket.
 #[derive(Clone)]
 pub struct RequestContext {
     /// `None`: no token was sent. `Some(Err)`: one was sent and refused, with the reason.
@@ -77,6 +77,20 @@ impl RequestContext {
             auth,
             client_ip,
             tenant: OnceCell::new(),
+        }
+    }
+
+    /// A context whose tenant handle was built already (a socket's operation, right
+    /// after its session was checked).
+    pub fn with_tenant(
+        auth: Option<Result<Identity, String>>,
+        client_ip: IpAddr,
+        tenant: Option<TenantHandle>,
+    ) -> Self {
+        RequestContext {
+            auth,
+            client_ip,
+            tenant: OnceCell::new_with(tenant),
         }
     }
 }
