@@ -4,12 +4,14 @@
 pub mod auth;
 pub mod cluster_view;
 mod console;
+mod download;
 mod error;
 pub mod graphql;
 mod http;
 mod limits;
 mod serve;
 mod webhooks;
+mod worker_api;
 
 use std::sync::Arc;
 

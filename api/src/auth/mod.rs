@@ -170,6 +170,18 @@ impl TokenKeys {
     }
 }
 
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
 /// argon2id with the crate's defaults (19 MiB, 2 passes), salt generated per hash.
 pub fn hash_password(password: &str) -> Result<String> {
     Argon2::default()
