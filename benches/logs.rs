@@ -107,7 +107,7 @@ async fn runs(setup: &Setup, count: usize) -> Vec<RunId> {
             scheduled_at: Utc::now(),
             attempt: 0,
             task_version: 1,
-            worker: "bench".into(),
+            worker: "bench".parse().unwrap(),
             trigger: RunTrigger::Schedule,
             status: RunStatus::Running,
             reason: None,

@@ -14,7 +14,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use cloudtask_catalogue::ClusterHandle;
 use cloudtask_core::Error;
-use cloudtask_core::ids::{RunId, TaskId};
+use cloudtask_core::ids::{RunId, TaskId, WorkerId};
 use cloudtask_core::protocol::{
     Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, FireCursor, JoinRequest, JoinedCluster,
     MAX_CLAIM_BATCH, ReportBatch, StartRequest, Started,
@@ -150,10 +150,10 @@ async fn claim_all(
     let cluster = worker.identity.cluster_id;
     // Refusals first; the rest is answered by the catalogue.
     let mut answers: Vec<Option<Result<RunId, Error>>> = claims.iter().map(|_| None).collect();
-    let mut by_worker: HashMap<&str, Vec<TaskId>> = HashMap::new();
+    let mut by_worker: HashMap<&WorkerId, Vec<TaskId>> = HashMap::new();
     for claim in claims.iter().filter(|c| c.status == RunStatus::Running) {
         by_worker
-            .entry(claim.worker.as_str())
+            .entry(&claim.worker)
             .or_default()
             .push(claim.task_id);
     }
@@ -162,7 +162,7 @@ async fn claim_all(
             Ok(owned) => {
                 for (claim, answer) in claims.iter().zip(answers.iter_mut()) {
                     if claim.status == RunStatus::Running
-                        && claim.worker == name
+                        && &claim.worker == name
                         && !owned.contains(&claim.task_id)
                     {
                         *answer = Some(Err(Error::Conflict(
@@ -319,7 +319,7 @@ mod tests {
             scheduled_at: chrono::Utc::now(),
             attempt: 0,
             task_version: 1,
-            worker: "w1".into(),
+            worker: "w1".parse().unwrap(),
             trigger: cloudtask_core::run::RunTrigger::Schedule,
             status: RunStatus::Skipped,
             reason: None,

@@ -67,7 +67,7 @@ async fn tenant(catalogue: &Catalogue, name: &str, clusters: &[&str]) -> Tenant 
                 scheduled_at: chrono::Utc::now(),
                 attempt: 0,
                 task_version: 1,
-                worker: "w1".into(),
+                worker: "w1".parse().unwrap(),
                 trigger: RunTrigger::Schedule,
                 status: RunStatus::Skipped,
                 reason: Some("recorded by a test".into()),

@@ -643,7 +643,7 @@ async fn batch_claims_are_answered_one_by_one_and_stay_within_the_cluster() {
         scheduled_at: fire + chrono::Duration::seconds(seconds),
         attempt: 0,
         task_version: 1,
-        worker: "w1".into(),
+        worker: "w1".parse().unwrap(),
         trigger: RunTrigger::Schedule,
         status: RunStatus::Skipped,
         reason: Some("misfire: recorded by a test".into()),

@@ -102,7 +102,7 @@ pub async fn add_run(world: &World, cluster_id: &str, task_id: &str) -> String {
         scheduled_at: chrono::Utc::now(),
         attempt: 0,
         task_version: 1,
-        worker: "w1".into(),
+        worker: "w1".parse().unwrap(),
         trigger: RunTrigger::Schedule,
         status: RunStatus::Skipped,
         reason: Some("recorded by a test".into()),

@@ -403,7 +403,7 @@ mod tests {
             scheduled_at: Utc::now(),
             attempt,
             task_version: 1,
-            worker: "w1".into(),
+            worker: "w1".parse().unwrap(),
             trigger,
             status: RunStatus::Running,
             reason: None,
