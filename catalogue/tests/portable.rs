@@ -3,8 +3,9 @@
 //! fresh database); the same checks run on both.
 
 use cloudtask_catalogue::{Catalogue, NewTask, NewUser, PageRequest, RunFilter, Scope, TaskFilter};
+use cloudtask_core::protocol::{Claim, Report};
 use cloudtask_core::roles::Role;
-use cloudtask_core::run::{Claim, LogLine, LogStream, Outcome, Report, RunStatus, RunTrigger};
+use cloudtask_core::run::{LogLine, LogStream, Outcome, RunStatus, RunTrigger};
 use cloudtask_core::task::{TaskSpec, TaskState};
 
 #[tokio::test]

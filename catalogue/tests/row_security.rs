@@ -4,7 +4,8 @@
 //! the tables, so this also shows the handle leaves the owner role.
 
 use cloudtask_catalogue::{Catalogue, ClusterHandle, NewTask, NewUser, Scope, TenantHandle};
-use cloudtask_core::run::{Claim, RunStatus, RunTrigger};
+use cloudtask_core::protocol::Claim;
+use cloudtask_core::run::{RunStatus, RunTrigger};
 use cloudtask_core::task::{TaskSpec, TaskState};
 use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 

@@ -96,7 +96,8 @@ pub fn task_input(cluster_id: &str, name: &str) -> Value {
 /// for tests that need a run to exist; returns its id.
 #[allow(dead_code)]
 pub async fn add_run(world: &World, cluster_id: &str, task_id: &str) -> String {
-    use cloudtask_core::run::{Claim, RunStatus, RunTrigger};
+    use cloudtask_core::protocol::Claim;
+    use cloudtask_core::run::{RunStatus, RunTrigger};
     let claim = Claim {
         task_id: task_id.parse().unwrap(),
         scheduled_at: chrono::Utc::now(),

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{RunId, TaskId, WorkerId};
-use cloudtask_core::run::{Claim, Outcome, RunStatus, RunTrigger};
+use cloudtask_core::protocol::Claim;
+use cloudtask_core::run::{Outcome, RunStatus, RunTrigger};
 use cloudtask_core::task::TaskState;
 use cloudtask_core::{Error, Result};
 use sea_orm::sea_query::Expr;
