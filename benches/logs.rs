@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chrono::Utc;
 use cloudtask_core::ids::{ClusterId, RunId, TaskId};
-use cloudtask_core::run::{Claim, LogLine, LogStream, Report, ReportBatch, RunStatus, RunTrigger};
+use cloudtask_core::protocol::{Claim, Report, ReportBatch};
+use cloudtask_core::run::{LogLine, LogStream, RunStatus, RunTrigger};
 use cloudtask_testkit::stats::{ms, percentile};
 use cloudtask_testkit::{GqlSocket, Reply, TestApi};
 use serde_json::json;
@@ -107,7 +108,7 @@ async fn runs(setup: &Setup, count: usize) -> Vec<RunId> {
             scheduled_at: Utc::now(),
             attempt: 0,
             task_version: 1,
-            worker: "bench".into(),
+            worker: "bench".parse().unwrap(),
             trigger: RunTrigger::Schedule,
             status: RunStatus::Running,
             reason: None,

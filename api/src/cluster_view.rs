@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cloudtask_coord::layout::{self, WorkerNode};
 use cloudtask_coord::{CoordError, Coordinator, Session, SharedSession};
-use cloudtask_core::ids::{ClusterId, TaskId};
+use cloudtask_core::ids::{ClusterId, TaskId, WorkerId};
 use cloudtask_core::{Error, Result};
 
 pub struct ClusterView {
@@ -16,7 +16,7 @@ pub struct ClusterView {
 /// A worker as the cluster view sees it.
 #[derive(Debug, Clone)]
 pub struct WorkerInfo {
-    pub name: String,
+    pub name: WorkerId,
     /// `None`: no live session, but assignments still name it (the scheduler is moving
     /// them).
     pub node: Option<WorkerNode>,
@@ -34,6 +34,15 @@ async fn children_or_empty(session: &dyn Session, path: &str) -> Result<Vec<Stri
         Err(CoordError::NoNode(_)) => Ok(Vec::new()),
         Err(e) => Err(unavailable(e)),
     }
+}
+
+/// The children of a folder named by worker (a node that names none is not a worker's).
+async fn worker_children(session: &dyn Session, path: &str) -> Result<Vec<WorkerId>> {
+    let children = children_or_empty(session, path).await?;
+    Ok(children
+        .into_iter()
+        .filter_map(|c| c.parse().ok())
+        .collect())
 }
 
 /// How long one look at the cluster may take. ZooKeeper operations wait while the
@@ -73,7 +82,7 @@ impl ClusterView {
     pub async fn owned(
         &self,
         cluster: ClusterId,
-        worker: &str,
+        worker: &WorkerId,
         tasks: &[TaskId],
     ) -> Result<HashSet<TaskId>> {
         self.bounded(self.owned_now(cluster, worker, tasks)).await
@@ -93,7 +102,7 @@ impl ClusterView {
         &self,
         session: &dyn Session,
         cluster: ClusterId,
-        name: &str,
+        name: &WorkerId,
     ) -> Result<WorkerInfo> {
         let path = layout::worker(cluster, name);
         let node = match session.get(&path).await.map_err(unavailable)? {
@@ -104,7 +113,7 @@ impl ClusterView {
             .await?
             .len() as u64;
         Ok(WorkerInfo {
-            name: name.to_owned(),
+            name: name.clone(),
             node,
             assigned,
         })
@@ -112,8 +121,8 @@ impl ClusterView {
 
     async fn workers_now(&self, cluster: ClusterId) -> Result<Vec<WorkerInfo>> {
         let session = self.session().await?;
-        let mut names = children_or_empty(session.as_ref(), &layout::workers(cluster)).await?;
-        names.extend(children_or_empty(session.as_ref(), &layout::assignments(cluster)).await?);
+        let mut names = worker_children(session.as_ref(), &layout::workers(cluster)).await?;
+        names.extend(worker_children(session.as_ref(), &layout::assignments(cluster)).await?);
         names.sort();
         names.dedup();
         let mut workers = Vec::with_capacity(names.len());
@@ -129,7 +138,7 @@ impl ClusterView {
         task: TaskId,
     ) -> Result<Option<WorkerInfo>> {
         let session = self.session().await?;
-        for name in children_or_empty(session.as_ref(), &layout::assignments(cluster)).await? {
+        for name in worker_children(session.as_ref(), &layout::assignments(cluster)).await? {
             if session
                 .get(&layout::assignment(cluster, &name, task))
                 .await
@@ -149,7 +158,7 @@ impl ClusterView {
     async fn owned_now(
         &self,
         cluster: ClusterId,
-        worker: &str,
+        worker: &WorkerId,
         tasks: &[TaskId],
     ) -> Result<HashSet<TaskId>> {
         const ONE_BY_ONE: usize = 4;

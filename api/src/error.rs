@@ -1,5 +1,6 @@
-//! The one place domain errors become GraphQL errors with `extensions.code`. Internal
-//! details are logged here and never sent to the client.
+//! The one place domain errors become GraphQL errors with `extensions.code`, or HTTP
+//! answers with a status and an [`ErrorBody`]. Internal details are logged here and never
+//! sent to the client.
 
 use std::sync::Arc;
 
@@ -8,7 +9,11 @@ use async_graphql::extensions::{
 };
 use async_graphql::futures_util::stream::{BoxStream, StreamExt};
 use async_graphql::{ErrorExtensions, Response};
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use cloudtask_core::Error;
+use cloudtask_core::protocol::ErrorBody;
 
 /// A resolver's error. It deliberately does not implement `Display`, so the conversion
 /// into `async_graphql::Error` below is the only one, and it always sets a code.
@@ -81,6 +86,45 @@ pub fn to_graphql(e: &Error) -> async_graphql::Error {
         _ => {
             async_graphql::Error::new(e.to_string()).extend_with(|_, ext| ext.set("code", e.code()))
         }
+    }
+}
+
+/// A domain error answering a plain HTTP request (the worker endpoints, package
+/// downloads): its status, and an [`ErrorBody`] with its code.
+#[derive(Debug)]
+pub struct HttpError(pub Error);
+
+impl From<Error> for HttpError {
+    fn from(e: Error) -> Self {
+        HttpError(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> axum::response::Response {
+        let HttpError(e) = self;
+        let status = match &e {
+            Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::BadInput { .. } => StatusCode::BAD_REQUEST,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        let message = match &e {
+            Error::Internal(_) => "internal error".to_owned(),
+            other => other.to_string(),
+        };
+        let body = ErrorBody {
+            code: e.code().to_owned(),
+            error: message,
+        };
+        (status, Json(body)).into_response()
     }
 }
 

@@ -1,7 +1,7 @@
 //! HTTP routes around the GraphQL schema: request parsing with size limits, GraphiQL,
-//! the console, health, package downloads, and the worker endpoints.
+//! the console, health and users' package downloads; the worker endpoints are merged in
+//! from `worker_api`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_graphql::http::{GraphiQLSource, MultipartOptions, receive_batch_body};
@@ -10,25 +10,19 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use cloudtask_catalogue::Scope;
 use cloudtask_core::Error;
-use cloudtask_core::ids::{ClusterId, RunId, TaskId};
-use cloudtask_core::protocol::{
-    Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, ErrorBody, FireCursor, JoinRequest,
-    JoinedCluster, MAX_CLAIM_BATCH, ReportBatch, StartRequest, Started,
-};
-use cloudtask_core::run::RunStatus;
-use cloudtask_core::task::is_sha256_hex;
-use serde::Serialize;
 use serde_json::json;
 
 use crate::AppState;
-use crate::auth::{Identity, WorkerIdentity, token_hash};
+use crate::auth::{Identity, bearer};
 use crate::client_addr::ClientAddr;
+use crate::download::{PackageSha, archive};
+use crate::error::HttpError;
 use crate::graphql::{AppSchema, Audience, RequestContext, build_schema};
 
 #[derive(Clone)]
@@ -44,7 +38,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
     let http = Http {
         schema: build_schema(Some(state.clone()), Audience::SignedIn),
         anonymous: build_schema(Some(state.clone()), Audience::Anonymous),
-        state,
+        state: state.clone(),
     };
     axum::Router::new()
         .route("/graphql", post(graphql).get(graphql_get))
@@ -52,26 +46,9 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/packages/{sha256}", get(user_package))
-        .route("/worker/join", post(worker_join))
-        .route("/worker/packages/{sha256}", get(worker_package))
-        .route("/worker/claims", post(worker_claim))
-        .route("/worker/claims/batch", post(worker_claims))
-        .route("/worker/tasks/{task_id}/cursor", get(worker_fire_cursor))
-        .route("/worker/runs/{run_id}/start", post(worker_start))
-        .route("/worker/reports", post(worker_reports))
         .merge(crate::console::routes())
         .with_state(http)
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
+        .merge(crate::worker_api::routes(state))
 }
 
 fn verify_user(state: &AppState, headers: &HeaderMap) -> Option<Result<Identity, String>> {
@@ -298,312 +275,28 @@ async fn readyz(State(http): State<Http>) -> Response {
     }
 }
 
-fn error_response(e: Error) -> Response {
-    let status = match &e {
-        Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-        Error::Forbidden(_) => StatusCode::FORBIDDEN,
-        Error::NotFound(_) => StatusCode::NOT_FOUND,
-        Error::BadInput { .. } => StatusCode::BAD_REQUEST,
-        Error::Conflict(_) => StatusCode::CONFLICT,
-        Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        Error::Internal(detail) => {
-            tracing::error!(%detail, "internal error");
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-    };
-    let message = match &e {
-        Error::Internal(_) => "internal error".to_owned(),
-        other => other.to_string(),
-    };
-    let body = ErrorBody {
-        code: e.code().to_owned(),
-        error: message,
-    };
-    (status, Json(body)).into_response()
-}
-
-/// A JSON answer, or the error's status and code.
-fn json_or_error<T: Serialize>(result: Result<T, Error>) -> Response {
-    result
-        .map(|r| Json(r).into_response())
-        .unwrap_or_else(error_response)
-}
-
-fn archive_response(content: Vec<u8>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        content,
-    )
-        .into_response()
-}
-
-fn check_sha(sha256: &str) -> Result<(), Error> {
-    if is_sha256_hex(sha256) {
-        Ok(())
-    } else {
-        Err(Error::NotFound("package"))
-    }
-}
-
 /// A user downloads one of their tenant's packages with their access token.
 async fn user_package(
     State(http): State<Http>,
     headers: HeaderMap,
-    Path(sha256): Path<String>,
-) -> Response {
-    let result = async {
-        check_sha(&sha256)?;
-        let identity = match verify_user(&http.state, &headers) {
-            None => return Err(Error::Unauthenticated("no access token".into())),
-            Some(Err(why)) => return Err(Error::Unauthenticated(why)),
-            Some(Ok(identity)) => identity,
-        };
-        let tenant_id = identity
-            .tenant_id
-            .ok_or_else(|| Error::Forbidden("this token names no tenant".into()))?;
-        let handle = http
-            .state
-            .catalogue
-            .tenant(Scope {
-                tenant_id,
-                user_id: identity.user_id,
-                actor: identity.user_id.to_string(),
-            })
-            .await?;
-        handle.package_content(&sha256).await
-    }
-    .await;
-    result.map(archive_response).unwrap_or_else(error_response)
-}
-
-/// A worker exchanges its cluster's join token for a credential scoped to that cluster.
-async fn worker_join(State(http): State<Http>, Json(request): Json<JoinRequest>) -> Response {
-    let result = async {
-        let cluster = http
-            .state
-            .catalogue
-            .cluster_by_join_token(&token_hash(&request.token))
-            .await?
-            .ok_or_else(|| Error::Unauthenticated("unknown join token".into()))?;
-        let issued = http.state.keys.issue_worker(
-            cluster.tenant_id,
-            cluster.id,
-            chrono::Duration::hours(12),
-        )?;
-        Ok(JoinedCluster {
-            credential: issued.token,
-            expires_at: issued.expires_at,
-            tenant_id: cluster.tenant_id,
-            cluster_id: cluster.id,
+    PackageSha(sha256): PackageSha,
+) -> Result<Response, HttpError> {
+    let identity = match verify_user(&http.state, &headers) {
+        None => return Err(Error::Unauthenticated("no access token".into()).into()),
+        Some(Err(why)) => return Err(Error::Unauthenticated(why).into()),
+        Some(Ok(identity)) => identity,
+    };
+    let tenant_id = identity
+        .tenant_id
+        .ok_or_else(|| Error::Forbidden("this token names no tenant".into()))?;
+    let handle = http
+        .state
+        .catalogue
+        .tenant(Scope {
+            tenant_id,
+            user_id: identity.user_id,
+            actor: identity.user_id.to_string(),
         })
-    }
-    .await;
-    json_or_error(result)
-}
-
-/// A worker downloads a package used by a task of its own cluster.
-async fn worker_package(
-    State(http): State<Http>,
-    headers: HeaderMap,
-    Path(sha256): Path<String>,
-) -> Response {
-    let result = async {
-        check_sha(&sha256)?;
-        let worker = verify_worker(&http.state, &headers)?;
-        http.state
-            .catalogue
-            .cluster(worker.cluster_id)
-            .package_content(&sha256)
-            .await?
-            .ok_or(Error::NotFound("package"))
-    }
-    .await;
-    result.map(archive_response).unwrap_or_else(error_response)
-}
-
-fn verify_worker(state: &AppState, headers: &HeaderMap) -> Result<WorkerIdentity, Error> {
-    let token = bearer(headers).ok_or_else(|| Error::Unauthenticated("no credential".into()))?;
-    state.keys.verify_worker(token)
-}
-
-fn parse_run_id(text: &str) -> Result<RunId, Error> {
-    text.parse().map_err(|_| Error::NotFound("run"))
-}
-
-/// A worker claims one fire before it starts a process: the run is inserted under its
-/// unique key, or the claim is refused (CONFLICT: claimed already, paused, stale version,
-/// or the task is not this worker's any more).
-async fn worker_claim(
-    State(http): State<Http>,
-    headers: HeaderMap,
-    Json(claim): Json<Claim>,
-) -> Response {
-    let result = async {
-        let worker = verify_worker(&http.state, &headers)?;
-        let run_id = claim_all(&http.state, worker.cluster_id, vec![claim])
-            .await?
-            .pop()
-            .expect("one answer per claim")?;
-        Ok(Claimed { run_id })
-    }
-    .await;
-    json_or_error(result)
-}
-
-/// Many claims in one request and one transaction, each answered on its own.
-async fn worker_claims(
-    State(http): State<Http>,
-    headers: HeaderMap,
-    Json(batch): Json<ClaimBatch>,
-) -> Response {
-    let result = async {
-        let worker = verify_worker(&http.state, &headers)?;
-        if batch.claims.len() > MAX_CLAIM_BATCH {
-            return Err(Error::bad_input(
-                "claims",
-                format!("at most {MAX_CLAIM_BATCH} claims per request"),
-            ));
-        }
-        let answers = claim_all(&http.state, worker.cluster_id, batch.claims)
-            .await?
-            .into_iter()
-            .map(|answer| match answer {
-                Ok(run_id) => ClaimAnswer::Claimed { run_id },
-                Err(e) => ClaimAnswer::Refused {
-                    code: e.code().to_owned(),
-                    message: e.to_string(),
-                },
-            })
-            .collect();
-        Ok(ClaimAnswers { answers })
-    }
-    .await;
-    json_or_error(result)
-}
-
-/// Claims of a cluster's worker. A stale owner (the task moved while it was cut off) must
-/// not start a fire: RUNNING claims of tasks not assigned to the claiming worker are
-/// refused; when ZooKeeper cannot be asked, the unique key alone still keeps each fire
-/// single. Records of fires that were not run (SKIPPED) are accounting, taken from any
-/// worker of the cluster: the task may have moved since (paused, failed over), and the
-/// unique key still keeps one record per fire.
-async fn claim_all(
-    state: &AppState,
-    cluster: ClusterId,
-    claims: Vec<Claim>,
-) -> Result<Vec<Result<RunId, Error>>, Error> {
-    // Refusals first; the rest is answered by the catalogue.
-    let mut answers: Vec<Option<Result<RunId, Error>>> = claims.iter().map(|_| None).collect();
-    let mut by_worker: HashMap<&str, Vec<TaskId>> = HashMap::new();
-    for claim in claims.iter().filter(|c| c.status == RunStatus::Running) {
-        by_worker
-            .entry(claim.worker.as_str())
-            .or_default()
-            .push(claim.task_id);
-    }
-    for (worker, tasks) in by_worker {
-        match state.cluster_view.owned(cluster, worker, &tasks).await {
-            Ok(owned) => {
-                for (claim, answer) in claims.iter().zip(answers.iter_mut()) {
-                    if claim.status == RunStatus::Running
-                        && claim.worker == worker
-                        && !owned.contains(&claim.task_id)
-                    {
-                        *answer = Some(Err(Error::Conflict(
-                            "the task is not assigned to this worker".into(),
-                        )));
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "claims accepted without an ownership check"),
-        }
-    }
-    let (asked, positions): (Vec<Claim>, Vec<usize>) = claims
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| answers[*i].is_none())
-        .map(|(i, claim)| (claim, i))
-        .unzip();
-    if !asked.is_empty() {
-        let recorded = state.catalogue.cluster(cluster).claim_runs(&asked).await?;
-        for (position, answer) in positions.into_iter().zip(recorded) {
-            answers[position] = Some(answer.map(|run| run.id));
-        }
-    }
-    let answers = answers
-        .into_iter()
-        .map(|a| a.expect("every claim answered"))
-        .collect();
-    Ok(answers)
-}
-
-/// Where a worker taking a task over starts accounting for missed fires.
-async fn worker_fire_cursor(
-    State(http): State<Http>,
-    headers: HeaderMap,
-    Path(task_id): Path<String>,
-) -> Response {
-    let result = async {
-        let worker = verify_worker(&http.state, &headers)?;
-        let task_id = task_id.parse().map_err(|_| Error::NotFound("task"))?;
-        let since = http
-            .state
-            .catalogue
-            .cluster(worker.cluster_id)
-            .fire_cursor(task_id)
-            .await?;
-        Ok(FireCursor { since })
-    }
-    .await;
-    json_or_error(result)
-}
-
-/// A worker starts a queued run it was handed (QUEUED → RUNNING, once): a manual run,
-/// or the next attempt of a fire lost with its worker.
-async fn worker_start(
-    State(http): State<Http>,
-    headers: HeaderMap,
-    Path(run_id): Path<String>,
-    Json(request): Json<StartRequest>,
-) -> Response {
-    let result = async {
-        let worker = verify_worker(&http.state, &headers)?;
-        let run_id = parse_run_id(&run_id)?;
-        let run = http
-            .state
-            .catalogue
-            .cluster(worker.cluster_id)
-            .start_queued_run(run_id, &request.worker)
-            .await?;
-        Ok(Started {
-            run_id: run.id,
-            scheduled_at: run.scheduled_at,
-            attempt: run.attempt,
-            trigger: run.trigger,
-        })
-    }
-    .await;
-    json_or_error(result)
-}
-
-/// Log lines and outcomes of any of the cluster's runs, in one request and one
-/// transaction; idempotent like the per-run endpoints.
-async fn worker_reports(
-    State(http): State<Http>,
-    headers: HeaderMap,
-    Json(batch): Json<ReportBatch>,
-) -> Response {
-    let result = async {
-        let worker = verify_worker(&http.state, &headers)?;
-        http.state
-            .catalogue
-            .cluster(worker.cluster_id)
-            .ingest_reports(&batch.reports)
-            .await
-    }
-    .await;
-    result
-        .map(|()| StatusCode::NO_CONTENT.into_response())
-        .unwrap_or_else(error_response)
+        .await?;
+    Ok(archive(handle.package_content(&sha256).await?))
 }

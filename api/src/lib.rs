@@ -5,6 +5,7 @@ pub mod auth;
 mod client_addr;
 pub mod cluster_view;
 mod console;
+mod download;
 mod error;
 pub mod graphql;
 mod http;
@@ -12,6 +13,7 @@ mod limits;
 mod serve;
 mod sockets;
 mod webhooks;
+mod worker_api;
 
 use std::sync::Arc;
 

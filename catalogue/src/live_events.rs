@@ -20,7 +20,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId};
+use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId, WorkerId};
 use cloudtask_core::{Error, Result};
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement};
@@ -77,7 +77,7 @@ pub enum Event {
         tenant: TenantId,
         cluster: ClusterId,
         change: Membership,
-        worker: String,
+        worker: WorkerId,
     },
     /// Events may have been missed (the subscriber lagged, or the LISTEN connection was
     /// lost): re-read what you follow.
@@ -117,7 +117,7 @@ impl Event {
                 tenant: next()?.parse().ok()?,
                 cluster: next()?.parse().ok()?,
                 change: next()?.parse().ok()?,
-                worker: next()?.to_owned(),
+                worker: next()?.parse().ok()?,
             },
             _ => return None,
         })
@@ -322,7 +322,7 @@ mod tests {
                 tenant,
                 cluster,
                 change: Membership::Offline,
-                worker: "host a:1".into(),
+                worker: "host-a.1".parse().unwrap(),
             },
         ] {
             let payload = event.encode().unwrap();

@@ -3,7 +3,7 @@
 //! also the membership history: whether a worker was last seen going offline.
 
 use cloudtask_core::Result;
-use cloudtask_core::ids::{ClusterId, TenantId};
+use cloudtask_core::ids::{ClusterId, TenantId, WorkerId};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde_json::json;
 use uuid::Uuid;
@@ -40,7 +40,7 @@ impl Catalogue {
         &self,
         tenant_id: TenantId,
         cluster_id: ClusterId,
-        worker: &str,
+        worker: &WorkerId,
         event: WorkerEvent,
         occurrence: &str,
     ) -> Result<bool> {
@@ -76,7 +76,7 @@ impl Catalogue {
         &self,
         tenant_id: TenantId,
         cluster_id: ClusterId,
-        worker: &str,
+        worker: &WorkerId,
     ) -> Result<bool> {
         self.with_db(async |db| {
             let latest = |event: WorkerEvent| {

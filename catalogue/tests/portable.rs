@@ -3,8 +3,9 @@
 //! fresh database); the same checks run on both.
 
 use cloudtask_catalogue::{Catalogue, NewTask, NewUser, PageRequest, RunFilter, Scope, TaskFilter};
+use cloudtask_core::protocol::{Claim, Report};
 use cloudtask_core::roles::Role;
-use cloudtask_core::run::{Claim, LogLine, LogStream, Outcome, Report, RunStatus, RunTrigger};
+use cloudtask_core::run::{LogLine, LogStream, Outcome, RunStatus, RunTrigger};
 use cloudtask_core::task::{TaskSpec, TaskState};
 
 #[tokio::test]
@@ -85,7 +86,7 @@ async fn exercise(catalogue: Catalogue) {
         .create_task(
             NewTask {
                 cluster_id: cluster.id,
-                name: "nightly".into(),
+                name: "nightly".parse().unwrap(),
                 description: String::new(),
                 state: TaskState::Active,
                 spec: TaskSpec::new("0 3 * * *", "echo hi"),
@@ -123,7 +124,7 @@ async fn exercise(catalogue: Catalogue) {
         scheduled_at: fire,
         attempt: 0,
         task_version: 2,
-        worker: "w1".into(),
+        worker: "w1".parse().unwrap(),
         trigger: RunTrigger::Schedule,
         status: RunStatus::Running,
         reason: None,
@@ -142,7 +143,7 @@ async fn exercise(catalogue: Catalogue) {
         .unwrap();
     assert_eq!(again.id, run.id);
     let other = Claim {
-        worker: "w2".into(),
+        worker: "w2".parse().unwrap(),
         ..claim.clone()
     };
     let refused = catalogue.cluster(cluster.id).claim_run(&other).await;

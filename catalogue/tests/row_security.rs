@@ -4,7 +4,8 @@
 //! the tables, so this also shows the handle leaves the owner role.
 
 use cloudtask_catalogue::{Catalogue, ClusterHandle, NewTask, NewUser, Scope, TenantHandle};
-use cloudtask_core::run::{Claim, RunStatus, RunTrigger};
+use cloudtask_core::protocol::Claim;
+use cloudtask_core::run::{RunStatus, RunTrigger};
 use cloudtask_core::task::{TaskSpec, TaskState};
 use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 
@@ -67,7 +68,7 @@ async fn tenant(catalogue: &Catalogue, name: &str, clusters: &[&str]) -> Tenant 
                 scheduled_at: chrono::Utc::now(),
                 attempt: 0,
                 task_version: 1,
-                worker: "w1".into(),
+                worker: "w1".parse().unwrap(),
                 trigger: RunTrigger::Schedule,
                 status: RunStatus::Skipped,
                 reason: Some("recorded by a test".into()),

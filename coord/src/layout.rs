@@ -17,7 +17,7 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId};
+use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId, WorkerId};
 use cloudtask_core::task::TaskSpec;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -44,7 +44,7 @@ pub fn workers(cluster: ClusterId) -> String {
     format!("{CLUSTERS}/{cluster}/workers")
 }
 
-pub fn worker(cluster: ClusterId, worker: &str) -> String {
+pub fn worker(cluster: ClusterId, worker: &WorkerId) -> String {
     format!("{CLUSTERS}/{cluster}/workers/{worker}")
 }
 
@@ -60,19 +60,19 @@ pub fn assignments(cluster: ClusterId) -> String {
     format!("{CLUSTERS}/{cluster}/assignments")
 }
 
-pub fn worker_assignments(cluster: ClusterId, worker: &str) -> String {
+pub fn worker_assignments(cluster: ClusterId, worker: &WorkerId) -> String {
     format!("{CLUSTERS}/{cluster}/assignments/{worker}")
 }
 
-pub fn assignment(cluster: ClusterId, worker: &str, task: TaskId) -> String {
+pub fn assignment(cluster: ClusterId, worker: &WorkerId, task: TaskId) -> String {
     format!("{CLUSTERS}/{cluster}/assignments/{worker}/{task}")
 }
 
-pub fn commands(cluster: ClusterId, worker: &str) -> String {
+pub fn commands(cluster: ClusterId, worker: &WorkerId) -> String {
     format!("{CLUSTERS}/{cluster}/commands/{worker}")
 }
 
-pub fn command_prefix(cluster: ClusterId, worker: &str) -> String {
+pub fn command_prefix(cluster: ClusterId, worker: &WorkerId) -> String {
     format!("{CLUSTERS}/{cluster}/commands/{worker}/c_")
 }
 
@@ -80,19 +80,8 @@ pub fn departures(cluster: ClusterId) -> String {
     format!("{CLUSTERS}/{cluster}/departures")
 }
 
-pub fn departure(cluster: ClusterId, worker: &str) -> String {
+pub fn departure(cluster: ClusterId, worker: &WorkerId) -> String {
     format!("{CLUSTERS}/{cluster}/departures/{worker}")
-}
-
-/// Worker names become path segments: keep them to a safe alphabet.
-pub fn valid_worker_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && name != "."
-        && name != ".."
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +93,7 @@ pub struct ClusterNode {
 /// What a worker tells about itself when it joins.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerNode {
-    pub name: String,
+    pub name: WorkerId,
     pub hostname: String,
     pub version: String,
     /// Relative weight on the allocation ring (>= 1).

@@ -313,7 +313,7 @@ impl Config {
             ));
         }
         if let Some(name) = &self.worker_name
-            && !valid_segment(name)
+            && !crate::ids::WorkerId::is_valid(name)
         {
             return Err(ConfigError::new(
                 "worker_name",
@@ -349,14 +349,4 @@ impl Config {
             .as_deref()
             .ok_or_else(|| ConfigError::new("jwt_secret", "is required (CLOUDTASK_JWT_SECRET)"))
     }
-}
-
-fn valid_segment(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }

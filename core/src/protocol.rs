@@ -7,7 +7,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClusterId, RunId, TaskId, TenantId};
+use crate::ids::{ClusterId, RunId, TaskId, TenantId, WorkerId};
 use crate::run::{LogLine, Outcome, RunStatus, RunTrigger};
 
 /// `POST /worker/join`: the cluster's join token.
@@ -57,7 +57,7 @@ pub struct FireCursor {
 /// `POST /worker/runs/{run}/start`: the worker starting a queued run it was handed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartRequest {
-    pub worker: String,
+    pub worker: WorkerId,
 }
 
 /// `POST /worker/claims`: a worker asks to start one fire; (task, scheduled time, attempt)
@@ -70,7 +70,7 @@ pub struct Claim {
     pub attempt: u32,
     /// The task version the worker's spec has: a claim on a stale spec is refused.
     pub task_version: u32,
-    pub worker: String,
+    pub worker: WorkerId,
     pub trigger: RunTrigger,
     /// `Running` to start it; `Skipped` to record a fire not run (overlap, misfire).
     pub status: RunStatus,
@@ -184,7 +184,9 @@ mod tests {
             json!({ "token": "t" }).to_string()
         );
         assert_eq!(
-            text(&StartRequest { worker: "w".into() }),
+            text(&StartRequest {
+                worker: "w".parse().unwrap()
+            }),
             json!({ "worker": "w" }).to_string()
         );
         assert_eq!(

@@ -4,13 +4,6 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-// The worker protocol's run messages lived here before `protocol`; callers still name them
-// by this path.
-pub use crate::protocol::{
-    Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, MAX_CLAIM_BATCH, Report, ReportBatch,
-    Started,
-};
-
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*

@@ -42,7 +42,7 @@ fn tasks(cluster: &Cluster, n: usize) -> Vec<Task> {
 async fn worker(coordinator: &ZkCoordinator, cluster: ClusterId, name: &str) -> Arc<dyn Session> {
     let session = coordinator.connect().await.unwrap();
     let node = WorkerNode {
-        name: name.into(),
+        name: name.parse().unwrap(),
         hostname: "bench".into(),
         version: "0".into(),
         capacity: 1,
@@ -51,7 +51,7 @@ async fn worker(coordinator: &ZkCoordinator, cluster: ClusterId, name: &str) -> 
     };
     session
         .create(
-            &layout::worker(cluster, name),
+            &layout::worker(cluster, &name.parse().unwrap()),
             &layout::encode(&node),
             NodeKind::Ephemeral,
         )
@@ -64,7 +64,7 @@ async fn setup(coordinator: &ZkCoordinator, leader: &dyn Session) -> (Cluster, F
     let cluster = Cluster {
         id: ClusterId::new(),
         tenant_id: TenantId::new(),
-        name: "bench".into(),
+        name: "bench".parse().unwrap(),
         token_rotated_at: Utc::now(),
         created_at: Utc::now(),
     };
@@ -178,7 +178,7 @@ async fn main() {
         state2.allocate(leader.as_ref(), &fence2).await.unwrap();
         reaction.push(t0.elapsed());
         notification.push(heard);
-        assert!(!state2.assignments().values().any(|w| *w == name));
+        assert!(!state2.assignments().values().any(|w| w.as_str() == name));
     }
     let failover_writes = fence2.writes.load(Ordering::Relaxed);
     let avg = |v: &[Duration]| v.iter().sum::<Duration>().as_secs_f64() * 1000.0 / v.len() as f64;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use cloudtask_catalogue::{Cluster, Task};
 use cloudtask_coord::layout::{self, ClusterNode, CommandNode, TaskNode, WorkerNode};
 use cloudtask_coord::{CoordError, NodeKind, Op, Result, Session};
-use cloudtask_core::ids::{ClusterId, TaskId};
+use cloudtask_core::ids::{ClusterId, TaskId, WorkerId};
 use cloudtask_core::task::TaskState;
 
 use crate::balance::{self, Placement};
@@ -43,10 +43,10 @@ pub struct ClusterState {
     pub cluster: Cluster,
     tasks: BTreeMap<TaskId, TaskNode>,
     /// task → worker whose assignment folder holds it.
-    assignments: HashMap<TaskId, String>,
+    assignments: HashMap<TaskId, WorkerId>,
     /// Assignment folders present (live workers' and departed ones' not yet removed).
-    assignment_dirs: BTreeSet<String>,
-    workers: BTreeMap<String, WorkerNode>,
+    assignment_dirs: BTreeSet<WorkerId>,
+    workers: BTreeMap<WorkerId, WorkerNode>,
 }
 
 /// Leader fencing: every batch checks that our election node still exists, so a leader
@@ -95,12 +95,12 @@ impl ClusterState {
         self.cluster.id
     }
 
-    pub fn workers(&self) -> &BTreeMap<String, WorkerNode> {
+    pub fn workers(&self) -> &BTreeMap<WorkerId, WorkerNode> {
         &self.workers
     }
 
     /// task → worker, as written.
-    pub fn assignments(&self) -> &HashMap<TaskId, String> {
+    pub fn assignments(&self) -> &HashMap<TaskId, WorkerId> {
         &self.assignments
     }
 
@@ -110,7 +110,7 @@ impl ClusterState {
         &self,
         session: &dyn Session,
         fence: &Fence,
-        worker: &str,
+        worker: &WorkerId,
         command: &CommandNode,
     ) -> Result<()> {
         session
@@ -173,6 +173,9 @@ impl ClusterState {
         let mut assignments = HashMap::new();
         let mut assignment_dirs = BTreeSet::new();
         for worker in session.children(&layout::assignments(id)).await? {
+            let Ok(worker) = worker.parse::<WorkerId>() else {
+                continue;
+            };
             for name in session
                 .children(&layout::worker_assignments(id, &worker))
                 .await?
@@ -196,9 +199,13 @@ impl ClusterState {
         Ok(state)
     }
 
-    async fn read_workers(&self, session: &dyn Session) -> Result<BTreeMap<String, WorkerNode>> {
+    async fn read_workers(&self, session: &dyn Session) -> Result<BTreeMap<WorkerId, WorkerNode>> {
         let mut workers = BTreeMap::new();
         for name in session.children(&layout::workers(self.id())).await? {
+            let Ok(name) = name.parse::<WorkerId>() else {
+                tracing::warn!(%name, "ignoring a worker node that names no worker");
+                continue;
+            };
             let path = layout::worker(self.id(), &name);
             if let Some(node) = session.get(&path).await? {
                 match layout::decode::<WorkerNode>(&path, &node.data) {
@@ -300,7 +307,7 @@ impl ClusterState {
     pub async fn allocate(&mut self, session: &dyn Session, fence: &Fence) -> Result<usize> {
         let id = self.id();
         let ring = Ring::new(self.workers.values().map(|w| Member {
-            id: w.name.clone(),
+            id: w.name.to_string(),
             capacity: w.capacity,
             labels: w.labels.clone(),
         }));
@@ -321,14 +328,15 @@ impl ClusterState {
             .map(|(task_id, key, labels)| Placement {
                 key,
                 labels,
-                current: self.assignments.get(task_id).map(String::as_str),
+                current: self.assignments.get(task_id).map(WorkerId::as_str),
             })
             .collect();
         let owners = balance::plan(&ring, &placements);
         let mut next = HashMap::with_capacity(active.len());
         for ((task_id, _, _), owner) in active.iter().zip(owners) {
-            if let Some(owner) = owner {
-                next.insert(*task_id, owner.to_owned());
+            // Owners come from the ring, whose members are the live workers.
+            if let Some((owner, _)) = owner.and_then(|o| self.workers.get_key_value(o)) {
+                next.insert(*task_id, owner.clone());
             }
         }
         let mut ops = Vec::new();
@@ -367,8 +375,8 @@ impl ClusterState {
         self.assignments = next;
         self.assignment_dirs.extend(new_dirs);
         // Folders of workers that are gone and now hold nothing.
-        let holding: BTreeSet<&String> = self.assignments.values().collect();
-        let stale: Vec<String> = self
+        let holding: BTreeSet<&WorkerId> = self.assignments.values().collect();
+        let stale: Vec<WorkerId> = self
             .assignment_dirs
             .iter()
             .filter(|d| !self.workers.contains_key(*d) && !holding.contains(d))

@@ -19,7 +19,7 @@ use cloudtask_catalogue::mirror_changes::Changes;
 use cloudtask_catalogue::{Catalogue, Cluster, WorkerEvent};
 use cloudtask_coord::layout::CommandNode;
 use cloudtask_coord::{CoordError, Coordinator, Session, WatchEvent, delete_recursive, layout};
-use cloudtask_core::ids::{ClusterId, RunId};
+use cloudtask_core::ids::{ClusterId, RunId, WorkerId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -128,7 +128,7 @@ struct Leader<'a> {
     /// Commands written this term, by (run, worker, kind): a queued run or a stop is
     /// handed to a worker once (a new leader may hand it again; starting a queued run and
     /// stopping a run are both idempotent at the worker and the API).
-    sent: HashSet<(RunId, String, &'static str)>,
+    sent: HashSet<(RunId, WorkerId, &'static str)>,
 }
 
 impl<'a> Leader<'a> {
@@ -312,7 +312,7 @@ impl<'a> Leader<'a> {
         }
         // Allocation first: the failed worker's tasks must find a new owner fast.
         let moved = state.allocate(self.session.as_ref(), &self.fence).await?;
-        let failed: Vec<String> = changes.failed.iter().map(|w| w.name.clone()).collect();
+        let failed: Vec<WorkerId> = changes.failed.iter().map(|w| w.name.clone()).collect();
         self.sent.retain(|(_, worker, _)| !failed.contains(worker));
         tracing::info!(%cluster, joined = changes.joined.len(), left = changes.left.len(),
             failed = changes.failed.len(), moved, "workers changed");

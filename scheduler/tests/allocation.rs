@@ -12,7 +12,7 @@ use cloudtask_catalogue::{Catalogue, NewTask, NewUser, Scope, TenantHandle};
 use cloudtask_coord::layout::{self, WorkerNode};
 use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_coord::{Coordinator, NodeKind, Session};
-use cloudtask_core::ids::{ClusterId, TaskId};
+use cloudtask_core::ids::{ClusterId, TaskId, WorkerId};
 use cloudtask_core::task::{TaskSpec, TaskState};
 use cloudtask_scheduler::Scheduler;
 use tokio_util::sync::CancellationToken;
@@ -108,13 +108,14 @@ fn start_scheduler(setup: &Setup, identity: &str) -> (CancellationToken, Arc<Ato
 
 /// A worker as ZooKeeper sees it: a session holding an ephemeral node.
 async fn join(setup: &Setup, name: &str) -> Arc<dyn Session> {
+    let name: WorkerId = name.parse().unwrap();
     let session = setup.zk.connect().await.unwrap();
     session
         .ensure_path(&layout::workers(setup.cluster))
         .await
         .unwrap();
     let node = WorkerNode {
-        name: name.into(),
+        name: name.clone(),
         hostname: "test".into(),
         version: "0".into(),
         capacity: 1,
@@ -123,7 +124,7 @@ async fn join(setup: &Setup, name: &str) -> Arc<dyn Session> {
     };
     session
         .create(
-            &layout::worker(setup.cluster, name),
+            &layout::worker(setup.cluster, &name),
             &layout::encode(&node),
             NodeKind::Ephemeral,
         )
@@ -156,9 +157,10 @@ async fn read_assignments(setup: &Setup) -> Option<HashMap<TaskId, String>> {
         return Some(owners);
     };
     for worker in workers {
+        let name: WorkerId = worker.parse().unwrap();
         for task in setup
             .observer
-            .children(&layout::worker_assignments(setup.cluster, &worker))
+            .children(&layout::worker_assignments(setup.cluster, &name))
             .await
             .unwrap_or_default()
         {

@@ -77,7 +77,7 @@ async fn workers_and_assigned_worker_are_visible() {
         .await
         .unwrap();
     let node = WorkerNode {
-        name: "w1".into(),
+        name: "w1".parse().unwrap(),
         hostname: "box-1".into(),
         version: "0.1.0".into(),
         capacity: 2,
@@ -86,7 +86,7 @@ async fn workers_and_assigned_worker_are_visible() {
     };
     worker
         .create(
-            &layout::worker(cluster_uuid, "w1"),
+            &layout::worker(cluster_uuid, &"w1".parse().unwrap()),
             &layout::encode(&node),
             NodeKind::Ephemeral,
         )

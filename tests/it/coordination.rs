@@ -434,7 +434,7 @@ async fn a_worker_cut_off_from_zookeeper_stops_its_run_before_its_session_expire
         .connect()
         .await
         .unwrap();
-    let node = layout::worker(cluster.cluster_id.parse().unwrap(), "w1");
+    let node = layout::worker(cluster.cluster_id.parse().unwrap(), &"w1".parse().unwrap());
     assert!(observer.get(&node).await.unwrap().is_some());
     proxy.cut();
     // The server expires the session; by then the run's process must be gone.

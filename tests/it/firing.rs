@@ -399,11 +399,17 @@ async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is()
         .unwrap();
     cluster.start_worker("w1");
     let bound = Duration::from_secs(20);
-    until_node(zk.as_ref(), &layout::worker(id, "w1"), true, bound).await;
-    zk.ensure_path(&layout::worker_assignments(id, "w1"))
+    until_node(
+        zk.as_ref(),
+        &layout::worker(id, &"w1".parse().unwrap()),
+        true,
+        bound,
+    )
+    .await;
+    zk.ensure_path(&layout::worker_assignments(id, &"w1".parse().unwrap()))
         .await
         .unwrap();
-    let commands = layout::commands(id, "w1");
+    let commands = layout::commands(id, &"w1".parse().unwrap());
     zk.ensure_path(&commands).await.unwrap();
     zk.ensure_path(&layout::tasks(id)).await.unwrap();
     // The command after the assignment, then before it (the worker may then read the
@@ -416,13 +422,13 @@ async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is()
         cluster
             .api
             .catalogue
-            .hand_queued_run(run.parse().unwrap(), "w1")
+            .hand_queued_run(run.parse().unwrap(), &"w1".parse().unwrap())
             .await
             .unwrap();
         let task_id = task.parse().unwrap();
         let assign = || async {
             zk.create(
-                &layout::assignment(id, "w1", task_id),
+                &layout::assignment(id, &"w1".parse().unwrap(), task_id),
                 &layout::encode(&AssignmentNode { version: 1 }),
                 NodeKind::Persistent,
             )
@@ -438,7 +444,7 @@ async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is()
         };
         let sent = zk
             .create(
-                &layout::command_prefix(id, "w1"),
+                &layout::command_prefix(id, &"w1".parse().unwrap()),
                 &layout::encode(&command),
                 NodeKind::PersistentSequential,
             )

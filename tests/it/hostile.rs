@@ -433,7 +433,7 @@ async fn run_with_lines(world: &World, lines: u64, width: usize) -> String {
             scheduled_at: chrono::Utc::now(),
             attempt: 0,
             task_version: 1,
-            worker: "w1".into(),
+            worker: "w1".parse().unwrap(),
             trigger: RunTrigger::Schedule,
             status: RunStatus::Running,
             reason: None,

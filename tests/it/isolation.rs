@@ -633,7 +633,8 @@ async fn package_downloads_stay_within_the_tenant_and_cluster() {
 
 #[tokio::test]
 async fn batch_claims_are_answered_one_by_one_and_stay_within_the_cluster() {
-    use cloudtask_core::run::{Claim, ClaimBatch, RunStatus, RunTrigger};
+    use cloudtask_core::protocol::{Claim, ClaimBatch};
+    use cloudtask_core::run::{RunStatus, RunTrigger};
     let world = World::new().await;
     let a_worker = worker_credential(&world, &world.a.join_token).await;
     let b_worker = worker_credential(&world, &world.b.join_token).await;
@@ -643,7 +644,7 @@ async fn batch_claims_are_answered_one_by_one_and_stay_within_the_cluster() {
         scheduled_at: fire + chrono::Duration::seconds(seconds),
         attempt: 0,
         task_version: 1,
-        worker: "w1".into(),
+        worker: "w1".parse().unwrap(),
         trigger: RunTrigger::Schedule,
         status: RunStatus::Skipped,
         reason: Some("misfire: recorded by a test".into()),

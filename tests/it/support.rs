@@ -96,13 +96,14 @@ pub fn task_input(cluster_id: &str, name: &str) -> Value {
 /// for tests that need a run to exist; returns its id.
 #[allow(dead_code)]
 pub async fn add_run(world: &World, cluster_id: &str, task_id: &str) -> String {
-    use cloudtask_core::run::{Claim, RunStatus, RunTrigger};
+    use cloudtask_core::protocol::Claim;
+    use cloudtask_core::run::{RunStatus, RunTrigger};
     let claim = Claim {
         task_id: task_id.parse().unwrap(),
         scheduled_at: chrono::Utc::now(),
         attempt: 0,
         task_version: 1,
-        worker: "w1".into(),
+        worker: "w1".parse().unwrap(),
         trigger: RunTrigger::Schedule,
         status: RunStatus::Skipped,
         reason: Some("recorded by a test".into()),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use cloudtask_core::ids::RunId;
-use cloudtask_core::run::{Claim, ClaimAnswer, MAX_CLAIM_BATCH};
+use cloudtask_core::protocol::{Claim, ClaimAnswer, MAX_CLAIM_BATCH};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::client::{ApiClient, CallError};

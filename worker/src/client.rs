@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use cloudtask_core::ids::{RunId, TaskId};
+use cloudtask_core::ids::{RunId, TaskId, WorkerId};
 use cloudtask_core::protocol::{
     Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, FireCursor, Report, ReportBatch,
     StartRequest, Started,
@@ -145,9 +145,9 @@ impl ApiClient {
     }
 
     /// Starts a queued run handed to this worker (manual, or a lost fire's retry).
-    pub async fn start(&self, run: RunId, worker: &str) -> Result<Started, CallError> {
+    pub async fn start(&self, run: RunId, worker: &WorkerId) -> Result<Started, CallError> {
         let body = StartRequest {
-            worker: worker.to_owned(),
+            worker: worker.clone(),
         };
         let response = self
             .send(|http, base| {
@@ -256,7 +256,7 @@ mod tests {
             scheduled_at: Utc::now(),
             attempt: 0,
             task_version: 1,
-            worker: "w1".into(),
+            worker: "w1".parse().unwrap(),
             trigger: RunTrigger::Schedule,
             status: RunStatus::Running,
             reason: None,

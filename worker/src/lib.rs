@@ -21,10 +21,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloudtask_coord::Coordinator;
-use cloudtask_coord::layout::{self, WorkerNode};
+use cloudtask_coord::layout::WorkerNode;
 use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_core::archive;
 use cloudtask_core::config::Config;
+use cloudtask_core::ids::WorkerId;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -144,7 +145,7 @@ pub async fn run_on(
 }
 
 /// The cluster's join token, the machine's name and the worker's, checked.
-fn identity(config: &Config) -> anyhow::Result<(&str, String, String)> {
+fn identity(config: &Config) -> anyhow::Result<(&str, String, WorkerId)> {
     let token = config
         .cluster_token
         .as_deref()
@@ -161,11 +162,12 @@ fn identity(config: &Config) -> anyhow::Result<(&str, String, String)> {
         Some(name) => name.clone(),
         None => worker_name_from_hostname(&hostname),
     };
-    anyhow::ensure!(
-        layout::valid_worker_name(&name),
-        "worker name {name:?} cannot be used: use 1 to 128 letters, digits, '-', '_' or '.' \
-         (CLOUDTASK_WORKER_NAME)"
-    );
+    let name: WorkerId = name.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "worker name {name:?} cannot be used: use 1 to 128 letters, digits, '-', '_' or '.' \
+             (CLOUDTASK_WORKER_NAME)"
+        )
+    })?;
     Ok((token, hostname, name))
 }
 
@@ -229,12 +231,10 @@ mod tests {
         ] {
             let name = worker_name_from_hostname(hostname);
             assert_eq!(name, expected);
-            assert!(layout::valid_worker_name(&name));
+            assert!(WorkerId::is_valid(&name));
         }
         assert_eq!(worker_name_from_hostname(&"x".repeat(300)).len(), 128);
-        assert!(layout::valid_worker_name(&worker_name_from_hostname(
-            &hostname()
-        )));
+        assert!(WorkerId::is_valid(&worker_name_from_hostname(&hostname())));
     }
 
     #[tokio::test]

@@ -177,6 +177,18 @@ impl TokenKeys {
     }
 }
 
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
 /// 32 random bytes, URL-safe: refresh tokens and cluster join tokens.
 pub fn random_token(prefix: &str) -> String {
     let mut bytes = [0u8; 32];

@@ -113,7 +113,7 @@ impl ClusterSubscription {
                     {
                         let event = WorkerEvent {
                             cluster_id: ID(of_cluster.to_string()),
-                            worker,
+                            worker: worker.into(),
                             kind: change.into(),
                             at: Utc::now(),
                         };
@@ -180,10 +180,10 @@ pub struct WorkerObj(pub crate::cluster_view::WorkerInfo);
 impl WorkerObj {
     /// The worker's name, unique in its cluster.
     async fn id(&self) -> ID {
-        ID(self.0.name.clone())
+        ID(self.0.name.to_string())
     }
     async fn name(&self) -> &str {
-        &self.0.name
+        self.0.name.as_str()
     }
     async fn hostname(&self) -> Option<&str> {
         self.0.node.as_ref().map(|n| n.hostname.as_str())

@@ -14,7 +14,7 @@ use cloudtask_catalogue::Run;
 use cloudtask_catalogue::RunLog;
 use cloudtask_catalogue::live_events::{Event, Events};
 use cloudtask_core::Error;
-use cloudtask_core::ids::{RunId, TaskId};
+use cloudtask_core::ids::{RunId, TaskId, WorkerId};
 use cloudtask_core::run::LogLine;
 use futures_util::Stream;
 
@@ -229,7 +229,7 @@ impl RunObj {
     }
     /// The worker that ran it.
     async fn worker(&self) -> Option<&str> {
-        self.0.worker.as_deref()
+        self.0.worker.as_ref().map(WorkerId::as_str)
     }
     async fn created_at(&self) -> DateTime<Utc> {
         self.0.created_at

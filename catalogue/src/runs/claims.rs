@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use cloudtask_core::ids::{RunId, TaskId};
-use cloudtask_core::run::{Claim, Outcome, RunStatus, RunTrigger};
+use cloudtask_core::ids::{RunId, TaskId, WorkerId};
+use cloudtask_core::protocol::Claim;
+use cloudtask_core::run::{Outcome, RunStatus, RunTrigger};
 use cloudtask_core::task::TaskState;
 use cloudtask_core::{Error, Result};
 use sea_orm::sea_query::Expr;
@@ -79,7 +80,7 @@ impl ClusterHandle {
     }
 
     /// A worker starts a queued manual run: QUEUED → RUNNING, once.
-    pub async fn start_queued_run(&self, run_id: RunId, worker: &str) -> Result<Run> {
+    pub async fn start_queued_run(&self, run_id: RunId, worker: &WorkerId) -> Result<Run> {
         let run = self
             .scoped(async |txn| {
                 let result = run::Entity::update_many()
@@ -88,7 +89,7 @@ impl ClusterHandle {
                         Expr::value(RunStatus::Running.as_str()),
                     )
                     .col_expr(run::Column::StartedAt, Expr::value(now()))
-                    .col_expr(run::Column::WorkerId, Expr::value(worker))
+                    .col_expr(run::Column::WorkerId, Expr::value(worker.as_str()))
                     .filter(self.within::<run::Entity>())
                     .filter(run::Column::Id.eq(Uuid::from(run_id)))
                     .filter(run::Column::Status.eq(RunStatus::Queued.as_str()))
@@ -226,7 +227,7 @@ fn claim_row(task: &task::Model, claim: &Claim, now: DateTime<Utc>) -> run::Acti
             claim.status,
             claim.scheduled_at,
             Some(claim.attempt as i32),
-            Some(claim.worker.clone()),
+            Some(&claim.worker),
             now,
         )
     }

@@ -2,7 +2,7 @@
 //! waiting to start (handed to the task's worker), and running runs a user asked to stop.
 
 use cloudtask_core::Result;
-use cloudtask_core::ids::{ClusterId, RunId};
+use cloudtask_core::ids::{ClusterId, RunId, WorkerId};
 use cloudtask_core::run::RunStatus;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
@@ -43,10 +43,10 @@ impl Catalogue {
     }
 
     /// Notes which worker a queued run was handed to.
-    pub async fn hand_queued_run(&self, run_id: RunId, worker: &str) -> Result<()> {
+    pub async fn hand_queued_run(&self, run_id: RunId, worker: &WorkerId) -> Result<()> {
         self.with_db(async |db| {
             run::Entity::update_many()
-                .col_expr(run::Column::WorkerId, Expr::value(worker))
+                .col_expr(run::Column::WorkerId, Expr::value(worker.as_str()))
                 .filter(run::Column::Id.eq(Uuid::from(run_id)))
                 .filter(run::Column::Status.eq(RunStatus::Queued.as_str()))
                 .exec(db)

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::Result;
-use cloudtask_core::ids::ClusterId;
+use cloudtask_core::ids::{ClusterId, WorkerId};
 use cloudtask_core::run::{RunStatus, RunTrigger};
 use cloudtask_core::task::TaskState;
 use sea_orm::sea_query::Expr;
@@ -21,13 +21,17 @@ const LOST_REASON: &str = "the worker's session ended while the run was going";
 
 impl Catalogue {
     /// Marks the worker's unfinished runs LOST. Returns how many.
-    pub async fn mark_worker_runs_lost(&self, cluster_id: ClusterId, worker: &str) -> Result<u64> {
+    pub async fn mark_worker_runs_lost(
+        &self,
+        cluster_id: ClusterId,
+        worker: &WorkerId,
+    ) -> Result<u64> {
         let (lost, events) = self
             .in_transaction(async |txn| {
                 let of_worker = || {
                     run::Entity::find()
                         .filter(run::Column::ClusterId.eq(Uuid::from(cluster_id)))
-                        .filter(run::Column::WorkerId.eq(worker))
+                        .filter(run::Column::WorkerId.eq(worker.as_str()))
                 };
                 let lost = of_worker()
                     .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
@@ -59,7 +63,7 @@ impl Catalogue {
                 run::Entity::update_many()
                     .col_expr(run::Column::WorkerId, Expr::value(Option::<String>::None))
                     .filter(run::Column::ClusterId.eq(Uuid::from(cluster_id)))
-                    .filter(run::Column::WorkerId.eq(worker))
+                    .filter(run::Column::WorkerId.eq(worker.as_str()))
                     .filter(run::Column::Status.eq(RunStatus::Queued.as_str()))
                     .exec(txn)
                     .await?;

@@ -16,7 +16,7 @@ mod reports;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId};
+use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId, WorkerId};
 use cloudtask_core::roles::Action;
 use cloudtask_core::run::{RunStatus, RunTrigger};
 use cloudtask_core::{Error, Result};
@@ -44,7 +44,7 @@ pub struct Run {
     pub scheduled_at: DateTime<Utc>,
     pub attempt: u32,
     pub status: RunStatus,
-    pub worker: Option<String>,
+    pub worker: Option<WorkerId>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub exit_code: Option<i32>,
@@ -76,7 +76,10 @@ impl TryFrom<run::Model> for Run {
             scheduled_at: m.scheduled_at,
             attempt: m.attempt as u32,
             status: RunStatus::parse(&m.status).ok_or_else(|| bad("status", &m.status))?,
-            worker: m.worker_id,
+            worker: match &m.worker_id {
+                Some(w) => Some(w.parse().map_err(|_| bad("worker", w))?),
+                None => None,
+            },
             started_at: m.started_at,
             finished_at: m.finished_at,
             exit_code: m.exit_code,
@@ -95,7 +98,7 @@ fn new_run(
     status: RunStatus,
     scheduled_at: DateTime<Utc>,
     attempt: Option<i32>,
-    worker: Option<String>,
+    worker: Option<&WorkerId>,
     now: DateTime<Utc>,
 ) -> run::ActiveModel {
     run::ActiveModel {
@@ -109,7 +112,7 @@ fn new_run(
         fire_at: Set(attempt.map(|_| scheduled_at)),
         attempt: Set(attempt.unwrap_or(0)),
         status: Set(status.as_str().into()),
-        worker_id: Set(worker),
+        worker_id: Set(worker.map(|w| w.to_string())),
         started_at: Set(None),
         finished_at: Set(None),
         exit_code: Set(None),

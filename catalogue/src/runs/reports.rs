@@ -7,7 +7,8 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::RunId;
-use cloudtask_core::run::{Outcome, Report, RunStatus, RunTrigger};
+use cloudtask_core::protocol::Report;
+use cloudtask_core::run::{Outcome, RunStatus, RunTrigger};
 use cloudtask_core::task::TaskState;
 use cloudtask_core::{Error, Result};
 use sea_orm::sea_query::{CaseStatement, Expr, SimpleExpr};

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use cloudtask_coord::layout::{CommandNode, TaskNode};
 use cloudtask_coord::{Coordinator, SharedSession};
-use cloudtask_core::ids::{ClusterId, RunId, TaskId};
+use cloudtask_core::ids::{ClusterId, RunId, TaskId, WorkerId};
 use cloudtask_core::run::RunTrigger;
 use cloudtask_core::schedule::Schedule;
 use futures_util::future::BoxFuture;
@@ -50,7 +50,7 @@ const CATCH_UP_CONCURRENCY: usize = 16;
 pub struct Engine {
     pub clock: Arc<dyn Clock>,
     pub cluster: ClusterId,
-    pub worker: String,
+    pub worker: WorkerId,
     pub coordinator: Arc<dyn Coordinator>,
     pub client: Arc<ApiClient>,
     pub reporter: Reporter,
@@ -216,7 +216,7 @@ enum Event {
 /// Everything one fire's job needs, cloned out of the actor.
 #[derive(Clone)]
 struct Shared {
-    worker: String,
+    worker: WorkerId,
     client: Arc<ApiClient>,
     claims: Claims,
     reporter: Reporter,

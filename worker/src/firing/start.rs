@@ -10,7 +10,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use cloudtask_coord::layout::TaskNode;
 use cloudtask_core::ids::{RunId, TaskId};
-use cloudtask_core::run::{Claim, LogLine, LogStream, Outcome, RunStatus, RunTrigger};
+use cloudtask_core::protocol::Claim;
+use cloudtask_core::run::{LogLine, LogStream, Outcome, RunStatus, RunTrigger};
 use cloudtask_core::task::TaskSpec;
 use tokio_util::sync::CancellationToken;
 
@@ -403,7 +404,7 @@ mod tests {
             scheduled_at: Utc::now(),
             attempt,
             task_version: 1,
-            worker: "w1".into(),
+            worker: "w1".parse().unwrap(),
             trigger,
             status: RunStatus::Running,
             reason: None,

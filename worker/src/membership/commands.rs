@@ -152,7 +152,7 @@ mod tests {
 
     fn me() -> layout::WorkerNode {
         layout::WorkerNode {
-            name: "w1".into(),
+            name: "w1".parse().unwrap(),
             hostname: "test-host".into(),
             version: "0".into(),
             capacity: 1,
@@ -183,18 +183,18 @@ mod tests {
             .unwrap()
             .unwrap();
 
-        let dir = layout::commands(cluster, "w1");
+        let dir = layout::commands(cluster, &"w1".parse().unwrap());
         scheduler.ensure_path(&dir).await.unwrap();
         let mut held = Vec::new();
         for _ in 0..3 {
             let (task, run) = (TaskId::new(), RunId::new());
             held.push(task);
             scheduler
-                .ensure_path(&layout::assignment(cluster, "w1", task))
+                .ensure_path(&layout::assignment(cluster, &"w1".parse().unwrap(), task))
                 .await
                 .unwrap();
             for command in [CommandNode::RunNow { task, run }, CommandNode::Stop { run }] {
-                let prefix = layout::command_prefix(cluster, "w1");
+                let prefix = layout::command_prefix(cluster, &"w1".parse().unwrap());
                 let data = layout::encode(&command);
                 let kind = NodeKind::PersistentSequential;
                 scheduler.create(&prefix, &data, kind).await.unwrap();

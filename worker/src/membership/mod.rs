@@ -176,18 +176,12 @@ impl Membership {
     }
 
     /// Runs until `shutdown`; returns an error only when starting over cannot help (an
-    /// unusable name, or a name held by another live worker).
+    /// name held by another live worker).
     pub async fn run(
         self,
         assignments: watch::Sender<Assignments>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            layout::valid_worker_name(&self.me.name),
-            "worker name {:?} cannot be used: use 1 to 128 letters, digits, '-', '_' or '.' \
-             (CLOUDTASK_WORKER_NAME)",
-            self.me.name
-        );
         let mut epoch = assignments.borrow().epoch + 1;
         let mut reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {

@@ -193,14 +193,14 @@ async fn the_worker_joins_registers_and_leaves() {
         .await
         .unwrap()
         .expect("clean stop");
-    let path = layout::worker(cluster, "w-run");
+    let path = layout::worker(cluster, &"w-run".parse().unwrap());
     wait_node(observer.as_ref(), &path, "the node to be gone", |n| {
         n.is_none()
     })
     .await;
     assert!(
         observer
-            .get(&layout::departure(cluster, "w-run"))
+            .get(&layout::departure(cluster, &"w-run".parse().unwrap()))
             .await
             .unwrap()
             .is_some(),

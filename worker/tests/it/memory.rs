@@ -69,7 +69,7 @@ async fn expiry_drops_assignments_at_once_then_registers_again_under_a_new_epoch
     // The reconnect is held back: what is published now is what the worker does first.
     worker.expect_assignments(2, &[]).await;
     worker.expect_status(MembershipStatus::Connecting).await;
-    let path = layout::worker(cluster, "w1");
+    let path = layout::worker(cluster, &"w1".parse().unwrap());
     assert!(
         absent(observer.as_ref(), &path).await,
         "node gone with the session"
@@ -94,7 +94,7 @@ async fn expiry_drops_assignments_at_once_then_registers_again_under_a_new_epoch
     assert!(absent(observer.as_ref(), &path).await);
     assert!(
         observer
-            .get(&layout::departure(cluster, "w1"))
+            .get(&layout::departure(cluster, &"w1".parse().unwrap()))
             .await
             .unwrap()
             .is_some()
@@ -114,7 +114,7 @@ async fn a_node_removed_behind_the_workers_back_is_treated_as_a_lost_session() {
     worker.expect_assignments(1, &t).await;
     let first = gated.latest();
 
-    let path = layout::worker(cluster, "w1");
+    let path = layout::worker(cluster, &"w1".parse().unwrap());
     observer.delete(&path, None).await.unwrap();
     worker.expect_assignments(2, &[]).await;
     assert!(

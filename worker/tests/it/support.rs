@@ -26,7 +26,7 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 
 pub fn worker_node(name: &str) -> WorkerNode {
     WorkerNode {
-        name: name.into(),
+        name: name.parse().unwrap(),
         hostname: "test-host".into(),
         version: "0.0.0-test".into(),
         capacity: 2,
@@ -112,7 +112,7 @@ pub async fn wait_node(
 }
 
 pub async fn registered_node(session: &dyn Session, cluster: ClusterId, name: &str) -> WorkerNode {
-    let path = layout::worker(cluster, name);
+    let path = layout::worker(cluster, &name.parse().unwrap());
     let node = wait_node(session, &path, &format!("{path} to exist"), |n| n.is_some())
         .await
         .expect("present");
@@ -122,6 +122,7 @@ pub async fn registered_node(session: &dyn Session, cluster: ClusterId, name: &s
 /// Writes assignment children as the scheduler does (creating the worker's folder with
 /// the first one).
 pub async fn assign(session: &dyn Session, cluster: ClusterId, worker: &str, tasks: &[TaskId]) {
+    let worker = &worker.parse().unwrap();
     session
         .ensure_path(&layout::worker_assignments(cluster, worker))
         .await
@@ -140,7 +141,10 @@ pub async fn assign(session: &dyn Session, cluster: ClusterId, worker: &str, tas
 
 pub async fn unassign(session: &dyn Session, cluster: ClusterId, worker: &str, task: TaskId) {
     session
-        .delete(&layout::assignment(cluster, worker, task), None)
+        .delete(
+            &layout::assignment(cluster, &worker.parse().unwrap(), task),
+            None,
+        )
         .await
         .expect("unassign");
 }

@@ -58,8 +58,8 @@ async fn clean_shutdown_deletes_the_node_and_leaves_a_departure_marker() {
     assign(observer.as_ref(), cluster, "w1", &t).await;
     worker.expect_assignments(1, &t).await;
 
-    let node_path = layout::worker(cluster, "w1");
-    let marker_path = layout::departure(cluster, "w1");
+    let node_path = layout::worker(cluster, &"w1".parse().unwrap());
+    let marker_path = layout::departure(cluster, &"w1".parse().unwrap());
     let (_, node_watch) = observer.get_and_watch(&node_path).await.unwrap();
     let assignments = worker.assignments.clone();
     worker.stop().await.expect("clean stop");
@@ -95,7 +95,7 @@ async fn waits_for_a_previous_incarnation_then_registers_as_soon_as_it_is_gone()
     let observer = connect(&coordinator).await;
     let previous_session = connect(&coordinator).await;
     let cluster = ClusterId::new();
-    let path = layout::worker(cluster, "w1");
+    let path = layout::worker(cluster, &"w1".parse().unwrap());
     let previous = WorkerNode {
         hostname: "crashed-host".into(),
         started_at: chrono::Utc::now() - chrono::Duration::minutes(5),
@@ -142,7 +142,7 @@ async fn a_name_held_by_a_live_worker_past_the_bound_is_an_error() {
     let coordinator = zookeeper();
     let holder = connect(&coordinator).await;
     let cluster = ClusterId::new();
-    let path = layout::worker(cluster, "w1");
+    let path = layout::worker(cluster, &"w1".parse().unwrap());
     holder.ensure_path(&layout::workers(cluster)).await.unwrap();
     holder
         .create(
@@ -219,7 +219,7 @@ async fn a_lost_connection_keeps_assignments_and_resyncs_when_back() {
     worker.stop().await.expect("clean stop");
     assert!(
         observer
-            .get(&layout::departure(cluster, "w1"))
+            .get(&layout::departure(cluster, &"w1".parse().unwrap()))
             .await
             .unwrap()
             .is_some()
@@ -239,7 +239,7 @@ async fn an_expired_session_drops_everything_then_registers_again() {
 
     // Cut off past the session timeout: the server expires the session (the node
     // vanishes), then the client notices and the worker drops everything.
-    let path = layout::worker(cluster, "w1");
+    let path = layout::worker(cluster, &"w1".parse().unwrap());
     proxy.cut();
     wait_node(
         observer.as_ref(),
@@ -288,7 +288,7 @@ async fn a_long_disconnection_fences_the_worker_off_before_its_session_can_expir
         .expect_status(MembershipStatus::Fenced { epoch: 2 })
         .await;
     worker.expect_assignments(2, &[]).await;
-    let path = layout::worker(cluster, "w1");
+    let path = layout::worker(cluster, &"w1".parse().unwrap());
     assert!(
         observer.get(&path).await.unwrap().is_some(),
         "fenced only after the session expired"
