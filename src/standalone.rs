@@ -65,13 +65,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     };
     let scheduler = tokio::spawn(scheduler.run(scheduler_stop.clone()));
 
-    let mut worker_config = config.clone();
-    worker_config.api_url = url.clone();
-    worker_config.cluster_token = Some(bootstrap.join_token.clone());
-    worker_config.data_dir = data_dir.join("worker");
-    if worker_config.worker_name.is_none() {
-        worker_config.worker_name = Some("local-worker".into());
-    }
+    let worker_config = worker_config(&config, &url, &bootstrap);
     let worker_stop = CancellationToken::new();
     let worker = {
         let stop = worker_stop.clone();
@@ -87,9 +81,41 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         })
     };
 
+    print_banner(&config, &url, &bootstrap);
+    tracing::info!(%address, "standalone ready");
+
+    shutdown.cancelled().await;
+    // The worker first: its runs are stopped and reported while the API still listens.
+    worker_stop.cancel();
+    match worker.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "the worker stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "the worker task failed"),
+        Ok(Ok(())) => {}
+    }
+    scheduler_stop.cancel();
+    let _ = scheduler.await;
+    api_stop.cancel();
+    let _ = api.await;
+    Ok(())
+}
+
+/// The one worker's configuration: this API, the local cluster's token, its own folder.
+fn worker_config(config: &Config, url: &str, bootstrap: &Bootstrap) -> Config {
+    let mut worker = config.clone();
+    worker.api_url = url.to_owned();
+    worker.cluster_token = Some(bootstrap.join_token.clone());
+    worker.data_dir = config.data_dir.join("worker");
+    if worker.worker_name.is_none() {
+        worker.worker_name = Some("local-worker".into());
+    }
+    worker
+}
+
+/// Where to go, and who signs in (a generated password is shown this once).
+fn print_banner(config: &Config, url: &str, bootstrap: &Bootstrap) {
     println!(
         "CloudTask standalone is running (data in {}).",
-        data_dir.display()
+        config.data_dir.display()
     );
     println!("  console: {url}/");
     println!("  GraphQL API and GraphiQL: {url}/graphql");
@@ -108,21 +134,6 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             config.admin_email
         ),
     }
-    tracing::info!(%address, "standalone ready");
-
-    shutdown.cancelled().await;
-    // The worker first: its runs are stopped and reported while the API still listens.
-    worker_stop.cancel();
-    match worker.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "the worker stopped with an error"),
-        Err(e) => tracing::warn!(error = %e, "the worker task failed"),
-        Ok(Ok(())) => {}
-    }
-    scheduler_stop.cancel();
-    let _ = scheduler.await;
-    api_stop.cancel();
-    let _ = api.await;
-    Ok(())
 }
 
 struct Bootstrap {

@@ -38,6 +38,10 @@ pub struct Placement<'a> {
 
 /// The owner of every task, in input order (None: no live member qualifies). Owner ids
 /// borrow from the ring.
+///
+/// Kept as one function on purpose: its three passes (keep, place, pull; numbered in the
+/// body) share one load table and the qualified-member sets, and the proptests check the
+/// plan as a whole.
 pub fn plan<'r>(ring: &'r Ring, tasks: &[Placement<'_>]) -> Vec<Option<&'r str>> {
     let members = ring.members();
     if members.is_empty() {

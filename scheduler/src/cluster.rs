@@ -303,7 +303,8 @@ impl ClusterState {
 
     /// Writes the assignments the balanced ring gives for the live workers, touching only
     /// tasks whose owner changes. Paused tasks and tasks no live worker can take are left
-    /// unassigned.
+    /// unassigned. (One function: the plan, the znode operations that carry it out and the
+    /// state they leave are one transaction of thought, and written in one batch.)
     pub async fn allocate(&mut self, session: &dyn Session, fence: &Fence) -> Result<usize> {
         let id = self.id();
         let ring = Ring::new(self.workers.values().map(|w| Member {

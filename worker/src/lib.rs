@@ -101,11 +101,7 @@ pub async fn run_on(
     );
     let packages = Arc::new(Packages::new(
         &config.data_dir,
-        archive::Limits {
-            max_archive_bytes: config.max_package_bytes,
-            max_unpacked_bytes: config.max_unpacked_bytes,
-            max_entries: config.max_package_entries,
-        },
+        package_limits(config),
         client.clone(),
     ));
     let engine = Engine {
@@ -142,6 +138,15 @@ pub async fn run_on(
     reporter_stop.cancel();
     reporter_task.await.ok();
     result
+}
+
+/// The limits a package is unpacked within: the same as at upload.
+fn package_limits(config: &Config) -> archive::Limits {
+    archive::Limits {
+        max_archive_bytes: config.max_package_bytes,
+        max_unpacked_bytes: config.max_unpacked_bytes,
+        max_entries: config.max_package_entries,
+    }
 }
 
 /// The cluster's join token, the machine's name and the worker's, checked.
