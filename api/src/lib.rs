@@ -30,6 +30,9 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub keys: auth::TokenKeys,
     pub logins: limits::LoginLimiter,
+    /// Join-token attempts (`POST /worker/join`), on the same budget as logins: a wrong
+    /// token counts against its address; past the budget, RATE_LIMITED.
+    pub joins: limits::LoginLimiter,
     /// Every argon2 hash and check the API makes goes through it.
     pub passwords: auth::PasswordHashing,
     pub trusted_proxies: client_addr::TrustedProxies,
@@ -67,6 +70,11 @@ impl AppState {
             std::time::Duration::from_secs(config.login_window_secs),
             std::time::Duration::from_secs(config.login_account_max_delay_secs),
         );
+        let joins = limits::LoginLimiter::new(
+            config.login_max_attempts,
+            std::time::Duration::from_secs(config.login_window_secs),
+            std::time::Duration::from_secs(config.login_account_max_delay_secs),
+        );
         let passwords = auth::PasswordHashing::new(
             config.password_hash_concurrency,
             config.password_hash_queue,
@@ -84,6 +92,7 @@ impl AppState {
             config: Arc::new(config),
             keys,
             logins,
+            joins,
             passwords,
             trusted_proxies,
             cluster_view,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{Extension, FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::Response;
@@ -23,6 +23,7 @@ use cloudtask_core::run::RunStatus;
 
 use crate::AppState;
 use crate::auth::{WorkerIdentity, bearer, token_hash};
+use crate::client_addr::ClientAddr;
 use crate::cluster_view::ClusterView;
 use crate::download::{PackageSha, archive};
 use crate::error::HttpError;
@@ -62,16 +63,37 @@ impl FromRequestParts<Arc<AppState>> for ClusterWorker {
     }
 }
 
+/// The limiter's one "account" for every join.
+const JOIN_ACCOUNT: &str = "join tokens";
+
 /// A worker exchanges its cluster's join token for a credential scoped to that cluster.
+/// Join tokens are guessed like passwords: a wrong one counts against the client's
+/// address (`login_max_attempts` per `login_window_secs`, then RATE_LIMITED, which a
+/// worker retries later); all joins share one "account", so a stranger's guessing slows
+/// joins down (at most `login_account_max_delay_secs`) but never refuses a right token.
 async fn join(
     State(state): State<Arc<AppState>>,
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
     Json(request): Json<JoinRequest>,
 ) -> Answer<Json<JoinedCluster>> {
-    let cluster = state
+    let attempt = state.joins.start(JOIN_ACCOUNT, client)?;
+    tokio::time::sleep(attempt.delay()).await;
+    let cluster = match state
         .catalogue
         .cluster_by_join_token(&token_hash(&request.token))
-        .await?
-        .ok_or_else(|| Error::Unauthenticated("unknown join token".into()))?;
+        .await
+    {
+        Ok(Some(cluster)) => {
+            attempt.succeeded();
+            cluster
+        }
+        // Dropped unsettled, the attempt stays counted as a failure.
+        Ok(None) => return Err(Error::Unauthenticated("unknown join token".into()).into()),
+        Err(e) => {
+            attempt.unchecked();
+            return Err(e.into());
+        }
+    };
     let issued =
         state
             .keys

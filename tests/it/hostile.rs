@@ -1174,3 +1174,51 @@ async fn subscriptions_per_socket_and_sockets_per_user_are_limited() {
     }
     still_answers(&api.client()).await;
 }
+
+/// Join tokens are guessed like passwords: wrong ones count against the address, which is
+/// then RATE_LIMITED (the right token from elsewhere still joins, and is not locked out).
+#[tokio::test]
+async fn join_token_guessing_is_throttled_per_address() {
+    let world = World::new().await;
+    let join_from = |ip: [u8; 4], token: String| {
+        let url = format!("{}/worker/join", world.api.url);
+        async move {
+            let client = reqwest::Client::builder()
+                .local_address(std::net::IpAddr::from(ip))
+                .build()
+                .unwrap();
+            client
+                .post(url)
+                .json(&json!({ "token": token }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let budget = world.api.state.config.login_max_attempts;
+    for i in 0..budget {
+        let status = join_from([127, 0, 0, 1], format!("guess-{i}")).await;
+        assert_eq!(status, 401, "guess {i} is checked and refused");
+    }
+    for i in 0..5 {
+        let status = join_from([127, 0, 0, 1], format!("more-{i}")).await;
+        assert_eq!(status, 429, "past the budget, guesses are not even checked");
+    }
+    assert_eq!(
+        join_from([127, 0, 0, 1], world.a.join_token.clone()).await,
+        429,
+        "the guessing address is throttled for any token"
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(
+        join_from([127, 0, 0, 4], world.a.join_token.clone()).await,
+        200,
+        "a worker elsewhere joins"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "slowed at most"
+    );
+}
