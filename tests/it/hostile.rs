@@ -7,7 +7,7 @@ use std::time::Duration;
 use cloudtask_testkit::{Gql, GqlResponse, GqlSocket, Reply, TestApi};
 use serde_json::{Value, json};
 
-use crate::support::World;
+use crate::support::{World, task_names};
 
 /// Still serving: an anonymous question gets its usual answer.
 async fn still_answers(client: &Gql) {
@@ -28,21 +28,6 @@ fn assert_limit(response: &GqlResponse, limit: &str, what: &str) {
         "{what}: the limit is named: {body}"
     );
     assert!(response.body["data"].is_null(), "{what}: no data: {body}");
-}
-
-async fn task_names(owner: &Gql) -> Vec<String> {
-    let answer = owner
-        .run(
-            "{ tasks(first: 50) { edges { node { name } } } }",
-            json!({}),
-        )
-        .await;
-    answer.data()["tasks"]["edges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["node"]["name"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 /// Argument values nested deep (lists, input objects) used to overflow a thread's stack
@@ -248,9 +233,13 @@ async fn a_stored_webhook_that_now_points_inside_is_never_posted() {
     );
 }
 
-/// Reads from `tcp` until the server closes it (or it answers and then closes), within
-/// `within`; what it sent.
-async fn until_closed(tcp: &mut tokio::net::TcpStream, within: Duration) -> String {
+/// Reads from `tcp` until the server closes it, or until what it sent satisfies `done`,
+/// within `within` (panicking past it); what it sent.
+async fn read_until(
+    tcp: &mut tokio::net::TcpStream,
+    within: Duration,
+    done: impl Fn(&str) -> bool,
+) -> String {
     use tokio::io::AsyncReadExt;
     let mut got = Vec::new();
     let read = tokio::time::timeout(within, async {
@@ -258,17 +247,35 @@ async fn until_closed(tcp: &mut tokio::net::TcpStream, within: Duration) -> Stri
         loop {
             match tcp.read(&mut buffer).await {
                 Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buffer[..n]),
+                Ok(n) => {
+                    got.extend_from_slice(&buffer[..n]);
+                    if done(&String::from_utf8_lossy(&got)) {
+                        return;
+                    }
+                }
             }
         }
     })
     .await;
     assert!(
         read.is_ok(),
-        "the server kept the connection open past {within:?}; it sent {:?}",
+        "the server neither answered nor closed within {within:?}; it sent {:?}",
         String::from_utf8_lossy(&got)
     );
     String::from_utf8_lossy(&got).into_owned()
+}
+
+/// What the server sent before closing the connection.
+async fn until_closed(tcp: &mut tokio::net::TcpStream, within: Duration) -> String {
+    read_until(tcp, within, |_| false).await
+}
+
+/// One whole HTTP answer (head and a JSON body), without waiting for the close.
+async fn read_answer(tcp: &mut tokio::net::TcpStream, within: Duration) -> String {
+    read_until(tcp, within, |text| {
+        text.contains("\r\n\r\n") && text.trim_end().ends_with('}')
+    })
+    .await
 }
 
 /// Slow clients cannot hold connections: a request head sent halfway, a body that stops,
@@ -603,35 +610,6 @@ fn upload_head(host: &str, token: Option<&str>, length: u64) -> Vec<u8> {
          --XYZ\r\nContent-Disposition: form-data; name=\"operations\"\r\n\r\n"
     )
     .into_bytes()
-}
-
-/// Reads one HTTP answer's head and body from `tcp` (within `within`), without waiting for
-/// the connection to close.
-async fn read_answer(tcp: &mut tokio::net::TcpStream, within: Duration) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
-    let read = tokio::time::timeout(within, async {
-        let mut buffer = [0u8; 4096];
-        loop {
-            match tcp.read(&mut buffer).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    got.extend_from_slice(&buffer[..n]);
-                    let text = String::from_utf8_lossy(&got);
-                    if text.contains("\r\n\r\n") && text.trim_end().ends_with('}') {
-                        return;
-                    }
-                }
-            }
-        }
-    })
-    .await;
-    assert!(
-        read.is_ok(),
-        "no answer within {within:?}; got {:?}",
-        String::from_utf8_lossy(&got)
-    );
-    String::from_utf8_lossy(&got).into_owned()
 }
 
 /// Uploads used to be read whole into memory before the token was looked at: four

@@ -117,3 +117,19 @@ pub async fn add_run(world: &World, cluster_id: &str, task_id: &str) -> String {
         .unwrap();
     run.id.to_string()
 }
+
+/// The names of the first 50 tasks the client sees.
+pub async fn task_names(owner: &Gql) -> Vec<String> {
+    let answer = owner
+        .run(
+            "{ tasks(first: 50) { edges { node { name } } } }",
+            json!({}),
+        )
+        .await;
+    answer.data()["tasks"]["edges"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|e| e["node"]["name"].as_str().expect("a name").to_owned())
+        .collect()
+}

@@ -10,7 +10,7 @@ use cloudtask_testkit::{Gql, GqlSocket, Reply, TestApi};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{CREATE_TASK, PASSWORD, World, task_input};
+use crate::support::{CREATE_TASK, PASSWORD, World, task_input, task_names};
 
 const WITHIN: Duration = Duration::from_secs(10);
 
@@ -228,21 +228,6 @@ async fn until_heard(socket: &mut GqlSocket, id: &str, owner: &Gql, task: &str) 
         }
     }
     panic!("subscription {id} never heard of a run");
-}
-
-async fn task_names(owner: &Gql) -> Vec<String> {
-    let answer = owner
-        .run(
-            "{ tasks(first: 50) { edges { node { name } } } }",
-            json!({}),
-        )
-        .await;
-    answer.data()["tasks"]["edges"]
-        .as_array()
-        .expect("tasks")
-        .iter()
-        .map(|e| e["node"]["name"].as_str().expect("a name").to_owned())
-        .collect()
 }
 
 /// The first error's code of an operation's answer.
