@@ -24,7 +24,12 @@ async fn main() {
         // `cargo test --all-targets` runs bench targets without `--bench`: nothing to do.
         return;
     }
-    let api = TestApi::start_with(|c| c.login_max_attempts = 1_000_000).await;
+    let api = TestApi::start_with(|c| {
+        c.login_max_attempts = 1_000_000;
+        c.rate_anonymous_requests_per_minute = 1_000_000_000;
+        c.rate_requests_per_minute = 1_000_000_000;
+    })
+    .await;
     api.create_user("admin@bench.example", "bench password", true)
         .await;
     let admin = api

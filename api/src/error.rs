@@ -128,8 +128,8 @@ impl IntoResponse for HttpError {
     }
 }
 
-/// Gives every error of a response a code, on every transport (HTTP, and queries and
-/// subscriptions over WebSocket): see [`give_codes`].
+/// Gives every error of a response a code, and caps their number and length, on every
+/// transport (HTTP, and queries and subscriptions over WebSocket): see [`give_codes`].
 pub struct ErrorCodes;
 
 impl ExtensionFactory for ErrorCodes {
@@ -156,6 +156,7 @@ impl Extension for ErrorCodes {
         next.run(ctx, stream)
             .map(|mut response| {
                 give_codes(&mut response);
+                crate::graphql::cost::cap_errors(&mut response);
                 response
             })
             .boxed()

@@ -80,6 +80,10 @@ async fn graphql(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let auth = verify_user(&http.state, &headers);
+    let caller = crate::budget::Caller::of(&auth, client_ip);
+    if let Err(over) = http.state.budget.request(caller) {
+        return rate_limited(&over);
+    }
     let batch = if content_type.is_some_and(|ct| ct.starts_with("multipart/")) {
         receive_upload(&http.state, &auth, content_type, body).await
     } else {
@@ -111,6 +115,23 @@ async fn graphql(
         .data(crate::graphql::cost::Spent::default());
     let response = schema.execute_batch(batch).await;
     GraphQLResponse::from(response).into_response()
+}
+
+/// A caller past its requests per minute: 429 with when to retry.
+fn rate_limited(over: &crate::budget::OverBudget) -> Response {
+    let secs = over.retry_after.as_secs().max(1);
+    let mut answer = (
+        StatusCode::TOO_MANY_REQUESTS,
+        Json(json!({ "errors": [{
+            "message": over.message(),
+            "extensions": { "code": "RATE_LIMITED", "retryAfterSeconds": secs },
+        }] })),
+    )
+        .into_response();
+    answer
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+    answer
 }
 
 /// A query: small (`max_request_bytes`), read whole.

@@ -2,6 +2,7 @@
 //! package downloads, and the worker endpoints.
 
 pub mod auth;
+mod budget;
 mod client_addr;
 pub mod cluster_view;
 mod console;
@@ -40,6 +41,8 @@ pub struct AppState {
     /// Uploads being received now (`max_uploads_in_flight`).
     pub uploads: Arc<tokio::sync::Semaphore>,
     pub sockets: sockets::SocketRegistry,
+    /// Requests and query cost per caller per minute.
+    pub budget: budget::RateBudget,
 }
 
 impl AppState {
@@ -86,7 +89,9 @@ impl AppState {
         let cluster_view = cluster_view::ClusterView::new(coordinator);
         let uploads = Arc::new(tokio::sync::Semaphore::new(config.max_uploads_in_flight));
         let sockets = sockets::SocketRegistry::new(config.ws_max_sockets_per_user);
+        let budget = budget::RateBudget::new(&config);
         Ok(Arc::new(AppState {
+            budget,
             uploads,
             catalogue,
             config: Arc::new(config),

@@ -43,13 +43,19 @@ impl Key {
     }
 
     fn address(ip: IpAddr) -> Key {
-        Key::Address(match ip.to_canonical() {
-            IpAddr::V6(v6) => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-            v4 => v4,
-        })
+        Key::Address(address_key(ip))
+    }
+}
+
+/// A client address as limits count it: IPv6 by its /64 (one host usually holds the
+/// whole /64), IPv4 (also when mapped into IPv6) as it is.
+pub(crate) fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
     }
 }
 

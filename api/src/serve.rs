@@ -35,15 +35,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let config = state.config.clone();
+    let budgets = Arc::downgrade(&state);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        every.tick().await;
+        while let Some(state) = {
+            every.tick().await;
+            budgets.upgrade()
+        } {
+            state.budget.forget_idle();
+        }
+    });
     let trusted_proxies = Arc::new(state.trusted_proxies.clone());
-    let app = crate::router(state)
-        .layer(axum::middleware::from_fn(security_headers))
-        // A request that panics answers 500 (logged); the connection and the process
-        // live on.
-        .layer(CatchPanicLayer::custom(panicked))
-        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
-            config.http_body_idle_timeout_secs,
-        )));
+    let app = guarded(crate::router(state), &config);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -110,6 +114,18 @@ pub async fn run(
     Ok(())
 }
 
+/// What every route gets: security headers, a request's panic answered as its own 500
+/// (logged) while the connection and the process live on, and the body idle timeout.
+fn guarded(router: axum::Router, config: &cloudtask_core::config::Config) -> axum::Router {
+    // The headers go outside the panic guard, so its 500 carries them too.
+    router
+        .layer(CatchPanicLayer::custom(panicked))
+        .layer(axum::middleware::from_fn(security_headers))
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
+            config.http_body_idle_timeout_secs,
+        )))
+}
+
 fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let detail = panic
         .downcast_ref::<String>()
@@ -144,4 +160,37 @@ async fn security_headers(request: Request, next: Next) -> Response {
             .or_insert(HeaderValue::from_static(value));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    async fn boom() -> &'static str {
+        panic!("a bug in one handler")
+    }
+
+    /// A handler that panics answers 500 INTERNAL with the usual headers, and the same
+    /// service answers the next request.
+    #[tokio::test]
+    async fn a_panicking_request_is_answered_500_and_the_service_serves_on() {
+        let router = axum::Router::new()
+            .route("/boom", get(boom))
+            .route("/fine", get(|| async { "fine" }));
+        let app = super::guarded(router, &Default::default());
+        let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+
+        let boom = app.clone().oneshot(get("/boom")).await.unwrap();
+        assert_eq!(boom.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(boom.headers()["x-content-type-options"], "nosniff");
+        let body = axum::body::to_bytes(boom.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["errors"][0]["extensions"]["code"], "INTERNAL");
+
+        let fine = app.oneshot(get("/fine")).await.unwrap();
+        assert_eq!(fine.status(), StatusCode::OK);
+    }
 }

@@ -104,6 +104,13 @@ pub struct Config {
     pub ws_max_subscriptions: usize,
     /// Open sockets per user on one API replica.
     pub ws_max_sockets_per_user: usize,
+    /// Requests (HTTP requests and operations started on sockets) a signed-in user may
+    /// make per minute, and an anonymous client address; see `api::budget`.
+    pub rate_requests_per_minute: u64,
+    pub rate_anonymous_requests_per_minute: u64,
+    /// Query cost (complexity, as `query_max_complexity` counts it) a caller may spend per
+    /// minute.
+    pub rate_cost_per_minute: u64,
     /// Most log lines kept per run; past it, one SYSTEM line says how many were dropped.
     pub run_max_log_lines: u64,
     /// Longer output lines are split at this many bytes.
@@ -166,6 +173,9 @@ impl Default for Config {
             ws_init_timeout_secs: 10,
             ws_max_subscriptions: 100,
             ws_max_sockets_per_user: 20,
+            rate_requests_per_minute: 3_000,
+            rate_anonymous_requests_per_minute: 300,
+            rate_cost_per_minute: 20_000_000,
             run_max_log_lines: 100_000,
             run_max_line_bytes: 16 << 10,
             run_kill_grace_secs: 10,
@@ -245,6 +255,18 @@ impl Config {
             ("password_hash_concurrency", self.password_hash_concurrency),
             ("ws_max_subscriptions", self.ws_max_subscriptions),
             ("ws_max_sockets_per_user", self.ws_max_sockets_per_user),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        for (key, value) in [
+            ("rate_requests_per_minute", self.rate_requests_per_minute),
+            (
+                "rate_anonymous_requests_per_minute",
+                self.rate_anonymous_requests_per_minute,
+            ),
+            ("rate_cost_per_minute", self.rate_cost_per_minute),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));

@@ -538,6 +538,23 @@ async fn an_answer_stops_at_its_size_limit_with_few_errors() {
         size < 18 << 20,
         "the answer stopped near the limit: {size} bytes"
     );
+
+    // The same query over a socket stops at the same limit.
+    let token = world.a.owner.token.clone().unwrap();
+    let mut socket = GqlSocket::connect(&world.api.url, &token).await;
+    socket
+        .subscribe("big", &format!("{{ {aliases} }}"), json!({}))
+        .await;
+    match socket.reply("big", Duration::from_secs(60)).await {
+        Reply::Next(payload) => {
+            let errors = payload["errors"].as_array().expect("errors");
+            assert!(errors.len() <= 11, "few errors: {}", errors.len());
+            assert_eq!(errors[0]["extensions"]["limit"], "query_max_answer_bytes");
+            let size = payload.to_string().len();
+            assert!(size < 18 << 20, "stopped near the limit: {size} bytes");
+        }
+        other => panic!("expected an answer, got {other:?}"),
+    }
     still_answers(&world.api.client()).await;
 }
 
@@ -1199,4 +1216,118 @@ async fn join_token_guessing_is_throttled_per_address() {
         started.elapsed() < Duration::from_secs(15),
         "slowed at most"
     );
+}
+
+async fn clusters(api: &TestApi) -> i64 {
+    use sea_orm::ConnectionTrait;
+    let row = api
+        .catalogue
+        .connection()
+        .query_one_raw(sea_orm::Statement::from_string(
+            api.catalogue.backend(),
+            "SELECT count(*) AS n FROM clusters",
+        ))
+        .await
+        .unwrap()
+        .expect("a count");
+    row.try_get::<i64>("", "n").unwrap()
+}
+
+/// Asks `client` for `{ me { email } }` until it is refused (at most `tries` times);
+/// returns how many were answered and the refusal.
+async fn until_refused(client: &Gql, tries: usize) -> (usize, GqlResponse) {
+    for answered in 0..tries {
+        let answer = client.run("{ me { email } }", json!({})).await;
+        if answer.status == 429 {
+            return (answered, answer);
+        }
+    }
+    panic!("{tries} requests in a row were all answered");
+}
+
+/// Each caller has a budget over time beside each request's bounds: a signed-in user's
+/// requests per minute (over HTTP and sockets alike) and query cost per minute, an
+/// anonymous client's by its address. Past it: RATE_LIMITED (HTTP 429 with Retry-After),
+/// nothing runs, and every other caller is served as before.
+#[tokio::test]
+async fn each_caller_has_a_budget_over_time_and_others_are_served() {
+    let api = TestApi::start_with(|c| {
+        c.rate_requests_per_minute = 8;
+        c.rate_anonymous_requests_per_minute = 6;
+        c.rate_cost_per_minute = 2_000;
+    })
+    .await;
+    let alpha = api.tenant_with_cluster("alpha", crate::support::PASSWORD).await;
+    let beta = api.tenant_with_cluster("beta", crate::support::PASSWORD).await;
+
+    // A user's minute of requests, whatever the requests are.
+    let (answered, refused) = until_refused(&alpha.owner, 20).await;
+    assert!(answered <= 8, "at most a minute's budget: {answered}");
+    assert_eq!(refused.code(), Some("RATE_LIMITED"), "{}", refused.body);
+    let retry = refused.body["errors"][0]["extensions"]["retryAfterSeconds"]
+        .as_u64()
+        .unwrap_or_default();
+    assert!((1..=60).contains(&retry), "{}", refused.body);
+    let raw = alpha
+        .owner
+        .http
+        .post(format!("{}/graphql", api.url))
+        .bearer_auth(alpha.owner.token.as_deref().unwrap())
+        .json(&json!({ "query": "{ me { email } }" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 429);
+    assert!(raw.headers().contains_key("retry-after"));
+
+    // Nothing runs past the budget: a refused mutation changes nothing.
+    let before = clusters(&api).await;
+    let create = alpha
+        .owner
+        .run(
+            "mutation { createCluster(name: \"over-budget\") { cluster { id } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(create.code(), Some("RATE_LIMITED"), "{}", create.body);
+    assert_eq!(clusters(&api).await, before, "no cluster made");
+
+    // A socket's operations spend the same budget.
+    let token = alpha.owner.token.clone().unwrap();
+    let mut socket = GqlSocket::connect(&api.url, &token).await;
+    socket.subscribe("me", "{ me { email } }", json!({})).await;
+    match socket.reply("me", Duration::from_secs(10)).await {
+        Reply::Next(payload) => assert_eq!(
+            payload["errors"][0]["extensions"]["code"], "RATE_LIMITED",
+            "{payload}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // Another user is served: budgets are per caller.
+    let me = beta.owner.run("{ me { email } }", json!({})).await;
+    assert_eq!(me.data()["me"]["email"], "owner@beta.example");
+
+    // Query cost is a budget too: three pages of 200 runs cost more than 2,000.
+    let mut refused_for_cost = None;
+    for _ in 0..3 {
+        let answer = beta
+            .owner
+            .run("{ runs(first: 200) { edges { node { id status } } } }", json!({}))
+            .await;
+        if answer.code() == Some("RATE_LIMITED") {
+            refused_for_cost = Some(answer);
+            break;
+        }
+        answer.data();
+    }
+    let refused = refused_for_cost.expect("the cost budget ran out");
+    assert!(refused.message().contains("query cost"), "{}", refused.body);
+
+    // Anonymous callers, by address: the logins above spent part of the minute.
+    let anonymous = api.client();
+    let (answered, refused) = until_refused(&anonymous, 20).await;
+    assert!(answered <= 6, "{answered}");
+    assert_eq!(refused.code(), Some("RATE_LIMITED"), "{}", refused.body);
+    assert_eq!(refused.status, 429);
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextRequest, NextResolve, NextValidation,
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextResolve, NextValidation,
     ResolveInfo,
 };
 use async_graphql::{Response, ServerError, ServerResult, ValidationResult, Value};
@@ -61,7 +61,7 @@ impl ExtensionFactory for Costs {
 
 struct CostExtension {
     costs: Costs,
-    /// Answers are counted for queries and mutations (`request`), not for the events of
+    /// Answers are counted for queries and mutations (`execute`), not for the events of
     /// a subscription, which are answers of their own over time.
     counting: AtomicBool,
     /// This operation's own spending, when it is not part of an HTTP batch.
@@ -79,6 +79,15 @@ fn limit_error(message: String, limit: &str) -> ServerError {
     let extensions = error.extensions.get_or_insert_with(Default::default);
     extensions.set("code", "BAD_USER_INPUT");
     extensions.set("limit", limit);
+    error
+}
+
+/// A caller past its budget over time (see `crate::budget`).
+pub(crate) fn rate_limited(over: &crate::budget::OverBudget) -> ServerError {
+    let mut error = ServerError::new(over.message(), None);
+    let extensions = error.extensions.get_or_insert_with(Default::default);
+    extensions.set("code", "RATE_LIMITED");
+    extensions.set("retryAfterSeconds", over.retry_after.as_secs().max(1));
     error
 }
 
@@ -100,9 +109,16 @@ fn leaf_bytes(value: &Value) -> usize {
 
 #[async_graphql::async_trait::async_trait]
 impl Extension for CostExtension {
-    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
+    /// A query or mutation, over HTTP or a socket (a subscription's events are resolved
+    /// outside this hook, each an answer of its own).
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
         self.counting.store(true, Ordering::Relaxed);
-        next.run(ctx).await
+        next.run(ctx, operation_name).await
     }
 
     async fn validation(
@@ -125,6 +141,14 @@ impl Extension for CostExtension {
                 ),
                 "query_max_complexity",
             )]);
+        }
+        // The caller's budget over time pays for the operation before it runs.
+        if let (Some(state), Some(request)) = (
+            ctx.data_opt::<Arc<crate::AppState>>(),
+            ctx.data_opt::<super::RequestContext>(),
+        ) && let Err(over) = state.budget.spend(request.caller(), result.complexity)
+        {
+            return Err(vec![rate_limited(&over)]);
         }
         Ok(result)
     }

@@ -80,6 +80,12 @@ impl RequestContext {
         }
     }
 
+    /// Who pays for this request's budget over time: the signed-in user, or the
+    /// client's address.
+    pub fn caller(&self) -> crate::budget::Caller {
+        crate::budget::Caller::of(&self.auth, self.client_ip)
+    }
+
     /// A context whose tenant handle was built already (a socket's operation, right
     /// after its session was checked).
     pub fn with_tenant(

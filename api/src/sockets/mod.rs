@@ -200,6 +200,13 @@ impl Connection {
             let limit = self.state.config.ws_max_subscriptions;
             return stream::once(std::future::ready(too_many_operations(limit))).boxed();
         };
+        let caller = session.request_context(None).caller();
+        if let Err(over) = self.state.budget.request(caller) {
+            let error = Error::RateLimited {
+                retry_after_secs: over.retry_after.as_secs().max(1),
+            };
+            return stream::once(std::future::ready(error_response(&error))).boxed();
+        }
         let schema = schema.clone();
         stream::once(async move {
             match session.check().await {
