@@ -149,7 +149,9 @@ mod tests {
         }
         let refused = budget.request(alice).unwrap_err();
         assert_eq!(refused.what, "request");
-        assert!(refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_secs(20));
+        assert!(
+            refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_secs(20)
+        );
         budget.request(bob).unwrap();
     }
 
@@ -161,7 +163,9 @@ mod tests {
         budget.request(Caller::anonymous(a)).unwrap();
         budget.request(Caller::anonymous(b)).unwrap();
         assert!(budget.request(Caller::anonymous(a)).is_err());
-        budget.request(Caller::anonymous("192.0.2.7".parse().unwrap())).unwrap();
+        budget
+            .request(Caller::anonymous("192.0.2.7".parse().unwrap()))
+            .unwrap();
     }
 
     #[test]

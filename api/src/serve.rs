@@ -35,6 +35,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let config = state.config.clone();
+    tokio::spawn(crate::sockets::follow_accounts(Arc::downgrade(&state)));
     let budgets = Arc::downgrade(&state);
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(60));
@@ -186,7 +187,9 @@ mod tests {
         let boom = app.clone().oneshot(get("/boom")).await.unwrap();
         assert_eq!(boom.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(boom.headers()["x-content-type-options"], "nosniff");
-        let body = axum::body::to_bytes(boom.into_body(), 1 << 16).await.unwrap();
+        let body = axum::body::to_bytes(boom.into_body(), 1 << 16)
+            .await
+            .unwrap();
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["errors"][0]["extensions"]["code"], "INTERNAL");
 

@@ -311,7 +311,10 @@ mod tests {
         );
         let package = format!("/worker/packages/{SHA}");
         assert_eq!(send(&state, get(&package, None)).await, unauthenticated);
-        let user = state.keys.issue_access(UserId::new(), None, false).unwrap();
+        let user = state
+            .keys
+            .issue_access(UserId::new(), None, false, None)
+            .unwrap();
         assert_eq!(
             send(&state, get(&package, Some(&user.token))).await,
             unauthenticated

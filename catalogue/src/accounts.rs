@@ -206,15 +206,30 @@ impl Catalogue {
         .await
     }
 
-    /// Logout: revokes the token's whole family. Unknown tokens are ignored.
-    pub async fn revoke_refresh_token(&self, token_hash: &str) -> Result<bool> {
+    /// Whether the login (refresh-token family) was revoked: logged out, or a token of it
+    /// reused.
+    pub async fn login_revoked(&self, family: Uuid) -> Result<bool> {
+        self.with_db(async |db| {
+            let revoked = refresh_token::Entity::find()
+                .filter(refresh_token::Column::FamilyId.eq(family))
+                .filter(refresh_token::Column::RevokedAt.is_not_null())
+                .one(db)
+                .await?;
+            Ok(revoked.is_some())
+        })
+        .await
+    }
+
+    /// Logout: revokes the token's whole family; whose login it was. Unknown tokens are
+    /// ignored.
+    pub async fn revoke_refresh_token(&self, token_hash: &str) -> Result<Option<UserId>> {
         self.with_db(
             async |db| match refresh_token_by_hash(db, token_hash).await? {
                 Some(row) => {
                     revoke_family(db, row.family_id).await?;
-                    Ok(true)
+                    Ok(Some(row.user_id.into()))
                 }
-                None => Ok(false),
+                None => Ok(None),
             },
         )
         .await

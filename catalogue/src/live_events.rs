@@ -20,7 +20,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId, WorkerId};
+use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId, UserId, WorkerId};
 use cloudtask_core::{Error, Result};
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement};
@@ -79,6 +79,9 @@ pub enum Event {
         change: Membership,
         worker: WorkerId,
     },
+    /// A user's memberships or logins changed (role change, removal, logout): their
+    /// open sockets check their session now, on every replica.
+    Account { user: UserId },
     /// Events may have been missed (the subscriber lagged, or the LISTEN connection was
     /// lost): re-read what you follow.
     Resync,
@@ -95,6 +98,7 @@ impl Event {
                 change,
                 worker,
             } => format!("W {tenant} {cluster} {} {worker}", change.as_str()),
+            Event::Account { user } => format!("A {user}"),
             Event::Resync => return None,
         })
     }
@@ -118,6 +122,9 @@ impl Event {
                 cluster: next()?.parse().ok()?,
                 change: next()?.parse().ok()?,
                 worker: next()?.parse().ok()?,
+            },
+            "A" => Event::Account {
+                user: next()?.parse().ok()?,
             },
             _ => return None,
         })
@@ -323,6 +330,9 @@ mod tests {
                 cluster,
                 change: Membership::Offline,
                 worker: "host-a.1".parse().unwrap(),
+            },
+            Event::Account {
+                user: cloudtask_core::ids::UserId::new(),
             },
         ] {
             let payload = event.encode().unwrap();

@@ -1257,8 +1257,12 @@ async fn each_caller_has_a_budget_over_time_and_others_are_served() {
         c.rate_cost_per_minute = 2_000;
     })
     .await;
-    let alpha = api.tenant_with_cluster("alpha", crate::support::PASSWORD).await;
-    let beta = api.tenant_with_cluster("beta", crate::support::PASSWORD).await;
+    let alpha = api
+        .tenant_with_cluster("alpha", crate::support::PASSWORD)
+        .await;
+    let beta = api
+        .tenant_with_cluster("beta", crate::support::PASSWORD)
+        .await;
 
     // A user's minute of requests, whatever the requests are.
     let (answered, refused) = until_refused(&alpha.owner, 20).await;
@@ -1313,7 +1317,10 @@ async fn each_caller_has_a_budget_over_time_and_others_are_served() {
     for _ in 0..3 {
         let answer = beta
             .owner
-            .run("{ runs(first: 200) { edges { node { id status } } } }", json!({}))
+            .run(
+                "{ runs(first: 200) { edges { node { id status } } } }",
+                json!({}),
+            )
             .await;
         if answer.code() == Some("RATE_LIMITED") {
             refused_for_cost = Some(answer);

@@ -1,8 +1,9 @@
 //! GraphQL over WebSocket: `connection_init` carries the access token; without a valid
 //! one the server closes the socket with the protocol's refusal, and with one, operations
 //! run as that user, tenant isolation included. The session is checked again for every
-//! operation and every event: a member removed, or a token expired, closes the socket
-//! (4403) and stops its subscriptions; a demoted member's operations have their new role.
+//! operation and every event: a member removed (on any replica), a login logged out, or a
+//! token expired closes the socket (4403) and stops its subscriptions; a demoted member's
+//! operations have their new role.
 
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ async fn a_socket_without_a_valid_token_is_closed_with_4403() {
             cloudtask_core::roles::Role::Owner,
         )),
         false,
+        None,
     )
     .unwrap()
     .token;
@@ -286,11 +288,11 @@ async fn a_removed_members_socket_is_closed_at_once() {
     );
 }
 
-/// On another replica the removal is not heard of: the socket's next operation finds it.
-/// The mutation is refused and creates nothing, and the socket closes with 4403, its
-/// subscription with it.
+/// On another replica the removal is heard of through the catalogue's events: the
+/// socket there closes with 4403 at once, without waiting for its next operation, and
+/// delivers nothing more; the same token cannot act over a new socket either.
 #[tokio::test]
-async fn a_removed_members_next_operation_on_another_replica_is_refused() {
+async fn a_removed_members_socket_on_another_replica_is_closed_at_once() {
     let world = World::new().await;
     let replica = world.api.replica().await;
     let (member, member_id) = alpha_member(&world, "leaver", "OPERATOR").await;
@@ -301,20 +303,86 @@ async fn a_removed_members_next_operation_on_another_replica_is_refused() {
     until_heard(&mut socket, "events", &world.a.owner, &world.a.task_id).await;
 
     remove_member(&world, &member_id).await;
-    let input = task_input(&world.a.cluster_id, "after-removal");
-    socket
-        .subscribe("create", CREATE_TASK, json!({ "input": input }))
-        .await;
-    assert_eq!(refusal(socket.reply("create", WITHIN).await), "FORBIDDEN");
+    run_now(&world.a.owner, &world.a.task_id).await;
     let closed = socket.until_close(WITHIN).await;
     assert_eq!(closed.code, 4403, "{closed:?}");
     assert!(next_of(&closed.messages, "events").is_empty(), "{closed:?}");
+
+    let mut again = GqlSocket::open(&replica.url).await;
+    again
+        .send(json!({ "type": "connection_init", "payload": { "accessToken": token(&member) } }))
+        .await;
+    let input = task_input(&world.a.cluster_id, "after-removal");
+    again
+        .send(json!({ "id": "create", "type": "subscribe",
+                      "payload": { "query": CREATE_TASK, "variables": { "input": input } } }))
+        .await;
+    let refused = again.until_close(WITHIN).await;
+    assert_eq!(refused.code, 4403, "{refused:?}");
     assert!(
         !task_names(&world.a.owner)
             .await
             .contains(&"after-removal".to_owned()),
         "nothing was created"
     );
+}
+
+/// A login with its refresh token, as a client keeps it.
+async fn login_with_refresh(world: &World, email: &str) -> (String, String) {
+    let answer = world
+        .api
+        .client()
+        .run(
+            "mutation($e: String!, $p: String!, $t: ID) {
+                login(email: $e, password: $p, tenantId: $t) { accessToken refreshToken }
+            }",
+            json!({ "e": email, "p": PASSWORD, "t": world.a.id }),
+        )
+        .await;
+    let login = &answer.data()["login"];
+    (
+        login["accessToken"].as_str().unwrap().to_owned(),
+        login["refreshToken"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Logging out ends that login's open sockets on every replica (4403), while the access
+/// token itself has not expired; the same user's other login keeps its socket.
+#[tokio::test]
+async fn logging_out_closes_that_logins_sockets_on_every_replica() {
+    let world = World::new().await;
+    let replica = world.api.replica().await;
+    let (access, refresh) = login_with_refresh(&world, &world.a.owner_email).await;
+    let (other, _) = login_with_refresh(&world, &world.a.owner_email).await;
+    let mut here = GqlSocket::connect(&world.api.url, &access).await;
+    let mut there = GqlSocket::connect(&replica.url, &access).await;
+    let mut kept = GqlSocket::connect(&replica.url, &other).await;
+    for socket in [&mut here, &mut there, &mut kept] {
+        socket
+            .subscribe("events", RUN_EVENTS, json!({ "t": world.a.task_id }))
+            .await;
+        until_heard(socket, "events", &world.a.owner, &world.a.task_id).await;
+    }
+
+    let out = world
+        .api
+        .client()
+        .with_token(&access)
+        .run(
+            "mutation($r: String!) { logout(refreshToken: $r) }",
+            json!({ "r": refresh }),
+        )
+        .await;
+    assert_eq!(out.data()["logout"], true);
+    for socket in [&mut here, &mut there] {
+        let closed = socket.until_close(WITHIN).await;
+        assert_eq!(closed.code, 4403, "{closed:?}");
+    }
+    kept.subscribe("me", "{ me { email } }", json!({})).await;
+    match kept.reply("me", WITHIN).await {
+        Reply::Next(me) => assert_eq!(me["data"]["me"]["email"], world.a.owner_email.as_str()),
+        other => panic!("the other login's socket still serves: {other:?}"),
+    }
 }
 
 /// A member demoted to VIEWER keeps their socket (every role reads), but its next

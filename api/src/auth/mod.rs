@@ -40,6 +40,10 @@ struct Claims {
     /// checks the role held now in the catalogue, so a change applies at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     role: Option<String>,
+    /// The login (refresh-token family) the token was issued for: once it is revoked
+    /// (logout, reuse), open sockets of the token close.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sid: Option<String>,
 }
 
 /// A verified user.
@@ -50,6 +54,8 @@ pub struct Identity {
     pub platform_admin: bool,
     /// When the access token stops being valid (an open socket is closed then).
     pub expires_at: DateTime<Utc>,
+    /// The login the token belongs to (its refresh-token family), when it has one.
+    pub login: Option<uuid::Uuid>,
 }
 
 /// A verified worker: it may act for this one cluster only.
@@ -117,6 +123,7 @@ impl TokenKeys {
         user_id: UserId,
         tenant: Option<(TenantId, Role)>,
         platform_admin: bool,
+        login: Option<uuid::Uuid>,
     ) -> Result<IssuedAccess> {
         let now = Utc::now();
         // In whole seconds, as `exp` says: the expiry reported is the one enforced.
@@ -130,6 +137,7 @@ impl TokenKeys {
             cid: None,
             pa: platform_admin,
             role: tenant.map(|(_, role)| role.as_str().to_owned()),
+            sid: login.map(|l| l.to_string()),
         })?;
         Ok(IssuedAccess { token, expires_at })
     }
@@ -143,6 +151,13 @@ impl TokenKeys {
             platform_admin: claims.pa,
             expires_at: DateTime::from_timestamp(claims.exp, 0)
                 .ok_or_else(|| Error::Unauthenticated("invalid token".into()))?,
+            login: match claims.sid {
+                Some(sid) => Some(
+                    sid.parse::<uuid::Uuid>()
+                        .map_err(|_| Error::Unauthenticated("invalid token".into()))?,
+                ),
+                None => None,
+            },
         })
     }
 
@@ -163,6 +178,7 @@ impl TokenKeys {
             cid: Some(cluster_id.to_string()),
             pa: false,
             role: None,
+            sid: None,
         })?;
         Ok(IssuedAccess { token, expires_at })
     }
@@ -219,7 +235,7 @@ mod tests {
     #[test]
     fn access_tokens_round_trip_and_workers_are_separate() {
         let user = UserId::new();
-        let token = keys().issue_access(user, None, true).unwrap().token;
+        let token = keys().issue_access(user, None, true, None).unwrap().token;
         let identity = keys().verify_access(&token).unwrap();
         assert_eq!(identity.user_id, user);
         assert!(identity.platform_admin);
@@ -234,7 +250,7 @@ mod tests {
     #[test]
     fn other_secret_is_refused() {
         let token = keys()
-            .issue_access(UserId::new(), None, false)
+            .issue_access(UserId::new(), None, false, None)
             .unwrap()
             .token;
         let other = TokenKeys::new(&[8u8; 32], Duration::minutes(5));

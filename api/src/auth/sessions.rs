@@ -110,13 +110,17 @@ pub async fn logout(
         .catalogue
         .revoke_refresh_token(&token_hash(refresh_token))
         .await?;
+    // The login's open sockets close, on every replica.
+    if let Some(user) = revoked {
+        crate::sockets::account_changed(state, user);
+    }
     if let Some(identity) = caller {
         state
             .catalogue
             .record_audit(identity.tenant_id, identity.user_id, "logout")
             .await?;
     }
-    Ok(revoked)
+    Ok(revoked.is_some())
 }
 
 /// Issues an access token and the next refresh token of `family`, with the membership
@@ -157,6 +161,7 @@ async fn issue(
             .as_ref()
             .map(|(tenant, role)| (tenant.id, *role)),
         user.platform_admin,
+        Some(family),
     )?;
     let refresh_token = random_token("rt_");
     state

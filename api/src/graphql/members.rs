@@ -70,16 +70,15 @@ impl MemberMutation {
         let handle = tenant(ctx).await?;
         let user_id = parse_id("userId", &user_id)?;
         let member = handle.set_member_role(user_id, role.into()).await?;
-        state(ctx).sockets.membership_changed(user_id);
+        crate::sockets::account_changed(state(ctx), user_id);
         Ok(MemberObj(member))
     }
 
-    // The member's open sockets on this replica close at once (on other replicas at
-    // their next operation or event).
+    // The member's open sockets close at once, on every replica.
     async fn remove_member(&self, ctx: &Context<'_>, user_id: ID) -> ApiResult<bool> {
         let user_id = parse_id("userId", &user_id)?;
         tenant(ctx).await?.remove_member(user_id).await?;
-        state(ctx).sockets.membership_changed(user_id);
+        crate::sockets::account_changed(state(ctx), user_id);
         Ok(true)
     }
 }

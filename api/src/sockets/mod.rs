@@ -23,7 +23,9 @@ use async_graphql::futures_util::stream::{self, BoxStream};
 use async_graphql::http::{WebSocketProtocols as Protocols, WsMessage};
 use async_graphql::{Data, ErrorExtensions, Executor, Request, Response};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use cloudtask_catalogue::live_events::Event;
 use cloudtask_core::Error;
+use cloudtask_core::ids::UserId;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{Semaphore, watch};
 
@@ -42,6 +44,33 @@ const TOO_MANY: u16 = 4429;
 const SOCKET_QUEUE: usize = 256;
 
 /// Serves one upgraded socket until either side closes it.
+/// The user's account changed here (role, membership, logout): their sockets on this
+/// replica check their session now, and every other replica hears of it through the
+/// catalogue's events.
+pub fn account_changed(state: &AppState, user: UserId) {
+    state.sockets.account_changed(user);
+    state.catalogue.announce(Event::Account { user });
+}
+
+/// Hears account changes made on any replica and has the user's sockets here check their
+/// session; after missed events, every socket checks. Ends with the API.
+pub async fn follow_accounts(state: std::sync::Weak<AppState>) {
+    let Some(mut events) = (match state.upgrade() {
+        Some(state) => state.catalogue.events().await.ok(),
+        None => None,
+    }) else {
+        return;
+    };
+    while let Some(event) = events.next().await {
+        let Some(state) = state.upgrade() else { return };
+        match event {
+            Event::Account { user } => state.sockets.account_changed(user),
+            Event::Resync => state.sockets.all_changed(),
+            _ => {}
+        }
+    }
+}
+
 pub async fn serve(socket: WebSocket, state: Arc<AppState>, schema: AppSchema, client_ip: IpAddr) {
     // The subprotocol the upgrade agreed on (one of async-graphql's).
     let protocol = socket

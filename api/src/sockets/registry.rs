@@ -1,5 +1,6 @@
 //! The sockets open on this replica, counted per user (`ws_max_sockets_per_user`), and a
-//! signal per user that their memberships changed here, so their sockets re-check at once.
+//! signal per user that their account changed (memberships, roles, logins), so their
+//! sockets re-check at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -53,9 +54,17 @@ impl SocketRegistry {
         })
     }
 
-    /// The user's role or membership changed: their sockets here check their session now.
-    pub fn membership_changed(&self, user: UserId) {
+    /// The user's role, memberships or logins changed: their sockets here check their
+    /// session now.
+    pub fn account_changed(&self, user: UserId) {
         if let Some(entry) = self.users.lock().expect("socket registry").get(&user) {
+            entry.membership.send_modify(|generation| *generation += 1);
+        }
+    }
+
+    /// Events may have been missed: every socket checks its session now.
+    pub fn all_changed(&self) {
+        for entry in self.users.lock().expect("socket registry").values() {
             entry.membership.send_modify(|generation| *generation += 1);
         }
     }
@@ -105,9 +114,9 @@ mod tests {
         let registry = SocketRegistry::new(2);
         let alice = UserId::new();
         let mut slot = registry.open(alice).unwrap();
-        registry.membership_changed(UserId::new());
+        registry.account_changed(UserId::new());
         assert!(!slot.membership.has_changed().unwrap());
-        registry.membership_changed(alice);
+        registry.account_changed(alice);
         assert!(slot.membership.has_changed().unwrap());
         slot.membership.mark_unchanged();
         drop(slot);

@@ -1,6 +1,8 @@
 //! A socket's session: who signed in at `connection_init`, checked again before every
 //! operation and every event delivered, and ended (the socket closes with 4403) when the
-//! access token expires or the user is no longer a member of its tenant.
+//! access token expires, its login is revoked (logout) or the user is no longer a member
+//! of its tenant. A change to the user's account on any replica (role, removal, logout)
+//! makes their sockets check at once (`super::follow_accounts`).
 //!
 //! A role change does not end it: every operation gets a tenant handle built from the
 //! role held now, and every role may read what subscriptions deliver.
@@ -60,10 +62,16 @@ impl Session {
     /// role held now (none for a token without a tenant).
     pub async fn check(&self) -> Result<Option<TenantHandle>, Error> {
         self.check_expiry()?;
+        let generation = *self.slot.membership.borrow();
+        if let Some(login) = self.identity.login
+            && self.state.catalogue.login_revoked(login).await?
+        {
+            return Err(Error::Unauthenticated("logged out".into()));
+        }
         let Some(tenant_id) = self.identity.tenant_id else {
+            *self.verified.lock().expect("session") = Some((Instant::now(), generation));
             return Ok(None);
         };
-        let generation = *self.slot.membership.borrow();
         let handle = self
             .state
             .catalogue
@@ -115,8 +123,8 @@ impl Session {
         over
     }
 
-    /// Resolves when the session ends, with the reason: at the token's expiry, when a
-    /// membership change heard on this replica or a failed check ended it.
+    /// Resolves when the session ends, with the reason: at the token's expiry, or when a
+    /// check (after an account change, or before an operation or event) failed.
     pub async fn ended(&self) -> String {
         let mut ended = self.ended.subscribe();
         let mut membership = self.slot.membership.clone();
