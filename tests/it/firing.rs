@@ -257,9 +257,8 @@ async fn timeout_kills_the_whole_group_replace_stops_the_previous_run_skip_recor
             .any(|l| l["stream"] == "SYSTEM" && l["text"].as_str().unwrap().contains("timed out"))
     );
     let pid_file = cluster
-        .data
-        .path()
-        .join("w1/packages/none")
+        .packages_of(&cluster.cluster_id, "w1")
+        .join("none")
         .join(format!("grandchild-{}", run["id"].as_str().unwrap()));
     let pid = std::fs::read_to_string(&pid_file).expect("the grandchild wrote its pid");
     let proc = std::path::PathBuf::from(format!("/proc/{}", pid.trim()));

@@ -51,7 +51,7 @@ fn start(dir: &std::path::Path) -> (Child, String, Vec<String>, Duration) {
     (child, url, banner, ready)
 }
 
-async fn login(url: &str) -> Gql {
+pub(crate) async fn login(url: &str) -> Gql {
     let anonymous = Gql {
         http: reqwest::Client::new(),
         url: url.to_owned(),
@@ -80,7 +80,7 @@ async fn login(url: &str) -> Gql {
     anonymous.with_token(second.data()["login"]["accessToken"].as_str().unwrap())
 }
 
-fn terminate(mut child: Child) {
+pub(crate) fn terminate(mut child: Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
