@@ -129,7 +129,7 @@ async fn packaged_task(
             CREATE,
             json!({ "input": {
                 "clusterId": cluster, "name": name, "schedule": "0 0 1 1 *",
-                "command": command, "package": null, "env": { "PROBE": "1" },
+                "command": command, "package": null, "env": [{ "name": "PROBE", "value": "1" }],
             } }),
             vec![("variables.input.package", "p.tar.gz", package)],
         )
