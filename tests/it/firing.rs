@@ -840,7 +840,7 @@ async fn stage_fire(clock: &ManualClock, fire: DateTime<Utc>, marker: &str) {
 #[tokio::test]
 async fn a_staged_fire_runs_at_its_time_and_a_pause_before_it_runs_nothing() {
     let mut cluster = Cluster::start().await;
-    let out = tempfile::tempdir().unwrap();
+    let out = crate::harness::shared_dir();
     let ran = out.path().join("ran");
     let marker = ran.to_str().unwrap().to_owned();
     // 23:59:55 on the worker's clock; fires every 10 s.

@@ -431,6 +431,15 @@ pub fn run_dir() -> tempfile::TempDir {
     dir
 }
 
+/// A temporary folder a test shares with its tasks (which a root worker runs as other
+/// users): anyone may create files in it (sticky, like /tmp).
+pub fn shared_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    dir
+}
+
 pub fn at(run: &Value, field: &str) -> DateTime<Utc> {
     run[field].as_str().unwrap().parse().unwrap()
 }
