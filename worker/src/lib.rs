@@ -81,6 +81,7 @@ pub async fn run_on(
         "joined the cluster");
     let area = exec::identity::prepare(config, &joined.cluster_id.to_string(), name.as_ref())?;
     tracing::info!(run_dir = %area.dir.display(), run_user = ?area.identity.user,
+        sealed = ?private::sealed(),
         "runs work in their own folders, as this user (none: the worker's own)");
     let me = WorkerNode {
         name,

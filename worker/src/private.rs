@@ -72,3 +72,36 @@ fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
         Ok(())
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn secrets_are_written_private_and_loose_ones_tightened() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&data).unwrap();
+        assert_eq!(mode(&data), 0o700);
+        let secret = data.join("secret");
+        write_private(&secret, b"s").unwrap();
+        assert_eq!(mode(&secret), 0o600);
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        private_file(&secret).unwrap();
+        assert_eq!(mode(&secret), 0o600);
+        private_file(&data.join("absent")).unwrap();
+    }
+
+    #[test]
+    fn a_sealed_process_says_so() {
+        seal_process();
+        assert_eq!(sealed(), Some(true));
+    }
+}

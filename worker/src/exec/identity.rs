@@ -18,8 +18,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
-use cloudtask_core::config::{Config, RunUser};
+use anyhow::Context;
+#[cfg(unix)]
+use anyhow::bail;
+use cloudtask_core::config::Config;
+#[cfg(unix)]
+use cloudtask_core::config::RunUser;
 use tokio::process::Command;
 
 /// The user a worker's runs take, and their home.
