@@ -205,8 +205,20 @@ async fn stack(cluster_name: &str) -> Stack {
         zookeeper,
         join_token,
         stop,
-        data: tempfile::tempdir().unwrap(),
+        data: open_to_runs(tempfile::tempdir().unwrap()),
     }
+}
+
+/// A root worker's tasks run as another user: the bench's folders they use (the stamp
+/// program, the stamps folder) must let that user in.
+fn open_to_runs(dir: tempfile::TempDir) -> tempfile::TempDir {
+    set_mode(dir.path(), 0o711);
+    dir
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 impl Stack {
@@ -509,7 +521,7 @@ fn bench() {
 /// `sustained` or `memory`.
 async fn run_one(scenario: &str) {
     let (name, stamp) = scenario.split_once(':').unwrap_or((scenario, "0"));
-    let tools = tempfile::tempdir().unwrap();
+    let tools = open_to_runs(tempfile::tempdir().unwrap());
     let stamp = || {
         let place: usize = stamp.parse().expect("a stamp's place");
         stamps(tools.path()).into_iter().nth(place)
@@ -536,6 +548,7 @@ async fn spread_with(stamp: &Stamp) {
     let spread = stack("spread").await;
     let dir = spread.data.path().join("stamps");
     std::fs::create_dir_all(&dir).unwrap();
+    set_mode(&dir, 0o1777);
     let mut env = vec![("STAMP_DIR", dir.to_str().unwrap())];
     env.extend(stamp.env.iter().map(|(k, v)| (*k, v.as_str())));
     spread
@@ -581,6 +594,7 @@ async fn burst_with(stamp: &Stamp) {
     let burst = stack("burst").await;
     let dir = burst.data.path().join("stamps");
     std::fs::create_dir_all(&dir).unwrap();
+    set_mode(&dir, 0o1777);
     let mut env = vec![("STAMP_DIR", dir.to_str().unwrap())];
     env.extend(stamp.env.iter().map(|(k, v)| (*k, v.as_str())));
     burst

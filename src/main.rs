@@ -76,6 +76,9 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(&loaded.config);
+    // Secrets in this process's memory and environment (the admin password, the JWT
+    // secret, credentials) stay closed to /proc readers of the same user, tasks included.
+    cloudtask_worker::private::seal_process();
     for name in &loaded.unknown_env {
         tracing::warn!(variable = %name, "unknown configuration variable ignored");
     }

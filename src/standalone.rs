@@ -22,8 +22,7 @@ const SWEEP: Duration = Duration::from_secs(1);
 
 pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating the data folder {}", data_dir.display()))?;
+    private_catalogue(&data_dir)?;
     config.database_url = format!(
         "sqlite:{}?mode=rwc",
         data_dir.join("cloudtask.db").display()
@@ -99,11 +98,33 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     Ok(())
 }
 
-/// The one worker's configuration: this API, the local cluster's token, its own folder.
+/// The data folder and the catalogue's files, the server's user's alone (the catalogue
+/// made 0600 before SQLite opens it: its -wal and -shm files take the same mode).
+fn private_catalogue(data_dir: &Path) -> anyhow::Result<()> {
+    use cloudtask_worker::private::{private_dir, private_file, write_private};
+    private_dir(data_dir).context("the data folder")?;
+    let catalogue = data_dir.join("cloudtask.db");
+    if !catalogue.exists() {
+        write_private(&catalogue, b"")?;
+    }
+    for file in [
+        "cloudtask.db",
+        "cloudtask.db-wal",
+        "cloudtask.db-shm",
+        "jwt-secret",
+    ] {
+        private_file(&data_dir.join(file))?;
+    }
+    Ok(())
+}
+
+/// The one worker's configuration: this API, the local cluster's token, its own folder
+/// (its runs' folder where the whole server's configuration puts it: never inside).
 fn worker_config(config: &Config, url: &str, bootstrap: &Bootstrap) -> Config {
     let mut worker = config.clone();
     worker.api_url = url.to_owned();
     worker.cluster_token = Some(bootstrap.join_token.clone());
+    worker.run_dir = Some(config.run_dir());
     worker.data_dir = config.data_dir.join("worker");
     if worker.worker_name.is_none() {
         worker.worker_name = Some("local-worker".into());
@@ -235,8 +256,7 @@ fn jwt_secret(data_dir: &Path) -> anyhow::Result<String> {
         Ok(secret) if secret.trim().len() >= 32 => Ok(secret.trim().to_owned()),
         _ => {
             let secret = random_token("");
-            std::fs::write(&path, &secret)
-                .with_context(|| format!("writing {}", path.display()))?;
+            cloudtask_worker::private::write_private(&path, secret.as_bytes())?;
             Ok(secret)
         }
     }

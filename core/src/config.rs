@@ -45,8 +45,18 @@ pub struct Config {
     pub api_url: String,
     /// The join token a worker presents for its cluster.
     pub cluster_token: Option<String>,
-    /// Worker cache and spool; the standalone database.
+    /// Worker spool; the standalone database and access-token secret. Private to the
+    /// server's user (0700), tightened at start.
     pub data_dir: PathBuf,
+    /// Where runs work: each worker's package folders and its runs' home, under
+    /// `<run_dir>/<cluster id>/<worker name>`. Must be outside `data_dir`. Unset: the
+    /// folder `cloudtask-runs` in the system's temporary folder.
+    pub run_dir: Option<PathBuf>,
+    /// Whom a root worker runs tasks as: a range `first-last` of user ids, of which each
+    /// cluster served on this machine gets one of its own (group id the same number),
+    /// or one user for all runs of this worker (a name such as `nobody`, or `uid[:gid]`).
+    /// A worker that is not root runs tasks as its own user and ignores this.
+    pub run_user: String,
     pub worker_name: Option<String>,
     /// A worker's weight on the allocation ring (1 to 64).
     pub worker_capacity: u32,
@@ -143,6 +153,8 @@ impl Default for Config {
             api_url: "http://127.0.0.1:8080".into(),
             cluster_token: None,
             data_dir: PathBuf::from("./cloudtask-data"),
+            run_dir: None,
+            run_user: DEFAULT_RUN_USERS.into(),
             worker_name: None,
             worker_capacity: 1,
             worker_labels: String::new(),
@@ -182,6 +194,62 @@ impl Default for Config {
             log_format: "text".into(),
             log_level: "info,sqlx=warn".into(),
         }
+    }
+}
+
+/// The default `run_user`: a range of user ids far from those of people and of systemd's
+/// dynamic users (61184-65519), one per cluster.
+pub const DEFAULT_RUN_USERS: &str = "1700000000-1700099999";
+
+/// A parsed `run_user`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunUser {
+    /// One id of the range per cluster.
+    Range { first: u32, last: u32 },
+    /// A numeric user id, and group id if given.
+    Id { uid: u32, gid: Option<u32> },
+    /// A user name, looked up on the worker's machine.
+    Name(String),
+}
+
+impl RunUser {
+    pub fn parse(text: &str) -> Result<RunUser, String> {
+        let text = text.trim();
+        let number = |t: &str| {
+            t.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{t:?} is not a user id"))
+        };
+        if let Some((first, last)) = text.split_once('-')
+            && first.trim().chars().all(|c| c.is_ascii_digit())
+        {
+            let (first, last) = (number(first)?, number(last)?);
+            if first == 0 || first > last {
+                return Err("a range must be `first-last` with 0 < first <= last".into());
+            }
+            return Ok(RunUser::Range { first, last });
+        }
+        if text.chars().next().is_some_and(|c| c.is_ascii_digit()) {
+            let (uid, gid) = match text.split_once(':') {
+                Some((uid, gid)) => (number(uid)?, Some(number(gid)?)),
+                None => (number(text)?, None),
+            };
+            if uid == 0 || gid == Some(0) {
+                return Err("tasks never run as root (id 0)".into());
+            }
+            return Ok(RunUser::Id { uid, gid });
+        }
+        let valid = !text.is_empty()
+            && text.len() <= 32
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !valid || text == "root" {
+            return Err(format!(
+                "{text:?}: use a range `first-last`, a user id `uid[:gid]` or a user name (not root)"
+            ));
+        }
+        Ok(RunUser::Name(text.to_owned()))
     }
 }
 
@@ -328,6 +396,15 @@ impl Config {
 
     /// A worker's own keys.
     fn validate_worker(&self) -> Result<(), ConfigError> {
+        RunUser::parse(&self.run_user).map_err(|message| ConfigError::new("run_user", message))?;
+        if let Some(run_dir) = &self.run_dir
+            && (run_dir.as_os_str().is_empty() || run_dir.starts_with(&self.data_dir))
+        {
+            return Err(ConfigError::new(
+                "run_dir",
+                "must be set to a folder outside data_dir",
+            ));
+        }
         if !(1..=64).contains(&self.worker_capacity) {
             return Err(ConfigError::new(
                 "worker_capacity",
@@ -355,6 +432,13 @@ impl Config {
         Ok(())
     }
 
+    /// Where runs work (`run_dir`, or its default).
+    pub fn run_dir(&self) -> PathBuf {
+        self.run_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("cloudtask-runs"))
+    }
+
     /// `worker_labels` as a set.
     pub fn worker_label_set(&self) -> std::collections::BTreeSet<String> {
         self.worker_labels
@@ -370,5 +454,41 @@ impl Config {
         self.jwt_secret
             .as_deref()
             .ok_or_else(|| ConfigError::new("jwt_secret", "is required (CLOUDTASK_JWT_SECRET)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_users_parse_and_root_is_refused() {
+        assert_eq!(
+            RunUser::parse(DEFAULT_RUN_USERS),
+            Ok(RunUser::Range {
+                first: 1_700_000_000,
+                last: 1_700_099_999
+            })
+        );
+        assert_eq!(
+            RunUser::parse("1234:99"),
+            Ok(RunUser::Id {
+                uid: 1234,
+                gid: Some(99)
+            })
+        );
+        assert_eq!(RunUser::parse("nobody"), Ok(RunUser::Name("nobody".into())));
+        for bad in ["root", "0", "5:0", "0-10", "10-5", "", "a b", "x-y-z/"] {
+            assert!(RunUser::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn a_run_dir_inside_the_data_dir_is_refused() {
+        let config = Config {
+            run_dir: Some(PathBuf::from("./cloudtask-data/runs")),
+            ..Config::default()
+        };
+        assert_eq!(config.validate().unwrap_err().key, "run_dir");
     }
 }

@@ -56,7 +56,7 @@ async fn the_console_runs_a_task_follows_its_output_live_and_stops_a_run() {
     );
     let mut cluster = Cluster::start().await;
     cluster.start_worker("w1");
-    let gate = tempfile::tempdir().unwrap();
+    let gate = crate::harness::shared_dir();
     let go = gate.path().join("go");
     let demo = cluster
         .create_task(json!({

@@ -399,8 +399,8 @@ fn gone(pid: u32) -> bool {
 async fn a_worker_cut_off_from_zookeeper_stops_its_run_before_its_session_expires() {
     let session_timeout = Duration::from_secs(6);
     let (cluster, proxy) = cluster_with_a_cuttable_worker(session_timeout).await;
-    let pids = cluster.data.path().join("pids");
-    std::fs::create_dir_all(&pids).unwrap();
+    let pids = crate::harness::shared_dir();
+    let pids = pids.path();
     // The whole group ignores SIGTERM: only the kill after the grace ends it.
     let task = cluster
         .create_task(json!({

@@ -257,9 +257,8 @@ async fn timeout_kills_the_whole_group_replace_stops_the_previous_run_skip_recor
             .any(|l| l["stream"] == "SYSTEM" && l["text"].as_str().unwrap().contains("timed out"))
     );
     let pid_file = cluster
-        .data
-        .path()
-        .join("w1/packages/none")
+        .packages_of(&cluster.cluster_id, "w1")
+        .join("none")
         .join(format!("grandchild-{}", run["id"].as_str().unwrap()));
     let pid = std::fs::read_to_string(&pid_file).expect("the grandchild wrote its pid");
     let proc = std::path::PathBuf::from(format!("/proc/{}", pid.trim()));
@@ -841,7 +840,7 @@ async fn stage_fire(clock: &ManualClock, fire: DateTime<Utc>, marker: &str) {
 #[tokio::test]
 async fn a_staged_fire_runs_at_its_time_and_a_pause_before_it_runs_nothing() {
     let mut cluster = Cluster::start().await;
-    let out = tempfile::tempdir().unwrap();
+    let out = crate::harness::shared_dir();
     let ran = out.path().join("ran");
     let marker = ran.to_str().unwrap().to_owned();
     // 23:59:55 on the worker's clock; fires every 10 s.

@@ -52,6 +52,8 @@ pub struct Cluster {
     /// Workers reach the API through this proxy, so a test can cut them off from it.
     pub api_proxy: Proxy,
     pub data: tempfile::TempDir,
+    /// The workers' `run_dir`: beside `data`, open to the run users (0711).
+    pub runs: tempfile::TempDir,
     pub stops: Vec<CancellationToken>,
     pub processes: Vec<std::process::Child>,
     pub notify: Vec<(&'static str, String)>,
@@ -141,6 +143,7 @@ impl Cluster {
             join_token,
             api_proxy,
             data: tempfile::tempdir().unwrap(),
+            runs: run_dir(),
             stops: vec![scheduler_stop],
             processes: Vec::new(),
             notify: options.notify,
@@ -160,6 +163,18 @@ impl Cluster {
 
     /// [`Cluster::spawn_worker_process`] with its own ZooKeeper connect string (a proxy).
     pub fn spawn_worker_process_via(&mut self, name: &str, zookeeper: &str) -> usize {
+        let token = self.join_token.clone();
+        self.spawn_worker_process_for(name, zookeeper, &token)
+    }
+
+    /// [`Cluster::spawn_worker_process_via`] for the cluster of `join_token` (another
+    /// tenant's, say).
+    pub fn spawn_worker_process_for(
+        &mut self,
+        name: &str,
+        zookeeper: &str,
+        join_token: &str,
+    ) -> usize {
         let dir = self.data.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let log = std::fs::File::create(dir.join("worker.log")).unwrap();
@@ -173,9 +188,10 @@ impl Cluster {
                 "CLOUDTASK_ZOOKEEPER_SESSION_TIMEOUT_MS",
                 self.session_timeout.as_millis().to_string(),
             )
-            .env("CLOUDTASK_CLUSTER_TOKEN", &self.join_token)
+            .env("CLOUDTASK_CLUSTER_TOKEN", join_token)
             .env("CLOUDTASK_WORKER_NAME", name)
             .env("CLOUDTASK_DATA_DIR", &dir)
+            .env("CLOUDTASK_RUN_DIR", self.runs.path())
             .env("CLOUDTASK_LOG_LEVEL", "info")
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -236,11 +252,22 @@ impl Cluster {
         config.cluster_token = Some(self.join_token.clone());
         config.worker_name = Some(name.into());
         config.data_dir = self.data.path().join(name);
+        config.run_dir = Some(self.runs.path().to_owned());
         let stop = CancellationToken::new();
         let token = stop.clone();
         tokio::spawn(async move { cloudtask_worker::run_with_clock(&config, clock, token).await });
         self.stops.push(stop.clone());
         stop
+    }
+
+    /// Where worker `name` of the cluster of `cluster_id` unpacks packages (a run's
+    /// working folder is `packages/<sha256>`, or `packages/none`).
+    pub fn packages_of(&self, cluster_id: &str, name: &str) -> std::path::PathBuf {
+        self.runs
+            .path()
+            .join(cluster_id)
+            .join(name)
+            .join("packages")
     }
 
     pub async fn create_task(&self, input: Value) -> String {
@@ -390,6 +417,27 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// A fresh `run_dir` for workers: a temporary folder others may enter (tasks of a root
+/// worker run as other users, who must reach their folders in it).
+pub fn run_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("cloudtask-runs-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    dir
+}
+
+/// A temporary folder a test shares with its tasks (which a root worker runs as other
+/// users): anyone may create files in it (sticky, like /tmp).
+pub fn shared_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    dir
 }
 
 pub fn at(run: &Value, field: &str) -> DateTime<Utc> {

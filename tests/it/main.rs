@@ -15,6 +15,7 @@ mod hostile;
 mod isolation;
 mod notifications;
 mod roles;
+mod secrets;
 mod standalone;
 mod subscriptions;
 mod tokens;

@@ -16,6 +16,9 @@ use crate::support::PASSWORD;
 /// Starts the binary and waits for its banner; returns the process, the API base URL,
 /// the banner, and how long it took to be ready.
 fn start(dir: &std::path::Path) -> (Child, String, Vec<String>, Duration) {
+    // Runs work beside the data folder, in `runs/`, which their user must reach.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cloudtask"))
         .arg("standalone")
@@ -24,6 +27,7 @@ fn start(dir: &std::path::Path) -> (Child, String, Vec<String>, Duration) {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("CLOUDTASK_LISTEN", "127.0.0.1:0")
         .env("CLOUDTASK_ADMIN_PASSWORD", PASSWORD)
+        .env("CLOUDTASK_RUN_DIR", dir.join("runs"))
         .env("CLOUDTASK_LOG_LEVEL", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -51,7 +55,7 @@ fn start(dir: &std::path::Path) -> (Child, String, Vec<String>, Duration) {
     (child, url, banner, ready)
 }
 
-async fn login(url: &str) -> Gql {
+pub(crate) async fn login(url: &str) -> Gql {
     let anonymous = Gql {
         http: reqwest::Client::new(),
         url: url.to_owned(),
@@ -80,7 +84,7 @@ async fn login(url: &str) -> Gql {
     anonymous.with_token(second.data()["login"]["accessToken"].as_str().unwrap())
 }
 
-fn terminate(mut child: Child) {
+pub(crate) fn terminate(mut child: Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

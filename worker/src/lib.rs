@@ -15,6 +15,7 @@ pub mod firing;
 pub mod join;
 pub mod membership;
 pub mod packages;
+pub mod private;
 pub mod report;
 
 use std::sync::Arc;
@@ -65,7 +66,12 @@ pub async fn run_on(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     exec::raise_open_files_limit();
+    private::seal_process();
     let (token, hostname, name) = identity(config)?;
+    // The spool holds run output and outcomes: the worker's user's alone.
+    private::private_dir(&config.data_dir)?;
+    private::private_dir(&config.data_dir.join("spool"))?;
+    private::private_file(&config.data_dir.join("spool").join("reports.jsonl"))?;
     let joined = match join(&config.api_url, token, &shutdown).await {
         Ok(joined) => joined,
         Err(JoinError::Cancelled) => return Ok(()),
@@ -73,6 +79,10 @@ pub async fn run_on(
     };
     tracing::info!(cluster = %joined.cluster_id, tenant = %joined.tenant_id, worker = %name,
         "joined the cluster");
+    let area = exec::identity::prepare(config, &joined.cluster_id.to_string(), name.as_ref())?;
+    tracing::info!(run_dir = %area.dir.display(), run_user = ?area.identity.user,
+        sealed = ?private::sealed(),
+        "runs work in their own folders, as this user (none: the worker's own)");
     let me = WorkerNode {
         name,
         hostname,
@@ -99,11 +109,7 @@ pub async fn run_on(
         config.data_dir.join("spool"),
         reporter_stop.clone(),
     );
-    let packages = Arc::new(Packages::new(
-        &config.data_dir,
-        package_limits(config),
-        client.clone(),
-    ));
+    let packages = Arc::new(Packages::new(&area, package_limits(config), client.clone()));
     let engine = Engine {
         clock,
         cluster: joined.cluster_id,

@@ -1,7 +1,8 @@
 //! The package cache: each package is fetched once by its sha256, verified, unpacked
 //! with the same checks as at upload (core's archive walk: no absolute paths, no `..`,
-//! no links out, size limits), and kept under `<data_dir>/packages/<sha256>` for every
-//! later run.
+//! no links out, size limits), and kept under `<run area>/packages/<sha256>` (outside the
+//! data folder, see [`crate::exec::identity`]) for every later run; a worker that is root
+//! hands each folder to the run user once it is complete.
 
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -13,9 +14,12 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use crate::client::{ApiClient, CallError};
+use crate::exec::identity::{RunArea, RunIdentity, hand_over};
 
 pub struct Packages {
     root: PathBuf,
+    /// Whom runs run as: the owner of their folders.
+    identity: Arc<RunIdentity>,
     limits: Limits,
     client: Arc<ApiClient>,
     /// One fetch at a time: two runs of a new package wait for one download.
@@ -44,14 +48,20 @@ pub enum PackageError {
 const COMPLETE: &str = ".cloudtask-complete";
 
 impl Packages {
-    pub fn new(data_dir: &std::path::Path, limits: Limits, client: Arc<ApiClient>) -> Self {
+    pub fn new(area: &RunArea, limits: Limits, client: Arc<ApiClient>) -> Self {
         Packages {
-            root: data_dir.join("packages"),
+            root: area.packages(),
+            identity: area.identity.clone(),
             limits,
             client,
             fetching: Mutex::new(()),
             ready: Default::default(),
         }
+    }
+
+    /// Whom the runs run as, and their home.
+    pub fn identity(&self) -> Arc<RunIdentity> {
+        self.identity.clone()
     }
 
     /// The folder a run of this package works in; with no package, an empty folder.
@@ -92,6 +102,7 @@ impl Packages {
         let Some(sha256) = sha256 else {
             let empty = self.folder(None);
             tokio::fs::create_dir_all(&empty).await?;
+            hand_over(&empty, self.identity.user)?;
             return Ok(empty);
         };
         let folder = self.folder(Some(sha256));
@@ -134,6 +145,10 @@ impl Packages {
             });
         }
         tokio::fs::write(staging.join(COMPLETE), b"").await?;
+        let (target, user) = (staging.clone(), self.identity.user);
+        tokio::task::spawn_blocking(move || hand_over(&target, user))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
         tokio::fs::rename(&staging, &folder).await?;
         Ok(folder)
     }

@@ -11,6 +11,7 @@
 //! one-byte write is left.
 
 mod group;
+pub mod identity;
 mod output;
 mod staging;
 
@@ -56,11 +57,13 @@ pub struct RunSpec {
     pub env: BTreeMap<String, String>,
     pub workdir: PathBuf,
     pub timeout: Option<Duration>,
+    /// Whom it runs as, and its home (see [`identity`]).
+    pub identity: std::sync::Arc<identity::RunIdentity>,
 }
 
 /// Variables of the worker's own environment a program may see; everything else of the
-/// worker (its credentials above all) stays out.
-const INHERITED: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
+/// worker (its credentials above all) stays out. HOME and TMPDIR are the run's own.
+const INHERITED: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ"];
 
 /// Raises the soft limit of open files to the hard one: every running or staged fire
 /// holds three of the worker's descriptors, and the usual soft default (1,024) is low
@@ -159,6 +162,7 @@ fn command(spec: &RunSpec, staged: bool) -> Command {
     if std::env::var_os("PATH").is_none() {
         command.env("PATH", "/usr/local/bin:/usr/bin:/bin");
     }
+    identity::apply(&mut command, &spec.identity);
     command
         .envs(&spec.env)
         .env("CLOUDTASK_RUN_ID", spec.run_id.to_string())
@@ -325,6 +329,7 @@ mod tests {
             env: BTreeMap::from([("GREETING".to_owned(), "hi".to_owned())]),
             workdir: dir.to_path_buf(),
             timeout: None,
+            identity: Default::default(),
         }
     }
 

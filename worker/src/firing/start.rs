@@ -308,7 +308,7 @@ async fn execute_fire(
                     execute_staged(shell, shared.limits, &shared.reporter, stop, hurry).await
                 }
                 None => {
-                    let run = run_spec(node, run_id, claim, workdir);
+                    let run = run_spec(node, run_id, claim, workdir, shared.packages.identity());
                     execute(&run, shared.limits, &shared.reporter, stop, hurry).await
                 }
             }
@@ -380,6 +380,7 @@ pub(super) fn run_spec(
     run_id: RunId,
     claim: &Claim,
     workdir: std::path::PathBuf,
+    identity: std::sync::Arc<crate::exec::identity::RunIdentity>,
 ) -> RunSpec {
     let spec = &node.spec;
     RunSpec {
@@ -391,6 +392,7 @@ pub(super) fn run_spec(
         env: spec.env.clone(),
         workdir,
         timeout: spec.timeout_seconds.map(|s| Duration::from_secs(s as u64)),
+        identity,
     }
 }
 
