@@ -23,6 +23,7 @@ use cloudtask_core::run::RunStatus;
 
 use crate::AppState;
 use crate::auth::{WorkerIdentity, bearer, token_hash};
+use crate::budget::Caller;
 use crate::client_addr::ClientAddr;
 use crate::cluster_view::ClusterView;
 use crate::download::{PackageSha, archive};
@@ -52,10 +53,27 @@ pub struct ClusterWorker {
 impl FromRequestParts<Arc<AppState>> for ClusterWorker {
     type Rejection = HttpError;
 
+    /// A missing or wrong credential spends its address's anonymous request budget
+    /// (`rate_anonymous_requests_per_minute`): past it, RATE_LIMITED instead of
+    /// UNAUTHENTICATED. A valid credential is never throttled here.
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Answer<Self> {
-        let token =
-            bearer(&parts.headers).ok_or_else(|| Error::Unauthenticated("no credential".into()))?;
-        let identity = state.keys.verify_worker(token)?;
+        let verified = bearer(&parts.headers)
+            .ok_or_else(|| Error::Unauthenticated("no credential".into()))
+            .and_then(|token| state.keys.verify_worker(token));
+        let identity = match verified {
+            Ok(identity) => identity,
+            Err(refused) => {
+                if let Some(ClientAddr(ip)) = parts.extensions.get::<ClientAddr>()
+                    && let Err(over) = state.budget.request(Caller::anonymous(*ip))
+                {
+                    return Err(Error::RateLimited {
+                        retry_after_secs: over.retry_after.as_secs().max(1),
+                    }
+                    .into());
+                }
+                return Err(refused.into());
+            }
+        };
         Ok(ClusterWorker {
             identity,
             cluster: state.catalogue.cluster(identity.cluster_id),

@@ -1218,6 +1218,62 @@ async fn join_token_guessing_is_throttled_per_address() {
     );
 }
 
+/// Forged worker credentials spend their address's anonymous budget: past it they are
+/// answered RATE_LIMITED without a check, while a real credential from the same address
+/// is served as always.
+#[tokio::test]
+async fn forged_worker_credentials_are_throttled_per_address() {
+    let api = TestApi::start_with(|c| c.rate_anonymous_requests_per_minute = 5).await;
+    let tenant = api
+        .tenant_with_cluster("alpha", crate::support::PASSWORD)
+        .await;
+    let from = |last: u8| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from([127, 0, 0, last]))
+            .build()
+            .unwrap()
+    };
+    let joined: Value = from(3)
+        .post(format!("{}/worker/join", api.url))
+        .json(&json!({ "token": tenant.join_token }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let credential = joined["credential"]
+        .as_str()
+        .expect("a credential")
+        .to_owned();
+    let cursor = format!("{}/worker/tasks/{}/cursor", api.url, uuid::Uuid::now_v7());
+    let attacker = from(2);
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let status = attacker
+            .get(&cursor)
+            .bearer_auth(format!("forged-{i}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        statuses.push(status);
+    }
+    assert!(statuses[..5].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(statuses[6..].iter().all(|s| *s == 429), "{statuses:?}");
+    let real = attacker
+        .get(&cursor)
+        .bearer_auth(&credential)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_ne!(real, 401, "a real credential is checked and accepted");
+    assert_ne!(real, 429, "a real credential is not throttled");
+}
+
 async fn clusters(api: &TestApi) -> i64 {
     use sea_orm::ConnectionTrait;
     let row = api
