@@ -48,6 +48,7 @@ async fn worker(coordinator: &ZkCoordinator, cluster: ClusterId, name: &str) -> 
         capacity: 1,
         labels: BTreeSet::new(),
         started_at: Utc::now(),
+        containment: String::new(),
     };
     session
         .create(

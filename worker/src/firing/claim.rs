@@ -234,7 +234,8 @@ impl Actor {
             {
                 match shared.packages.cached(package.as_deref()) {
                     Some(workdir) => {
-                        if let Some(shell) = stage(run_spec(&node, run, &claim, workdir)) {
+                        let spec = run_spec(&node, run, &claim, workdir);
+                        if let Some(shell) = stage(spec, &shared.limits.containment) {
                             *staged.lock().expect("staged slot") = Some((node.version, shell));
                         }
                     }

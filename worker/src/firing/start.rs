@@ -305,11 +305,12 @@ async fn execute_fire(
             });
             match staged {
                 Some(shell) => {
-                    execute_staged(shell, shared.limits, &shared.reporter, stop, hurry).await
+                    execute_staged(shell, shared.limits.clone(), &shared.reporter, stop, hurry)
+                        .await
                 }
                 None => {
                     let run = run_spec(node, run_id, claim, workdir);
-                    execute(&run, shared.limits, &shared.reporter, stop, hurry).await
+                    execute(&run, shared.limits.clone(), &shared.reporter, stop, hurry).await
                 }
             }
         }
@@ -344,6 +345,7 @@ fn unprepared(shared: &Shared, run: RunId, message: String) -> Outcome {
         signal: None,
         error: Some(message),
         finished_at: Utc::now(),
+        reason: None,
     }
 }
 
@@ -391,6 +393,7 @@ pub(super) fn run_spec(
         env: spec.env.clone(),
         workdir,
         timeout: spec.timeout_seconds.map(|s| Duration::from_secs(s as u64)),
+        limits: node.limits,
     }
 }
 
