@@ -301,3 +301,7 @@ pub(super) fn ended_by(outcome: &mut Outcome, reason: RunReason) -> String {
     }
     format!("the run hit {what}")
 }
+
+#[cfg(test)]
+#[path = "contain_tests.rs"]
+mod tests;
