@@ -103,6 +103,26 @@ async fn daemons_that_leave_the_group_end_with_the_run_in_a_cgroup() {
 }
 
 #[tokio::test]
+async fn daemons_that_leave_the_group_end_with_the_run_in_a_cgroup_v2() {
+    let data = tempfile::tempdir().unwrap();
+    let containment = Containment::detect(Mode::CgroupV2, data.path());
+    if !containment.uses_cgroups() {
+        eprintln!(
+            "SKIPPED: no writable cgroup v2 tree here: {}",
+            containment.describe()
+        );
+        return;
+    }
+    assert!(
+        containment.describe().starts_with("cgroup-v2"),
+        "{}",
+        containment.describe()
+    );
+    daemons_end_with_the_run(containment.clone(), "73").await;
+    containment.close();
+}
+
+#[tokio::test]
 async fn daemons_that_leave_the_group_end_with_the_run_without_cgroups() {
     daemons_end_with_the_run(Containment::process_tree(), "72").await;
 }
