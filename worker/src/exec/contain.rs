@@ -227,7 +227,10 @@ impl Members {
         match self {
             Members::Cage(cage) => cage.signal(signal),
             Members::Tree { group, run } => {
-                let _ = killpg(Pid::from_raw(*group), signal);
+                // 0 would be the worker's own group: a shell without a pid has none.
+                if *group > 0 {
+                    let _ = killpg(Pid::from_raw(*group), signal);
+                }
                 procs::signal_each(&procs::run_members(*group, *run), signal);
             }
         }

@@ -52,7 +52,7 @@ fn cgroups(data: &Path) -> Option<Containment> {
     Some(containment)
 }
 
-/// Live processes whose command line holds `needle`.
+/// Live processes whose command line (arguments joined by spaces) holds `needle`.
 fn running(needle: &str) -> Vec<i32> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
@@ -60,20 +60,28 @@ fn running(needle: &str) -> Vec<i32> {
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
-                && procs::live(pid)
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(needle)
+            }) && procs::live(pid)
         })
         .collect()
 }
 
-/// A run whose main process exits at once, leaving daemons that left its group every way
-/// a shell can: all of them gone when the run is over.
+/// A run whose main process exits as soon as its daemons, which left its group every way
+/// a shell can (one ignoring SIGTERM too), have written their pids: all of them gone when
+/// the run is over.
 async fn daemons_end_with_the_run(containment: Containment, tag: &str) {
     let dir = tempfile::tempdir().unwrap();
+    let daemon = |n: u32, trap: &str| format!("sh -c '{trap}echo $$ > p{n}; exec sleep 3{tag}{n}'");
     let command = format!(
-        "setsid sleep 3{tag}1 & (sleep 3{tag}2 &) ; nohup sleep 3{tag}3 >/dev/null 2>&1 & \
-         setsid sh -c 'trap \"\" TERM; sleep 3{tag}4' & sleep 0.3; echo up"
+        "setsid {one} & ({two} &) ; nohup {three} >/dev/null 2>&1 & setsid {four} & \
+         until [ -s p1 ] && [ -s p2 ] && [ -s p3 ] && [ -s p4 ]; do sleep 0.05; done; echo up",
+        one = daemon(1, ""),
+        two = daemon(2, ""),
+        three = daemon(3, ""),
+        four = daemon(4, "trap \"\" TERM; "),
     );
     let (reporter, _reports) = Reporter::capture();
     let never = CancellationToken::new();
@@ -87,8 +95,12 @@ async fn daemons_end_with_the_run(containment: Containment, tag: &str) {
     .await;
     assert_eq!(outcome.status, RunStatus::Succeeded, "{outcome:?}");
     for n in 1..=4 {
-        let left = running(&format!("sleep 3{tag}{n}"));
-        assert!(left.is_empty(), "daemon {n} outlived its run: {left:?}");
+        let pid: i32 = fs::read_to_string(dir.path().join(format!("p{n}")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(!procs::live(pid), "daemon {n} ({pid}) outlived its run");
     }
 }
 
@@ -99,6 +111,34 @@ async fn daemons_that_leave_the_group_end_with_the_run_in_a_cgroup() {
         return;
     };
     daemons_end_with_the_run(containment.clone(), "71").await;
+    containment.close();
+}
+
+#[tokio::test]
+async fn a_staged_shell_is_in_its_cgroup_before_it_is_let_go() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(containment) = cgroups(data.path()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let command = "setsid sleep 3781 & (sleep 3782 &); echo up";
+    let staged = crate::exec::stage(
+        spec(command, dir.path(), RunLimits::default()),
+        &containment,
+    )
+    .expect("staged");
+    let pid = staged.child.as_ref().and_then(Child::id).expect("pid") as i32;
+    // Held, and already inside: whatever it forks once let go is too.
+    match staged.members.as_ref().expect("members") {
+        Members::Cage(cage) => assert_eq!(cage.members(), vec![pid]),
+        Members::Tree { .. } => panic!("not in a cgroup"),
+    }
+    let (reporter, _reports) = Reporter::capture();
+    let never = CancellationToken::new();
+    let limits = exec_limits(containment.clone());
+    let outcome = crate::exec::execute_staged(staged, limits, &reporter, &never, &never).await;
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{outcome:?}");
+    assert!(running("sleep 3781").is_empty() && running("sleep 3782").is_empty());
     containment.close();
 }
 
@@ -235,7 +275,7 @@ async fn a_worker_that_starts_after_a_crash_kills_what_its_predecessor_left() {
     // away without ending it (its `Cage` is leaked, as a crash would).
     let (mut child, members) = spawn(
         &spec(
-            "setsid sleep 3731 & echo started",
+            "setsid sleep 3791 & echo started",
             dir.path(),
             RunLimits::default(),
         ),
@@ -244,18 +284,24 @@ async fn a_worker_that_starts_after_a_crash_kills_what_its_predecessor_left() {
     .unwrap();
     child.wait().await.unwrap();
     let until = Instant::now() + Duration::from_secs(10);
-    while running("sleep 3731").is_empty() {
+    while running("sleep 3791").is_empty() {
         assert!(Instant::now() < until, "the daemon never started");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(matches!(members, Members::Cage(_)), "{members:?}");
     std::mem::forget(members);
     let parents = crashed.0.tree.as_ref().unwrap().parents();
     std::mem::forget(crashed);
     // The next worker on the same data folder.
     let next = Containment::detect(Mode::Auto, data.path());
+    let left = running("sleep 3791");
+    let cgroups: Vec<String> = left
+        .iter()
+        .map(|p| fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap_or_default())
+        .collect();
     assert!(
-        running("sleep 3731").is_empty(),
-        "the leftover daemon survived"
+        left.is_empty(),
+        "the leftover daemon survived: {left:?} {cgroups:?} {parents:?}"
     );
     for parent in parents {
         assert!(!parent.exists(), "{} left behind", parent.display());

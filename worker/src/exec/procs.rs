@@ -74,7 +74,8 @@ pub(super) fn run_members(group: i32, run: RunId) -> Vec<i32> {
         .filter(|&pid| pid != me)
         .filter(|&pid| {
             stat(pid).is_some_and(|s| {
-                s.live() && (s.group == group || s.session == group || carries(pid, &marker))
+                let led = group > 0 && (s.group == group || s.session == group);
+                s.live() && (led || carries(pid, &marker))
             })
         })
         .collect()
