@@ -291,8 +291,22 @@ async fn a_worker_shut_down_or_crashed_leaves_no_daemon_of_its_runs() {
     let mut worker = worker_process(&cluster, "w1", &data, grace.as_secs());
     let took = all_gone(&left, restarted, Duration::from_secs(20), "restart").await;
     eprintln!("crash: the restarted worker ended the leftover daemons {took:?} after its start");
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    // A clean exit removes the worker's cgroups and its record of them.
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    exited(
+        &mut worker,
+        grace + Duration::from_secs(1),
+        "the restarted worker",
+    )
+    .await;
+    assert!(
+        !data.join("cgroups").exists(),
+        "the worker's cgroups are still recorded"
+    );
 }
 
 #[tokio::test]

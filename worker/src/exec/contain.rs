@@ -147,15 +147,28 @@ impl Containment {
     }
 
     /// Removes the worker's parents (empty by now: every run has ended) and the record.
+    /// Also done when the last clone is dropped (a worker's task cancelled).
     pub fn close(&self) {
-        if let Some(tree) = &self.0.tree {
+        self.0.close();
+    }
+}
+
+impl Inner {
+    fn close(&self) {
+        if let Some(tree) = &self.tree {
             for parent in tree.parents() {
                 cgroup::clear(&parent);
             }
         }
-        if let Some(record) = &self.0.record {
+        if let Some(record) = &self.record {
             let _ = fs::remove_file(record);
         }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
