@@ -281,16 +281,39 @@ impl Drop for Cage {
             kill_in(&members);
         }
         if !try_remove(&dirs) {
-            // Still emptying (a process in uninterruptible sleep, a zombie not yet reaped
-            // by its new parent): removed off the runtime's threads once it is.
-            std::thread::spawn(move || {
-                let until = Instant::now() + Duration::from_secs(30);
-                while !try_remove(&dirs) && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            });
+            remove_later(dirs);
         }
     }
+}
+
+/// Cgroups still emptying when their run ended (a process in uninterruptible sleep, a
+/// zombie its new parent has not reaped yet) go to one thread of the process, which
+/// removes each once it can (for 30 s at most): no runtime thread waits for them, and
+/// a burst of ended runs costs one thread, not one each.
+fn remove_later(dirs: Vec<PathBuf>) {
+    use std::sync::mpsc;
+    static LATER: std::sync::OnceLock<mpsc::Sender<Vec<PathBuf>>> = std::sync::OnceLock::new();
+    let sender = LATER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Vec<PathBuf>>();
+        std::thread::spawn(move || {
+            let mut pending: Vec<(Vec<PathBuf>, Instant)> = Vec::new();
+            loop {
+                let wait = if pending.is_empty() {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::from_millis(50)
+                };
+                match rx.recv_timeout(wait) {
+                    Ok(dirs) => pending.push((dirs, Instant::now() + Duration::from_secs(30))),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                pending.retain(|(dirs, until)| !try_remove(dirs) && Instant::now() < *until);
+            }
+        });
+        tx
+    });
+    let _ = sender.send(dirs);
 }
 
 /// The pids a cgroup directory lists.
