@@ -48,7 +48,10 @@ impl Tree {
                 else {
                     continue;
                 };
-                let parent = mount.join(path.trim_start_matches('/')).join(name);
+                let mine = mount.join(path.trim_start_matches('/'));
+                sweep_stale(&mine);
+                sweep_stale(&mine);
+                let parent = mine.join(name);
                 match fs::create_dir_all(&parent) {
                     Ok(()) => dirs.push((controller, parent)),
                     Err(e) => tracing::debug!(controller, error = %e, "cgroup not writable"),
@@ -128,7 +131,9 @@ impl Tree {
             Tree::V1(parents) => {
                 for (controller, parent) in parents {
                     let dir = parent.join(name);
-                    fs::create_dir(&dir)?;
+                    // With its parent, should a sweep of another worker have taken it
+                    // while it was empty (see `sweep_stale`).
+                    fs::create_dir_all(&dir)?;
                     cage.dirs.push((controller, dir));
                 }
             }
@@ -406,6 +411,37 @@ pub(super) fn clear(parent: &Path) -> usize {
     }
     let _ = fs::remove_dir(parent);
     killed
+}
+
+/// Removes the empty parents of workers that are gone (`cloudtask-<pid>-…` whose process
+/// is not running here), as a worker killed outright leaves them behind with a data
+/// folder that may never be used again. Only empty directories can be removed, so
+/// nothing that holds a process is touched.
+fn sweep_stale(mine: &Path) {
+    let Ok(entries) = fs::read_dir(mine) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("cloudtask-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let parent = entry.path();
+        if let Ok(runs) = fs::read_dir(&parent) {
+            for run in runs.flatten().filter(|r| r.path().is_dir()) {
+                let _ = fs::remove_dir(run.path());
+            }
+        }
+        let _ = fs::remove_dir(&parent);
+    }
 }
 
 /// Where the v1 hierarchy holding `controller` is mounted.
