@@ -367,9 +367,12 @@ fn retry_after(spec: &TaskSpec, claim: &Claim, status: RunStatus) -> Option<Dura
 }
 
 /// Whether a held shell, staged from task version `version`, may run the fire of
-/// `node`: the same version, and its package folder still there (one stat).
+/// `node`: the same version and limits, and its package folder still there (one stat).
 fn fits(shell: &Staged, version: u32, node: &TaskNode, packages: &Packages) -> bool {
+    // The limits too: a change of the cluster's defaults keeps the task's version, and a
+    // staged shell's cgroup has the limits of when it was staged.
     version == node.version
+        && shell.spec().limits == node.limits
         && packages
             .cached(node.spec.package_sha256.as_deref())
             .as_ref()
