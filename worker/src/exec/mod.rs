@@ -3,8 +3,8 @@
 //! run's identity and nothing of the worker's own (no credentials). Output is read line by
 //! line from both streams, long lines split, invalid UTF-8 replaced, capped per run, and
 //! handed to the reporter in batches while the run goes. A timeout or a stop sends SIGTERM
-//! to the whole group, then SIGKILL after the grace period; when the main process exits,
-//! whatever it left running in its group is terminated the same way.
+//! to every process of the run, then SIGKILL after the grace period; when the main
+//! process exits, whatever it left running is terminated the same way.
 //!
 //! A scheduled fire claimed ahead can be *staged* (see [`staging`]): its shell started
 //! before the fire time and held before the command, so at the fire time only a
