@@ -306,6 +306,7 @@ async fn main() {
                 signal: None,
                 error: None,
                 finished_at: Utc::now(),
+                reason: None,
             },
         })
         .collect();

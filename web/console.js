@@ -244,7 +244,12 @@ function duration(run) {
   return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(1)} s`;
 }
 
+const REASONS = {
+  OOM_KILLED: 'memory limit (OOM kill)', PIDS_LIMIT: 'process limit', OUTPUT_LIMIT: 'output limit',
+};
+
 function outcome(run) {
+  if (run.reason) return REASONS[run.reason] ?? run.reason;
   if (run.exitCode !== null && run.exitCode !== undefined) return `exit ${run.exitCode}`;
   if (run.signal) return `signal ${run.signal}`;
   return run.error ?? '';
@@ -282,7 +287,25 @@ async function attempt(action) {
 // ---- pages ----------------------------------------------------------------------------------
 
 const RUN_FIELDS = `id status trigger attempt scheduledAt startedAt finishedAt exitCode signal error
-  worker task { id name }`;
+  reason worker task { id name }`;
+
+const LIMIT_FIELDS = 'memoryMb cpuMillis maxProcesses maxOutputBytes';
+
+// A task's limits in words; what it leaves unset comes from its cluster's defaults.
+function limitsText(own, defaults) {
+  const one = (key, show) => {
+    if (own?.[key] != null) return show(own[key]);
+    if (defaults?.[key] != null) return `${show(defaults[key])} (cluster default)`;
+    return null;
+  };
+  const parts = [
+    one('memoryMb', (v) => `memory ${v} MiB`),
+    one('cpuMillis', (v) => `CPU ${v / 1000} core`),
+    one('maxProcesses', (v) => `${v} processes`),
+    one('maxOutputBytes', (v) => `output ${v} bytes`),
+  ].filter(Boolean);
+  return parts.length ? parts.join(' · ') : 'none';
+}
 
 function signIn(view) {
   const email = el('input', { name: 'email', type: 'email', autocomplete: 'username', required: true });
@@ -473,7 +496,8 @@ async function newTaskPage(view) {
 async function taskPage(view, id) {
   const data = await gql(`query($id: ID!) { task(id: $id) {
     id name description state version schedule timezone command timeoutSeconds overlapPolicy
-    misfirePolicy maxRetries labels cluster { name } assignedWorker { name } packageSha256
+    misfirePolicy maxRetries labels cluster { name defaultLimits { ${LIMIT_FIELDS} } }
+    limits { ${LIMIT_FIELDS} } assignedWorker { name } packageSha256
     nextFireTimes(count: 3) runs(first: 50) { nodes { ${RUN_FIELDS} } }
   } }`, { id });
   const task = data.task;
@@ -486,6 +510,7 @@ async function taskPage(view, id) {
     ['Command', el('code', {}, task.command)],
     ['Package', task.packageSha256 ? el('code', {}, task.packageSha256.slice(0, 12)) : 'none'],
     ['Timeout', task.timeoutSeconds ? `${task.timeoutSeconds} s` : 'none'],
+    ['Limits', limitsText(task.limits, task.cluster.defaultLimits)],
     ['Overlap / misfire', `${task.overlapPolicy} / ${task.misfirePolicy}`],
     ['Retries', String(task.maxRetries)],
     ['Labels', task.labels.join(', ') || '—'],
@@ -575,25 +600,28 @@ async function runPage(view, id) {
   follow();
 }
 
-const CLUSTERS = `{ clusters { id name workers {
-  name online hostname labels assignedTaskCount startedAt
+const CLUSTERS = `{ clusters { id name defaultLimits { ${LIMIT_FIELDS} } workers {
+  name online hostname labels assignedTaskCount startedAt containment
 } } }`;
 
 function clusterSections(clusters) {
   if (!clusters.length) return el('p', { class: 'muted' }, 'No clusters yet.');
   return clusters.map((cluster) => [
     el('h2', {}, cluster.name),
+    el('p', { class: 'muted' }, `Default run limits: ${limitsText(cluster.defaultLimits, null)}`),
     cluster.workers.length
       ? el('table', { class: 'workers' },
         el('thead', {}, el('tr', {},
-          ['Worker', 'State', 'Host', 'Labels', 'Tasks', 'Started'].map((h) => el('th', {}, h)))),
+          ['Worker', 'State', 'Host', 'Labels', 'Tasks', 'Started', 'Containment']
+            .map((h) => el('th', {}, h)))),
         el('tbody', {}, cluster.workers.map((w) => el('tr', { 'data-worker': w.name },
           el('td', {}, w.name),
           el('td', {}, status(w.online ? 'online' : 'offline')),
           el('td', {}, w.hostname ?? '—'),
           el('td', {}, w.labels.join(', ') || '—'),
           el('td', {}, String(w.assignedTaskCount)),
-          el('td', {}, when(w.startedAt))))))
+          el('td', {}, when(w.startedAt)),
+          el('td', {}, w.containment ?? '—')))))
       : el('p', { class: 'muted' }, 'No workers have joined.'),
   ]);
 }

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{ClusterId, TenantId};
+use cloudtask_core::limits::RunLimits;
 use cloudtask_core::roles::Action;
 use cloudtask_core::task::validate_name;
 use cloudtask_core::{Error, Result};
@@ -25,11 +26,19 @@ pub struct Cluster {
     pub name: String,
     pub token_rotated_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
+    /// What its tasks' runs get for the limits they leave unset.
+    pub default_limits: RunLimits,
 }
 
 impl From<cluster::Model> for Cluster {
     fn from(m: cluster::Model) -> Self {
+        // Written by this crate only; anything unreadable reads as no defaults.
+        let default_limits = m
+            .default_limits
+            .and_then(|json| serde_json::from_value(json).ok())
+            .unwrap_or_default();
         Cluster {
+            default_limits,
             id: m.id.into(),
             tenant_id: m.tenant_id.into(),
             name: m.name,
@@ -120,6 +129,7 @@ impl TenantHandle {
                 join_token_hash: Set(join_token_hash),
                 token_rotated_at: Set(now),
                 created_at: Set(now),
+                default_limits: Set(None),
             })
             .exec_with_returning(txn)
             .await
@@ -157,6 +167,33 @@ impl TenantHandle {
                 .exec(txn)
                 .await?;
             self.audit(txn, "rotateClusterToken", "cluster", id).await?;
+            Ok(model.into())
+        })
+        .await
+    }
+
+    /// Sets the default limits of the cluster's tasks' runs (replacing the previous
+    /// ones); the scheduler mirrors them into every task of it that leaves one unset.
+    pub async fn set_cluster_default_limits(
+        &self,
+        id: ClusterId,
+        limits: RunLimits,
+    ) -> Result<Cluster> {
+        self.require(Action::ManageClusters)?;
+        limits.validate()?;
+        self.scoped(async |txn| {
+            let mut model = self.cluster_model(txn, id).await?;
+            let json = (!limits.is_empty())
+                .then(|| serde_json::to_value(limits).expect("limits always serialise"));
+            model.default_limits = json.clone();
+            cluster::Entity::update_many()
+                .col_expr(cluster::Column::DefaultLimits, Expr::value(json))
+                .filter(self.within::<cluster::Entity>())
+                .filter(cluster::Column::Id.eq(Uuid::from(id)))
+                .exec(txn)
+                .await?;
+            self.audit(txn, "setClusterLimits", "cluster", id).await?;
+            notify(txn, id).await?;
             Ok(model.into())
         })
         .await

@@ -124,6 +124,8 @@ pub mod cluster {
         pub join_token_hash: String,
         pub token_rotated_at: DateTimeUtc,
         pub created_at: DateTimeUtc,
+        /// `RunLimits` as JSON; null: none.
+        pub default_limits: Option<Json>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -279,6 +281,8 @@ pub mod run {
         pub error: Option<String>,
         pub created_at: DateTimeUtc,
         pub stop_requested_at: Option<DateTimeUtc>,
+        /// `RunReason` text: why it ended as it did (e.g. the limit that ended it).
+        pub reason: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

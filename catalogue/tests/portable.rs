@@ -33,6 +33,7 @@ fn succeeded() -> Outcome {
         signal: None,
         error: None,
         finished_at: chrono::Utc::now(),
+        reason: None,
     }
 }
 
@@ -245,6 +246,7 @@ async fn exercise(catalogue: Catalogue) {
                     signal: None,
                     error: Some("exit code 3".into()),
                     finished_at: chrono::Utc::now(),
+                    reason: None,
                 },
             },
             // An outcome for a run that has one already changes nothing.

@@ -18,6 +18,7 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId, WorkerId};
+use cloudtask_core::limits::RunLimits;
 use cloudtask_core::task::TaskSpec;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -101,6 +102,9 @@ pub struct WorkerNode {
     #[serde(default)]
     pub labels: BTreeSet<String>,
     pub started_at: DateTime<Utc>,
+    /// How it holds the processes of its runs (`cgroup-v1 (freezer, pids, …)`, …).
+    #[serde(default)]
+    pub containment: String,
 }
 
 /// A task as mirrored from the catalogue: what a worker needs to fire and run it.
@@ -111,6 +115,9 @@ pub struct TaskNode {
     pub version: u32,
     pub paused: bool,
     pub spec: TaskSpec,
+    /// The limits a run of it gets: the spec's, its cluster's defaults filled in.
+    #[serde(default, skip_serializing_if = "RunLimits::is_empty")]
+    pub limits: RunLimits,
 }
 
 /// Which worker owns a task; the task version the owner should run.

@@ -128,11 +128,17 @@ pub struct Config {
     /// After SIGTERM (timeout, stop, shutdown), how long a run's process group has before
     /// SIGKILL.
     pub run_kill_grace_secs: u64,
+    /// How a worker holds every process of a run: `auto` (cgroup v1 controllers, else
+    /// cgroup v2, else the process tree), `cgroup-v1`, `cgroup-v2`, `process-tree`.
+    pub containment: String,
     /// `text` or `json`.
     pub log_format: String,
     /// A tracing filter such as `info` or `cloudtask_api=debug,info`.
     pub log_level: String,
 }
+
+/// The values of `containment`.
+pub const CONTAINMENTS: [&str; 4] = ["auto", "cgroup-v1", "cgroup-v2", "process-tree"];
 
 impl Default for Config {
     fn default() -> Self {
@@ -191,6 +197,7 @@ impl Default for Config {
             run_max_log_lines: 100_000,
             run_max_line_bytes: 16 << 10,
             run_kill_grace_secs: 10,
+            containment: "auto".into(),
             log_format: "text".into(),
             log_level: "info,sqlx=warn".into(),
         }
@@ -417,6 +424,12 @@ impl Config {
             return Err(ConfigError::new(
                 "worker_name",
                 "use letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if !CONTAINMENTS.contains(&self.containment.as_str()) {
+            return Err(ConfigError::new(
+                "containment",
+                format!("must be one of {}", CONTAINMENTS.join(", ")),
             ));
         }
         if let Some(label) = self

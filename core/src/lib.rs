@@ -7,6 +7,7 @@ pub mod archive;
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod limits;
 pub mod net;
 pub mod protocol;
 pub mod roles;

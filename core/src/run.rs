@@ -61,6 +61,16 @@ text_enum!(
     }
 );
 
+text_enum!(
+    /// Why a run ended as it did, when its status alone does not say: so far, the limit
+    /// that ended a FAILED run (more reasons may come for other statuses).
+    RunReason {
+        OomKilled => "OOM_KILLED",
+        PidsLimit => "PIDS_LIMIT",
+        OutputLimit => "OUTPUT_LIMIT",
+    }
+);
+
 /// One line of a run's output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -82,6 +92,9 @@ pub struct Outcome {
     pub signal: Option<i32>,
     pub error: Option<String>,
     pub finished_at: DateTime<Utc>,
+    /// The limit that ended the run, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<RunReason>,
 }
 
 #[cfg(test)]

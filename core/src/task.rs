@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::limits::RunLimits;
 use crate::schedule::{Schedule, ScheduleError};
 use crate::{Error, Result};
 
@@ -83,6 +84,9 @@ pub struct TaskSpec {
     pub labels: Vec<String>,
     #[serde(default)]
     pub notify_emails: Vec<String>,
+    /// The task's own limits (unset ones come from its cluster's defaults).
+    #[serde(default, skip_serializing_if = "RunLimits::is_empty")]
+    pub limits: RunLimits,
 }
 
 fn default_grace() -> u32 {
@@ -112,6 +116,7 @@ impl TaskSpec {
             active_until: None,
             labels: Vec::new(),
             notify_emails: Vec::new(),
+            limits: RunLimits::default(),
         }
     }
 
@@ -172,6 +177,7 @@ impl TaskSpec {
             ));
         }
         validate_emails(&self.notify_emails)?;
+        self.limits.validate()?;
         Ok(schedule)
     }
 }

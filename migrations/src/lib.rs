@@ -10,6 +10,7 @@ mod m20261123_000001_catalogue;
 mod m20261201_000001_run_control;
 mod m20261202_000001_notifications;
 mod m20261215_000001_row_security;
+mod m20261216_000001_run_limits;
 pub mod row_security;
 
 pub struct Migrator;
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000001_run_control::Migration),
             Box::new(m20261202_000001_notifications::Migration),
             Box::new(m20261215_000001_row_security::Migration),
+            Box::new(m20261216_000001_run_limits::Migration),
         ]
     }
 }

@@ -48,6 +48,7 @@ async fn worker(coordinator: &ZkCoordinator, cluster: ClusterId, name: &str) -> 
         capacity: 1,
         labels: BTreeSet::new(),
         started_at: Utc::now(),
+        containment: String::new(),
     };
     session
         .create(
@@ -67,6 +68,7 @@ async fn setup(coordinator: &ZkCoordinator, leader: &dyn Session) -> (Cluster, F
         name: "bench".parse().unwrap(),
         token_rotated_at: Utc::now(),
         created_at: Utc::now(),
+        default_limits: Default::default(),
     };
     let _ = coordinator;
     leader.ensure_path(layout::ELECTION).await.unwrap();

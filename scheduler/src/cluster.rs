@@ -11,6 +11,7 @@ use cloudtask_catalogue::{Cluster, Task};
 use cloudtask_coord::layout::{self, ClusterNode, CommandNode, TaskNode, WorkerNode};
 use cloudtask_coord::{CoordError, NodeKind, Op, Result, Session};
 use cloudtask_core::ids::{ClusterId, TaskId, WorkerId};
+use cloudtask_core::limits::RunLimits;
 use cloudtask_core::task::TaskState;
 
 use crate::balance::{self, Placement};
@@ -80,8 +81,11 @@ async fn apply(session: &dyn Session, fence: &Fence, ops: Vec<Op>) -> Result<()>
     Ok(())
 }
 
-fn task_node(task: &Task) -> TaskNode {
+/// A task as its workers see it: its cluster's default limits fill the ones it leaves
+/// unset (so a change of the defaults reaches every task, through the mirror).
+fn task_node(task: &Task, defaults: RunLimits) -> TaskNode {
     TaskNode {
+        limits: task.spec.limits.or(defaults),
         tenant: task.tenant_id,
         name: task.name.clone(),
         version: task.version,
@@ -266,7 +270,7 @@ impl ClusterState {
         let id = self.id();
         let desired: BTreeMap<TaskId, TaskNode> = catalogue_tasks
             .iter()
-            .map(|t| (t.id, task_node(t)))
+            .map(|t| (t.id, task_node(t, self.cluster.default_limits)))
             .collect();
         let mut ops = Vec::new();
         for (task_id, node) in &desired {

@@ -233,11 +233,13 @@ impl<'a> Leader<'a> {
         let id = cluster.id;
         let tasks = self.scheduler.catalogue.tasks_of_cluster(id).await?;
         if !self.clusters.contains_key(&id) {
-            let state = ClusterState::load(self.session.as_ref(), cluster).await?;
+            let state = ClusterState::load(self.session.as_ref(), cluster.clone()).await?;
             self.clusters.insert(id, state);
             self.watch_workers(id);
         }
         let state = self.clusters.get_mut(&id).expect("loaded above");
+        // Its default limits, which the mirror writes into its tasks, may have changed.
+        state.cluster = cluster;
         state
             .mirror(self.session.as_ref(), &self.fence, &tasks)
             .await?;

@@ -121,6 +121,7 @@ async fn join(setup: &Setup, name: &str) -> Arc<dyn Session> {
         capacity: 1,
         labels: BTreeSet::new(),
         started_at: Utc::now(),
+        containment: String::new(),
     };
     session
         .create(

@@ -11,10 +11,11 @@ const SNAPSHOT: &str = "{
     tasks(first: 200) { edges { node {
         id name description version state schedule timezone command timeoutSeconds
         maxRetries activeFrom activeUntil notifyEmails updatedAt
+        limits { memoryMb cpuMillis maxProcesses maxOutputBytes }
         env { name value } package { sha256 }
         versions { version spec { schedule timezone command } }
     } } }
-    clusters { id name tokenRotatedAt }
+    clusters { id name tokenRotatedAt defaultLimits { memoryMb cpuMillis maxProcesses maxOutputBytes } }
     members { role user { id email } }
     auditLog(first: 200) { edges { node { id operation } } }
 }";
@@ -153,6 +154,16 @@ async fn create_task_refuses_each_bad_field_and_changes_nothing() {
             json!({ "timeoutSeconds": 0 }),
         ),
         ("99 retries", "maxRetries", json!({ "maxRetries": 99 })),
+        (
+            "a 1 MiB memory limit",
+            "limits.memoryMb",
+            json!({ "limits": { "memoryMb": 1 } }),
+        ),
+        (
+            "a one-process limit",
+            "limits.maxProcesses",
+            json!({ "limits": { "maxProcesses": 1 } }),
+        ),
         (
             "window ends before it starts",
             "activeUntil",
@@ -327,6 +338,16 @@ async fn update_task_with_bad_fields_keeps_the_task_as_it_was() {
         ),
         ("99 retries", "maxRetries", json!({ "maxRetries": 99 })),
         (
+            "a 1 MiB memory limit",
+            "limits.memoryMb",
+            json!({ "limits": { "memoryMb": 1 } }),
+        ),
+        (
+            "a one-process limit",
+            "limits.maxProcesses",
+            json!({ "limits": { "maxProcesses": 1 } }),
+        ),
+        (
             "window ends before it starts",
             "activeUntil",
             json!({
@@ -386,6 +407,17 @@ async fn clusters_refuse_bad_names_duplicates_and_deletion_with_tasks() {
         )
         .await;
     assert_code(&delete, "CONFLICT", "deleteCluster with a task");
+    let limits = owner
+        .run(
+            "mutation($id: ID!) { setClusterLimits(id: $id, limits: { cpuMillis: 1 }) { id } }",
+            json!({ "id": world.a.cluster_id }),
+        )
+        .await;
+    assert_bad_input(
+        &limits,
+        "limits.cpuMillis",
+        "setClusterLimits below 10 millis",
+    );
     guard.unchanged("bad cluster mutations").await;
 
     // Another tenant may use the same cluster name: names are unique per tenant only.

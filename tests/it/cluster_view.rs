@@ -83,6 +83,7 @@ async fn workers_and_assigned_worker_are_visible() {
         capacity: 2,
         labels: BTreeSet::new(),
         started_at: Utc::now(),
+        containment: String::new(),
     };
     worker
         .create(

@@ -472,6 +472,7 @@ async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is()
             version: record.version,
             paused: record.state == TaskState::Paused,
             spec: record.spec.clone(),
+            limits: record.spec.limits,
         };
         zk.create(
             &layout::task(id, task_id),

@@ -18,7 +18,8 @@ const SNAPSHOT: &str = "{
         cluster { id } package { sha256 }
         versions { version spec { schedule command packageSha256 } }
     } } }
-    clusters { id name createdAt tokenRotatedAt }
+    clusters { id name createdAt tokenRotatedAt
+        defaultLimits { memoryMb cpuMillis maxProcesses maxOutputBytes } }
     members { role createdAt user { id email } }
     dashboard { clusterCount taskCount activeTaskCount pausedTaskCount memberCount }
     auditLog(first: 200) { edges { node { id operation objectType objectId } } }
@@ -342,6 +343,12 @@ fn cases(world: &World, alpha: &Alpha) -> Vec<Case> {
         Case::new(
             "rotateClusterToken(id)",
             "mutation($id: ID!) { rotateClusterToken(id: $id) { joinToken } }",
+            &clusters,
+            |id| json!({ "id": id }),
+        ),
+        Case::new(
+            "setClusterLimits(id)",
+            "mutation($id: ID!) { setClusterLimits(id: $id, limits: { memoryMb: 256 }) { id } }",
             &clusters,
             |id| json!({ "id": id }),
         ),

@@ -6,6 +6,7 @@ mod archives;
 mod bad_input;
 mod cluster_view;
 mod console;
+mod containment;
 mod coordination;
 mod firing;
 mod flow;

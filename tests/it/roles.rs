@@ -43,6 +43,7 @@ const CASES: &[&str] = &[
     "stopRun",
     "createCluster",
     "rotateClusterToken",
+    "setClusterLimits",
     "deleteCluster",
     "addMember(VIEWER)",
     "addMember(OWNER)",
@@ -65,7 +66,7 @@ const ALLOWED: [(&str, &[&str]); 4] = [
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
         /* RunTask/StopRun */ "runTaskNow", "stopRun",
-        /* ManageClusters */ "createCluster", "rotateClusterToken", "deleteCluster",
+        /* ManageClusters */ "createCluster", "rotateClusterToken", "setClusterLimits", "deleteCluster",
         /* ManageMembers  */ "addMember(VIEWER)", "setMemberRole(VIEWER->OPERATOR)", "removeMember(VIEWER)",
         /* ReadAudit      */ "auditLog",
         /* Notifications  */ "setNotificationSettings",
@@ -78,7 +79,7 @@ const ALLOWED: [(&str, &[&str]); 4] = [
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
         /* RunTask/StopRun */ "runTaskNow", "stopRun",
-        /* ManageClusters */ "createCluster", "rotateClusterToken", "deleteCluster",
+        /* ManageClusters */ "createCluster", "rotateClusterToken", "setClusterLimits", "deleteCluster",
         /* ManageMembers  */ "addMember(VIEWER)", "setMemberRole(VIEWER->OPERATOR)", "removeMember(VIEWER)",
         /* ReadAudit      */ "auditLog",
         /* Notifications  */ "setNotificationSettings",
@@ -362,6 +363,10 @@ async fn prepare(world: &World, case: &str, tag: &str) -> Call {
         "rotateClusterToken" => Call::new(
             "mutation($id: ID!) { rotateClusterToken(id: $id) { joinToken } }",
             json!({ "id": add_cluster(world, &format!("{tag}-rotate")).await }),
+        ),
+        "setClusterLimits" => Call::new(
+            "mutation($id: ID!) { setClusterLimits(id: $id, limits: { memoryMb: 256 }) { id } }",
+            json!({ "id": add_cluster(world, &format!("{tag}-limits")).await }),
         ),
         "deleteCluster" => Call::new(
             "mutation($id: ID!) { deleteCluster(id: $id) }",

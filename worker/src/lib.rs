@@ -72,6 +72,11 @@ pub async fn run_on(
     private::private_dir(&config.data_dir)?;
     private::private_dir(&config.data_dir.join("spool"))?;
     private::private_file(&config.data_dir.join("spool").join("reports.jsonl"))?;
+    // Before anything runs: clears what a crashed predecessor left, and says how runs
+    // are held (logged, and in the worker's facts).
+    let mode =
+        exec::ContainmentMode::parse(&config.containment).unwrap_or(exec::ContainmentMode::Auto);
+    let containment = exec::Containment::detect(mode, &config.data_dir);
     let joined = match join(&config.api_url, token, &shutdown).await {
         Ok(joined) => joined,
         Err(JoinError::Cancelled) => return Ok(()),
@@ -90,6 +95,7 @@ pub async fn run_on(
         capacity: config.worker_capacity,
         labels: config.worker_label_set(),
         started_at: chrono::Utc::now(),
+        containment: containment.describe(),
     };
     let session_timeout = Duration::from_millis(config.zookeeper_session_timeout_ms);
     let (assignments, published) = watch::channel(Assignments::default());
@@ -118,7 +124,7 @@ pub async fn run_on(
         client,
         reporter,
         packages,
-        limits: exec_limits(config, session_timeout),
+        limits: exec_limits(config, session_timeout, containment.clone()),
     };
     let (commands, delivered) = tokio::sync::mpsc::unbounded_channel();
     let engine_task = tokio::spawn(engine.run(published, delivered, engine_stop.clone()));
@@ -143,6 +149,7 @@ pub async fn run_on(
         .unwrap_or_else(|e| Err(anyhow::anyhow!("membership task failed: {e}")));
     reporter_stop.cancel();
     reporter_task.await.ok();
+    containment.close();
     result
 }
 
@@ -183,12 +190,17 @@ fn identity(config: &Config) -> anyhow::Result<(&str, String, WorkerId)> {
 }
 
 /// Per-run limits from the configuration; the hurried grace follows the session timeout.
-fn exec_limits(config: &Config, session_timeout: Duration) -> ExecLimits {
+fn exec_limits(
+    config: &Config,
+    session_timeout: Duration,
+    containment: exec::Containment,
+) -> ExecLimits {
     ExecLimits {
         max_lines: config.run_max_log_lines,
         max_line_bytes: config.run_max_line_bytes as usize,
         kill_grace: Duration::from_secs(config.run_kill_grace_secs),
         hurried_grace: (session_timeout / 5).min(HURRIED_GRACE_CAP),
+        containment,
     }
 }
 

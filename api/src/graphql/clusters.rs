@@ -11,6 +11,7 @@ use cloudtask_core::ids::{ClusterId, TenantId};
 use futures_util::Stream;
 
 use super::args::{connection, page_request, parse_id, parse_optional_id};
+use super::limits::{RunLimitsInput, RunLimitsObj};
 use super::tasks::TaskObj;
 use super::{state, tenant};
 use crate::auth::new_join_token;
@@ -68,6 +69,21 @@ impl ClusterMutation {
             cluster: ClusterObj(cluster),
             join_token,
         })
+    }
+
+    /// Sets the limits the cluster's tasks' runs get where a task leaves one unset
+    /// (replacing the previous defaults; omitted fields are unset). ADMIN and above.
+    async fn set_cluster_limits(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        limits: RunLimitsInput,
+    ) -> ApiResult<ClusterObj> {
+        let cluster = tenant(ctx)
+            .await?
+            .set_cluster_default_limits(parse_id("id", &id)?, limits.into())
+            .await?;
+        Ok(ClusterObj(cluster))
     }
 
     /// Refused with CONFLICT while the cluster still has tasks.
@@ -139,6 +155,10 @@ impl ClusterObj {
         self.0.created_at
     }
     /// When the join token was last issued.
+    /// What its tasks' runs get for the limits they leave unset.
+    async fn default_limits(&self) -> RunLimitsObj {
+        self.0.default_limits.into()
+    }
     async fn token_rotated_at(&self) -> DateTime<Utc> {
         self.0.token_rotated_at
     }
@@ -214,6 +234,16 @@ impl WorkerObj {
     }
     async fn assigned_task_count(&self) -> u64 {
         self.0.assigned
+    }
+    /// How it holds every process of a run and enforces limits, as it detected at its
+    /// start: `cgroup-v1 (freezer, pids, memory, cpu)`, `cgroup-v2 (kill, …)` or
+    /// `process-tree (…)` (no cgroups: no memory, CPU or process limits).
+    async fn containment(&self) -> Option<&str> {
+        self.0
+            .node
+            .as_ref()
+            .map(|n| n.containment.as_str())
+            .filter(|c| !c.is_empty())
     }
 }
 

@@ -11,6 +11,7 @@ use cloudtask_core::task::{TaskSpec, TaskState};
 use cloudtask_core::{Error, Result};
 
 use super::args::{parse_id, parse_optional_id};
+use super::limits::RunLimitsInput;
 use super::members::RoleGql;
 use super::runs::RunStatusGql;
 use super::tasks::{MisfirePolicyGql, OverlapPolicyGql, TaskStateGql};
@@ -80,6 +81,8 @@ pub struct CreateTaskInput {
     pub active_until: Option<DateTime<Utc>>,
     pub labels: Option<Vec<String>>,
     pub notify_emails: Option<Vec<String>>,
+    /// What each run may use; unset limits come from the cluster's defaults.
+    pub limits: Option<RunLimitsInput>,
     /// Create the task paused.
     #[graphql(default)]
     pub paused: bool,
@@ -109,6 +112,7 @@ impl CreateTaskInput {
             active_until: self.active_until,
             labels: self.labels.unwrap_or_default(),
             notify_emails: self.notify_emails.unwrap_or_default(),
+            limits: self.limits.map(Into::into).unwrap_or_default(),
         };
         let new = NewTask {
             cluster_id: parse_id("clusterId", &self.cluster_id)?,
@@ -147,6 +151,8 @@ pub struct UpdateTaskInput {
     pub active_until: MaybeUndefined<DateTime<Utc>>,
     pub labels: Option<Vec<String>>,
     pub notify_emails: Option<Vec<String>>,
+    /// Replaces the task's limits (fields omitted or null: the cluster's defaults).
+    pub limits: Option<RunLimitsInput>,
     /// Switch to another package of this tenant (e.g. back to an earlier one).
     pub package_sha256: Option<String>,
 }
@@ -177,6 +183,7 @@ impl UpdateTaskInput {
         merge_nullable(&mut spec.active_until, self.active_until);
         merge(&mut spec.labels, self.labels);
         merge(&mut spec.notify_emails, self.notify_emails);
+        merge(&mut spec.limits, self.limits.map(Into::into));
         if let Some(sha) = self.package_sha256 {
             spec.package_sha256 = Some(sha);
         }

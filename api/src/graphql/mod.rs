@@ -9,6 +9,7 @@ pub mod bounds;
 mod clusters;
 pub mod cost;
 mod inputs;
+mod limits;
 mod members;
 mod notifications;
 mod packages;

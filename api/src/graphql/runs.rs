@@ -227,6 +227,10 @@ impl RunObj {
     async fn error(&self) -> Option<&str> {
         self.0.error.as_deref()
     }
+    /// The limit that ended it (or that it hit before a stop or timeout), if one did.
+    async fn reason(&self) -> Option<super::limits::RunReasonGql> {
+        self.0.reason.map(Into::into)
+    }
     /// The worker that ran it.
     async fn worker(&self) -> Option<&str> {
         self.0.worker.as_ref().map(WorkerId::as_str)

@@ -286,6 +286,11 @@ impl TaskSpecObj {
     async fn notify_emails(&self) -> &[String] {
         &self.0.notify_emails
     }
+    /// The task's own limits for each run; null fields take the cluster's
+    /// `defaultLimits`.
+    async fn limits(&self) -> super::limits::RunLimitsObj {
+        self.0.limits.into()
+    }
 }
 
 #[derive(SimpleObject, Clone)]

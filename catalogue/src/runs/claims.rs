@@ -307,6 +307,7 @@ impl ClusterHandle {
             signal: None,
             error: claim.reason.clone(),
             finished_at: now,
+            reason: None,
         };
         self.finish(conn, existing.id.into(), &outcome).await
     }

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{ClusterId, RunId, TaskId, TenantId, WorkerId};
 use cloudtask_core::roles::Action;
-use cloudtask_core::run::{RunStatus, RunTrigger};
+use cloudtask_core::run::{RunReason, RunStatus, RunTrigger};
 use cloudtask_core::{Error, Result};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -50,6 +50,8 @@ pub struct Run {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub error: Option<String>,
+    /// Why it ended as it did, when the status alone does not say (e.g. the limit).
+    pub reason: Option<RunReason>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -85,6 +87,7 @@ impl TryFrom<run::Model> for Run {
             exit_code: m.exit_code,
             signal: m.signal,
             error: m.error,
+            reason: m.reason.as_deref().and_then(RunReason::parse),
             created_at: m.created_at,
         })
     }
@@ -120,6 +123,7 @@ fn new_run(
         error: Set(None),
         created_at: Set(now),
         stop_requested_at: Set(None),
+        reason: Set(None),
     }
 }
 

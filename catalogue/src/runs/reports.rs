@@ -176,6 +176,7 @@ impl ClusterHandle {
                     signal: None,
                     error: reasons.get(&row.id).map(|r| (*r).to_owned()),
                     finished_at: now,
+                    reason: None,
                 };
                 (row.id.into(), outcome)
             })
@@ -232,6 +233,9 @@ impl ClusterHandle {
             column(run::Column::Signal, |o| o.signal.into()),
             column(run::Column::Error, |o| o.error.clone().into()),
             column(run::Column::FinishedAt, |o| Some(o.finished_at).into()),
+            column(run::Column::Reason, |o| {
+                o.reason.map(|r| r.as_str().to_owned()).into()
+            }),
         ] {
             update = update.col_expr(name, value);
         }

@@ -295,11 +295,12 @@ mod tests {
             max_line_bytes: 4096,
             kill_grace: Duration::from_secs(1),
             hurried_grace: Duration::from_secs(1),
+            containment: crate::exec::contain::Containment::process_tree(),
         };
         let (reporter, mut reports) = Reporter::capture();
         let never = CancellationToken::new();
         let outcome = if staged {
-            let shell = stage(spec).expect("staged");
+            let shell = stage(spec, &limits.containment).expect("staged");
             execute_staged(shell, limits, &reporter, &never, &never).await
         } else {
             execute(&spec, limits, &reporter, &never, &never).await
@@ -340,6 +341,7 @@ mod tests {
                 user: Some((RUN_UID, RUN_UID)),
                 home: Some(dir.path().to_path_buf()),
             }),
+            limits: Default::default(),
         };
         let home = dir.path().display();
         for staged in [true, false] {

@@ -3,16 +3,23 @@
 //! run's identity and nothing of the worker's own (no credentials). Output is read line by
 //! line from both streams, long lines split, invalid UTF-8 replaced, capped per run, and
 //! handed to the reporter in batches while the run goes. A timeout or a stop sends SIGTERM
-//! to the whole group, then SIGKILL after the grace period; when the main process exits,
-//! whatever it left running in its group is terminated the same way.
+//! to every process of the run, then SIGKILL after the grace period; when the main
+//! process exits, whatever it left running is terminated the same way.
 //!
 //! A scheduled fire claimed ahead can be *staged* (see [`staging`]): its shell started
 //! before the fire time and held before the command, so at the fire time only a
 //! one-byte write is left.
+//!
+//! Every process of a run ends with it, group or not: [`contain`] holds them (a cgroup per
+//! run where the machine allows, else the run's process tree), and enforces the task's
+//! limits.
 
+mod cgroup;
+mod contain;
 mod group;
 pub mod identity;
 mod output;
+mod procs;
 mod staging;
 
 use std::collections::BTreeMap;
@@ -22,20 +29,23 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{RunId, TaskId};
+use cloudtask_core::limits::RunLimits;
 use cloudtask_core::run::{LogStream, Outcome, RunStatus};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::report::Reporter;
+use contain::Members;
+pub use contain::{Containment, Mode as ContainmentMode};
 use group::terminate_group;
 use output::{Line, collect, read_streams};
 #[cfg(unix)]
 pub use staging::HOLD;
 pub use staging::{Staged, stage};
 
-/// Per-run limits, from the configuration.
-#[derive(Debug, Clone, Copy)]
+/// Per-run limits, from the configuration, and how runs are held.
+#[derive(Debug, Clone)]
 pub struct ExecLimits {
     pub max_lines: u64,
     pub max_line_bytes: usize,
@@ -44,6 +54,7 @@ pub struct ExecLimits {
     /// The grace instead, when the run is stopped in a hurry (see [`execute`]): short
     /// enough that the group is gone before the worker's coordination session can expire.
     pub hurried_grace: Duration,
+    pub containment: Containment,
 }
 
 /// What to run.
@@ -59,6 +70,8 @@ pub struct RunSpec {
     pub timeout: Option<Duration>,
     /// Whom it runs as, and its home (see [`identity`]).
     pub identity: std::sync::Arc<identity::RunIdentity>,
+    /// The task's limits, its cluster's defaults filled in.
+    pub limits: RunLimits,
 }
 
 /// Variables of the worker's own environment a program may see; everything else of the
@@ -93,7 +106,7 @@ pub async fn execute(
     stop: &CancellationToken,
     hurry: &CancellationToken,
 ) -> Outcome {
-    let spawned = command(spec, false).spawn();
+    let spawned = contain::spawn(spec, &limits.containment);
     supervise_logged(spec, spawned, limits, reporter, stop, hurry).await
 }
 
@@ -110,21 +123,29 @@ pub async fn execute_staged(
     let child = staged
         .child
         .take()
+        .zip(staged.members.take())
         .ok_or_else(|| std::io::Error::other("the staged shell was run already"));
     supervise_logged(&staged.spec, child, limits, reporter, stop, hurry).await
 }
 
 async fn supervise_logged(
     spec: &RunSpec,
-    spawned: std::io::Result<Child>,
+    spawned: std::io::Result<(Child, Members)>,
     limits: ExecLimits,
     reporter: &Reporter,
     stop: &CancellationToken,
     hurry: &CancellationToken,
 ) -> Outcome {
     let (line_tx, line_rx) = mpsc::channel(1024);
-    let collector = tokio::spawn(collect(spec.run_id, line_rx, limits, reporter.clone()));
-    let outcome = supervise(spec, spawned, limits, stop, hurry, line_tx).await;
+    let collector = tokio::spawn(collect(
+        spec.run_id,
+        line_rx,
+        limits.clone(),
+        reporter.clone(),
+    ));
+    let outcome = supervise(spec, spawned, &limits, stop, hurry, line_tx).await;
+    // The output limit's hook: once the collector tells that it cut the output at
+    // `spec.limits.max_output_bytes`, the outcome is `contain::ended_by(.., OutputLimit)`.
     let _ = collector.await;
     outcome
 }
@@ -183,14 +204,14 @@ fn command(spec: &RunSpec, staged: bool) -> Command {
 
 async fn supervise(
     spec: &RunSpec,
-    spawned: std::io::Result<Child>,
-    limits: ExecLimits,
+    spawned: std::io::Result<(Child, Members)>,
+    limits: &ExecLimits,
     stop: &CancellationToken,
     hurry: &CancellationToken,
     lines: mpsc::Sender<Line>,
 ) -> Outcome {
-    let mut child = match spawned {
-        Ok(child) => child,
+    let (mut child, members) = match spawned {
+        Ok(spawned) => spawned,
         Err(e) => {
             let note = format!("cannot start the command: {e}");
             let _ = lines.send((LogStream::System, note, Utc::now())).await;
@@ -198,7 +219,6 @@ async fn supervise(
             return outcome(RunStatus::Failed, None, None, error);
         }
     };
-    let group = child.id();
     let readers = read_streams(&mut child, limits.max_line_bytes, &lines);
     let deadline = spec.timeout.map(|t| tokio::time::Instant::now() + t);
     let timed_out = async {
@@ -219,9 +239,9 @@ async fn supervise(
     };
     let (status, note, error) = match end {
         End::Exited(status) => {
-            // The main process is done; its group goes with it.
-            terminate_group(group, limits, hurry, &mut child, true).await;
-            let result = match status {
+            // The main process is done; every process of the run goes with it.
+            terminate_group(&members, limits, hurry, &mut child, true).await;
+            let mut result = match status {
                 Ok(status) => exit_outcome(status),
                 Err(e) => outcome(
                     RunStatus::Failed,
@@ -230,6 +250,9 @@ async fn supervise(
                     Some(format!("wait failed: {e}")),
                 ),
             };
+            if let Some(note) = contain::limited(&mut result, &members) {
+                let _ = lines.send((LogStream::System, note, Utc::now())).await;
+            }
             return ended(result, readers).await;
         }
         End::TimedOut => {
@@ -243,12 +266,15 @@ async fn supervise(
         }
     };
     let _ = lines.send((LogStream::System, note, Utc::now())).await;
-    let exited = terminate_group(group, limits, hurry, &mut child, false).await;
+    let exited = terminate_group(&members, limits, hurry, &mut child, false).await;
     let mut result = exited
         .map(exit_outcome)
         .unwrap_or_else(|| outcome(status, None, None, None));
     result.status = status;
     result.error = Some(error.into());
+    if let Some(note) = contain::limited(&mut result, &members) {
+        let _ = lines.send((LogStream::System, note, Utc::now())).await;
+    }
     ended(result, readers).await
 }
 
@@ -273,6 +299,7 @@ fn outcome(
         signal,
         error,
         finished_at: Utc::now(),
+        reason: None,
     }
 }
 
@@ -316,6 +343,7 @@ mod tests {
             max_line_bytes: 8,
             kill_grace: Duration::from_millis(200),
             hurried_grace: Duration::from_millis(200),
+            containment: Containment::process_tree(),
         }
     }
 
@@ -330,6 +358,7 @@ mod tests {
             workdir: dir.to_path_buf(),
             timeout: None,
             identity: Default::default(),
+            limits: RunLimits::default(),
         }
     }
 
@@ -395,7 +424,8 @@ mod tests {
     async fn a_staged_shell_runs_the_command_only_once_let_go_and_as_sh_c_would() {
         let dir = tempfile::tempdir().unwrap();
         let command = "touch ran; echo \"$0 $GREETING $CLOUDTASK_ATTEMPT [$(cat)] [${CLOUDTASK_GO-unset}]\"; nosuch";
-        let staged = stage(spec(command, dir.path())).expect("staged");
+        let staged =
+            stage(spec(command, dir.path()), &Containment::process_tree()).expect("staged");
         // Its chance to run early: it must not take it.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!dir.path().join("ran").exists(), "ran before it was let go");
@@ -416,14 +446,19 @@ mod tests {
     #[tokio::test]
     async fn a_staged_shell_dropped_runs_nothing_and_a_bad_command_fails_as_usual() {
         let dir = tempfile::tempdir().unwrap();
-        let staged = stage(spec("touch ran", dir.path())).expect("staged");
+        let staged =
+            stage(spec("touch ran", dir.path()), &Containment::process_tree()).expect("staged");
         let group = staged.child.as_ref().and_then(Child::id).expect("pid");
         drop(staged);
         group_gone(group).await;
         assert!(!dir.path().join("ran").exists());
 
         // Let go, then dropped (its job went away): the whole group goes, children too.
-        let mut staged = stage(spec("sleep 30 & touch ran; sleep 30", dir.path())).expect("staged");
+        let mut staged = stage(
+            spec("sleep 30 & touch ran; sleep 30", dir.path()),
+            &Containment::process_tree(),
+        )
+        .expect("staged");
         let group = staged.child.as_ref().and_then(Child::id).expect("pid");
         // Held in the batch class, back in the normal one right after its go line.
         #[cfg(target_os = "linux")]
@@ -444,7 +479,8 @@ mod tests {
 
         // A command that does not parse: the shell ends before it is let go, and the run
         // fails with the shell's own message.
-        let staged = stage(spec("echo (", dir.path())).expect("staged");
+        let staged =
+            stage(spec("echo (", dir.path()), &Containment::process_tree()).expect("staged");
         let (reporter, mut reports) = Reporter::capture();
         let outcome = execute_staged(staged, limits_wide(), &reporter, &never(), &never()).await;
         drop(reporter);
@@ -462,7 +498,8 @@ mod tests {
         // shells it starts inherit it, and it is theirs once let go too.
         assert!(staging::scheduling::set(0, libc::SCHED_BATCH));
         let dir = tempfile::tempdir().unwrap();
-        let mut staged = stage(spec("sleep 30", dir.path())).expect("staged");
+        let mut staged =
+            stage(spec("sleep 30", dir.path()), &Containment::process_tree()).expect("staged");
         let pid = staged.child.as_ref().and_then(Child::id).expect("pid");
         assert!(!staged.batch, "not switched: left in the worker's class");
         staged.release();

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::process::Child;
 
+use super::contain::{self, Containment, Members};
 use super::{RunSpec, command};
 
 /// Staged shells held at once, at most (fires beyond start at their time): 512, fewer
@@ -46,6 +47,9 @@ pub struct Staged {
     pub(super) spec: RunSpec,
     /// Taken by [`execute_staged`], which supervises it from then on.
     pub(super) child: Option<Child>,
+    /// Its processes (its cgroup, which it entered before it was let go); taken with
+    /// `child`.
+    pub(super) members: Option<Members>,
     /// The shell's stdin until it is let go, and its place among the staged.
     go: Option<(std::fs::File, Held)>,
     /// Whether it was put in the batch class (to put back in the normal one).
@@ -72,12 +76,17 @@ impl Drop for Staged {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        // Whatever a shell let go started outside its group.
+        if let Some(members) = self.members.as_ref().filter(|_| self.released()) {
+            members.kill();
+        }
     }
 }
 
-/// Starts the fire's shell now, held until [`Staged::release`]. None when it cannot be
-/// staged (too many held, the spawn failed, not on Unix): the fire starts at its time.
-pub fn stage(spec: RunSpec) -> Option<Staged> {
+/// Starts the fire's shell now, held until [`Staged::release`], in its cgroup when
+/// `containment` has them. None when it cannot be staged (too many held, the spawn
+/// failed, not on Unix): the fire starts at its time.
+pub fn stage(spec: RunSpec, containment: &Containment) -> Option<Staged> {
     #[cfg(unix)]
     {
         if STAGED.fetch_add(1, Ordering::Relaxed) >= max_staged() {
@@ -88,9 +97,12 @@ pub fn stage(spec: RunSpec) -> Option<Staged> {
         let mut child = command(&spec, true).spawn().ok()?;
         let batch = child.id().is_some_and(scheduling::batch);
         let stdin = child.stdin.take();
+        let cage = containment.cage(spec.run_id, &spec.limits);
+        let members = contain::enter(cage, &child, spec.run_id);
         let mut staged = Staged {
             spec,
             child: Some(child),
+            members: Some(members),
             go: None,
             batch,
         };
@@ -100,7 +112,7 @@ pub fn stage(spec: RunSpec) -> Option<Staged> {
     }
     #[cfg(not(unix))]
     {
-        let _ = spec;
+        let _ = (spec, containment);
         None
     }
 }

@@ -234,13 +234,9 @@ impl Actor {
             {
                 match shared.packages.cached(package.as_deref()) {
                     Some(workdir) => {
-                        if let Some(shell) = stage(run_spec(
-                            &node,
-                            run,
-                            &claim,
-                            workdir,
-                            shared.packages.identity(),
-                        )) {
+                        let spec =
+                            run_spec(&node, run, &claim, workdir, shared.packages.identity());
+                        if let Some(shell) = stage(spec, &shared.limits.containment) {
                             *staged.lock().expect("staged slot") = Some((node.version, shell));
                         }
                     }

@@ -305,11 +305,12 @@ async fn execute_fire(
             });
             match staged {
                 Some(shell) => {
-                    execute_staged(shell, shared.limits, &shared.reporter, stop, hurry).await
+                    execute_staged(shell, shared.limits.clone(), &shared.reporter, stop, hurry)
+                        .await
                 }
                 None => {
                     let run = run_spec(node, run_id, claim, workdir, shared.packages.identity());
-                    execute(&run, shared.limits, &shared.reporter, stop, hurry).await
+                    execute(&run, shared.limits.clone(), &shared.reporter, stop, hurry).await
                 }
             }
         }
@@ -344,6 +345,7 @@ fn unprepared(shared: &Shared, run: RunId, message: String) -> Outcome {
         signal: None,
         error: Some(message),
         finished_at: Utc::now(),
+        reason: None,
     }
 }
 
@@ -365,9 +367,12 @@ fn retry_after(spec: &TaskSpec, claim: &Claim, status: RunStatus) -> Option<Dura
 }
 
 /// Whether a held shell, staged from task version `version`, may run the fire of
-/// `node`: the same version, and its package folder still there (one stat).
+/// `node`: the same version and limits, and its package folder still there (one stat).
 fn fits(shell: &Staged, version: u32, node: &TaskNode, packages: &Packages) -> bool {
+    // The limits too: a change of the cluster's defaults keeps the task's version, and a
+    // staged shell's cgroup has the limits of when it was staged.
     version == node.version
+        && shell.spec().limits == node.limits
         && packages
             .cached(node.spec.package_sha256.as_deref())
             .as_ref()
@@ -393,6 +398,7 @@ pub(super) fn run_spec(
         workdir,
         timeout: spec.timeout_seconds.map(|s| Duration::from_secs(s as u64)),
         identity,
+        limits: node.limits,
     }
 }
 

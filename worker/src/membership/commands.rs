@@ -158,6 +158,7 @@ mod tests {
             capacity: 1,
             labels: Default::default(),
             started_at: chrono::Utc::now(),
+            containment: String::new(),
         }
     }
 

@@ -32,6 +32,7 @@ pub fn worker_node(name: &str) -> WorkerNode {
         capacity: 2,
         labels: ["gpu".to_string()].into(),
         started_at: chrono::Utc::now(),
+        containment: String::new(),
     }
 }
 

@@ -99,6 +99,7 @@ async fn waits_for_a_previous_incarnation_then_registers_as_soon_as_it_is_gone()
     let previous = WorkerNode {
         hostname: "crashed-host".into(),
         started_at: chrono::Utc::now() - chrono::Duration::minutes(5),
+        containment: String::new(),
         ..worker_node("w1")
     };
     previous_session
