@@ -67,6 +67,8 @@ pub fn test_config(database_url: String) -> Config {
         database_url,
         jwt_secret: Some(TEST_JWT_SECRET.into()),
         listen: "127.0.0.1:0".parse().expect("address"),
+        // Tests poll the API in tight loops; the budgets have tests of their own.
+        rate_requests_per_minute: 600_000,
         ..Config::default()
     }
 }

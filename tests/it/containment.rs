@@ -100,10 +100,10 @@ async fn run_of(cluster: &Cluster, task: &str, run: &str) -> Value {
         .expect("the run")
 }
 
-fn pid_dir(cluster: &Cluster) -> PathBuf {
-    let dir = cluster.data.path().join("pids");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// Where the daemons write their pids: a folder the run's own user may write in (a root
+/// worker runs tasks as an unprivileged user).
+fn pid_dir() -> tempfile::TempDir {
+    crate::harness::shared_dir()
 }
 
 #[tokio::test]
@@ -113,7 +113,8 @@ async fn daemons_that_leave_their_group_end_within_the_grace_of_a_stop_and_of_a_
     }
     let mut cluster = Cluster::start().await;
     cluster.start_worker("w1");
-    let pids = pid_dir(&cluster);
+    let pids_dir = pid_dir();
+    let pids = pids_dir.path().to_path_buf();
     let stopped = cluster
         .create_task(json!({
             "name": "daemons-stopped",
@@ -240,7 +241,8 @@ async fn a_worker_shut_down_or_crashed_leaves_no_daemon_of_its_runs() {
         return;
     }
     let cluster = Cluster::start().await;
-    let pids = pid_dir(&cluster);
+    let pids_dir = pid_dir();
+    let pids = pids_dir.path().to_path_buf();
     let data = cluster.data.path().join("w1");
     let grace = Duration::from_secs(3);
     let mut worker = worker_process(&cluster, "w1", &data, grace.as_secs());
