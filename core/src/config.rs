@@ -106,8 +106,12 @@ pub struct Config {
     pub ws_max_sockets_per_user: usize,
     /// Most log lines kept per run; past it, one SYSTEM line says how many were dropped.
     pub run_max_log_lines: u64,
-    /// Longer output lines are split at this many bytes.
+    /// Longer output lines are split at this many bytes (at most
+    /// [`crate::protocol::MAX_LINE_BYTES`], so that a line always fits a report).
     pub run_max_line_bytes: u64,
+    /// Most bytes of output kept per run; past it (or past `run_max_log_lines`), one
+    /// SYSTEM line says how much was dropped and the run is FAILED.
+    pub run_max_output_bytes: u64,
     /// After SIGTERM (timeout, stop, shutdown), how long a run's process group has before
     /// SIGKILL.
     pub run_kill_grace_secs: u64,
@@ -168,6 +172,7 @@ impl Default for Config {
             ws_max_sockets_per_user: 20,
             run_max_log_lines: 100_000,
             run_max_line_bytes: 16 << 10,
+            run_max_output_bytes: 256 << 20,
             run_kill_grace_secs: 10,
             log_format: "text".into(),
             log_level: "info,sqlx=warn".into(),
@@ -218,6 +223,7 @@ impl Config {
             ("ws_init_timeout_secs", self.ws_init_timeout_secs),
             ("run_max_log_lines", self.run_max_log_lines),
             ("run_max_line_bytes", self.run_max_line_bytes),
+            ("run_max_output_bytes", self.run_max_output_bytes),
             ("smtp_timeout_secs", self.smtp_timeout_secs),
         ] {
             if value == 0 {
@@ -306,6 +312,12 @@ impl Config {
 
     /// A worker's own keys.
     fn validate_worker(&self) -> Result<(), ConfigError> {
+        if self.run_max_line_bytes > crate::protocol::MAX_LINE_BYTES as u64 {
+            return Err(ConfigError::new(
+                "run_max_line_bytes",
+                format!("must be at most {}", crate::protocol::MAX_LINE_BYTES),
+            ));
+        }
         if !(1..=64).contains(&self.worker_capacity) {
             return Err(ConfigError::new(
                 "worker_capacity",
