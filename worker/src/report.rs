@@ -84,6 +84,7 @@ pub fn spawn(
         spool_dir,
         queue: VecDeque::new(),
         body_limit: MAX_REPORT_BODY_BYTES,
+        one_at_a_time: false,
         spooling: false,
         pending: pending_tx,
     };
@@ -98,6 +99,8 @@ struct Writer {
     queue: VecDeque<Report>,
     /// The largest request body to send: the API's limit, less after a 413.
     body_limit: usize,
+    /// Refused as too large at the smallest body limit: one report per request.
+    one_at_a_time: bool,
     /// The API failed: everything queued is in the spool file too, and what arrives is
     /// appended to it before anything else happens.
     spooling: bool,
@@ -177,6 +180,7 @@ impl Writer {
     /// Delivers the head of the queue, as many reports as fit one request, and drops them
     /// from the queue (or, refused as too large, splits them for smaller requests).
     async fn deliver_head(&mut self) -> Result<(), CallError> {
+        self.fit_head();
         let (taken, batch) = self.head_batch();
         if taken == 0 {
             return Ok(());
@@ -184,9 +188,10 @@ impl Writer {
         match self.client.reports(&batch).await {
             Ok(()) => {}
             Err(e) if e.too_large() => {
-                tracing::warn!(error = %e, limit = self.body_limit,
+                let size = json_size(&batch);
+                tracing::warn!(error = %e, size, reports = taken,
                     "run reports refused as too large; sending them in smaller requests");
-                self.shrink(taken);
+                self.shrink(size);
                 return Ok(());
             }
             Err(CallError::Refused(why)) => {
@@ -213,7 +218,8 @@ impl Writer {
         let mut batch: Vec<Report> = Vec::new();
         for report in &self.queue {
             let (n, size) = (report_lines(report), json_size(report) + 1);
-            if taken > 0 && (lines + n > MAX_REPORT_LINES || bytes + size > self.body_limit) {
+            let full = lines + n > MAX_REPORT_LINES || bytes + size > self.body_limit;
+            if taken > 0 && (full || self.one_at_a_time) {
                 break;
             }
             lines += n;
@@ -233,33 +239,51 @@ impl Writer {
         (taken, batch)
     }
 
-    /// The API refused the head's `taken` reports as too large: smaller requests from now
-    /// on, and the head split (or, one line too large alone, cut) to fit them.
-    fn shrink(&mut self, taken: usize) {
-        if taken > 1 || self.body_limit > MIN_BODY_BYTES {
-            self.body_limit = (self.body_limit / 2).max(MIN_BODY_BYTES);
+    /// The API refused a request of `size` bytes as too large: half that from now on; at
+    /// the smallest size, one report per request, and the head split in two (or, one
+    /// line too large alone, cut) each time it is refused.
+    fn shrink(&mut self, size: usize) {
+        let smaller = (size.min(self.body_limit) / 2).max(MIN_BODY_BYTES);
+        if smaller < self.body_limit {
+            self.body_limit = smaller;
+            return;
         }
-        let head = self.queue.pop_front().expect("a refused head");
-        let mut pieces = fit(head, self.body_limit);
-        if pieces.len() == 1 && taken == 1 {
-            // Refused alone at the smallest limit: split its lines, or cut its one line.
-            pieces = match pieces.pop().expect("one piece") {
-                Report::Logs { run, mut lines } if lines.len() > 1 => {
-                    let rest = lines.split_off(lines.len() / 2);
-                    vec![Report::Logs { run, lines }, Report::Logs { run, lines: rest }]
-                }
-                Report::Logs { run, mut lines } if lines[0].text.len() > MIN_BODY_BYTES / 4 => {
-                    cut(&mut lines[0], MIN_BODY_BYTES / 4);
-                    vec![Report::Logs { run, lines }]
-                }
-                refused => {
-                    tracing::error!(run = %refused.run(), limit = self.body_limit,
-                        "a run report is refused as too large at the smallest size and is dropped");
-                    Vec::new()
-                }
-            };
+        if !self.one_at_a_time {
+            self.one_at_a_time = true;
+            return;
         }
+        let pieces = match self.queue.pop_front().expect("a refused head") {
+            Report::Logs { run, mut lines } if lines.len() > 1 => {
+                let rest = lines.split_off(lines.len() / 2);
+                vec![Report::Logs { run, lines }, Report::Logs { run, lines: rest }]
+            }
+            Report::Logs { run, mut lines } if lines[0].text.len() > MIN_BODY_BYTES / 8 => {
+                let keep = lines[0].text.len() / 2;
+                cut(&mut lines[0], keep);
+                vec![Report::Logs { run, lines }]
+            }
+            refused => {
+                tracing::error!(run = %refused.run(), limit = self.body_limit,
+                    "a run report is refused as too large at the smallest size and is dropped");
+                Vec::new()
+            }
+        };
         for piece in pieces.into_iter().rev() {
+            self.queue.push_front(piece);
+        }
+    }
+
+    /// Splits the head of the queue if it does not fit a request now (the limit shrank
+    /// since it was queued).
+    fn fit_head(&mut self) {
+        let Some(head) = self.queue.front() else {
+            return;
+        };
+        if json_size(head) + ENVELOPE_BYTES <= self.body_limit {
+            return;
+        }
+        let head = self.queue.pop_front().expect("a head");
+        for piece in fit(head, self.body_limit).into_iter().rev() {
             self.queue.push_front(piece);
         }
     }
@@ -405,4 +429,165 @@ fn cut(line: &mut LogLine, keep: usize) {
     line.text.push_str(&format!(
         " [cut by the worker: {cut} more bytes of this line did not fit a report]"
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::extract::DefaultBodyLimit;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use cloudtask_core::ids::RunId;
+    use cloudtask_core::protocol::ReportBatch;
+    use cloudtask_core::run::{LogStream, Outcome, RunStatus};
+
+    use super::*;
+
+    /// Requests the stand-in API took, and how many it refused as too large.
+    #[derive(Default)]
+    struct Taken {
+        batches: Vec<Vec<Report>>,
+        refused: usize,
+    }
+
+    /// A real HTTP server that takes `/worker/reports` bodies of at most `limit` bytes,
+    /// as the API does (axum's body limit, 413 past it).
+    async fn small_api(limit: usize) -> (String, Arc<Mutex<Taken>>) {
+        let taken = Arc::new(Mutex::new(Taken::default()));
+        let state = taken.clone();
+        let app = axum::Router::new()
+            .route(
+                "/worker/reports",
+                post(
+                    async move |body: Result<axum::Json<ReportBatch>, axum::extract::rejection::JsonRejection>| {
+                        match body {
+                            Ok(axum::Json(batch)) => {
+                                state.lock().unwrap().batches.push(batch.reports);
+                                StatusCode::NO_CONTENT
+                            }
+                            Err(rejection) => {
+                                state.lock().unwrap().refused += 1;
+                                rejection.status()
+                            }
+                        }
+                    },
+                ),
+            )
+            .layer(DefaultBodyLimit::max(limit));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, taken)
+    }
+
+    fn line(offset: u64, text: String) -> LogLine {
+        LogLine {
+            offset,
+            stream: LogStream::Stdout,
+            at: chrono::Utc::now(),
+            text,
+        }
+    }
+
+    #[tokio::test]
+    async fn reports_refused_as_too_large_are_split_and_delivered_in_order() {
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        // The worker believes the API takes MAX_REPORT_BODY_BYTES; this one takes 24 KiB.
+        let (url, taken) = small_api(24 << 10).await;
+        let client = Arc::new(ApiClient::new(
+            &url,
+            "token",
+            "credential".into(),
+            CancellationToken::new(),
+        ));
+        let spool = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let (reporter, writer) = spawn(client, spool.path().to_path_buf(), shutdown.clone());
+        let run = RunId::new();
+        // 300 lines of 1 KiB in one report (300 KiB), then one line of 40 KiB (more than
+        // the API takes in a request on its own), then the outcome.
+        let lines = (0..300).map(|i| line(i, format!("{i:04} {}", "x".repeat(1019)))).collect();
+        reporter.send(Report::Logs { run, lines });
+        let huge = format!("{}\0{}", "y".repeat(20_000), "z".repeat(20_000));
+        reporter.send(Report::Logs {
+            run,
+            lines: vec![line(300, huge)],
+        });
+        let outcome = Outcome {
+            status: RunStatus::Succeeded,
+            exit_code: Some(0),
+            signal: None,
+            error: None,
+            finished_at: chrono::Utc::now(),
+        };
+        reporter.send(Report::Finish { run, outcome });
+
+        let finished = |t: &Taken| {
+            t.batches
+                .iter()
+                .flatten()
+                .any(|r| matches!(r, Report::Finish { .. }))
+        };
+        let delivered = async {
+            while !finished(&taken.lock().unwrap()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), delivered)
+            .await
+            .expect("every report delivered in time");
+        shutdown.cancel();
+        writer.await.unwrap();
+
+        let taken = taken.lock().unwrap();
+        assert!(taken.refused > 0, "the API refused nothing: the test tests nothing");
+        let reports: Vec<&Report> = taken.batches.iter().flatten().collect();
+        let lines: Vec<&LogLine> = reports
+            .iter()
+            .filter_map(|r| match r {
+                Report::Logs { lines, .. } => Some(lines),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let offsets: Vec<u64> = lines.iter().map(|l| l.offset).collect();
+        assert_eq!(offsets, (0..=300).collect::<Vec<u64>>(), "each line once, in order");
+        assert!(matches!(reports.last(), Some(Report::Finish { .. })), "the outcome last");
+        for (i, l) in lines[..300].iter().enumerate() {
+            assert_eq!(l.text, format!("{i:04} {}", "x".repeat(1019)));
+        }
+        // The line too large alone: cut, and the cut said.
+        let last = &lines[300].text;
+        assert!(last.starts_with("yyyy"), "{}", &last[..40]);
+        assert!(last.len() < 24 << 10);
+        assert!(
+            last.ends_with("more bytes of this line did not fit a report]"),
+            "{}",
+            &last[last.len() - 80..]
+        );
+        for batch in &taken.batches {
+            assert!(json_size(&ReportBatch { reports: batch.clone() }) <= 24 << 10);
+        }
+    }
+
+    #[test]
+    fn a_report_too_large_for_one_request_is_split_to_fit() {
+        let run = RunId::new();
+        let lines: Vec<LogLine> = (0..12_000).map(|i| line(i, "\0".repeat(50))).collect();
+        let pieces = fit(Report::Logs { run, lines }, 64 << 10);
+        let mut next = 0;
+        for piece in &pieces {
+            let Report::Logs { lines, .. } = piece else {
+                panic!("only log reports")
+            };
+            assert!(lines.len() <= MAX_REPORT_LINES);
+            assert!(json_size(piece) + ENVELOPE_BYTES <= 64 << 10);
+            for l in lines {
+                assert_eq!(l.offset, next);
+                next += 1;
+            }
+        }
+        assert_eq!(next, 12_000);
+    }
 }
