@@ -14,6 +14,7 @@ mod health;
 mod hostile;
 mod isolation;
 mod notifications;
+mod output;
 mod roles;
 mod standalone;
 mod subscriptions;

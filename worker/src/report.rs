@@ -255,7 +255,10 @@ impl Writer {
         let pieces = match self.queue.pop_front().expect("a refused head") {
             Report::Logs { run, mut lines } if lines.len() > 1 => {
                 let rest = lines.split_off(lines.len() / 2);
-                vec![Report::Logs { run, lines }, Report::Logs { run, lines: rest }]
+                vec![
+                    Report::Logs { run, lines },
+                    Report::Logs { run, lines: rest },
+                ]
             }
             Report::Logs { run, mut lines } if lines[0].text.len() > MIN_BODY_BYTES / 8 => {
                 let keep = lines[0].text.len() / 2;
@@ -460,7 +463,10 @@ mod tests {
             .route(
                 "/worker/reports",
                 post(
-                    async move |body: Result<axum::Json<ReportBatch>, axum::extract::rejection::JsonRejection>| {
+                    async move |body: Result<
+                        axum::Json<ReportBatch>,
+                        axum::extract::rejection::JsonRejection,
+                    >| {
                         match body {
                             Ok(axum::Json(batch)) => {
                                 state.lock().unwrap().batches.push(batch.reports);
@@ -507,7 +513,9 @@ mod tests {
         let run = RunId::new();
         // 300 lines of 1 KiB in one report (300 KiB), then one line of 40 KiB (more than
         // the API takes in a request on its own), then the outcome.
-        let lines = (0..300).map(|i| line(i, format!("{i:04} {}", "x".repeat(1019)))).collect();
+        let lines = (0..300)
+            .map(|i| line(i, format!("{i:04} {}", "x".repeat(1019))))
+            .collect();
         reporter.send(Report::Logs { run, lines });
         let huge = format!("{}\0{}", "y".repeat(20_000), "z".repeat(20_000));
         reporter.send(Report::Logs {
@@ -541,7 +549,10 @@ mod tests {
         writer.await.unwrap();
 
         let taken = taken.lock().unwrap();
-        assert!(taken.refused > 0, "the API refused nothing: the test tests nothing");
+        assert!(
+            taken.refused > 0,
+            "the API refused nothing: the test tests nothing"
+        );
         let reports: Vec<&Report> = taken.batches.iter().flatten().collect();
         let lines: Vec<&LogLine> = reports
             .iter()
@@ -552,8 +563,15 @@ mod tests {
             .flatten()
             .collect();
         let offsets: Vec<u64> = lines.iter().map(|l| l.offset).collect();
-        assert_eq!(offsets, (0..=300).collect::<Vec<u64>>(), "each line once, in order");
-        assert!(matches!(reports.last(), Some(Report::Finish { .. })), "the outcome last");
+        assert_eq!(
+            offsets,
+            (0..=300).collect::<Vec<u64>>(),
+            "each line once, in order"
+        );
+        assert!(
+            matches!(reports.last(), Some(Report::Finish { .. })),
+            "the outcome last"
+        );
         for (i, l) in lines[..300].iter().enumerate() {
             assert_eq!(l.text, format!("{i:04} {}", "x".repeat(1019)));
         }
@@ -567,7 +585,11 @@ mod tests {
             &last[last.len() - 80..]
         );
         for batch in &taken.batches {
-            assert!(json_size(&ReportBatch { reports: batch.clone() }) <= 24 << 10);
+            assert!(
+                json_size(&ReportBatch {
+                    reports: batch.clone()
+                }) <= 24 << 10
+            );
         }
     }
 

@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::report::Reporter;
 use group::terminate_group;
-use output::{LineSink, read_streams};
 pub use output::OutputSummary;
+use output::{LineSink, read_streams};
 #[cfg(unix)]
 pub use staging::HOLD;
 pub use staging::{Staged, stage};
@@ -375,7 +375,9 @@ mod tests {
         assert_eq!(texts[..5], ["abcdefgh", "ijkl", "\\xffok", "1", "2"]);
         assert_eq!(lines[5].stream, LogStream::System);
         assert!(
-            lines[5].text.contains("4 more lines (4 bytes) were dropped"),
+            lines[5]
+                .text
+                .contains("4 more lines (4 bytes) were dropped"),
             "{:?}",
             lines[5]
         );

@@ -142,7 +142,7 @@ async fn read_lines(stream: impl AsyncRead + Unpin, which: LogStream, max: usize
         }
         if discarding {
             // Count what is read, keep nothing.
-            let newlines = available.iter().filter(|&&b| b == b'\n').count();
+            let newlines = memchr::memchr_iter(b'\n', available).count();
             overflow.count(newlines, available.len() - newlines);
             open = available.last() != Some(&b'\n');
             let used = available.len();
@@ -151,7 +151,7 @@ async fn read_lines(stream: impl AsyncRead + Unpin, which: LogStream, max: usize
         }
         let room = max.saturating_sub(line.len()).max(1);
         let window = &available[..available.len().min(room)];
-        let (used, piece) = match window.iter().position(|&b| b == b'\n') {
+        let (used, piece) = match memchr::memchr(b'\n', window) {
             Some(newline) => {
                 line.extend_from_slice(&window[..newline]);
                 (newline + 1, Some(line.len()))
@@ -251,8 +251,8 @@ async fn collect(
         }) = received
         {
             let size = bytes as u64;
-            let over = summary.lines >= limits.max_lines
-                || summary.bytes + size > limits.max_output_bytes;
+            let over =
+                summary.lines >= limits.max_lines || summary.bytes + size > limits.max_output_bytes;
             if stream != LogStream::System && (over || cap.reached) {
                 if !cap.reached {
                     cap.reached = true;
