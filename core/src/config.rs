@@ -172,7 +172,7 @@ impl Default for Config {
             ws_max_sockets_per_user: 20,
             run_max_log_lines: 100_000,
             run_max_line_bytes: 16 << 10,
-            run_max_output_bytes: 256 << 20,
+            run_max_output_bytes: 64 << 20,
             run_kill_grace_secs: 10,
             log_format: "text".into(),
             log_level: "info,sqlx=warn".into(),
