@@ -158,11 +158,23 @@ impl Writer {
         self.spool_all().await;
     }
 
-    /// Everything waiting in the channel, without blocking.
+    /// Everything waiting in the channel, without blocking (spooled, if it must be, in
+    /// one write: log lines come in many small reports).
     async fn take(&mut self, rx: &mut mpsc::UnboundedReceiver<Report>) {
+        let mut taken = Vec::new();
         while let Ok(report) = rx.try_recv() {
-            self.accept(report).await;
+            taken.push(report);
         }
+        if taken.is_empty() {
+            return;
+        }
+        if self.spooling {
+            self.append(&taken).await;
+        }
+        let limit = self.body_limit;
+        self.queue
+            .extend(taken.into_iter().flat_map(|r| fit(r, limit)));
+        self.publish();
     }
 
     async fn accept(&mut self, report: Report) {
