@@ -11,7 +11,10 @@
 //!   replica B (graphql-transport-ws). At 1 line/s (a quiet run, what users watch most)
 //!   and at 50,000 lines/s, each line's latency is when the subscriber got it minus its
 //!   `at`. Against a bare Postgres NOTIFY → LISTEN on the same server, in the same run.
-//!   The program is this benchmark itself, started with `--emit RATE SECONDS`.
+//!   The program is this benchmark itself, started with `--emit RATE SECONDS`. Each live
+//!   case also prints when the program ended, when the API had stored every line, and
+//!   when the subscriber had every line: where a backlog builds. `LOGS_BENCH_LOUD_ONLY=1`
+//!   shortens the quiet case to 3 s (for quick runs; its figures then mean little).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -320,9 +323,19 @@ async fn live(setup: &Setup, replica: &TestApi, rate: u64, seconds: u64) -> (f64
     let outcome = execute(&spec, limits, &reporter, &never, &never).await;
     assert_eq!(outcome.status, RunStatus::Succeeded, "{outcome:?}");
     // As the worker's engine does: the outcome after the lines; the subscription completes.
+    let exited = started.elapsed();
     reporter.send(Report::Finish { run, outcome });
+    reporter.delivered().await;
+    let stored = started.elapsed();
     let mut latencies = follower.await.unwrap();
     let elapsed = started.elapsed();
+    // Where a backlog builds: the program's end, everything stored, everything followed.
+    eprintln!(
+        "{rate} lines/s: program ended at {:.1} s, all stored at {:.1} s, all followed at {:.1} s",
+        exited.as_secs_f64(),
+        stored.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
     shutdown.cancel();
     writer.await.unwrap();
     assert_eq!(
@@ -351,7 +364,11 @@ async fn main() {
 
     // Live: the worker reports to replica A, the subscriber follows on replica B.
     let replica = setup.api.replica().await;
-    let quiet = live(&setup, &replica, 1, QUIET_SECONDS).await;
+    let quiet = if std::env::var_os("LOGS_BENCH_LOUD_ONLY").is_some() {
+        live(&setup, &replica, 1, 3).await
+    } else {
+        live(&setup, &replica, 1, QUIET_SECONDS).await
+    };
     let loud = live(&setup, &replica, LOUD_RATE, LOUD_SECONDS).await;
     let bare = notify_latency(&setup, 1_000).await;
 
