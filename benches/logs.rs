@@ -5,11 +5,19 @@
 //!   (4 writers, as 4 workers would, each posting its batches in order), against the same
 //!   batches handed straight to the catalogue (no HTTP, JSON or auth) at the same
 //!   concurrency.
-//! - Live latency: the same writers paced at 50,000 lines/s through replica A, while
-//!   `runLogs` subscribers on replica B follow every run; a line's latency is the time the
-//!   subscriber got it minus the time its batch was posted (stamped in the line). Against
-//!   a bare Postgres NOTIFY → LISTEN on the same server.
+//! - Live latency, the whole way a line goes: a real program's line read by the worker's
+//!   output reader (the line's `at`), through its collector and reporter, `POST
+//!   /worker/reports` on replica A, Postgres and its NOTIFY, to a `runLogs` subscriber on
+//!   replica B (graphql-transport-ws). At 1 line/s (a quiet run, what users watch most)
+//!   and at 50,000 lines/s, each line's latency is when the subscriber got it minus its
+//!   `at`. Against a bare Postgres NOTIFY → LISTEN on the same server, in the same run.
+//!   The program is this benchmark itself, started with `--emit RATE SECONDS`. Each live
+//!   case also prints when the program ended, when the API had stored every line, and
+//!   when the subscriber had every line: where a backlog builds. `LOGS_BENCH_LOUD_ONLY=1`
+//!   shortens the quiet case to 3 s (for quick runs; its figures then mean little).
 
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,7 +33,9 @@ const WRITERS: usize = 4;
 const RUNS_PER_WRITER: usize = 2;
 const BATCH_LINES: usize = 1_000;
 const SECONDS: u64 = 10;
-const PACED_RATE: usize = 50_000;
+const LOUD_RATE: u64 = 50_000;
+const LOUD_SECONDS: u64 = 10;
+const QUIET_SECONDS: u64 = 40;
 
 fn now_micros() -> u128 {
     SystemTime::now()
@@ -63,6 +73,7 @@ struct Setup {
     cluster: ClusterId,
     task: TaskId,
     credential: String,
+    join_token: String,
     owner_token: String,
 }
 
@@ -93,6 +104,7 @@ async fn setup() -> Setup {
             .parse()
             .unwrap(),
         credential: joined["credential"].as_str().unwrap().to_owned(),
+        join_token: tenant.join_token.clone(),
         owner_token: tenant.owner.token.clone().unwrap(),
         api,
     }
@@ -131,13 +143,12 @@ async fn runs(setup: &Setup, count: usize) -> Vec<RunId> {
 /// straight to the catalogue.
 async fn ingest(setup: &Setup, over_http: bool) -> f64 {
     let all = runs(setup, WRITERS * RUNS_PER_WRITER).await;
-    write(setup, &all, over_http, None).await
+    write(setup, &all, over_http).await
 }
 
 /// `WRITERS` writers over `all` runs (each its own, in order, as a worker reports) for
-/// `SECONDS`: batches of `BATCH_LINES` as fast as they go, or every 20 ms `paced` lines.
-/// Returns lines/s.
-async fn write(setup: &Setup, all: &[RunId], over_http: bool, paced: Option<usize>) -> f64 {
+/// `SECONDS`: batches of `BATCH_LINES` as fast as they go. Returns lines/s.
+async fn write(setup: &Setup, all: &[RunId], over_http: bool) -> f64 {
     let started = Instant::now();
     let mut handles = Vec::new();
     for runs in all.chunks(RUNS_PER_WRITER) {
@@ -150,13 +161,8 @@ async fn write(setup: &Setup, all: &[RunId], over_http: bool, paced: Option<usiz
         handles.push(tokio::spawn(async move {
             let mut next = vec![0u64; runs.len()];
             let mut written = 0usize;
-            let mut tick = tokio::time::interval(Duration::from_millis(20));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             while started.elapsed() < Duration::from_secs(SECONDS) {
-                if paced.is_some() {
-                    tick.tick().await;
-                }
-                let reports = batch(&runs, &mut next, paced.unwrap_or(BATCH_LINES));
+                let reports = batch(&runs, &mut next, BATCH_LINES);
                 written += reports
                     .iter()
                     .map(|r| match r {
@@ -221,9 +227,136 @@ async fn notify_latency(setup: &Setup, samples: usize) -> Vec<Duration> {
     latencies
 }
 
+/// `--emit RATE SECONDS`: prints RATE numbered lines a second for SECONDS, evenly (at
+/// most a millisecond's worth at once), flushing each burst.
+fn emit(rate: u64, seconds: u64) {
+    let started = Instant::now();
+    let total = rate * seconds;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut sent = 0;
+    while sent < total {
+        let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
+        while sent < due {
+            writeln!(out, "{sent} emitted by the live latency benchmark").unwrap();
+            sent += 1;
+        }
+        out.flush().unwrap();
+        let next = Duration::from_secs_f64(sent as f64 / rate as f64);
+        let wait = next.saturating_sub(started.elapsed());
+        std::thread::sleep(
+            wait.max(Duration::from_micros(500))
+                .min(Duration::from_millis(1_000)),
+        );
+    }
+}
+
+/// Live latency of `rate` lines/s for `seconds`: a program run by the worker's own exec,
+/// output and reporter, reporting to replica A; a subscriber on replica B. Returns
+/// (lines/s delivered, sorted latencies).
+async fn live(setup: &Setup, replica: &TestApi, rate: u64, seconds: u64) -> (f64, Vec<Duration>) {
+    use cloudtask_worker::exec::{ExecLimits, RunSpec, execute};
+    let run = runs(setup, 1).await[0];
+    // The subscriber first, caught up (nothing stored yet) before the program starts.
+    let mut socket = GqlSocket::connect(&replica.url, &setup.owner_token).await;
+    socket
+        .subscribe(
+            "logs",
+            "subscription($r: ID!) { runLogs(runId: $r) { offset at } }",
+            json!({ "r": run }),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let follower = tokio::spawn(async move {
+        let mut latencies = Vec::new();
+        let mut expected = 0u64;
+        loop {
+            match socket.reply("logs", Duration::from_secs(60)).await {
+                Reply::Next(payload) => {
+                    let got = Utc::now();
+                    let line = &payload["data"]["runLogs"];
+                    assert_eq!(
+                        line["offset"].as_u64(),
+                        Some(expected),
+                        "no gap, no duplicate"
+                    );
+                    expected += 1;
+                    let at: chrono::DateTime<Utc> = line["at"].as_str().unwrap().parse().unwrap();
+                    latencies.push((got - at).to_std().unwrap_or_default());
+                }
+                Reply::Complete => return latencies,
+                Reply::Error(e) => panic!("{e}"),
+            }
+        }
+    });
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let client = Arc::new(cloudtask_worker::ApiClient::new(
+        &setup.api.url,
+        &setup.join_token,
+        setup.credential.clone(),
+        shutdown.clone(),
+    ));
+    let spool = tempfile::tempdir().unwrap();
+    let (reporter, writer) =
+        cloudtask_worker::report::spawn(client, spool.path().to_path_buf(), shutdown.clone());
+    let workdir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let spec = RunSpec {
+        run_id: run,
+        task_id: setup.task,
+        scheduled_at: Utc::now(),
+        attempt: 0,
+        command: format!("'{}' --emit {rate} {seconds}", exe.display()),
+        env: BTreeMap::new(),
+        workdir: workdir.path().to_path_buf(),
+        timeout: None,
+        identity: Default::default(),
+        limits: Default::default(),
+    };
+    let limits = ExecLimits {
+        max_lines: 10_000_000,
+        max_output_bytes: 1 << 30,
+        max_line_bytes: 16 << 10,
+        kill_grace: Duration::from_secs(1),
+        hurried_grace: Duration::from_secs(1),
+        containment: cloudtask_worker::exec::Containment::process_tree(),
+    };
+    let never = tokio_util::sync::CancellationToken::new();
+    let started = Instant::now();
+    let outcome = execute(&spec, limits, &reporter, &never, &never).await;
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{outcome:?}");
+    // As the worker's engine does: the outcome after the lines; the subscription completes.
+    let exited = started.elapsed();
+    reporter.send(Report::Finish { run, outcome });
+    reporter.delivered().await;
+    let stored = started.elapsed();
+    let mut latencies = follower.await.unwrap();
+    let elapsed = started.elapsed();
+    // Where a backlog builds: the program's end, everything stored, everything followed.
+    eprintln!(
+        "{rate} lines/s: program ended at {:.1} s, all stored at {:.1} s, all followed at {:.1} s",
+        exited.as_secs_f64(),
+        stored.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+    shutdown.cancel();
+    writer.await.unwrap();
+    assert_eq!(
+        latencies.len() as u64,
+        rate * seconds,
+        "every line delivered"
+    );
+    latencies.sort();
+    (latencies.len() as f64 / elapsed.as_secs_f64(), latencies)
+}
+
 #[tokio::main]
 async fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--emit") {
+        return emit(args[at + 1].parse().unwrap(), args[at + 2].parse().unwrap());
+    }
+    if !args.iter().any(|a| a == "--bench") {
         // `cargo test --all-targets` runs bench targets without `--bench`: nothing to do.
         return;
     }
@@ -232,97 +365,14 @@ async fn main() {
     let direct = ingest(&setup, false).await;
     let http = ingest(&setup, true).await;
 
-    // Live: subscribers on replica B follow the runs the paced writers fill through A.
+    // Live: the worker reports to replica A, the subscriber follows on replica B.
     let replica = setup.api.replica().await;
-    let runs_for_latency = runs(&setup, WRITERS * RUNS_PER_WRITER).await;
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut followers = Vec::new();
-    let subscribed = Arc::new(tokio::sync::Barrier::new(runs_for_latency.len() + 1));
-    for run in runs_for_latency.clone() {
-        let url = replica.url.clone();
-        let token = setup.owner_token.clone();
-        let latencies = latencies.clone();
-        let subscribed = subscribed.clone();
-        followers.push(tokio::spawn(async move {
-            let mut socket = GqlSocket::connect(&url, &token).await;
-            socket
-                .subscribe(
-                    "logs",
-                    "subscription($r: ID!) { runLogs(runId: $r) { offset text } }",
-                    json!({ "r": run }),
-                )
-                .await;
-            subscribed.wait().await;
-            let mut expected = 0u64;
-            loop {
-                match socket.reply("logs", Duration::from_secs(30)).await {
-                    Reply::Next(payload) => {
-                        let got = now_micros();
-                        let line = &payload["data"]["runLogs"];
-                        assert_eq!(
-                            line["offset"].as_u64(),
-                            Some(expected),
-                            "no gap, no duplicate"
-                        );
-                        expected += 1;
-                        let stamp: u128 = line["text"]
-                            .as_str()
-                            .unwrap()
-                            .split(' ')
-                            .next()
-                            .unwrap()
-                            .parse()
-                            .unwrap();
-                        latencies
-                            .lock()
-                            .unwrap()
-                            .push(Duration::from_micros((got.saturating_sub(stamp)) as u64));
-                    }
-                    Reply::Complete => return expected,
-                    Reply::Error(e) => panic!("{e}"),
-                }
-            }
-        }));
-    }
-    subscribed.wait().await;
-    // Give the subscriptions a moment to be in place server-side (they replay from 0,
-    // so nothing is lost either way; this keeps the replay out of the latency figures).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let paced = write(
-        &setup,
-        &runs_for_latency,
-        true,
-        Some(PACED_RATE / WRITERS / 50),
-    )
-    .await;
-    // End the runs so the subscriptions complete.
-    let finish: Vec<Report> = runs_for_latency
-        .iter()
-        .map(|run| Report::Finish {
-            run: *run,
-            outcome: cloudtask_core::run::Outcome {
-                status: RunStatus::Succeeded,
-                exit_code: Some(0),
-                signal: None,
-                error: None,
-                finished_at: Utc::now(),
-                reason: None,
-            },
-        })
-        .collect();
-    setup
-        .api
-        .catalogue
-        .cluster(setup.cluster)
-        .ingest_reports(&finish)
-        .await
-        .unwrap();
-    let mut delivered = 0;
-    for follower in followers {
-        delivered += follower.await.unwrap();
-    }
-    let mut latencies = latencies.lock().unwrap().clone();
-    latencies.sort();
+    let quiet = if std::env::var_os("LOGS_BENCH_LOUD_ONLY").is_some() {
+        live(&setup, &replica, 1, 3).await
+    } else {
+        live(&setup, &replica, 1, QUIET_SECONDS).await
+    };
+    let loud = live(&setup, &replica, LOUD_RATE, LOUD_SECONDS).await;
     let bare = notify_latency(&setup, 1_000).await;
 
     println!();
@@ -332,14 +382,19 @@ async fn main() {
         "| ingest, {WRITERS} writers, batches of {BATCH_LINES} lines, {SECONDS} s | {http:.0} lines/s through POST /worker/reports | {direct:.0} lines/s straight to the catalogue | {:.2} |",
         http / direct
     );
-    println!(
-        "| live: {paced:.0} lines/s through replica A, {} runLogs subscribers on replica B | {delivered} lines delivered; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | NOTIFY → LISTEN p50 {:.2} ms, p99 {:.2} ms | p99 {:.1}× |",
-        runs_for_latency.len(),
-        ms(percentile(&latencies, 0.5)),
-        ms(percentile(&latencies, 0.99)),
-        ms(*latencies.last().unwrap()),
-        ms(percentile(&bare, 0.5)),
-        ms(percentile(&bare, 0.99)),
-        ms(percentile(&latencies, 0.99)) / ms(percentile(&bare, 0.99)),
-    );
+    for (name, (rate, latencies)) in [
+        (format!("1 line/s for {QUIET_SECONDS} s"), quiet),
+        (format!("{LOUD_RATE} lines/s for {LOUD_SECONDS} s"), loud),
+    ] {
+        println!(
+            "| live, {name}: worker line read → worker API on replica A → runLogs subscriber on replica B | {} lines ({rate:.0} lines/s); latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | NOTIFY → LISTEN p50 {:.2} ms, p99 {:.2} ms | p99 {:.1}× |",
+            latencies.len(),
+            ms(percentile(&latencies, 0.5)),
+            ms(percentile(&latencies, 0.99)),
+            ms(*latencies.last().unwrap()),
+            ms(percentile(&bare, 0.5)),
+            ms(percentile(&bare, 0.99)),
+            ms(percentile(&latencies, 0.99)) / ms(percentile(&bare, 0.99)),
+        );
+    }
 }

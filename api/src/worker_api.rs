@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Extension, FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::Response;
@@ -17,7 +17,7 @@ use cloudtask_core::Error;
 use cloudtask_core::ids::{RunId, TaskId, WorkerId};
 use cloudtask_core::protocol::{
     Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, FireCursor, JoinRequest, JoinedCluster,
-    MAX_CLAIM_BATCH, ReportBatch, StartRequest, Started,
+    MAX_CLAIM_BATCH, MAX_REPORT_BODY_BYTES, ReportBatch, StartRequest, Started,
 };
 use cloudtask_core::run::RunStatus;
 
@@ -40,7 +40,10 @@ pub fn routes(state: Arc<AppState>) -> axum::Router {
         .route("/worker/claims/batch", post(claim_batch))
         .route("/worker/tasks/{task_id}/cursor", get(fire_cursor))
         .route("/worker/runs/{run_id}/start", post(start))
-        .route("/worker/reports", post(reports))
+        .route(
+            "/worker/reports",
+            post(reports).layer(DefaultBodyLimit::max(MAX_REPORT_BODY_BYTES)),
+        )
         .with_state(state)
 }
 
@@ -264,7 +267,8 @@ async fn start(
 }
 
 /// Log lines and outcomes of any of the cluster's runs, in one request and one
-/// transaction; idempotent like the per-run endpoints.
+/// transaction; idempotent like the per-run endpoints. Bodies up to
+/// `MAX_REPORT_BODY_BYTES` (413 past it: the worker splits the batch and sends it again).
 async fn reports(worker: ClusterWorker, Json(batch): Json<ReportBatch>) -> Answer<StatusCode> {
     worker.cluster.ingest_reports(&batch.reports).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -12,7 +12,7 @@ use crate::entities::{run, run_log_line};
 use crate::{Catalogue, Run, TenantHandle};
 
 /// Most log lines one request may carry.
-pub const MAX_LOG_BATCH: usize = 5_000;
+pub const MAX_LOG_BATCH: usize = cloudtask_core::protocol::MAX_REPORT_LINES;
 
 impl TryFrom<run_log_line::Model> for LogLine {
     type Error = Error;
@@ -34,8 +34,8 @@ pub(crate) fn log_row(run_id: RunId, line: &LogLine) -> run_log_line::ActiveMode
         offset: Set(line.offset as i64),
         stream: Set(line.stream.as_str().into()),
         at: Set(line.at),
-        // Postgres text cannot hold NUL.
-        line: Set(line.text.replace('\0', "\u{fffd}")),
+        // Postgres text cannot hold NUL: written as workers escape it (`\x00`).
+        line: Set(line.text.replace('\0', "\\x00")),
     }
 }
 

@@ -123,8 +123,12 @@ pub struct Config {
     pub rate_cost_per_minute: u64,
     /// Most log lines kept per run; past it, one SYSTEM line says how many were dropped.
     pub run_max_log_lines: u64,
-    /// Longer output lines are split at this many bytes.
+    /// Longer output lines are split at this many bytes (at most
+    /// [`crate::protocol::MAX_LINE_BYTES`], so that a line always fits a report).
     pub run_max_line_bytes: u64,
+    /// Most bytes of output kept per run; past it (or past `run_max_log_lines`), one
+    /// SYSTEM line says how much was dropped and the run is FAILED.
+    pub run_max_output_bytes: u64,
     /// After SIGTERM (timeout, stop, shutdown), how long a run's process group has before
     /// SIGKILL.
     pub run_kill_grace_secs: u64,
@@ -196,6 +200,7 @@ impl Default for Config {
             rate_cost_per_minute: 20_000_000,
             run_max_log_lines: 100_000,
             run_max_line_bytes: 16 << 10,
+            run_max_output_bytes: 64 << 20,
             run_kill_grace_secs: 10,
             containment: "auto".into(),
             log_format: "text".into(),
@@ -303,6 +308,7 @@ impl Config {
             ("ws_init_timeout_secs", self.ws_init_timeout_secs),
             ("run_max_log_lines", self.run_max_log_lines),
             ("run_max_line_bytes", self.run_max_line_bytes),
+            ("run_max_output_bytes", self.run_max_output_bytes),
             ("smtp_timeout_secs", self.smtp_timeout_secs),
         ] {
             if value == 0 {
@@ -410,6 +416,12 @@ impl Config {
             return Err(ConfigError::new(
                 "run_dir",
                 "must be set to a folder outside data_dir",
+            ));
+        }
+        if self.run_max_line_bytes > crate::protocol::MAX_LINE_BYTES as u64 {
+            return Err(ConfigError::new(
+                "run_max_line_bytes",
+                format!("must be at most {}", crate::protocol::MAX_LINE_BYTES),
             ));
         }
         if !(1..=64).contains(&self.worker_capacity) {

@@ -167,6 +167,18 @@ pub struct ReportBatch {
     pub reports: Vec<Report>,
 }
 
+/// The largest body `POST /worker/reports` takes (the API refuses more with 413); workers
+/// size their batches to it.
+pub const MAX_REPORT_BODY_BYTES: usize = 2 << 20;
+
+/// Most log lines and outcomes one batch may carry.
+pub const MAX_REPORT_LINES: usize = 5_000;
+
+/// The longest output line (in bytes, as printed) a worker may be set to keep whole:
+/// escaped and in JSON, such a line takes at most 5 bytes per byte, far below
+/// [`MAX_REPORT_BODY_BYTES`].
+pub const MAX_LINE_BYTES: usize = 64 << 10;
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

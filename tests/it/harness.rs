@@ -244,6 +244,16 @@ impl Cluster {
         name: &str,
         clock: std::sync::Arc<dyn Clock>,
     ) -> CancellationToken {
+        self.start_worker_with(name, clock, |_| {})
+    }
+
+    /// [`Cluster::start_worker`] with its configuration adjusted (limits and the like).
+    pub fn start_worker_with(
+        &mut self,
+        name: &str,
+        clock: std::sync::Arc<dyn Clock>,
+        adjust: impl FnOnce(&mut cloudtask_core::config::Config),
+    ) -> CancellationToken {
         let mut config = cloudtask_testkit::test_config(String::new());
         config.api_url = self.worker_api_url();
         config.run_kill_grace_secs = 1;
@@ -253,6 +263,7 @@ impl Cluster {
         config.worker_name = Some(name.into());
         config.data_dir = self.data.path().join(name);
         config.run_dir = Some(self.runs.path().to_owned());
+        adjust(&mut config);
         let stop = CancellationToken::new();
         let token = stop.clone();
         tokio::spawn(async move { cloudtask_worker::run_with_clock(&config, clock, token).await });

@@ -15,6 +15,7 @@ mod health;
 mod hostile;
 mod isolation;
 mod notifications;
+mod output;
 mod roles;
 mod secrets;
 mod standalone;

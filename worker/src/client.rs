@@ -27,6 +27,15 @@ pub enum CallError {
     Unavailable(String),
 }
 
+impl CallError {
+    /// The API refused the request's body as too large (413): the same content may go
+    /// through in smaller requests.
+    pub fn too_large(&self) -> bool {
+        matches!(self, CallError::Refused(detail)
+            if detail.starts_with(StatusCode::PAYLOAD_TOO_LARGE.as_str()))
+    }
+}
+
 pub struct ApiClient {
     http: reqwest::Client,
     base: String,

@@ -197,6 +197,7 @@ fn exec_limits(
 ) -> ExecLimits {
     ExecLimits {
         max_lines: config.run_max_log_lines,
+        max_output_bytes: config.run_max_output_bytes,
         max_line_bytes: config.run_max_line_bytes as usize,
         kill_grace: Duration::from_secs(config.run_kill_grace_secs),
         hurried_grace: (session_timeout / 5).min(HURRIED_GRACE_CAP),

@@ -33,6 +33,7 @@ fn spec(command: &str, dir: &Path, limits: RunLimits) -> RunSpec {
 fn exec_limits(containment: Containment) -> ExecLimits {
     ExecLimits {
         max_lines: 1000,
+        max_output_bytes: 1 << 30,
         max_line_bytes: 4096,
         kill_grace: Duration::from_secs(2),
         hurried_grace: Duration::from_secs(1),

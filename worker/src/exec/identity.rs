@@ -292,6 +292,7 @@ mod tests {
     async fn output(staged: bool, spec: RunSpec) -> Vec<String> {
         let limits = ExecLimits {
             max_lines: 100,
+            max_output_bytes: 1 << 20,
             max_line_bytes: 4096,
             kill_grace: Duration::from_secs(1),
             hurried_grace: Duration::from_secs(1),

@@ -1,10 +1,11 @@
 //! Running one claimed fire: `sh -c <command>` (`cmd /C` on Windows) in the unpacked
 //! package folder, in a process group of its own, with the task's environment plus the
 //! run's identity and nothing of the worker's own (no credentials). Output is read line by
-//! line from both streams, long lines split, invalid UTF-8 replaced, capped per run, and
-//! handed to the reporter in batches while the run goes. A timeout or a stop sends SIGTERM
-//! to every process of the run, then SIGKILL after the grace period; when the main
-//! process exits, whatever it left running is terminated the same way.
+//! line from both streams, long lines split, bytes that are not text escaped, capped per
+//! run (a run whose output was cut at the cap fails with OUTPUT_LIMIT), and handed to the
+//! reporter while the run goes (see [`output`]). A timeout or a stop sends SIGTERM to
+//! every process of the run, then SIGKILL after the grace period; when the main process
+//! exits, whatever it left running is terminated the same way.
 //!
 //! A scheduled fire claimed ahead can be *staged* (see [`staging`]): its shell started
 //! before the fire time and held before the command, so at the fire time only a
@@ -30,16 +31,16 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::{RunId, TaskId};
 use cloudtask_core::limits::RunLimits;
-use cloudtask_core::run::{LogStream, Outcome, RunStatus};
+use cloudtask_core::run::{Outcome, RunReason, RunStatus};
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::report::Reporter;
 use contain::Members;
 pub use contain::{Containment, Mode as ContainmentMode};
 use group::terminate_group;
-use output::{Line, collect, read_streams};
+pub use output::OutputSummary;
+use output::{LineSink, read_streams};
 #[cfg(unix)]
 pub use staging::HOLD;
 pub use staging::{Staged, stage};
@@ -48,6 +49,8 @@ pub use staging::{Staged, stage};
 #[derive(Debug, Clone)]
 pub struct ExecLimits {
     pub max_lines: u64,
+    /// Most bytes of output (as printed) kept per run.
+    pub max_output_bytes: u64,
     pub max_line_bytes: usize,
     /// Between SIGTERM and SIGKILL when a run is stopped or times out.
     pub kill_grace: Duration,
@@ -136,17 +139,19 @@ async fn supervise_logged(
     stop: &CancellationToken,
     hurry: &CancellationToken,
 ) -> Outcome {
-    let (line_tx, line_rx) = mpsc::channel(1024);
-    let collector = tokio::spawn(collect(
-        spec.run_id,
-        line_rx,
-        limits.clone(),
-        reporter.clone(),
-    ));
-    let outcome = supervise(spec, spawned, &limits, stop, hurry, line_tx).await;
-    // The output limit's hook: once the collector tells that it cut the output at
-    // `spec.limits.max_output_bytes`, the outcome is `contain::ended_by(.., OutputLimit)`.
-    let _ = collector.await;
+    // The task's own output limit, when it sets a smaller one than the worker's.
+    let mut limits = limits;
+    if let Some(task_cap) = spec.limits.max_output_bytes {
+        limits.max_output_bytes = limits.max_output_bytes.min(task_cap);
+    }
+    let (lines, collector) = output::channel(spec.run_id, limits.clone(), reporter.clone());
+    let collector = tokio::spawn(collector);
+    let mut outcome = supervise(spec, spawned, &limits, stop, hurry, lines).await;
+    let output = collector.await.unwrap_or_default();
+    // Output dropped at the cap: the run did not do all it was meant to.
+    if output.capped() && outcome.reason.is_none() {
+        contain::ended_by(&mut outcome, RunReason::OutputLimit);
+    }
     outcome
 }
 
@@ -208,13 +213,13 @@ async fn supervise(
     limits: &ExecLimits,
     stop: &CancellationToken,
     hurry: &CancellationToken,
-    lines: mpsc::Sender<Line>,
+    lines: LineSink,
 ) -> Outcome {
     let (mut child, members) = match spawned {
         Ok(spawned) => spawned,
         Err(e) => {
             let note = format!("cannot start the command: {e}");
-            let _ = lines.send((LogStream::System, note, Utc::now())).await;
+            lines.system(note).await;
             let error = Some(format!("spawn failed: {e}"));
             return outcome(RunStatus::Failed, None, None, error);
         }
@@ -251,7 +256,7 @@ async fn supervise(
                 ),
             };
             if let Some(note) = contain::limited(&mut result, &members) {
-                let _ = lines.send((LogStream::System, note, Utc::now())).await;
+                lines.system(note).await;
             }
             return ended(result, readers).await;
         }
@@ -265,7 +270,7 @@ async fn supervise(
             (RunStatus::Stopped, note, "stopped")
         }
     };
-    let _ = lines.send((LogStream::System, note, Utc::now())).await;
+    lines.system(note).await;
     let exited = terminate_group(&members, limits, hurry, &mut child, false).await;
     let mut result = exited
         .map(exit_outcome)
@@ -273,7 +278,7 @@ async fn supervise(
     result.status = status;
     result.error = Some(error.into());
     if let Some(note) = contain::limited(&mut result, &members) {
-        let _ = lines.send((LogStream::System, note, Utc::now())).await;
+        lines.system(note).await;
     }
     ended(result, readers).await
 }
@@ -335,11 +340,12 @@ fn exit_outcome(status: std::process::ExitStatus) -> Outcome {
 mod tests {
     use super::*;
     use crate::report::Report;
-    use cloudtask_core::run::LogLine;
+    use cloudtask_core::run::{LogLine, LogStream};
 
     fn limits() -> ExecLimits {
         ExecLimits {
             max_lines: 5,
+            max_output_bytes: 1 << 20,
             max_line_bytes: 8,
             kill_grace: Duration::from_millis(200),
             hurried_grace: Duration::from_millis(200),
@@ -387,7 +393,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn long_lines_are_split_bad_utf8_replaced_and_output_capped() {
+    async fn long_lines_are_split_bad_utf8_escaped_and_output_capped() {
         let (outcome, lines) = run(
             r"printf 'abcdefghijkl\n\377ok\n'; for i in 1 2 3 4 5 6; do echo $i; done; exit 3",
             limits(),
@@ -396,15 +402,47 @@ mod tests {
         assert_eq!(outcome.status, RunStatus::Failed);
         assert_eq!(outcome.exit_code, Some(3));
         let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-        assert_eq!(texts[..5], ["abcdefgh", "ijkl", "\u{fffd}ok", "1", "2"]);
+        assert_eq!(texts[..5], ["abcdefgh", "ijkl", "\\xffok", "1", "2"]);
         assert_eq!(lines[5].stream, LogStream::System);
         assert!(
-            lines[5].text.contains("4 more lines were dropped"),
+            lines[5]
+                .text
+                .contains("4 more lines (4 bytes) were dropped"),
             "{:?}",
             lines[5]
         );
         let offsets: Vec<u64> = lines.iter().map(|l| l.offset).collect();
         assert_eq!(offsets, [0, 1, 2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_run_past_its_byte_cap_fails_and_says_how_much_was_dropped() {
+        let capped = ExecLimits {
+            max_output_bytes: 10,
+            max_line_bytes: 8 << 20,
+            ..limits_wide()
+        };
+        // 3 + 3 bytes kept; the next line would pass 10: it and all after are dropped,
+        // whether read as lines or, once the cap is known, only counted.
+        let (outcome, lines) = run(
+            "echo one; echo two; echo three; head -c 3000000 /dev/zero; echo; echo end",
+            capped,
+        )
+        .await;
+        assert_eq!(outcome.status, RunStatus::Failed, "{outcome:?}");
+        assert_eq!(outcome.reason, Some(RunReason::OutputLimit), "{outcome:?}");
+        assert_eq!(outcome.exit_code, Some(0));
+        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts[..2], ["one", "two"]);
+        assert_eq!(lines.len(), 3, "{texts:?}");
+        assert_eq!(lines[2].stream, LogStream::System);
+        assert!(
+            lines[2].text.starts_with(
+                "output limit reached (10 bytes): 3 more lines (3000008 bytes) were dropped"
+            ),
+            "{:?}",
+            lines[2]
+        );
     }
 
     #[tokio::test]
