@@ -389,6 +389,17 @@ pub async fn enforce(session: &dyn Session, access: &Access, path: &str) -> Resu
     Ok(changed)
 }
 
+/// Sets the policy's ACL on the one node at `path` where it differs (1 when it did).
+pub async fn enforce_node(session: &dyn Session, access: &Access, path: &str) -> Result<usize> {
+    let wanted = access.acl_for(path);
+    match session.acl(path).await {
+        Ok(current) if same_acl(&current, &wanted) => Ok(0),
+        Ok(_) => session.set_acl(path, &wanted).await.map(|()| 1),
+        Err(CoordError::NoNode(_)) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
 /// [`enforce`] on one cluster's subtree, skipped when its top node is right already
 /// (the walk sets the top last): a start-up check that costs one read per cluster.
 pub async fn enforce_cluster(

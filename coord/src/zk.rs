@@ -37,6 +37,28 @@ impl ZkCoordinator {
         }
     }
 
+    /// The coordinator `config` describes: its connect string, session timeout and TLS
+    /// CA, connecting as the platform's identity (`zookeeper_auth`; anonymous on an open
+    /// tree when unset). A worker re-targets it to its own identity after joining.
+    pub fn from_config(config: &cloudtask_core::config::Config) -> Result<ZkCoordinator> {
+        let access = match &config.zookeeper_auth {
+            Some(auth) => Access::owner(crate::Credential::parse(auth)?),
+            None => Access::open(),
+        };
+        let tls_ca = match &config.zookeeper_tls_ca {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                CoordError::Other(format!("zookeeper_tls_ca {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        Ok(ZkCoordinator::new(
+            config.zookeeper.clone(),
+            Duration::from_millis(config.zookeeper_session_timeout_ms),
+        )
+        .with(access)
+        .with_tls_ca(tls_ca))
+    }
+
     /// Connects as `access`.
     pub fn with(mut self, access: Access) -> Self {
         self.access = access;

@@ -80,14 +80,15 @@ async fn apply(session: &dyn Session, fence: &Fence, ops: Vec<Op>) -> Result<()>
     Ok(())
 }
 
+/// The mirror of a task: no env values (see [`TaskNode::mirror`]).
 fn task_node(task: &Task) -> TaskNode {
-    TaskNode {
-        tenant: task.tenant_id,
-        name: task.name.clone(),
-        version: task.version,
-        paused: task.state == TaskState::Paused,
-        spec: task.spec.clone(),
-    }
+    TaskNode::mirror(
+        task.tenant_id,
+        task.name.clone(),
+        task.version,
+        task.state == TaskState::Paused,
+        &task.spec,
+    )
 }
 
 impl ClusterState {
@@ -157,6 +158,7 @@ impl ClusterState {
             layout::workers(id),
             layout::assignments(id),
             layout::departures(id),
+            layout::commands_root(id),
         ] {
             session.ensure_path(&dir).await?;
         }

@@ -234,7 +234,13 @@ impl Actor {
             {
                 match shared.packages.cached(package.as_deref()) {
                     Some(workdir) => {
-                        if let Some(shell) = stage(run_spec(&node, run, &claim, workdir)) {
+                        if let Some(shell) = stage(run_spec(
+                            &node,
+                            run,
+                            &claim,
+                            shared.claims.envs().of(task, node.version),
+                            workdir,
+                        )) {
                             *staged.lock().expect("staged slot") = Some((node.version, shell));
                         }
                     }

@@ -196,6 +196,8 @@ async fn run_fire(
         Start::Claimed(claimed) => claimed_run(shared, node, claimed, stop).await?,
         Start::Queued(run) => match shared.client.start(run, &shared.worker).await {
             Ok(started) => {
+                let env = started.env;
+                shared.claims.envs().remember(task, node.version, env);
                 let claim = Claim {
                     task_id: task,
                     scheduled_at: started.scheduled_at,
@@ -308,7 +310,8 @@ async fn execute_fire(
                     execute_staged(shell, shared.limits, &shared.reporter, stop, hurry).await
                 }
                 None => {
-                    let run = run_spec(node, run_id, claim, workdir);
+                    let env = shared.claims.envs().of(claim.task_id, node.version);
+                    let run = run_spec(node, run_id, claim, env, workdir);
                     execute(&run, shared.limits, &shared.reporter, stop, hurry).await
                 }
             }
@@ -374,11 +377,13 @@ fn fits(shell: &Staged, version: u32, node: &TaskNode, packages: &Packages) -> b
             == Some(&shell.spec().workdir)
 }
 
-/// What runs for a claimed fire of the task.
+/// What runs for a claimed fire of the task, with the environment handed with its claim
+/// (the mirrored spec has none).
 pub(super) fn run_spec(
     node: &TaskNode,
     run_id: RunId,
     claim: &Claim,
+    env: cloudtask_core::protocol::TaskEnv,
     workdir: std::path::PathBuf,
 ) -> RunSpec {
     let spec = &node.spec;
@@ -388,7 +393,7 @@ pub(super) fn run_spec(
         scheduled_at: claim.scheduled_at,
         attempt: claim.attempt,
         command: spec.command.clone(),
-        env: spec.env.clone(),
+        env,
         workdir,
         timeout: spec.timeout_seconds.map(|s| Duration::from_secs(s as u64)),
     }
