@@ -462,7 +462,23 @@ impl Session for ZkSession {
 
 #[cfg(test)]
 mod tests {
-    use super::rooted;
+    use super::*;
+
+    #[tokio::test]
+    async fn tls_hosts_need_a_ca_and_a_bad_ca_is_reported() {
+        let timeout = Duration::from_secs(1);
+        let without = ZkCoordinator::new("tcp+tls://127.0.0.1:1/x", timeout);
+        match without.connect().await {
+            Err(CoordError::Other(message)) => assert!(message.contains("zookeeper_tls_ca")),
+            other => panic!("expected a configuration error, got {:?}", other.err()),
+        }
+        let bad = ZkCoordinator::new("tcp+tls://127.0.0.1:1/x", timeout)
+            .with_tls_ca(Some("not a certificate".into()));
+        match bad.connect().await {
+            Err(CoordError::Other(message)) => assert!(message.contains("TLS CA"), "{message}"),
+            other => panic!("expected a CA error, got {:?}", other.err()),
+        }
+    }
 
     #[test]
     fn a_connect_string_without_a_chroot_gets_the_default_root() {

@@ -129,7 +129,9 @@ impl ClusterState {
         .await
     }
 
-    /// Reads the cluster's state from ZooKeeper, creating its folders when missing.
+    /// Reads the cluster's state from ZooKeeper, creating its folders when missing. The
+    /// cluster node's payload is written last, after the workers were read: whoever sees
+    /// it knows that a worker registering from then on is a join the leader hears of.
     pub async fn load(session: &dyn Session, cluster: Cluster) -> Result<ClusterState> {
         let id = cluster.id;
         let root = layout::cluster(id);
@@ -137,22 +139,6 @@ impl ClusterState {
             tenant: cluster.tenant_id,
             name: cluster.name.clone(),
         });
-        match session.get(&root).await? {
-            Some(node) if node.data == payload => {}
-            Some(_) => {
-                session.set(&root, &payload, None).await?;
-            }
-            None => match session.create(&root, &payload, NodeKind::Persistent).await {
-                Ok(_) | Err(CoordError::NodeExists(_)) => {}
-                Err(CoordError::NoNode(_)) => {
-                    session.ensure_path(layout::CLUSTERS).await?;
-                    session
-                        .create(&root, &payload, NodeKind::Persistent)
-                        .await?;
-                }
-                Err(e) => return Err(e),
-            },
-        }
         for dir in [
             layout::tasks(id),
             layout::workers(id),
@@ -198,6 +184,13 @@ impl ClusterState {
             workers: BTreeMap::new(),
         };
         state.workers = state.read_workers(session).await?;
+        if session
+            .get(&root)
+            .await?
+            .is_none_or(|node| node.data != payload)
+        {
+            session.set(&root, &payload, None).await?;
+        }
         Ok(state)
     }
 

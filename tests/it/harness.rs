@@ -348,7 +348,14 @@ impl Cluster {
         let session = coordinator.connect().await.expect("ZooKeeper");
         let path = cloudtask_coord::layout::cluster(self.cluster_id.parse().unwrap());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while session.get(&path).await.ok().flatten().is_none() {
+        // Its payload is written once the leader has read the cluster's workers.
+        while session
+            .get(&path)
+            .await
+            .ok()
+            .flatten()
+            .is_none_or(|node| node.data.is_empty())
+        {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the scheduler never took the cluster on"
