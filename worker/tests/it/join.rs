@@ -172,7 +172,7 @@ async fn the_worker_joins_registers_and_leaves() {
     };
     config.validate().expect("valid configuration");
     // The observer plays the scheduler taking the cluster on: the platform's identity,
-    // the cluster's workers named in the ACLs, their folder made (a worker may not).
+    // the cluster's workers named in the ACLs, their folders made (a worker may not).
     let owner = Credential::parse(cloudtask_testkit::test_zookeeper_auth()).unwrap();
     let scheduler = ZkCoordinator::new(zookeeper, SESSION_TIMEOUT).with(Access::owner(owner));
     let rotated_at = api
@@ -184,10 +184,9 @@ async fn the_worker_joins_registers_and_leaves() {
         .token_rotated_at;
     scheduler.access().admit_cluster(cluster, rotated_at);
     let observer: Arc<dyn Session> = scheduler.connect().await.expect("observer");
-    observer
-        .ensure_path(&layout::workers(cluster))
-        .await
-        .unwrap();
+    for folder in [layout::workers(cluster), layout::departures(cluster)] {
+        observer.ensure_path(&folder).await.unwrap();
+    }
     let shutdown = CancellationToken::new();
     let running = tokio::spawn({
         let shutdown = shutdown.clone();
