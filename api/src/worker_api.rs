@@ -203,16 +203,18 @@ async fn claim_all(
         .collect())
 }
 
-/// The runs of `claims` (with the task of each RUNNING one), or why each was refused.
+/// A claimed fire's run, and its task when the claim starts it (RUNNING).
+type ClaimedRun = (RunId, Option<TaskId>);
+
+/// The runs of `claims`, or why each was refused.
 async fn claim_runs(
     cluster_view: &ClusterView,
     worker: &ClusterWorker,
     claims: Vec<Claim>,
-) -> Result<Vec<Result<(RunId, Option<TaskId>), Error>>, Error> {
+) -> Result<Vec<Result<ClaimedRun, Error>>, Error> {
     let cluster = worker.identity.cluster_id;
     // Refusals first; the rest is answered by the catalogue.
-    let mut answers: Vec<Option<Result<(RunId, Option<TaskId>), Error>>> =
-        claims.iter().map(|_| None).collect();
+    let mut answers: Vec<Option<Result<ClaimedRun, Error>>> = claims.iter().map(|_| None).collect();
     let mut by_worker: HashMap<&WorkerId, Vec<TaskId>> = HashMap::new();
     for claim in claims.iter().filter(|c| c.status == RunStatus::Running) {
         by_worker
