@@ -378,7 +378,8 @@ fn fits(shell: &Staged, version: u32, node: &TaskNode, packages: &Packages) -> b
 }
 
 /// What runs for a claimed fire of the task, with the environment handed with its claim
-/// (the mirrored spec has none).
+/// (the mirrored spec has none). None handed: the spec's, for a tree and an API of an
+/// earlier version, which mirrored env and handed none.
 pub(super) fn run_spec(
     node: &TaskNode,
     run_id: RunId,
@@ -393,7 +394,11 @@ pub(super) fn run_spec(
         scheduled_at: claim.scheduled_at,
         attempt: claim.attempt,
         command: spec.command.clone(),
-        env,
+        env: if env.is_empty() {
+            spec.env.clone()
+        } else {
+            env
+        },
         workdir,
         timeout: spec.timeout_seconds.map(|s| Duration::from_secs(s as u64)),
     }
