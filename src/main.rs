@@ -4,7 +4,6 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -147,10 +146,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Scheduler => {
             let catalogue = Catalogue::connect(&config.database_url).await?;
-            let coordinator = Arc::new(ZkCoordinator::new(
-                config.zookeeper.clone(),
-                Duration::from_millis(config.zookeeper_session_timeout_ms),
-            ));
+            let coordinator = Arc::new(ZkCoordinator::from_config(&config)?);
             let notifier = cloudtask_scheduler::notify::Notifier::new(catalogue.clone(), &config)?;
             let scheduler = cloudtask_scheduler::Scheduler {
                 catalogue,

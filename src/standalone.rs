@@ -35,7 +35,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     catalogue.migrate().await?;
     let bootstrap = bootstrap(&catalogue, &config).await?;
 
-    let coordinator: Arc<dyn Coordinator> = Arc::new(MemoryCoordinator::new());
+    // The in-process tree has ACLs like ZooKeeper's: the API and scheduler own it, the
+    // worker reaches it with the identity it is handed at join.
+    let owner = cloudtask_coord::Access::owner(cloudtask_coord::Credential::generate("cloudtask"));
+    let coordinator: Arc<dyn Coordinator> = Arc::new(MemoryCoordinator::new().as_access(owner));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -43,6 +43,8 @@ pub struct AppState {
     pub sockets: sockets::SocketRegistry,
     /// Requests and query cost per caller per minute.
     pub budget: budget::RateBudget,
+    /// The platform's ZooKeeper identity: workers' identities derive from it at join.
+    pub zookeeper: cloudtask_coord::Access,
 }
 
 impl AppState {
@@ -52,11 +54,11 @@ impl AppState {
         catalogue: Catalogue,
         config: Config,
     ) -> Result<Arc<Self>, cloudtask_core::config::ConfigError> {
-        let coordinator = Arc::new(cloudtask_coord::zk::ZkCoordinator::new(
-            config.zookeeper.clone(),
-            std::time::Duration::from_millis(config.zookeeper_session_timeout_ms),
-        ));
-        Self::with_coordinator(catalogue, config, coordinator)
+        let coordinator =
+            cloudtask_coord::zk::ZkCoordinator::from_config(&config).map_err(|e| {
+                cloudtask_core::config::ConfigError::new("zookeeper_auth", e.to_string())
+            })?;
+        Self::with_coordinator(catalogue, config, Arc::new(coordinator))
     }
 
     pub fn with_coordinator(
@@ -86,6 +88,7 @@ impl AppState {
             client_addr::TrustedProxies::parse(&config.trusted_proxies).map_err(|message| {
                 cloudtask_core::config::ConfigError::new("trusted_proxies", message)
             })?;
+        let zookeeper = coordinator.access().clone();
         let cluster_view = cluster_view::ClusterView::new(coordinator);
         let uploads = Arc::new(tokio::sync::Semaphore::new(config.max_uploads_in_flight));
         let sockets = sockets::SocketRegistry::new(config.ws_max_sockets_per_user);
@@ -101,6 +104,7 @@ impl AppState {
             passwords,
             trusted_proxies,
             cluster_view,
+            zookeeper,
             sockets,
         }))
     }

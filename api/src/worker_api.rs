@@ -17,7 +17,8 @@ use cloudtask_core::Error;
 use cloudtask_core::ids::{RunId, TaskId, WorkerId};
 use cloudtask_core::protocol::{
     Claim, ClaimAnswer, ClaimAnswers, ClaimBatch, Claimed, FireCursor, JoinRequest, JoinedCluster,
-    MAX_CLAIM_BATCH, MAX_REPORT_BODY_BYTES, ReportBatch, StartRequest, Started,
+    MAX_CLAIM_BATCH, MAX_REPORT_BODY_BYTES, ReportBatch, StartRequest, Started, TaskEnv,
+    ZooKeeperIdentity,
 };
 use cloudtask_core::run::RunStatus;
 
@@ -119,11 +120,23 @@ async fn join(
         state
             .keys
             .issue_worker(cluster.tenant_id, cluster.id, chrono::Duration::hours(12))?;
+    // The cluster's ZooKeeper identity for its current token (the scheduler derives the
+    // same one for the cluster's ACLs).
+    let zookeeper = state
+        .zookeeper
+        .worker_credential(cluster.id, cluster.token_rotated_at)
+        .zip(state.zookeeper.owner_id())
+        .map(|(credential, owner_id)| ZooKeeperIdentity {
+            user: credential.user().to_owned(),
+            password: credential.password().to_owned(),
+            owner_id: owner_id.to_owned(),
+        });
     Ok(Json(JoinedCluster {
         credential: issued.token,
         expires_at: issued.expires_at,
         tenant_id: cluster.tenant_id,
         cluster_id: cluster.id,
+        zookeeper,
     }))
 }
 
@@ -145,11 +158,11 @@ async fn claim(
     worker: ClusterWorker,
     Json(claim): Json<Claim>,
 ) -> Answer<Json<Claimed>> {
-    let run_id = claim_all(&state.cluster_view, &worker, vec![claim])
+    let (run_id, env) = claim_all(&state.cluster_view, &worker, vec![claim])
         .await?
         .pop()
         .expect("one answer per claim")?;
-    Ok(Json(Claimed { run_id }))
+    Ok(Json(Claimed { run_id, env }))
 }
 
 /// Many claims in one request and one transaction, each answered on its own.
@@ -169,7 +182,7 @@ async fn claim_batch(
         .await?
         .into_iter()
         .map(|answer| match answer {
-            Ok(run_id) => ClaimAnswer::Claimed { run_id },
+            Ok((run_id, env)) => ClaimAnswer::Claimed { run_id, env },
             Err(e) => ClaimAnswer::Refused {
                 code: e.code().to_owned(),
                 message: e.to_string(),
@@ -184,15 +197,46 @@ async fn claim_batch(
 /// refused; when ZooKeeper cannot be asked, the unique key alone still keeps each fire
 /// single. Records of fires that were not run (SKIPPED) are accounting, taken from any
 /// worker of the cluster: the task may have moved since (paused, failed over), and the
-/// unique key still keeps one record per fire.
+/// unique key still keeps one record per fire. A claimed fire's answer carries its task's
+/// environment (at the claimed version: a claim of another version is refused).
 async fn claim_all(
     cluster_view: &ClusterView,
     worker: &ClusterWorker,
     claims: Vec<Claim>,
-) -> Result<Vec<Result<RunId, Error>>, Error> {
+) -> Result<Vec<Result<(RunId, TaskEnv), Error>>, Error> {
+    let tasks: Vec<TaskId> = claims
+        .iter()
+        .filter(|c| c.status == RunStatus::Running)
+        .map(|c| c.task_id)
+        .collect();
+    let answers = claim_runs(cluster_view, worker, claims).await?;
+    let mut envs = worker.cluster.task_envs(&tasks).await?;
+    Ok(answers
+        .into_iter()
+        .map(|answer| {
+            answer.map(|(run_id, task)| {
+                let env = task
+                    .and_then(|task| envs.get_mut(&task))
+                    .map(|(_, env)| std::mem::take(env))
+                    .unwrap_or_default();
+                (run_id, env)
+            })
+        })
+        .collect())
+}
+
+/// A claimed fire's run, and its task when the claim starts it (RUNNING).
+type ClaimedRun = (RunId, Option<TaskId>);
+
+/// The runs of `claims`, or why each was refused.
+async fn claim_runs(
+    cluster_view: &ClusterView,
+    worker: &ClusterWorker,
+    claims: Vec<Claim>,
+) -> Result<Vec<Result<ClaimedRun, Error>>, Error> {
     let cluster = worker.identity.cluster_id;
     // Refusals first; the rest is answered by the catalogue.
-    let mut answers: Vec<Option<Result<RunId, Error>>> = claims.iter().map(|_| None).collect();
+    let mut answers: Vec<Option<Result<ClaimedRun, Error>>> = claims.iter().map(|_| None).collect();
     let mut by_worker: HashMap<&WorkerId, Vec<TaskId>> = HashMap::new();
     for claim in claims.iter().filter(|c| c.status == RunStatus::Running) {
         by_worker
@@ -225,8 +269,9 @@ async fn claim_all(
         .unzip();
     if !asked.is_empty() {
         let recorded = worker.cluster.claim_runs(&asked).await?;
-        for (position, answer) in positions.into_iter().zip(recorded) {
-            answers[position] = Some(answer.map(|run| run.id));
+        for ((position, answer), claim) in positions.into_iter().zip(recorded).zip(&asked) {
+            let running = (claim.status == RunStatus::Running).then_some(claim.task_id);
+            answers[position] = Some(answer.map(|run| (run.id, running)));
         }
     }
     let answers = answers
@@ -258,11 +303,19 @@ async fn start(
         .cluster
         .start_queued_run(run_id, &request.worker)
         .await?;
+    let env = worker
+        .cluster
+        .task_envs(&[run.task_id])
+        .await?
+        .remove(&run.task_id)
+        .map(|(_, env)| env)
+        .unwrap_or_default();
     Ok(Json(Started {
         run_id: run.id,
         scheduled_at: run.scheduled_at,
         attempt: run.attempt,
         trigger: run.trigger,
+        env,
     }))
 }
 

@@ -1,9 +1,12 @@
 //! Clusters: a tenant's groups of workers, each with a join token (stored hashed) that
 //! its workers exchange for a credential. Every change notifies the scheduler's mirror.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
-use cloudtask_core::ids::{ClusterId, TenantId};
+use cloudtask_core::ids::{ClusterId, TaskId, TenantId};
 use cloudtask_core::limits::RunLimits;
+use cloudtask_core::protocol::TaskEnv;
 use cloudtask_core::roles::Action;
 use cloudtask_core::task::validate_name;
 use cloudtask_core::{Error, Result};
@@ -17,7 +20,7 @@ use uuid::Uuid;
 use crate::entities::{cluster, task};
 use crate::error::{DbResult, conflict_as};
 use crate::mirror_changes::notify;
-use crate::{Catalogue, TenantHandle, now};
+use crate::{Catalogue, ClusterHandle, TenantHandle, now};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cluster {
@@ -167,6 +170,9 @@ impl TenantHandle {
                 .exec(txn)
                 .await?;
             self.audit(txn, "rotateClusterToken", "cluster", id).await?;
+            // The cluster's workers' ZooKeeper identity derives from the rotation time:
+            // the mirror re-sets the cluster's ACLs, cutting off the old token's workers.
+            notify(txn, id).await?;
             Ok(model.into())
         })
         .await
@@ -221,6 +227,31 @@ impl TenantHandle {
                 .await?;
             self.audit(txn, "deleteCluster", "cluster", id).await?;
             notify(txn, id).await
+        })
+        .await
+    }
+}
+
+impl ClusterHandle {
+    /// The environment and version of each of `tasks` that is this cluster's: what a
+    /// worker gets with a claim or a start, since env values never go to ZooKeeper.
+    pub async fn task_envs(&self, tasks: &[TaskId]) -> Result<HashMap<TaskId, (u32, TaskEnv)>> {
+        if tasks.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<Uuid> = tasks.iter().map(|&t| Uuid::from(t)).collect();
+        self.reading(async |txn| {
+            let rows = self
+                .find::<task::Entity>()
+                .filter(task::Column::Id.is_in(ids))
+                .all(txn)
+                .await?;
+            let mut envs = HashMap::new();
+            for row in rows {
+                let task = crate::Task::try_from(row)?;
+                envs.insert(task.id, (task.version, task.spec.env));
+            }
+            Ok(envs)
         })
         .await
     }

@@ -6,13 +6,17 @@
 //!   /workers/{worker}                 EPHEMERAL; WorkerNode
 //!   /tasks/{task}                     persistent; TaskNode (the mirrored spec)
 //!   /assignments/{worker}/{task}      persistent; AssignmentNode, one child per task
-//!   /commands/{worker}/c_…            PERSISTENT_SEQUENTIAL; CommandNode
+//!   /commands/{worker}/c_…            PERSISTENT_SEQUENTIAL; CommandNode (the scheduler
+//!                                     creates the worker's folder; the worker only reads
+//!                                     and consumes)
 //!   /departures/{worker}              persistent; written in the same batch that deletes a
 //!                                     worker's node on a clean leave, so the scheduler tells
 //!                                     a leave from a failure
 //! ```
 //!
-//! Payloads are JSON: readable with `zkCli.sh get`, and far below `jute.maxbuffer`.
+//! Payloads are JSON: readable with `zkCli.sh get`, and far below `jute.maxbuffer`. Who
+//! may touch each path: `acl`. No secret goes into the tree: a mirrored spec carries no
+//! env values (see [`TaskNode::mirror`]).
 
 use std::collections::BTreeSet;
 
@@ -69,6 +73,10 @@ pub fn assignment(cluster: ClusterId, worker: &WorkerId, task: TaskId) -> String
     format!("{CLUSTERS}/{cluster}/assignments/{worker}/{task}")
 }
 
+pub fn commands_root(cluster: ClusterId) -> String {
+    format!("{CLUSTERS}/{cluster}/commands")
+}
+
 pub fn commands(cluster: ClusterId, worker: &WorkerId) -> String {
     format!("{CLUSTERS}/{cluster}/commands/{worker}")
 }
@@ -107,17 +115,44 @@ pub struct WorkerNode {
     pub containment: String,
 }
 
-/// A task as mirrored from the catalogue: what a worker needs to fire and run it.
+/// A task as mirrored from the catalogue: what a worker needs to fire and run it, but
+/// never its env values (the tenant's secrets): the worker gets those from the API with
+/// the claim of each fire (`protocol::Claimed::env`), for the version it claims.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskNode {
     pub tenant: TenantId,
     pub name: String,
     pub version: u32,
     pub paused: bool,
+    /// The spec with an empty env.
     pub spec: TaskSpec,
     /// The limits a run of it gets: the spec's, its cluster's defaults filled in.
     #[serde(default, skip_serializing_if = "RunLimits::is_empty")]
     pub limits: RunLimits,
+}
+
+impl TaskNode {
+    /// The node mirroring `spec` at `version`, its env left out.
+    pub fn mirror(
+        tenant: TenantId,
+        name: String,
+        version: u32,
+        paused: bool,
+        spec: &TaskSpec,
+    ) -> TaskNode {
+        let spec = TaskSpec {
+            env: Default::default(),
+            ..spec.clone()
+        };
+        TaskNode {
+            tenant,
+            name,
+            version,
+            paused,
+            spec,
+            limits: RunLimits::default(),
+        }
+    }
 }
 
 /// Which worker owns a task; the task version the owner should run.

@@ -3,6 +3,7 @@
 //! (`zk`) for real deployments and the integration suite, and an in-memory one (`memory`)
 //! with the same semantics for unit tests and the standalone mode.
 
+pub mod acl;
 pub mod layout;
 pub mod memory;
 pub mod zk;
@@ -11,6 +12,8 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
+
+pub use acl::{Access, Credential, Grant, Perms};
 
 /// A znode's data version, as ZooKeeper counts it.
 pub type Version = i32;
@@ -52,6 +55,10 @@ pub enum CoordError {
     BadVersion(String),
     #[error("node {0} has children")]
     NotEmpty(String),
+    /// The session's identity lacks the right (its ACL, or its parent's for create and
+    /// delete).
+    #[error("not allowed at {0}")]
+    NoAuth(String),
     #[error("connection lost")]
     ConnectionLoss,
     #[error("session expired")]
@@ -133,6 +140,10 @@ pub trait Session: Send + Sync {
     async fn children(&self, path: &str) -> Result<Vec<String>>;
     /// Child names, sorted, and a watch on the set of children (or on the node's deletion).
     async fn children_and_watch(&self, path: &str) -> Result<(Vec<String>, Watch)>;
+    /// The node's ACL (needs no right).
+    async fn acl(&self, path: &str) -> Result<Vec<Grant>>;
+    /// Replaces the node's ACL (needs ADMIN on it).
+    async fn set_acl(&self, path: &str, acl: &[Grant]) -> Result<()>;
     /// Applies every op or none.
     async fn multi(&self, ops: Vec<Op>) -> Result<()>;
     /// The session's state; it changes as the connection comes and goes.
@@ -150,6 +161,10 @@ pub trait Session: Send + Sync {
 #[async_trait::async_trait]
 pub trait Coordinator: Send + Sync {
     async fn connect(&self) -> Result<Arc<dyn Session>>;
+    /// Who sessions connect as, and the ACLs their creates set.
+    fn access(&self) -> &Access;
+    /// The same service, reached as another identity (a worker's, once it joined).
+    fn with_access(&self, access: Access) -> Arc<dyn Coordinator>;
 }
 
 /// Deletes a node and everything under it (children first). Missing nodes are fine.

@@ -1,6 +1,8 @@
 //! An in-memory coordination service with ZooKeeper's semantics where CloudTask relies on
 //! them: sessions that own ephemeral nodes, sequential names, versions, one-shot watches,
-//! atomic batches, and expiry. For unit tests and the standalone mode.
+//! atomic batches, expiry, and ACLs: a session authenticates as its [`Access`]'s
+//! credential, creates nodes with the ACL its policy gives the path, and is refused
+//! (`NoAuth`) where ZooKeeper would refuse it. For unit tests and the standalone mode.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, watch};
 
+use crate::acl::{Access, Grant, Perms};
 use crate::{
     CoordError, Coordinator, Node, NodeKind, Op, Result, Session, SessionState, Version, Watch,
     WatchEvent,
@@ -19,6 +22,7 @@ struct Entry {
     version: Version,
     owner: Option<u64>,
     next_sequence: u64,
+    acl: Vec<Grant>,
 }
 
 type Waiters = Vec<(u64, oneshot::Sender<WatchEvent>)>;
@@ -36,12 +40,27 @@ struct Tree {
 pub struct MemoryCoordinator {
     tree: Arc<Mutex<Tree>>,
     next_session: Arc<AtomicU64>,
+    access: Access,
 }
 
 pub struct MemorySession {
     id: u64,
     tree: Arc<Mutex<Tree>>,
     state: watch::Receiver<SessionState>,
+    access: Access,
+    /// The digest ids this session authenticated as.
+    digests: Vec<String>,
+}
+
+/// Who is asking, for the ACL checks of one operation.
+struct Caller<'a> {
+    session: u64,
+    access: &'a Access,
+    digests: &'a [String],
+}
+
+fn allowed(entry: &Entry, caller: &Caller, perm: Perms) -> bool {
+    entry.acl.iter().any(|g| g.allows(caller.digests, perm))
 }
 
 fn parent_of(path: &str) -> Option<&str> {
@@ -72,6 +91,7 @@ impl Tree {
                 version: 0,
                 owner: None,
                 next_sequence: 0,
+                acl: vec![Grant::anyone_all()],
             },
         );
         tree
@@ -91,7 +111,9 @@ impl Tree {
             .collect()
     }
 
-    fn check(&self, op: &Op) -> Result<()> {
+    /// Whether `op` may apply, in ZooKeeper's order: the node (or the parent) exists,
+    /// the caller has the right, then versions and children.
+    fn check(&self, op: &Op, caller: &Caller) -> Result<()> {
         match op {
             Op::Create { path, .. } => {
                 check_path(path)?;
@@ -100,6 +122,9 @@ impl Tree {
                     .nodes
                     .get(parent)
                     .ok_or_else(|| CoordError::NoNode(parent.into()))?;
+                if !allowed(parent_entry, caller, Perms::CREATE) {
+                    return Err(CoordError::NoAuth(path.clone()));
+                }
                 if parent_entry.owner.is_some() {
                     return Err(CoordError::Other(format!("{parent} is ephemeral")));
                 }
@@ -110,6 +135,15 @@ impl Tree {
                     .nodes
                     .get(path)
                     .ok_or_else(|| CoordError::NoNode(path.clone()))?;
+                let permitted = match op {
+                    Op::Delete { .. } => parent_of(path)
+                        .and_then(|parent| self.nodes.get(parent))
+                        .is_some_and(|parent| allowed(parent, caller, Perms::DELETE)),
+                    _ => allowed(entry, caller, Perms::WRITE),
+                };
+                if !permitted {
+                    return Err(CoordError::NoAuth(path.clone()));
+                }
                 if version.is_some_and(|v| v != entry.version) {
                     return Err(CoordError::BadVersion(path.clone()));
                 }
@@ -132,9 +166,11 @@ impl Tree {
     }
 
     /// Applies a checked op; returns the created path for creates.
-    fn apply(&mut self, session: u64, op: Op) -> Result<String> {
+    fn apply(&mut self, caller: &Caller, op: Op) -> Result<String> {
+        let session = caller.session;
         match op {
             Op::Create { path, data, kind } => {
+                let acl = caller.access.acl_for(&path);
                 let parent = parent_of(&path).expect("checked").to_owned();
                 let path = match kind {
                     NodeKind::PersistentSequential | NodeKind::EphemeralSequential => {
@@ -157,6 +193,7 @@ impl Tree {
                         version: 0,
                         owner,
                         next_sequence: 0,
+                        acl,
                     },
                 );
                 fire(self.data_watches.remove(&path), WatchEvent::Created);
@@ -220,10 +257,20 @@ impl Tree {
 }
 
 impl MemoryCoordinator {
+    /// An empty service, reached anonymously on an open tree ([`Access::open`]).
     pub fn new() -> Self {
         MemoryCoordinator {
             tree: Arc::new(Mutex::new(Tree::new_root())),
             next_session: Arc::default(),
+            access: Access::open(),
+        }
+    }
+
+    /// The same service, reached as `access` (kept concrete for tests that expire).
+    pub fn as_access(&self, access: Access) -> MemoryCoordinator {
+        MemoryCoordinator {
+            access,
+            ..self.clone()
         }
     }
 
@@ -245,6 +292,8 @@ impl MemoryCoordinator {
             id,
             tree: self.tree.clone(),
             state: rx,
+            digests: self.access.digests(),
+            access: self.access.clone(),
         })
     }
 }
@@ -254,9 +303,35 @@ impl Coordinator for MemoryCoordinator {
     async fn connect(&self) -> Result<Arc<dyn Session>> {
         Ok(self.connect_memory())
     }
+
+    fn access(&self) -> &Access {
+        &self.access
+    }
+
+    fn with_access(&self, access: Access) -> Arc<dyn Coordinator> {
+        Arc::new(self.as_access(access))
+    }
 }
 
 impl MemorySession {
+    fn caller(&self) -> Caller<'_> {
+        Caller {
+            session: self.id,
+            access: &self.access,
+            digests: &self.digests,
+        }
+    }
+
+    /// The node, when it exists and the caller may read it.
+    fn readable<'t>(&self, tree: &'t Tree, path: &str) -> Result<Option<&'t Entry>> {
+        match tree.nodes.get(path) {
+            Some(entry) if !allowed(entry, &self.caller(), Perms::READ) => {
+                Err(CoordError::NoAuth(path.into()))
+            }
+            found => Ok(found),
+        }
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Tree>> {
         let tree = self.tree.lock().expect("tree");
         if !tree.live_sessions.contains_key(&self.id) {
@@ -286,8 +361,8 @@ impl Session for MemorySession {
             data: data.to_vec(),
             kind,
         };
-        tree.check(&op)?;
-        tree.apply(self.id, op)
+        tree.check(&op, &self.caller())?;
+        tree.apply(&self.caller(), op)
     }
 
     async fn ensure_path(&self, path: &str) -> Result<()> {
@@ -303,8 +378,8 @@ impl Session for MemorySession {
                     data: vec![],
                     kind: NodeKind::Persistent,
                 };
-                tree.check(&op)?;
-                tree.apply(self.id, op)?;
+                tree.check(&op, &self.caller())?;
+                tree.apply(&self.caller(), op)?;
             }
         }
         Ok(())
@@ -312,7 +387,7 @@ impl Session for MemorySession {
 
     async fn get(&self, path: &str) -> Result<Option<Node>> {
         let tree = self.lock()?;
-        Ok(tree.nodes.get(path).map(|e| Node {
+        Ok(self.readable(&tree, path)?.map(|e| Node {
             data: e.data.clone(),
             version: e.version,
         }))
@@ -320,7 +395,7 @@ impl Session for MemorySession {
 
     async fn get_and_watch(&self, path: &str) -> Result<(Option<Node>, Watch)> {
         let mut tree = self.lock()?;
-        let node = tree.nodes.get(path).map(|e| Node {
+        let node = self.readable(&tree, path)?.map(|e| Node {
             data: e.data.clone(),
             version: e.version,
         });
@@ -335,8 +410,8 @@ impl Session for MemorySession {
             data: data.to_vec(),
             version,
         };
-        tree.check(&op)?;
-        tree.apply(self.id, op)?;
+        tree.check(&op, &self.caller())?;
+        tree.apply(&self.caller(), op)?;
         Ok(tree.nodes[path].version)
     }
 
@@ -346,13 +421,13 @@ impl Session for MemorySession {
             path: path.into(),
             version,
         };
-        tree.check(&op)?;
-        tree.apply(self.id, op).map(|_| ())
+        tree.check(&op, &self.caller())?;
+        tree.apply(&self.caller(), op).map(|_| ())
     }
 
     async fn children(&self, path: &str) -> Result<Vec<String>> {
         let tree = self.lock()?;
-        if !tree.nodes.contains_key(path) {
+        if self.readable(&tree, path)?.is_none() {
             return Err(CoordError::NoNode(path.into()));
         }
         Ok(tree.children_of(path))
@@ -360,7 +435,7 @@ impl Session for MemorySession {
 
     async fn children_and_watch(&self, path: &str) -> Result<(Vec<String>, Watch)> {
         let mut tree = self.lock()?;
-        if !tree.nodes.contains_key(path) {
+        if self.readable(&tree, path)?.is_none() {
             return Err(CoordError::NoNode(path.into()));
         }
         let children = tree.children_of(path);
@@ -376,13 +451,37 @@ impl Session for MemorySession {
             nodes: tree.nodes.clone(),
             ..Tree::default()
         };
+        let caller = self.caller();
         for op in &ops {
-            scratch.check(op)?;
-            scratch.apply(self.id, op.clone())?;
+            scratch.check(op, &caller)?;
+            scratch.apply(&caller, op.clone())?;
         }
         for op in ops {
-            tree.apply(self.id, op)?;
+            tree.apply(&caller, op)?;
         }
+        Ok(())
+    }
+
+    async fn acl(&self, path: &str) -> Result<Vec<Grant>> {
+        let tree = self.lock()?;
+        let entry = tree
+            .nodes
+            .get(path)
+            .ok_or_else(|| CoordError::NoNode(path.into()))?;
+        Ok(entry.acl.clone())
+    }
+
+    async fn set_acl(&self, path: &str, acl: &[Grant]) -> Result<()> {
+        let mut tree = self.lock()?;
+        let caller = self.caller();
+        let entry = tree
+            .nodes
+            .get_mut(path)
+            .ok_or_else(|| CoordError::NoNode(path.into()))?;
+        if !allowed(entry, &caller, Perms::ADMIN) {
+            return Err(CoordError::NoAuth(path.into()));
+        }
+        entry.acl = acl.to_vec();
         Ok(())
     }
 

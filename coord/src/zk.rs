@@ -1,6 +1,8 @@
 //! The ZooKeeper implementation (the `zookeeper-client` crate). The connect string may
 //! carry a chroot (`host:2181,host2:2181/cloudtask`); it is created when missing, and
-//! every path is then relative to it.
+//! every path is then relative to it. Sessions authenticate with the [`Access`]'s digest
+//! credential and create every node with the ACL its policy gives the path; hosts named
+//! `tcp+tls://` are reached over TLS, verified against the configured CA.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use zookeeper_client as zk;
 
+use crate::acl::{Access, Grant, Perms};
 use crate::{
     CoordError, Coordinator, Node, NodeKind, Op, Result, Session, SessionState, Version, Watch,
     WatchEvent,
@@ -17,14 +20,55 @@ use crate::{
 pub struct ZkCoordinator {
     connect_string: String,
     session_timeout: Duration,
+    access: Access,
+    /// PEM CA certificates that `tcp+tls://` hosts are verified against.
+    tls_ca: Option<String>,
 }
 
 impl ZkCoordinator {
+    /// Anonymous, on an open tree (see [`Access::open`]); [`ZkCoordinator::with`] names
+    /// an identity.
     pub fn new(connect_string: impl Into<String>, session_timeout: Duration) -> Self {
         ZkCoordinator {
             connect_string: connect_string.into(),
             session_timeout,
+            access: Access::open(),
+            tls_ca: None,
         }
+    }
+
+    /// The coordinator `config` describes: its connect string, session timeout and TLS
+    /// CA, connecting as the platform's identity (`zookeeper_auth`; anonymous on an open
+    /// tree when unset). A worker re-targets it to its own identity after joining.
+    pub fn from_config(config: &cloudtask_core::config::Config) -> Result<ZkCoordinator> {
+        let access = match &config.zookeeper_auth {
+            Some(auth) => Access::owner(crate::Credential::parse(auth)?),
+            None => Access::open(),
+        };
+        let tls_ca = match &config.zookeeper_tls_ca {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                CoordError::Other(format!("zookeeper_tls_ca {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        Ok(ZkCoordinator::new(
+            config.zookeeper.clone(),
+            Duration::from_millis(config.zookeeper_session_timeout_ms),
+        )
+        .with(access)
+        .with_tls_ca(tls_ca))
+    }
+
+    /// Connects as `access`.
+    pub fn with(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// Verifies `tcp+tls://` hosts against these PEM CA certificates.
+    pub fn with_tls_ca(mut self, pem: Option<String>) -> Self {
+        self.tls_ca = pem;
+        self
     }
 }
 
@@ -33,6 +77,40 @@ pub struct ZkSession {
     /// last clone is dropped.
     client: std::sync::Mutex<Option<zk::Client>>,
     state: watch::Receiver<SessionState>,
+    access: Access,
+}
+
+fn zk_acl(grants: &[Grant]) -> Vec<zk::Acl> {
+    grants
+        .iter()
+        .map(|g| zk::Acl::new(zk_perms(g.perms), zk::AuthId::new(&g.scheme, &g.id)))
+        .collect()
+}
+
+fn zk_perms(perms: Perms) -> zk::Permission {
+    [
+        (Perms::READ, zk::Permission::READ),
+        (Perms::WRITE, zk::Permission::WRITE),
+        (Perms::CREATE, zk::Permission::CREATE),
+        (Perms::DELETE, zk::Permission::DELETE),
+        (Perms::ADMIN, zk::Permission::ADMIN),
+    ]
+    .into_iter()
+    .filter(|(ours, _)| perms.contains(*ours))
+    .fold(zk::Permission::NONE, |all, (_, theirs)| all | theirs)
+}
+
+fn our_perms(perms: zk::Permission) -> Perms {
+    [
+        (Perms::READ, zk::Permission::READ),
+        (Perms::WRITE, zk::Permission::WRITE),
+        (Perms::CREATE, zk::Permission::CREATE),
+        (Perms::DELETE, zk::Permission::DELETE),
+        (Perms::ADMIN, zk::Permission::ADMIN),
+    ]
+    .into_iter()
+    .filter(|(_, theirs)| perms.has(*theirs))
+    .fold(Perms(0), |all, (ours, _)| all | ours)
 }
 
 fn map_state(state: zk::SessionState) -> SessionState {
@@ -52,6 +130,7 @@ fn map_err(path: &str, e: zk::Error) -> CoordError {
         zk::Error::NodeExists => CoordError::NodeExists(path.into()),
         zk::Error::BadVersion => CoordError::BadVersion(path.into()),
         zk::Error::NotEmpty => CoordError::NotEmpty(path.into()),
+        zk::Error::NoAuth => CoordError::NoAuth(path.into()),
         zk::Error::SessionExpired | zk::Error::ClientClosed => CoordError::SessionExpired,
         zk::Error::ConnectionLoss | zk::Error::Timeout | zk::Error::NoHosts => {
             CoordError::ConnectionLoss
@@ -85,9 +164,15 @@ fn watch_of(watcher: zk::OneshotWatcher) -> Watch {
 #[async_trait::async_trait]
 impl Coordinator for ZkCoordinator {
     async fn connect(&self) -> Result<Arc<dyn Session>> {
-        Ok(Arc::new(
-            ZkSession::connect(&self.connect_string, self.session_timeout).await?,
-        ))
+        Ok(Arc::new(ZkSession::connect(self).await?))
+    }
+
+    fn access(&self) -> &Access {
+        &self.access
+    }
+
+    fn with_access(&self, access: Access) -> Arc<dyn Coordinator> {
+        Arc::new(self.clone().with(access))
     }
 }
 
@@ -106,21 +191,44 @@ pub fn rooted(connect_string: &str) -> std::borrow::Cow<'_, str> {
 }
 
 impl ZkSession {
-    pub async fn connect(connect_string: &str, session_timeout: Duration) -> Result<ZkSession> {
-        let connect_string = &*rooted(connect_string);
-        let client = zk::Client::connector()
-            .with_session_timeout(session_timeout)
+    pub async fn connect(coordinator: &ZkCoordinator) -> Result<ZkSession> {
+        let connect_string = &*rooted(&coordinator.connect_string);
+        let mut connector =
+            zk::Client::connector().with_session_timeout(coordinator.session_timeout);
+        if let Some(credential) = coordinator.access.credential() {
+            connector = connector.with_auth("digest", credential.auth().as_bytes());
+        }
+        if let Some(pem) = &coordinator.tls_ca {
+            let tls = zk::TlsOptions::new()
+                .with_pem_ca(pem)
+                .map_err(|e| CoordError::Other(format!("the ZooKeeper TLS CA: {e}")))?;
+            connector = connector.with_tls(tls);
+        } else if connect_string.contains("tcp+tls://") {
+            return Err(CoordError::Other(
+                "tcp+tls:// ZooKeeper hosts need the CA to verify them (zookeeper_tls_ca)".into(),
+            ));
+        }
+        let client = connector
             .connect(connect_string)
             .await
             .map_err(|e| map_err(connect_string, e))?;
         let root = client.path().to_owned();
         if root != "/" {
-            // The chroot must exist before anything can be created under it.
+            // The chroot must exist before anything can be created under it. Only its
+            // owner creates it (a worker cannot), with the owner's ACL.
             let unrooted = client.clone().chroot("/").unwrap_or_else(|same| same);
-            let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
-            match unrooted.mkdir(&root, &options).await {
-                Ok(()) | Err(zk::Error::NodeExists) => {}
-                Err(e) => return Err(map_err(&root, e)),
+            if unrooted
+                .check_stat(&root)
+                .await
+                .map_err(|e| map_err(&root, e))?
+                .is_none()
+            {
+                let acl = zk_acl(&coordinator.access.acl_for("/"));
+                let options = zk::CreateMode::Persistent.with_acls(zk::Acls::new(&acl));
+                match unrooted.mkdir(&root, &options).await {
+                    Ok(()) | Err(zk::Error::NodeExists) => {}
+                    Err(e) => return Err(map_err(&root, e)),
+                }
             }
         }
         let (tx, rx) = watch::channel(map_state(client.state()));
@@ -136,6 +244,7 @@ impl ZkSession {
         Ok(ZkSession {
             client: std::sync::Mutex::new(Some(client)),
             state: rx,
+            access: coordinator.access.clone(),
         })
     }
 
@@ -151,7 +260,8 @@ impl ZkSession {
 #[async_trait::async_trait]
 impl Session for ZkSession {
     async fn create(&self, path: &str, data: &[u8], kind: NodeKind) -> Result<String> {
-        let options = create_mode(kind).with_acls(zk::Acls::anyone_all());
+        let acl = zk_acl(&self.access.acl_for(path));
+        let options = create_mode(kind).with_acls(zk::Acls::new(&acl));
         let (_, sequence) = self
             .client()?
             .create(path, data, &options)
@@ -165,12 +275,55 @@ impl Session for ZkSession {
         })
     }
 
+    /// Asks first whether the path exists (no right needed): a worker may not create
+    /// the folders above its own nodes. Missing ones are created top-down, each with its
+    /// own ACL.
     async fn ensure_path(&self, path: &str) -> Result<()> {
-        let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
-        match self.client()?.mkdir(path, &options).await {
-            Ok(()) | Err(zk::Error::NodeExists) => Ok(()),
-            Err(e) => Err(map_err(path, e)),
+        let client = self.client()?;
+        if client
+            .check_stat(path)
+            .await
+            .map_err(|e| map_err(path, e))?
+            .is_some()
+        {
+            return Ok(());
         }
+        let mut current = String::new();
+        for segment in path.split('/').filter(|s| !s.is_empty()) {
+            current.push('/');
+            current.push_str(segment);
+            let acl = zk_acl(&self.access.acl_for(&current));
+            let options = zk::CreateMode::Persistent.with_acls(zk::Acls::new(&acl));
+            match client.create(&current, &[], &options).await {
+                Ok(_) | Err(zk::Error::NodeExists) => {}
+                Err(e) => return Err(map_err(&current, e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn acl(&self, path: &str) -> Result<Vec<Grant>> {
+        let (acl, _) = self
+            .client()?
+            .get_acl(path)
+            .await
+            .map_err(|e| map_err(path, e))?;
+        Ok(acl
+            .iter()
+            .map(|a| Grant {
+                scheme: a.scheme().to_owned(),
+                id: a.id().to_owned(),
+                perms: our_perms(a.permission()),
+            })
+            .collect())
+    }
+
+    async fn set_acl(&self, path: &str, acl: &[Grant]) -> Result<()> {
+        self.client()?
+            .set_acl(path, &zk_acl(acl), None)
+            .await
+            .map(|_| ())
+            .map_err(|e| map_err(path, e))
     }
 
     async fn get(&self, path: &str) -> Result<Option<Node>> {
@@ -253,24 +406,21 @@ impl Session for ZkSession {
         if ops.is_empty() {
             return Ok(());
         }
-        let options = [
-            zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
-            zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all()),
-            zk::CreateMode::PersistentSequential.with_acls(zk::Acls::anyone_all()),
-            zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all()),
-        ];
+        // Each create's ACL, computed first: the writer borrows them until the commit.
+        let acls: Vec<Vec<zk::Acl>> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Create { path, .. } => zk_acl(&self.access.acl_for(path)),
+                _ => Vec::new(),
+            })
+            .collect();
         let client = self.client()?;
         let mut writer = client.new_multi_writer();
-        for op in &ops {
+        for (op, acl) in ops.iter().zip(&acls) {
             let added = match op {
                 Op::Create { path, data, kind } => {
-                    let index = match kind {
-                        NodeKind::Persistent => 0,
-                        NodeKind::Ephemeral => 1,
-                        NodeKind::PersistentSequential => 2,
-                        NodeKind::EphemeralSequential => 3,
-                    };
-                    writer.add_create(path, data, &options[index])
+                    let options = create_mode(*kind).with_acls(zk::Acls::new(acl));
+                    writer.add_create(path, data, &options)
                 }
                 Op::Set {
                     path,
@@ -312,7 +462,23 @@ impl Session for ZkSession {
 
 #[cfg(test)]
 mod tests {
-    use super::rooted;
+    use super::*;
+
+    #[tokio::test]
+    async fn tls_hosts_need_a_ca_and_a_bad_ca_is_reported() {
+        let timeout = Duration::from_secs(1);
+        let without = ZkCoordinator::new("tcp+tls://127.0.0.1:1/x", timeout);
+        match without.connect().await {
+            Err(CoordError::Other(message)) => assert!(message.contains("zookeeper_tls_ca")),
+            other => panic!("expected a configuration error, got {:?}", other.err()),
+        }
+        let bad = ZkCoordinator::new("tcp+tls://127.0.0.1:1/x", timeout)
+            .with_tls_ca(Some("not a certificate".into()));
+        match bad.connect().await {
+            Err(CoordError::Other(message)) => assert!(message.contains("TLS CA"), "{message}"),
+            other => panic!("expected a CA error, got {:?}", other.err()),
+        }
+    }
 
     #[test]
     fn a_connect_string_without_a_chroot_gets_the_default_root() {

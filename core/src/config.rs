@@ -26,6 +26,13 @@ pub struct Config {
     /// ZooKeeper connect string; a chroot suffix (`host:2181/root`) is honoured.
     pub zookeeper: String,
     pub zookeeper_session_timeout_ms: u64,
+    /// The platform's ZooKeeper digest credential, `user:password` (scheduler and API):
+    /// it owns the tree; workers get identities of their own at join. Unset: the tree is
+    /// world-writable (development only). Never give it to a worker.
+    pub zookeeper_auth: Option<String>,
+    /// PEM file of the CA certificates that `tcp+tls://` ZooKeeper hosts are verified
+    /// against.
+    pub zookeeper_tls_ca: Option<PathBuf>,
     /// Where the scheduler leader sends mail: `smtp://host:port` (add `?tls=required` for
     /// STARTTLS, or `?tls=opportunistic`), `smtps://host:port` for TLS from the start;
     /// credentials as `smtp://user:password@host`. Unset: no mail is sent (webhooks still are).
@@ -155,6 +162,8 @@ impl Default for Config {
             refresh_token_ttl_secs: 30 * 24 * 3600,
             zookeeper: "127.0.0.1:2181/cloudtask".into(),
             zookeeper_session_timeout_ms: 10_000,
+            zookeeper_auth: None,
+            zookeeper_tls_ca: None,
             smtp_url: None,
             webhook_allow_networks: String::new(),
             smtp_from: "CloudTask <cloudtask@localhost>".into(),
@@ -397,6 +406,16 @@ impl Config {
         }
         if self.zookeeper.trim().is_empty() {
             return Err(ConfigError::new("zookeeper", "must not be empty"));
+        }
+        if let Some(auth) = &self.zookeeper_auth
+            && !auth
+                .split_once(':')
+                .is_some_and(|(user, password)| !user.is_empty() && !password.is_empty())
+        {
+            return Err(ConfigError::new(
+                "zookeeper_auth",
+                "must be `user:password` (a ZooKeeper digest credential)",
+            ));
         }
         if !(1_000..=600_000).contains(&self.zookeeper_session_timeout_ms) {
             return Err(ConfigError::new(

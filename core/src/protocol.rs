@@ -2,6 +2,7 @@
 //! once for both ends (the API's endpoints and the worker's client). Field names are the
 //! JSON on the wire: renaming one breaks workers and APIs of other versions.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
@@ -25,7 +26,36 @@ pub struct JoinedCluster {
     pub expires_at: DateTime<Utc>,
     pub tenant_id: TenantId,
     pub cluster_id: ClusterId,
+    /// The worker's own ZooKeeper identity, when the tree has ACLs (absent on an open
+    /// tree, and from APIs of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zookeeper: Option<ZooKeeperIdentity>,
 }
+
+/// A cluster's workers' ZooKeeper digest identity: it reaches that cluster's part of the
+/// tree only. Replaced when the cluster's join token is rotated.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ZooKeeperIdentity {
+    pub user: String,
+    pub password: String,
+    /// The digest id of the tree's owner, which the nodes a worker creates name as
+    /// their owner (`user:base64(sha1(user:password))`; not a secret).
+    pub owner_id: String,
+}
+
+impl fmt::Debug for ZooKeeperIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ZooKeeperIdentity")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A task's environment: kept out of ZooKeeper (its values are the tenant's secrets),
+/// handed to the worker of a fire with its claim or start.
+pub type TaskEnv = BTreeMap<String, String>;
 
 impl fmt::Debug for JoinedCluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -34,6 +64,7 @@ impl fmt::Debug for JoinedCluster {
             .field("cluster_id", &self.cluster_id)
             .field("tenant_id", &self.tenant_id)
             .field("expires_at", &self.expires_at)
+            .field("zookeeper", &self.zookeeper)
             .finish()
     }
 }
@@ -84,6 +115,9 @@ pub struct Claim {
 #[serde(rename_all = "camelCase")]
 pub struct Claimed {
     pub run_id: RunId,
+    /// The task's environment at the claimed version.
+    #[serde(default)]
+    pub env: TaskEnv,
 }
 
 /// `POST /worker/claims/batch`: a worker claims the fires due together in one request.
@@ -101,8 +135,16 @@ pub const MAX_CLAIM_BATCH: usize = 1_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum ClaimAnswer {
-    Claimed { run_id: RunId },
-    Refused { code: String, message: String },
+    Claimed {
+        run_id: RunId,
+        /// The task's environment at the claimed version.
+        #[serde(default)]
+        env: TaskEnv,
+    },
+    Refused {
+        code: String,
+        message: String,
+    },
 }
 
 /// The answers to a batch, in the order of its claims.
@@ -121,6 +163,9 @@ pub struct Started {
     pub scheduled_at: DateTime<Utc>,
     pub attempt: u32,
     pub trigger: RunTrigger,
+    /// The task's environment (its current version).
+    #[serde(default)]
+    pub env: TaskEnv,
 }
 
 /// One thing a worker reports about a run: when its process started (a fire is claimed
@@ -218,6 +263,7 @@ mod tests {
                 expires_at: at,
                 tenant_id: tenant,
                 cluster_id: cluster,
+                zookeeper: None,
             }),
             format!(
                 r#"{{"credential":"c","expiresAt":"2030-01-02T03:04:05Z","tenantId":"{tenant}","clusterId":"{cluster}"}}"#

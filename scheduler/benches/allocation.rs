@@ -6,6 +6,8 @@
 //! 2. Failover at 10,000 tasks over 10 workers: from a worker's node vanishing to the new
 //!    assignments being written, against the time ZooKeeper takes to tell a watcher that
 //!    the node vanished at all.
+//!
+//! The tree has ACLs as deployed; `CLOUDTASK_BENCH_OPEN_TREE=1` runs it world-writable.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use chrono::Utc;
 use cloudtask_catalogue::{Cluster, Task};
 use cloudtask_coord::layout::{self, WorkerNode};
 use cloudtask_coord::zk::ZkCoordinator;
-use cloudtask_coord::{Coordinator, NodeKind, Op, Session, WatchEvent};
+use cloudtask_coord::{Access, Coordinator, Credential, NodeKind, Op, Session, WatchEvent};
 use cloudtask_core::ids::{ClusterId, TaskId, TenantId};
 use cloudtask_core::task::{TaskSpec, TaskState};
 use cloudtask_scheduler::{ClusterState, Fence};
@@ -70,7 +72,10 @@ async fn setup(coordinator: &ZkCoordinator, leader: &dyn Session) -> (Cluster, F
         created_at: Utc::now(),
         default_limits: Default::default(),
     };
-    let _ = coordinator;
+    // The cluster's workers named in the ACLs of every node written, as the leader does.
+    coordinator
+        .access()
+        .admit_cluster(cluster.id, cluster.token_rotated_at);
     leader.ensure_path(layout::ELECTION).await.unwrap();
     let node = leader
         .create(
@@ -94,10 +99,25 @@ async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return; // `cargo test --all-targets` runs benches without `--bench`.
     }
+    // With ACLs, as deployed (the platform's identity); `CLOUDTASK_BENCH_OPEN_TREE=1`
+    // measures a world-writable tree instead, for comparison.
+    let access = match std::env::var("CLOUDTASK_BENCH_OPEN_TREE") {
+        Ok(_) => Access::open(),
+        Err(_) => Access::owner(Credential::generate("bench")),
+    };
+    println!(
+        "tree: {}",
+        if access.is_open() {
+            "open"
+        } else {
+            "with ACLs"
+        }
+    );
     let coordinator = ZkCoordinator::new(
         cloudtask_testkit::fresh_zookeeper(),
         Duration::from_secs(10),
-    );
+    )
+    .with(access);
     let leader = coordinator.connect().await.unwrap();
 
     // 1. Full allocation, 100k tasks over 20 workers.

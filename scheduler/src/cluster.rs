@@ -81,17 +81,19 @@ async fn apply(session: &dyn Session, fence: &Fence, ops: Vec<Op>) -> Result<()>
     Ok(())
 }
 
-/// A task as its workers see it: its cluster's default limits fill the ones it leaves
-/// unset (so a change of the defaults reaches every task, through the mirror).
+/// A task as its workers see it: no env values (see [`TaskNode::mirror`]), and its
+/// cluster's default limits filling the ones it leaves unset (so a change of the
+/// defaults reaches every task, through the mirror).
 fn task_node(task: &Task, defaults: RunLimits) -> TaskNode {
-    TaskNode {
-        limits: task.spec.limits.or(defaults),
-        tenant: task.tenant_id,
-        name: task.name.clone(),
-        version: task.version,
-        paused: task.state == TaskState::Paused,
-        spec: task.spec.clone(),
-    }
+    let mut node = TaskNode::mirror(
+        task.tenant_id,
+        task.name.clone(),
+        task.version,
+        task.state == TaskState::Paused,
+        &task.spec,
+    );
+    node.limits = task.spec.limits.or(defaults);
+    node
 }
 
 impl ClusterState {
@@ -132,7 +134,9 @@ impl ClusterState {
         .await
     }
 
-    /// Reads the cluster's state from ZooKeeper, creating its folders when missing.
+    /// Reads the cluster's state from ZooKeeper, creating its folders when missing. The
+    /// cluster node's payload is written last, after the workers were read: whoever sees
+    /// it knows that a worker registering from then on is a join the leader hears of.
     pub async fn load(session: &dyn Session, cluster: Cluster) -> Result<ClusterState> {
         let id = cluster.id;
         let root = layout::cluster(id);
@@ -140,27 +144,12 @@ impl ClusterState {
             tenant: cluster.tenant_id,
             name: cluster.name.clone(),
         });
-        match session.get(&root).await? {
-            Some(node) if node.data == payload => {}
-            Some(_) => {
-                session.set(&root, &payload, None).await?;
-            }
-            None => match session.create(&root, &payload, NodeKind::Persistent).await {
-                Ok(_) | Err(CoordError::NodeExists(_)) => {}
-                Err(CoordError::NoNode(_)) => {
-                    session.ensure_path(layout::CLUSTERS).await?;
-                    session
-                        .create(&root, &payload, NodeKind::Persistent)
-                        .await?;
-                }
-                Err(e) => return Err(e),
-            },
-        }
         for dir in [
             layout::tasks(id),
             layout::workers(id),
             layout::assignments(id),
             layout::departures(id),
+            layout::commands_root(id),
         ] {
             session.ensure_path(&dir).await?;
         }
@@ -200,6 +189,13 @@ impl ClusterState {
             workers: BTreeMap::new(),
         };
         state.workers = state.read_workers(session).await?;
+        if session
+            .get(&root)
+            .await?
+            .is_none_or(|node| node.data != payload)
+        {
+            session.set(&root, &payload, None).await?;
+        }
         Ok(state)
     }
 

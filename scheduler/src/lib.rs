@@ -18,7 +18,9 @@ use cloudtask_catalogue::live_events::{Event, Membership};
 use cloudtask_catalogue::mirror_changes::Changes;
 use cloudtask_catalogue::{Catalogue, Cluster, WorkerEvent};
 use cloudtask_coord::layout::CommandNode;
-use cloudtask_coord::{CoordError, Coordinator, Session, WatchEvent, delete_recursive, layout};
+use cloudtask_coord::{
+    CoordError, Coordinator, Session, WatchEvent, acl, delete_recursive, layout,
+};
 use cloudtask_core::ids::{ClusterId, RunId, WorkerId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -161,6 +163,19 @@ impl<'a> Leader<'a> {
     }
 
     async fn lead_inner(&mut self, shutdown: &CancellationToken) -> anyhow::Result<TermEnd> {
+        // A tree written before ACLs (or by an older version) is walled in now: the
+        // election and the top; each cluster's part as it is reconciled.
+        let access = self.scheduler.coordinator.access();
+        let session = self.session.as_ref();
+        session.ensure_path(layout::CLUSTERS).await?;
+        let fixed = acl::enforce(session, access, "/scheduler").await?
+            + acl::enforce_node(session, access, layout::CLUSTERS).await?;
+        if fixed > 0 {
+            tracing::info!(nodes = fixed, "coordination ACLs set");
+        }
+        if access.is_open() {
+            tracing::warn!("no zookeeper_auth: the coordination tree is world-writable");
+        }
         self.sweep().await?;
         let mut state = self.session.state();
         let mut sweep = tokio::time::interval(self.scheduler.sweep);
@@ -231,6 +246,15 @@ impl<'a> Leader<'a> {
 
     async fn reconcile_cluster(&mut self, cluster: Cluster) -> anyhow::Result<()> {
         let id = cluster.id;
+        // Its workers' identity, before anything of it is written: new, or replaced by a
+        // token rotation (then the old token's workers are cut off at once).
+        let access = self.scheduler.coordinator.access();
+        if access.admit_cluster(id, cluster.token_rotated_at) {
+            let fixed = acl::enforce_cluster(self.session.as_ref(), access, id).await?;
+            if fixed > 0 {
+                tracing::info!(cluster = %id, nodes = fixed, "cluster ACLs set");
+            }
+        }
         let tasks = self.scheduler.catalogue.tasks_of_cluster(id).await?;
         if !self.clusters.contains_key(&id) {
             let state = ClusterState::load(self.session.as_ref(), cluster.clone()).await?;
@@ -300,6 +324,7 @@ impl<'a> Leader<'a> {
         }
         self.clusters.remove(&cluster);
         delete_recursive(self.session.as_ref(), &layout::cluster(cluster)).await?;
+        self.scheduler.coordinator.access().forget_cluster(cluster);
         tracing::info!(%cluster, "cluster removed from coordination");
         Ok(())
     }

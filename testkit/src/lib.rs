@@ -61,11 +61,20 @@ impl Drop for TestApi {
 
 pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
-/// A configuration for tests: a fresh database URL and a known JWT secret.
+/// The platform's ZooKeeper credential in tests (`zookeeper_auth`): generated once per
+/// test process, so the coordination tree has ACLs in every test that uses it.
+pub fn test_zookeeper_auth() -> &'static str {
+    static AUTH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    AUTH.get_or_init(|| format!("cloudtask:{}", uuid::Uuid::new_v4().simple()))
+}
+
+/// A configuration for tests: a fresh database URL, a known JWT secret, and the test
+/// process's ZooKeeper credential.
 pub fn test_config(database_url: String) -> Config {
     Config {
         database_url,
         jwt_secret: Some(TEST_JWT_SECRET.into()),
+        zookeeper_auth: Some(test_zookeeper_auth().into()),
         listen: "127.0.0.1:0".parse().expect("address"),
         // Tests poll the API in tight loops; the budgets have tests of their own.
         rate_requests_per_minute: 600_000,

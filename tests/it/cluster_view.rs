@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use cloudtask_coord::layout::{self, WorkerNode};
-use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_coord::{Coordinator, NodeKind};
 use cloudtask_testkit::TestApi;
 use serde_json::json;
@@ -59,7 +58,7 @@ async fn workers_and_assigned_worker_are_visible() {
     assert_eq!(empty.data()["cluster"]["workers"], json!([]));
     assert_eq!(empty.data()["task"]["assignedWorker"], json!(null));
 
-    let coordinator = ZkCoordinator::new(&zookeeper, Duration::from_secs(4));
+    let coordinator = crate::harness::owner_coordinator(&zookeeper, Duration::from_secs(4));
     let shutdown = CancellationToken::new();
     let scheduler = cloudtask_scheduler::Scheduler {
         catalogue: api.catalogue.clone(),

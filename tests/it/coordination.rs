@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_coord::{Coordinator, layout};
 use cloudtask_testkit::PrivateZooKeeper;
 use serde_json::{Value, json};
@@ -268,10 +267,7 @@ async fn killing_the_leading_scheduler_hands_over_within_the_session_timeout_mov
     }
 
     // The leader is the lowest election node; its payload names the process.
-    let observer = ZkCoordinator::new(cluster.zookeeper.clone(), session_timeout)
-        .connect()
-        .await
-        .unwrap();
+    let observer = cluster.observer().connect().await.unwrap();
     let election = layout::by_sequence(observer.children(layout::ELECTION).await.unwrap());
     assert_eq!(election.len(), 2, "both schedulers campaign");
     let leader = observer
@@ -430,10 +426,7 @@ async fn a_worker_cut_off_from_zookeeper_stops_its_run_before_its_session_expire
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
-    let observer = ZkCoordinator::new(cluster.zookeeper.clone(), session_timeout)
-        .connect()
-        .await
-        .unwrap();
+    let observer = cluster.observer().connect().await.unwrap();
     let node = layout::worker(cluster.cluster_id.parse().unwrap(), &"w1".parse().unwrap());
     assert!(observer.get(&node).await.unwrap().is_some());
     proxy.cut();

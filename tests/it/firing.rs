@@ -383,7 +383,7 @@ async fn outcomes_and_logs_survive_ten_seconds_without_the_api() {
 #[tokio::test]
 async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is() {
     use cloudtask_coord::layout::{self, AssignmentNode, CommandNode, TaskNode};
-    use cloudtask_coord::{Coordinator, NodeKind, zk::ZkCoordinator};
+    use cloudtask_coord::{Coordinator, NodeKind};
     use cloudtask_core::task::TaskState;
 
     let mut cluster = Cluster::start_with(crate::harness::Options {
@@ -392,10 +392,28 @@ async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is()
     })
     .await;
     let id: cloudtask_core::ids::ClusterId = cluster.cluster_id.parse().unwrap();
-    let zk = ZkCoordinator::new(cluster.zookeeper.clone(), cluster.session_timeout)
-        .connect()
+    // This test plays the scheduler: the platform's identity, the cluster's workers
+    // named in the ACLs of what it writes, the cluster's folders made before the worker
+    // comes (a worker may not make them).
+    let scheduler = cluster.observer();
+    let rotated_at = cluster
+        .api
+        .catalogue
+        .cluster_by_id(id)
         .await
-        .unwrap();
+        .unwrap()
+        .unwrap()
+        .token_rotated_at;
+    scheduler.access().admit_cluster(id, rotated_at);
+    let zk = scheduler.connect().await.unwrap();
+    for dir in [
+        layout::workers(id),
+        layout::tasks(id),
+        layout::worker_assignments(id, &"w1".parse().unwrap()),
+        layout::commands(id, &"w1".parse().unwrap()),
+    ] {
+        zk.ensure_path(&dir).await.unwrap();
+    }
     cluster.start_worker("w1");
     let bound = Duration::from_secs(20);
     until_node(
@@ -405,12 +423,6 @@ async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is()
         bound,
     )
     .await;
-    zk.ensure_path(&layout::worker_assignments(id, &"w1".parse().unwrap()))
-        .await
-        .unwrap();
-    let commands = layout::commands(id, &"w1".parse().unwrap());
-    zk.ensure_path(&commands).await.unwrap();
-    zk.ensure_path(&layout::tasks(id)).await.unwrap();
     // The command after the assignment, then before it (the worker may then read the
     // task's spec as absent after the command came: the run waits on).
     for (name, command_first) in [("early", false), ("earlier", true)] {
@@ -466,14 +478,14 @@ async fn a_manual_run_handed_over_before_its_task_is_read_here_runs_once_it_is()
             .into_iter()
             .find(|t| t.id == task_id)
             .unwrap();
-        let node = TaskNode {
-            tenant: record.tenant_id,
-            name: record.name.clone(),
-            version: record.version,
-            paused: record.state == TaskState::Paused,
-            spec: record.spec.clone(),
-            limits: record.spec.limits,
-        };
+        let mut node = TaskNode::mirror(
+            record.tenant_id,
+            record.name.clone(),
+            record.version,
+            record.state == TaskState::Paused,
+            &record.spec,
+        );
+        node.limits = record.spec.limits;
         zk.create(
             &layout::task(id, task_id),
             &layout::encode(&node),

@@ -15,6 +15,13 @@ use crate::support::PASSWORD;
 
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(4);
 
+/// The platform's identity on `zookeeper` (the tests' `zookeeper_auth`).
+pub fn owner_coordinator(zookeeper: &str, session_timeout: Duration) -> ZkCoordinator {
+    let credential = cloudtask_coord::Credential::parse(cloudtask_testkit::test_zookeeper_auth())
+        .expect("the test credential");
+    ZkCoordinator::new(zookeeper, session_timeout).with(cloudtask_coord::Access::owner(credential))
+}
+
 /// How a test wants its cluster.
 pub struct Options {
     /// The ZooKeeper connect string (with a chroot); default: a fresh chroot on the
@@ -117,10 +124,7 @@ impl Cluster {
         if options.in_process_scheduler {
             let scheduler = cloudtask_scheduler::Scheduler {
                 catalogue: api.catalogue.clone(),
-                coordinator: std::sync::Arc::new(ZkCoordinator::new(
-                    zookeeper.clone(),
-                    session_timeout,
-                )),
+                coordinator: std::sync::Arc::new(owner_coordinator(&zookeeper, session_timeout)),
                 identity: "test-scheduler".into(),
                 sweep: Duration::from_secs(3600),
                 writes: Default::default(),
@@ -148,6 +152,12 @@ impl Cluster {
             processes: Vec::new(),
             notify: options.notify,
         }
+    }
+
+    /// A coordinator with the platform's identity, to look at the tree as the scheduler
+    /// does.
+    pub fn observer(&self) -> ZkCoordinator {
+        owner_coordinator(&self.zookeeper, self.session_timeout)
     }
 
     pub fn worker_api_url(&self) -> String {
@@ -217,6 +227,10 @@ impl Cluster {
             )
             .env("CLOUDTASK_ZOOKEEPER", &self.zookeeper)
             .env(
+                "CLOUDTASK_ZOOKEEPER_AUTH",
+                cloudtask_testkit::test_zookeeper_auth(),
+            )
+            .env(
                 "CLOUDTASK_ZOOKEEPER_SESSION_TIMEOUT_MS",
                 self.session_timeout.as_millis().to_string(),
             )
@@ -244,7 +258,8 @@ impl Cluster {
         name: &str,
         clock: std::sync::Arc<dyn Clock>,
     ) -> CancellationToken {
-        self.start_worker_with(name, clock, |_| {})
+        let token = self.join_token.clone();
+        self.start_worker_of(name, &token, clock, |_| {})
     }
 
     /// [`Cluster::start_worker`] with its configuration adjusted (limits and the like).
@@ -254,12 +269,27 @@ impl Cluster {
         clock: std::sync::Arc<dyn Clock>,
         adjust: impl FnOnce(&mut cloudtask_core::config::Config),
     ) -> CancellationToken {
+        let token = self.join_token.clone();
+        self.start_worker_of(name, &token, clock, adjust)
+    }
+
+    /// A worker in this process for the cluster whose join token is `join_token` (another
+    /// tenant's, say), with its configuration adjusted by `adjust`.
+    pub fn start_worker_of(
+        &mut self,
+        name: &str,
+        join_token: &str,
+        clock: std::sync::Arc<dyn Clock>,
+        adjust: impl FnOnce(&mut cloudtask_core::config::Config),
+    ) -> CancellationToken {
         let mut config = cloudtask_testkit::test_config(String::new());
         config.api_url = self.worker_api_url();
         config.run_kill_grace_secs = 1;
         config.zookeeper = self.zookeeper.clone();
         config.zookeeper_session_timeout_ms = self.session_timeout.as_millis() as u64;
-        config.cluster_token = Some(self.join_token.clone());
+        config.cluster_token = Some(join_token.to_owned());
+        // A worker never holds the platform's credential: its identity comes with the join.
+        config.zookeeper_auth = None;
         config.worker_name = Some(name.into());
         config.data_dir = self.data.path().join(name);
         config.run_dir = Some(self.runs.path().to_owned());
@@ -354,11 +384,18 @@ impl Cluster {
     /// znode exists): workers that join from now on are joins it sees.
     pub async fn wait_cluster_mirrored(&self) {
         use cloudtask_coord::Coordinator;
-        let coordinator = ZkCoordinator::new(self.zookeeper.clone(), self.session_timeout);
+        let coordinator = self.observer();
         let session = coordinator.connect().await.expect("ZooKeeper");
         let path = cloudtask_coord::layout::cluster(self.cluster_id.parse().unwrap());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while session.get(&path).await.ok().flatten().is_none() {
+        // Its payload is written once the leader has read the cluster's workers.
+        while session
+            .get(&path)
+            .await
+            .ok()
+            .flatten()
+            .is_none_or(|node| node.data.is_empty())
+        {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the scheduler never took the cluster on"

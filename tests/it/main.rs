@@ -22,3 +22,4 @@ mod standalone;
 mod subscriptions;
 mod tokens;
 mod websocket;
+mod zk_acl;

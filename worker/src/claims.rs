@@ -1,11 +1,15 @@
 //! Claims go to the API in batches: the fires due together (a second's worth of a
 //! thousand tasks) are claimed in a few requests and transactions, not one each. Each
 //! caller still gets its own answer, and retries on its own terms.
+//!
+//! A claimed fire's answer carries its task's environment (env values never go to
+//! ZooKeeper): kept here by task and version, for the run that starts from it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use cloudtask_core::ids::RunId;
-use cloudtask_core::protocol::{Claim, ClaimAnswer, MAX_CLAIM_BATCH};
+use cloudtask_core::ids::{RunId, TaskId};
+use cloudtask_core::protocol::{Claim, ClaimAnswer, MAX_CLAIM_BATCH, TaskEnv};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::client::{ApiClient, CallError};
@@ -15,18 +19,50 @@ const IN_FLIGHT: usize = 4;
 
 type Pending = (Claim, oneshot::Sender<Result<RunId, CallError>>);
 
+/// Each task's environment, by the version it was handed for (the latest only).
+#[derive(Clone, Default)]
+pub struct TaskEnvs(Arc<Mutex<HashMap<TaskId, (u32, TaskEnv)>>>);
+
+impl TaskEnvs {
+    pub fn remember(&self, task: TaskId, version: u32, env: TaskEnv) {
+        let mut envs = self.0.lock().expect("task envs");
+        match envs.get(&task) {
+            Some((known, _)) if *known > version => {}
+            _ => {
+                envs.insert(task, (version, env));
+            }
+        }
+    }
+
+    /// The environment handed for `task` at `version` (empty when none was: a task
+    /// without env, or an API of an earlier version that kept env in the mirror).
+    pub fn of(&self, task: TaskId, version: u32) -> TaskEnv {
+        match self.0.lock().expect("task envs").get(&task) {
+            Some((known, env)) if *known == version => env.clone(),
+            _ => TaskEnv::new(),
+        }
+    }
+}
+
 /// Hands claims to the batching task. Cheap to clone.
 #[derive(Clone)]
 pub struct Claims {
     tx: mpsc::UnboundedSender<Pending>,
+    envs: TaskEnvs,
 }
 
 impl Claims {
     /// Starts the batching task; it ends when every handle is dropped.
     pub fn spawn(client: Arc<ApiClient>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batch_claims(client, rx));
-        Claims { tx }
+        let envs = TaskEnvs::default();
+        tokio::spawn(batch_claims(client, rx, envs.clone()));
+        Claims { tx, envs }
+    }
+
+    /// The environments handed with claims (and starts).
+    pub fn envs(&self) -> &TaskEnvs {
+        &self.envs
     }
 
     /// Claims one fire: its run, `Refused` (final), or `Unavailable` (try again).
@@ -38,7 +74,11 @@ impl Claims {
     }
 }
 
-async fn batch_claims(client: Arc<ApiClient>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+async fn batch_claims(
+    client: Arc<ApiClient>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    envs: TaskEnvs,
+) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -55,14 +95,18 @@ async fn batch_claims(client: Arc<ApiClient>, mut rx: mpsc::UnboundedReceiver<Pe
             }
         }
         let client = client.clone();
+        let envs = envs.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let claims: Vec<Claim> = batch.iter().map(|(claim, _)| claim.clone()).collect();
             match client.claims(&claims).await {
                 Ok(answers) => {
-                    for ((_, reply), answer) in batch.into_iter().zip(answers) {
+                    for ((claim, reply), answer) in batch.into_iter().zip(answers) {
                         let _ = reply.send(match answer {
-                            ClaimAnswer::Claimed { run_id } => Ok(run_id),
+                            ClaimAnswer::Claimed { run_id, env } => {
+                                envs.remember(claim.task_id, claim.task_version, env);
+                                Ok(run_id)
+                            }
                             ClaimAnswer::Refused { code, message } => {
                                 Err(CallError::Refused(format!("{code}: {message}")))
                             }

@@ -140,9 +140,13 @@ impl ApiClient {
                 .send(|http, base| http.post(format!("{base}/worker/claims")).json(claim))
                 .await;
             answers.push(match sent {
-                Ok(response) => ClaimAnswer::Claimed {
-                    run_id: json::<Claimed>(response).await?.run_id,
-                },
+                Ok(response) => {
+                    let claimed = json::<Claimed>(response).await?;
+                    ClaimAnswer::Claimed {
+                        run_id: claimed.run_id,
+                        env: claimed.env,
+                    }
+                }
                 Err(CallError::Refused(message)) => ClaimAnswer::Refused {
                     code: "REFUSED".into(),
                     message,
@@ -240,7 +244,11 @@ mod tests {
                 if claims == 1 {
                     (
                         "200 OK",
-                        serde_json::to_string(&Claimed { run_id: run }).unwrap(),
+                        serde_json::to_string(&Claimed {
+                            run_id: run,
+                            env: Default::default(),
+                        })
+                        .unwrap(),
                     )
                 } else {
                     (
@@ -271,7 +279,13 @@ mod tests {
             reason: None,
         };
         let answers = client.claims(&[claim.clone(), claim]).await.unwrap();
-        assert_eq!(answers[0], ClaimAnswer::Claimed { run_id: run });
+        assert_eq!(
+            answers[0],
+            ClaimAnswer::Claimed {
+                run_id: run,
+                env: Default::default()
+            }
+        );
         assert!(
             matches!(&answers[1], ClaimAnswer::Refused { message, .. } if message.starts_with("409")),
             "{answers:?}"

@@ -21,9 +21,9 @@ pub mod report;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudtask_coord::Coordinator;
 use cloudtask_coord::layout::WorkerNode;
 use cloudtask_coord::zk::ZkCoordinator;
+use cloudtask_coord::{Access, Coordinator, Credential};
 use cloudtask_core::archive;
 use cloudtask_core::config::Config;
 use cloudtask_core::ids::WorkerId;
@@ -53,12 +53,12 @@ pub async fn run_with_clock(
     clock: Arc<dyn clock::Clock>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let session_timeout = Duration::from_millis(config.zookeeper_session_timeout_ms);
-    let coordinator = Arc::new(ZkCoordinator::new(&config.zookeeper, session_timeout));
+    let coordinator = Arc::new(ZkCoordinator::from_config(config)?);
     run_on(config, coordinator, clock, shutdown).await
 }
 
-/// [`run`] on a given coordination service (the in-memory one in standalone mode).
+/// [`run`] on a given coordination service (the in-memory one in standalone mode), reached
+/// with the identity the join hands out.
 pub async fn run_on(
     config: &Config,
     coordinator: Arc<dyn Coordinator>,
@@ -84,6 +84,7 @@ pub async fn run_on(
     };
     tracing::info!(cluster = %joined.cluster_id, tenant = %joined.tenant_id, worker = %name,
         "joined the cluster");
+    let coordinator = with_cluster_identity(coordinator, &joined)?;
     let area = exec::identity::prepare(config, &joined.cluster_id.to_string(), name.as_ref())?;
     tracing::info!(run_dir = %area.dir.display(), run_user = ?area.identity.user,
         sealed = ?private::sealed(),
@@ -129,7 +130,7 @@ pub async fn run_on(
     let (commands, delivered) = tokio::sync::mpsc::unbounded_channel();
     let engine_task = tokio::spawn(engine.run(published, delivered, engine_stop.clone()));
     let membership_stop = CancellationToken::new();
-    let membership = tokio::spawn(
+    let mut membership = tokio::spawn(
         Membership::new(coordinator, joined.cluster_id, me)
             .deliver_commands(commands)
             .previous_incarnation_wait(session_timeout * 2)
@@ -140,17 +141,41 @@ pub async fn run_on(
             .fence_after(session_timeout / 5)
             .run(assignments, membership_stop.clone()),
     );
-    shutdown.cancelled().await;
+    // Membership ends early only when starting over cannot help (a name held by a live
+    // worker, an identity the tree no longer admits): the worker stops with its error.
+    let ended_early = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        ended = &mut membership => Some(ended),
+    };
     engine_stop.cancel();
     engine_task.await.ok();
     membership_stop.cancel();
-    let result = membership
-        .await
-        .unwrap_or_else(|e| Err(anyhow::anyhow!("membership task failed: {e}")));
+    let ended = match ended_early {
+        Some(ended) => ended,
+        None => membership.await,
+    };
+    let result = ended.unwrap_or_else(|e| Err(anyhow::anyhow!("membership task failed: {e}")));
     reporter_stop.cancel();
     reporter_task.await.ok();
     containment.close();
     result
+}
+
+/// The coordination service reached as the cluster's workers' identity, when the join
+/// handed one out (the tree has ACLs); as it is otherwise (an open tree).
+fn with_cluster_identity(
+    coordinator: Arc<dyn Coordinator>,
+    joined: &JoinedCluster,
+) -> anyhow::Result<Arc<dyn Coordinator>> {
+    let Some(identity) = &joined.zookeeper else {
+        return Ok(coordinator);
+    };
+    let credential = Credential::new(&identity.user, &identity.password)?;
+    Ok(coordinator.with_access(Access::cluster_worker(
+        credential,
+        joined.cluster_id,
+        &identity.owner_id,
+    )))
 }
 
 /// The limits a package is unpacked within: the same as at upload.

@@ -234,8 +234,9 @@ impl Actor {
             {
                 match shared.packages.cached(package.as_deref()) {
                     Some(workdir) => {
-                        let spec =
-                            run_spec(&node, run, &claim, workdir, shared.packages.identity());
+                        let env = shared.claims.envs().of(task, node.version);
+                        let identity = shared.packages.identity();
+                        let spec = run_spec(&node, run, &claim, env, workdir, identity);
                         if let Some(shell) = stage(spec, &shared.limits.containment) {
                             *staged.lock().expect("staged slot") = Some((node.version, shell));
                         }

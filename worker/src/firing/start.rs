@@ -196,6 +196,8 @@ async fn run_fire(
         Start::Claimed(claimed) => claimed_run(shared, node, claimed, stop).await?,
         Start::Queued(run) => match shared.client.start(run, &shared.worker).await {
             Ok(started) => {
+                let env = started.env;
+                shared.claims.envs().remember(task, node.version, env);
                 let claim = Claim {
                     task_id: task,
                     scheduled_at: started.scheduled_at,
@@ -309,7 +311,9 @@ async fn execute_fire(
                         .await
                 }
                 None => {
-                    let run = run_spec(node, run_id, claim, workdir, shared.packages.identity());
+                    let env = shared.claims.envs().of(claim.task_id, node.version);
+                    let identity = shared.packages.identity();
+                    let run = run_spec(node, run_id, claim, env, workdir, identity);
                     execute(&run, shared.limits.clone(), &shared.reporter, stop, hurry).await
                 }
             }
@@ -379,11 +383,14 @@ fn fits(shell: &Staged, version: u32, node: &TaskNode, packages: &Packages) -> b
             == Some(&shell.spec().workdir)
 }
 
-/// What runs for a claimed fire of the task.
+/// What runs for a claimed fire of the task, with the environment handed with its claim
+/// (the mirrored spec has none). None handed: the spec's, for a tree and an API of an
+/// earlier version, which mirrored env and handed none.
 pub(super) fn run_spec(
     node: &TaskNode,
     run_id: RunId,
     claim: &Claim,
+    env: cloudtask_core::protocol::TaskEnv,
     workdir: std::path::PathBuf,
     identity: std::sync::Arc<crate::exec::identity::RunIdentity>,
 ) -> RunSpec {
@@ -394,7 +401,11 @@ pub(super) fn run_spec(
         scheduled_at: claim.scheduled_at,
         attempt: claim.attempt,
         command: spec.command.clone(),
-        env: spec.env.clone(),
+        env: if env.is_empty() {
+            spec.env.clone()
+        } else {
+            env
+        },
         workdir,
         timeout: spec.timeout_seconds.map(|s| Duration::from_secs(s as u64)),
         identity,

@@ -23,8 +23,21 @@ impl Live<'_> {
         };
         let session = self.session;
         let dir = layout::commands(self.membership.cluster, &self.membership.me.name);
-        self.call(|| session.ensure_path(&dir)).await?;
-        let (names, watch) = self.call(|| session.children_and_watch(&dir)).await?;
+        // The scheduler creates our folder with our first command; until then, watch
+        // for its creation (we may not create it: see `acl`).
+        let (names, watch) = loop {
+            match self.call(|| session.children_and_watch(&dir)).await {
+                Ok(listed) => break listed,
+                Err(Stop::Failed(CoordError::NoNode(_))) => {
+                    let (folder, watch) = self.call(|| session.get_and_watch(&dir)).await?;
+                    if folder.is_none() {
+                        return Ok((Box::pin(watch.fired()), None));
+                    }
+                    // Created in between: list it.
+                }
+                Err(stop) => return Err(stop),
+            }
+        };
         let watch: WatchFuture = Box::pin(watch.fired());
         if names.is_empty() {
             return Ok((watch, None));
@@ -93,6 +106,12 @@ mod tests {
         async fn connect(&self) -> cloudtask_coord::Result<Arc<dyn Session>> {
             Ok(Arc::new(Late(self.0.connect_memory())))
         }
+        fn access(&self) -> &cloudtask_coord::Access {
+            self.0.access()
+        }
+        fn with_access(&self, access: cloudtask_coord::Access) -> Arc<dyn Coordinator> {
+            Arc::new(LateAssignmentWatches(self.0.as_access(access)))
+        }
     }
 
     #[async_trait::async_trait]
@@ -141,6 +160,16 @@ mod tests {
         }
         async fn multi(&self, ops: Vec<Op>) -> cloudtask_coord::Result<()> {
             self.0.multi(ops).await
+        }
+        async fn acl(&self, path: &str) -> cloudtask_coord::Result<Vec<cloudtask_coord::Grant>> {
+            self.0.acl(path).await
+        }
+        async fn set_acl(
+            &self,
+            path: &str,
+            acl: &[cloudtask_coord::Grant],
+        ) -> cloudtask_coord::Result<()> {
+            self.0.set_acl(path, acl).await
         }
         fn state(&self) -> watch::Receiver<SessionState> {
             self.0.state()

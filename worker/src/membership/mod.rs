@@ -119,6 +119,15 @@ impl From<CoordError> for Stop {
     fn from(e: CoordError) -> Self {
         match e {
             CoordError::SessionExpired => Stop::SessionEnded,
+            // Our identity no longer reaches our cluster: the join token was rotated
+            // (the identity derives from it) or the cluster deleted. A new session with
+            // the same identity cannot help; the worker must join again with the
+            // current token.
+            CoordError::NoAuth(path) => Stop::Fatal(anyhow::anyhow!(
+                "ZooKeeper refused this worker's cluster identity at {path}: the cluster's \
+                 join token was rotated (or the cluster deleted); restart the worker with \
+                 the current CLOUDTASK_CLUSTER_TOKEN"
+            )),
             other => Stop::Failed(other),
         }
     }

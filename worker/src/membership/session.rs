@@ -231,7 +231,7 @@ impl<'a> Live<'a> {
         // Set when a create's answer was lost: the node may be ours already.
         let mut maybe_created = false;
         let mut announced = false;
-        self.call(|| session.ensure_path(&workers)).await?;
+        self.await_folder(&workers).await?;
         loop {
             match session.create(&path, &payload, NodeKind::Ephemeral).await {
                 Ok(_) => return Ok(()),
@@ -239,7 +239,7 @@ impl<'a> Live<'a> {
                     maybe_created = true;
                     self.await_connection(&mut pause).await?;
                 }
-                Err(CoordError::NoNode(_)) => self.call(|| session.ensure_path(&workers)).await?,
+                Err(CoordError::NoNode(_)) => self.await_folder(&workers).await?,
                 Err(CoordError::NodeExists(_)) => {
                     let (holder, watch) = self.call(|| session.get_and_watch(&path)).await?;
                     let Some(holder) = holder else {
@@ -289,6 +289,45 @@ impl<'a> Live<'a> {
                     }
                 }
                 Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Our cluster's folder at `path`. A worker with a cluster identity may not create
+    /// it (the scheduler does, when it takes the cluster on): it waits for its creation.
+    /// On an open tree the worker creates it itself, as before ACLs.
+    async fn await_folder(&mut self, path: &str) -> Result<(), Stop> {
+        let session = self.session;
+        let mut announced = false;
+        loop {
+            let ensured = self
+                .call(|| async {
+                    match session.ensure_path(path).await {
+                        Ok(()) => Ok(true),
+                        Err(CoordError::NoAuth(_)) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                })
+                .await?;
+            if ensured {
+                return Ok(());
+            }
+            let (folder, watch) = self.call(|| session.get_and_watch(path)).await?;
+            if folder.is_some() {
+                continue;
+            }
+            if !std::mem::replace(&mut announced, true) {
+                tracing::info!(%path, "waiting for the scheduler to take the cluster on");
+            }
+            let mut fired = std::pin::pin!(watch.fired());
+            loop {
+                match self.alongside(fired.as_mut()).await? {
+                    Some(WatchEvent::SessionEnded) => return Err(Stop::SessionEnded),
+                    Some(_) => break,
+                    // The state changed: a resumed session re-reads.
+                    None if *self.state.borrow() == SessionState::Connected => break,
+                    None => {}
+                }
             }
         }
     }

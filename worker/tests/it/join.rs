@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use cloudtask_coord::layout::{self, WorkerNode};
 use cloudtask_coord::zk::ZkCoordinator;
+use cloudtask_coord::{Access, Credential};
 use cloudtask_coord::{Coordinator, Session};
 use cloudtask_core::config::Config;
 use cloudtask_core::ids::ClusterId;
@@ -170,16 +171,28 @@ async fn the_worker_joins_registers_and_leaves() {
         ..Config::default()
     };
     config.validate().expect("valid configuration");
+    // The observer plays the scheduler taking the cluster on: the platform's identity,
+    // the cluster's workers named in the ACLs, their folders made (a worker may not).
+    let owner = Credential::parse(cloudtask_testkit::test_zookeeper_auth()).unwrap();
+    let scheduler = ZkCoordinator::new(zookeeper, SESSION_TIMEOUT).with(Access::owner(owner));
+    let rotated_at = api
+        .catalogue
+        .cluster_by_id(cluster)
+        .await
+        .unwrap()
+        .unwrap()
+        .token_rotated_at;
+    scheduler.access().admit_cluster(cluster, rotated_at);
+    let observer: Arc<dyn Session> = scheduler.connect().await.expect("observer");
+    for folder in [layout::workers(cluster), layout::departures(cluster)] {
+        observer.ensure_path(&folder).await.unwrap();
+    }
     let shutdown = CancellationToken::new();
     let running = tokio::spawn({
         let shutdown = shutdown.clone();
         async move { cloudtask_worker::run(&config, shutdown).await }
     });
 
-    let observer: Arc<dyn Session> = ZkCoordinator::new(zookeeper, SESSION_TIMEOUT)
-        .connect()
-        .await
-        .expect("observer");
     let node: WorkerNode = registered_node(observer.as_ref(), cluster, "w-run").await;
     assert_eq!(node.capacity, 3);
     assert_eq!(

@@ -50,6 +50,14 @@ impl Coordinator for Gated {
         self.sessions.lock().unwrap().push(session.clone());
         Ok(session)
     }
+
+    fn access(&self) -> &cloudtask_coord::Access {
+        self.service.access()
+    }
+
+    fn with_access(&self, _: cloudtask_coord::Access) -> Arc<dyn Coordinator> {
+        unimplemented!("these tests run on an open tree")
+    }
 }
 
 #[tokio::test]
