@@ -69,6 +69,7 @@ pub fn test_config(database_url: String) -> Config {
         listen: "127.0.0.1:0".parse().expect("address"),
         // Tests poll the API in tight loops; the budgets have tests of their own.
         rate_requests_per_minute: 600_000,
+        rate_cost_per_minute: 1 << 40,
         ..Config::default()
     }
 }

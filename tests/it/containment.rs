@@ -4,7 +4,7 @@
 //! machine where the worker can make cgroups (root, with v1 controllers or v2): without
 //! one, the tests that need them say so and skip.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
