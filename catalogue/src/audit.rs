@@ -118,8 +118,7 @@ impl TenantHandle {
 
     /// The tenant's audit log, newest first.
     pub async fn audit_log(&self, request: PageRequest) -> Result<Page<AuditEntry>> {
-        self.require(Action::ReadAudit)?;
-        self.reading(async |txn| {
+        self.reading(Action::ReadAudit, async |txn| {
             let mut query = self.find::<audit::Entity>();
             if let Some(after) = request.after {
                 query = query.filter(audit::Column::Id.lt(after));

@@ -88,8 +88,7 @@ impl Catalogue {
 
 impl TenantHandle {
     pub async fn clusters(&self) -> Result<Vec<Cluster>> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| {
+        self.reading(Action::Read, async |txn| {
             let rows = self
                 .find::<cluster::Entity>()
                 .order_by_asc(cluster::Column::Id)
@@ -114,16 +113,15 @@ impl TenantHandle {
     }
 
     pub async fn cluster(&self, id: ClusterId) -> Result<Cluster> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| Ok(self.cluster_model(txn, id).await?.into()))
+        self.reading(Action::Read, async |txn| Ok(self.cluster_model(txn, id).await?.into()))
             .await
     }
 
     /// `join_token_hash`: the caller generates the token, shows it once, stores the hash.
     pub async fn create_cluster(&self, name: &str, join_token_hash: String) -> Result<Cluster> {
-        self.require(Action::ManageClusters)?;
+        self.require(Action::ManageClusters).await?;
         validate_name("name", name)?;
-        self.scoped(async |txn| {
+        self.scoped(Action::ManageClusters, async |txn| {
             let now = now();
             let model = cluster::Entity::insert(cluster::ActiveModel {
                 id: Set(ClusterId::new().into()),
@@ -151,8 +149,7 @@ impl TenantHandle {
         id: ClusterId,
         join_token_hash: String,
     ) -> Result<Cluster> {
-        self.require(Action::ManageClusters)?;
-        self.scoped(async |txn| {
+        self.scoped(Action::ManageClusters, async |txn| {
             let mut model = self.cluster_model(txn, id).await?;
             model.join_token_hash = join_token_hash;
             model.token_rotated_at = now();
@@ -185,9 +182,9 @@ impl TenantHandle {
         id: ClusterId,
         limits: RunLimits,
     ) -> Result<Cluster> {
-        self.require(Action::ManageClusters)?;
+        self.require(Action::ManageClusters).await?;
         limits.validate()?;
-        self.scoped(async |txn| {
+        self.scoped(Action::ManageClusters, async |txn| {
             let mut model = self.cluster_model(txn, id).await?;
             let json = (!limits.is_empty())
                 .then(|| serde_json::to_value(limits).expect("limits always serialise"));
@@ -207,8 +204,7 @@ impl TenantHandle {
 
     /// Refused while the cluster still holds tasks: deleting them silently would surprise.
     pub async fn delete_cluster(&self, id: ClusterId) -> Result<()> {
-        self.require(Action::ManageClusters)?;
-        self.scoped(async |txn| {
+        self.scoped(Action::ManageClusters, async |txn| {
             self.cluster_model(txn, id).await?;
             let tasks = self
                 .find::<task::Entity>()

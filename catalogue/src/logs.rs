@@ -66,7 +66,7 @@ impl TenantHandle {
     /// The log lines of a run read through this handle already (no second look-up: a
     /// claimed fire that turned out not due may be gone by now, its lines with it).
     pub async fn logs_of(&self, run: &Run, from_offset: u64, limit: u64) -> Result<Vec<LogLine>> {
-        self.require(Action::Read)?;
+        self.require(Action::Read).await?;
         if run.tenant_id != self.tenant_id() {
             return Err(Error::NotFound("run"));
         }
@@ -101,7 +101,7 @@ impl RunLog {
     pub async fn lines(&self, from_offset: u64, limit: u64) -> Result<Vec<LogLine>> {
         let rows = self
             .tenant
-            .reading(async |txn| {
+            .reading(Action::Read, async |txn| {
                 Ok(self
                     .tenant
                     .find::<run_log_line::Entity>()
@@ -120,7 +120,7 @@ impl RunLog {
     pub async fn has_ended(&self) -> Result<bool> {
         let status: Option<String> = self
             .tenant
-            .reading(async |txn| {
+            .reading(Action::Read, async |txn| {
                 Ok(self
                     .tenant
                     .find::<run::Entity>()

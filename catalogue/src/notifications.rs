@@ -376,8 +376,7 @@ fn settings_of(tenant: tenant::Model) -> TenantNotifications {
 impl TenantHandle {
     /// The tenant's notification settings, without the webhook secret.
     pub async fn notifications(&self) -> Result<TenantNotifications> {
-        self.require(Action::Read)?;
-        let tenant = self.reading(async |txn| self.tenant_row(txn).await).await?;
+        let tenant = self.reading(Action::Read, async |txn| self.tenant_row(txn).await).await?;
         Ok(TenantNotifications {
             webhook_secret: None,
             ..settings_of(tenant)
@@ -395,7 +394,7 @@ impl TenantHandle {
     /// Replaces the tenant's default recipients and webhook. A webhook needs a secret of
     /// at least 16 characters; an absent secret keeps the stored one.
     pub async fn set_notifications(&self, settings: TenantNotifications) -> Result<()> {
-        self.require(Action::ManageNotifications)?;
+        self.require(Action::ManageNotifications).await?;
         cloudtask_core::task::validate_emails(&settings.emails)?;
         if let Some(url) = &settings.webhook_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
@@ -413,7 +412,7 @@ impl TenantHandle {
                 "must be at least 16 characters",
             ));
         }
-        self.scoped(async |txn| {
+        self.scoped(Action::ManageNotifications, async |txn| {
             let current = self.tenant_row(txn).await?;
             let secret = settings.webhook_secret.or(current.webhook_secret);
             if settings.webhook_url.is_some() && secret.is_none() {

@@ -57,8 +57,7 @@ impl TenantHandle {
 
     /// What the tenant's package is, without its bytes.
     pub async fn package(&self, sha256: &str) -> Result<PackageInfo> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| {
+        self.reading(Action::Read, async |txn| {
             let found = self
                 .find::<package::Entity>()
                 .filter(package::Column::Sha256.eq(sha256))
@@ -89,8 +88,7 @@ impl TenantHandle {
     }
 
     pub async fn package_content(&self, sha256: &str) -> Result<Vec<u8>> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| {
+        self.reading(Action::Read, async |txn| {
             let found = self
                 .find::<package::Entity>()
                 .filter(package::Column::Sha256.eq(sha256))

@@ -20,6 +20,7 @@ use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseTransaction,
     EntityTrait, QueryFilter, Select, Statement, TransactionTrait,
 };
+use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 use crate::Catalogue;
@@ -38,8 +39,12 @@ pub struct Scope {
     pub actor: String,
 }
 
-/// A member's capability inside one tenant: built from a verified identity whose
-/// membership was read, it asks the role matrix before each operation.
+/// A member's capability inside one tenant: built from a verified identity, it asks the
+/// role matrix before each operation, with the role held now. The role is read once per
+/// handle (a handle lives for one request, or one operation on a socket), by its first
+/// operation, in the statement that raises the operation's wall: no round trip of its
+/// own. Walled operations read the role again with their wall and check it, so what they
+/// do is checked against the role of their own transaction.
 #[derive(Debug, Clone)]
 pub struct TenantHandle {
     pub(crate) db: DatabaseConnection,
@@ -47,7 +52,7 @@ pub struct TenantHandle {
     tenant_id: TenantId,
     user_id: UserId,
     actor: String,
-    role: Role,
+    role: Arc<OnceCell<Role>>,
 }
 
 /// A worker credential's capability inside one cluster: claims, run starts, reports and
@@ -60,20 +65,17 @@ pub struct ClusterHandle {
 }
 
 impl Catalogue {
-    /// The tenant handle for a verified identity. The membership is read now, so a role
-    /// change or removal takes effect at once, whatever an older token says.
+    /// The tenant handle for a verified identity. The membership is read by its first
+    /// operation (or [`TenantHandle::role`]), so a role change or removal takes effect at
+    /// once, whatever an older token says: a non-member's first operation is FORBIDDEN.
     pub async fn tenant(&self, scope: Scope) -> Result<TenantHandle> {
-        let role = self
-            .role_in(scope.user_id, scope.tenant_id)
-            .await?
-            .ok_or_else(|| Error::Forbidden("not a member of this tenant".into()))?;
         Ok(TenantHandle {
             db: self.db.clone(),
             hub: self.hub.clone(),
             tenant_id: scope.tenant_id,
             user_id: scope.user_id,
             actor: scope.actor,
-            role,
+            role: Arc::default(),
         })
     }
 
@@ -96,23 +98,33 @@ impl TenantHandle {
         self.user_id
     }
 
-    pub fn role(&self) -> Role {
-        self.role
+    /// The caller's role in the tenant (read once per handle); FORBIDDEN when they are
+    /// not a member.
+    pub async fn role(&self) -> Result<Role> {
+        let role = self
+            .role
+            .get_or_try_init(|| async {
+                let found = membership::Entity::find_by_id((
+                    Uuid::from(self.tenant_id),
+                    Uuid::from(self.user_id),
+                ))
+                .one(&self.db)
+                .await
+                .map_err(CatalogueError::from)?;
+                found
+                    .and_then(|m| Role::parse(&m.role))
+                    .ok_or_else(not_a_member)
+            })
+            .await?;
+        Ok(*role)
     }
 
     pub(crate) fn actor(&self) -> (UserId, &str) {
         (self.user_id, &self.actor)
     }
 
-    pub(crate) fn require(&self, action: Action) -> Result<()> {
-        if self.role.allows(action) {
-            Ok(())
-        } else {
-            Err(Error::Forbidden(format!(
-                "the {} role may not do this",
-                self.role.as_str()
-            )))
-        }
+    pub(crate) async fn require(&self, action: Action) -> Result<()> {
+        allowed(self.role().await?, action)
     }
 
     /// The tenant's rows of `E`.
@@ -125,27 +137,56 @@ impl TenantHandle {
         E::of_tenant(self.tenant_id.into())
     }
 
-    /// Runs `work` in one transaction behind the tenant's wall, and commits.
+    /// Runs `work` in one transaction behind the tenant's wall, once the role held now
+    /// allows `action`, and commits.
     pub(crate) async fn scoped<T>(
         &self,
+        action: Action,
         work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
     ) -> Result<T> {
-        walled(&self.db, Wall::Tenant(self.tenant_id), Access::Write, work).await
+        let member = self.acting(action);
+        walled(&self.db, Wall::Tenant(self.tenant_id, member), Access::Write, work).await
     }
 
     /// Like [`TenantHandle::scoped`] for `work` that only reads.
     pub(crate) async fn reading<T>(
         &self,
+        action: Action,
         work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
     ) -> Result<T> {
-        walled(&self.db, Wall::Tenant(self.tenant_id), Access::Read, work).await
+        let member = self.acting(action);
+        walled(&self.db, Wall::Tenant(self.tenant_id, member), Access::Read, work).await
+    }
+
+    fn acting(&self, action: Action) -> Member<'_> {
+        Member {
+            user: self.user_id,
+            action,
+            role: &self.role,
+        }
     }
 
     /// Runs raw SQL behind the tenant's wall and returns each row's first column as
     /// text: for tests that check the wall holds without the handle's filters.
     #[doc(hidden)]
     pub async fn unfiltered_query(&self, sql: &str) -> Result<Vec<String>> {
-        self.scoped(async |txn| first_column(txn, sql).await).await
+        self.scoped(Action::Read, async |txn| first_column(txn, sql).await)
+            .await
+    }
+}
+
+fn not_a_member() -> Error {
+    Error::Forbidden("not a member of this tenant".into())
+}
+
+fn allowed(role: Role, action: Action) -> Result<()> {
+    if role.allows(action) {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "the {} role may not do this",
+            role.as_str()
+        )))
     }
 }
 
@@ -194,11 +235,20 @@ impl ClusterHandle {
     }
 }
 
-/// Whose rows a walled transaction may reach.
+/// Whose rows a walled transaction may reach: a member's (checked in the same round
+/// trip), or a cluster's.
 #[derive(Debug, Clone, Copy)]
-enum Wall {
-    Tenant(TenantId),
+enum Wall<'a> {
+    Tenant(TenantId, Member<'a>),
     Cluster(ClusterId),
+}
+
+/// The member acting behind a tenant's wall, what they do, and where their role is kept.
+#[derive(Debug, Clone, Copy)]
+struct Member<'a> {
+    user: UserId,
+    action: Action,
+    role: &'a OnceCell<Role>,
 }
 
 /// Whether a walled transaction may write.
@@ -211,39 +261,90 @@ enum Access {
 /// Begins a transaction, puts it behind `wall` (Postgres), runs `work`, and commits a
 /// write. A read is made read-only by the database and ends without a COMMIT round
 /// trip: dropping it rolls it back, flushed when its connection goes back to the pool.
+///
+/// Behind a tenant's wall the member's role is read in the same statement that raises the
+/// wall (as the catalogue's owner, before the wall applies: the membership is looked up
+/// by its key), and the action is checked against it before `work` runs.
 async fn walled<T>(
     db: &DatabaseConnection,
-    wall: Wall,
+    wall: Wall<'_>,
     access: Access,
     work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
 ) -> Result<T> {
     let txn = db.begin().await.map_err(CatalogueError::from)?;
-    if db.get_database_backend() == DatabaseBackend::Postgres {
-        let (role, setting, id) = match wall {
-            Wall::Tenant(id) => (TENANT_ROLE, TENANT_SETTING, Uuid::from(id)),
-            Wall::Cluster(id) => (CLUSTER_ROLE, CLUSTER_SETTING, Uuid::from(id)),
-        };
-        // One round trip: `set_config('role', …, true)` is SET LOCAL ROLE.
-        let sql = match access {
-            Access::Write => "SELECT set_config('role', $1, true), set_config($2, $3, true)",
-            Access::Read => {
-                "SELECT set_config('role', $1, true), set_config($2, $3, true), \
-                 set_config('transaction_read_only', 'on', true)"
-            }
-        };
-        txn.execute_raw(Statement::from_sql_and_values(
-            DatabaseBackend::Postgres,
-            sql,
-            [role.into(), setting.into(), id.to_string().into()],
-        ))
-        .await
-        .map_err(CatalogueError::from)?;
+    let role = if db.get_database_backend() == DatabaseBackend::Postgres {
+        raise_wall(&txn, wall, access).await?
+    } else if let Wall::Tenant(tenant, member) = wall {
+        membership::Entity::find_by_id((Uuid::from(tenant), Uuid::from(member.user)))
+            .one(&txn)
+            .await
+            .map_err(CatalogueError::from)?
+            .map(|m| m.role)
+    } else {
+        None
+    };
+    if let Wall::Tenant(_, member) = wall {
+        let role = role.as_deref().and_then(Role::parse).ok_or_else(not_a_member)?;
+        let _ = member.role.set(role);
+        allowed(role, member.action)?;
     }
     let value = work(&txn).await?;
     if access == Access::Write {
         txn.commit().await.map_err(CatalogueError::from)?;
     }
     Ok(value)
+}
+
+/// Postgres: one round trip that takes the runtime role, sets the wall's id (and makes a
+/// read read-only), and for a tenant's wall reads the member's role.
+async fn raise_wall(
+    txn: &DatabaseTransaction,
+    wall: Wall<'_>,
+    access: Access,
+) -> Result<Option<String>> {
+    // `set_config('role', …, true)` is SET LOCAL ROLE.
+    let read_only = match access {
+        Access::Write => "",
+        Access::Read => ", set_config('transaction_read_only', 'on', true)",
+    };
+    let (sql, values): (String, Vec<sea_orm::Value>) = match wall {
+        Wall::Tenant(tenant, member) => (
+            format!(
+                "SELECT set_config('role', $1, true), set_config($2, $3, true){read_only}, \
+                 (SELECT role FROM memberships WHERE tenant_id = $4 AND user_id = $5) \
+                 AS member_role"
+            ),
+            vec![
+                TENANT_ROLE.into(),
+                TENANT_SETTING.into(),
+                Uuid::from(tenant).to_string().into(),
+                Uuid::from(tenant).into(),
+                Uuid::from(member.user).into(),
+            ],
+        ),
+        Wall::Cluster(cluster) => (
+            format!("SELECT set_config('role', $1, true), set_config($2, $3, true){read_only}"),
+            vec![
+                CLUSTER_ROLE.into(),
+                CLUSTER_SETTING.into(),
+                Uuid::from(cluster).to_string().into(),
+            ],
+        ),
+    };
+    let row = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            sql,
+            values,
+        ))
+        .await
+        .map_err(CatalogueError::from)?;
+    Ok(match (wall, row) {
+        (Wall::Tenant(..), Some(row)) => row
+            .try_get::<Option<String>>("", "member_role")
+            .map_err(CatalogueError::from)?,
+        _ => None,
+    })
 }
 
 async fn first_column(conn: &impl ConnectionTrait, sql: &str) -> DbResult<Vec<String>> {

@@ -123,8 +123,7 @@ impl Catalogue {
 
 impl TenantHandle {
     pub async fn tasks(&self, filter: &TaskFilter, request: PageRequest) -> Result<Page<Task>> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| {
+        self.reading(Action::Read, async |txn| {
             let mut query = self.find::<task::Entity>();
             if let Some(cluster_id) = filter.cluster_id {
                 query = query.filter(task::Column::ClusterId.eq(Uuid::from(cluster_id)));
@@ -153,8 +152,7 @@ impl TenantHandle {
     }
 
     pub async fn task_count(&self, state: Option<TaskState>) -> Result<u64> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| {
+        self.reading(Action::Read, async |txn| {
             let mut query = self.find::<task::Entity>();
             if let Some(state) = state {
                 query = query.filter(task::Column::State.eq(state.as_str()));
@@ -178,8 +176,7 @@ impl TenantHandle {
     }
 
     pub async fn task(&self, id: TaskId) -> Result<Task> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| Ok(self.task_model(txn, id).await?.try_into()?))
+        self.reading(Action::Read, async |txn| Ok(self.task_model(txn, id).await?.try_into()?))
             .await
     }
 
@@ -251,11 +248,11 @@ impl TenantHandle {
     /// Creates a task, storing its package in the same transaction: a refused task
     /// leaves no package behind.
     pub async fn create_task(&self, mut new: NewTask, package: Option<NewPackage>) -> Result<Task> {
-        self.require(Action::EditTask)?;
+        self.require(Action::EditTask).await?;
         if package.is_some() {
-            self.require(Action::UploadPackage)?;
+            self.require(Action::UploadPackage).await?;
         }
-        self.scoped(async |txn| {
+        self.scoped(Action::EditTask, async |txn| {
             if let Some(package) = package {
                 new.spec.package_sha256 = Some(package.sha256.clone());
                 self.insert_package(txn, package).await?;
@@ -275,15 +272,15 @@ impl TenantHandle {
         id: TaskId,
         edit: impl FnOnce(&mut TaskEdit) -> Result<()>,
     ) -> Result<Task> {
-        self.require(Action::EditTask)?;
-        self.edit_task(id, "updateTask", None, edit).await
+        self.edit_task(Action::EditTask, id, "updateTask", None, edit)
+            .await
     }
 
     /// Stores the package and points the task at it (a new version), in one transaction.
     pub async fn set_task_package(&self, id: TaskId, package: NewPackage) -> Result<Task> {
-        self.require(Action::UploadPackage)?;
         let sha256 = package.sha256.clone();
-        self.edit_task(id, "uploadPackage", Some(package), |edit| {
+        let action = Action::UploadPackage;
+        self.edit_task(action, id, "uploadPackage", Some(package), |edit| {
             edit.spec.package_sha256 = Some(sha256);
             Ok(())
         })
@@ -292,12 +289,13 @@ impl TenantHandle {
 
     async fn edit_task(
         &self,
+        action: Action,
         id: TaskId,
         operation: &str,
         package: Option<NewPackage>,
         edit: impl FnOnce(&mut TaskEdit) -> Result<()>,
     ) -> Result<Task> {
-        self.scoped(async |txn| {
+        self.scoped(action, async |txn| {
             if let Some(package) = package {
                 self.task_model(txn, id).await?;
                 self.insert_package(txn, package).await?;
@@ -352,8 +350,7 @@ impl TenantHandle {
     }
 
     pub async fn set_task_state(&self, id: TaskId, state: TaskState) -> Result<Task> {
-        self.require(Action::PauseTask)?;
-        self.scoped(async |txn| {
+        self.scoped(Action::PauseTask, async |txn| {
             let current = self.task_model(txn, id).await?;
             task::Entity::update_many()
                 .col_expr(task::Column::State, Expr::value(state.as_str()))
@@ -375,8 +372,7 @@ impl TenantHandle {
 
     /// A new task with the same cluster, spec and state, under a new name, at version 1.
     pub async fn clone_task(&self, id: TaskId, name: &str) -> Result<Task> {
-        self.require(Action::EditTask)?;
-        self.scoped(async |txn| {
+        self.scoped(Action::EditTask, async |txn| {
             let source: Task = self.task_model(txn, id).await?.try_into()?;
             let copy = NewTask {
                 cluster_id: source.cluster_id,
@@ -393,8 +389,7 @@ impl TenantHandle {
     }
 
     pub async fn delete_task(&self, id: TaskId) -> Result<()> {
-        self.require(Action::EditTask)?;
-        self.scoped(async |txn| {
+        self.scoped(Action::EditTask, async |txn| {
             let current = self.task_model(txn, id).await?;
             task::Entity::delete_many()
                 .filter(self.within::<task::Entity>())
@@ -409,8 +404,7 @@ impl TenantHandle {
 
     /// Every version of the task, newest first.
     pub async fn task_versions(&self, id: TaskId) -> Result<Vec<TaskVersion>> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| {
+        self.reading(Action::Read, async |txn| {
             self.task_model(txn, id).await?;
             let rows = self
                 .find::<task_version::Entity>()

@@ -157,7 +157,7 @@ impl Catalogue {
 
 impl TenantHandle {
     pub async fn tenant(&self) -> Result<Tenant> {
-        self.reading(async |txn| {
+        self.reading(Action::Read, async |txn| {
             Ok(self
                 .find::<tenant::Entity>()
                 .one(txn)
@@ -169,8 +169,7 @@ impl TenantHandle {
     }
 
     pub async fn members(&self) -> Result<Vec<Member>> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| {
+        self.reading(Action::Read, async |txn| {
             let rows = self
                 .find::<membership::Entity>()
                 .order_by_asc(membership::Column::CreatedAt)
@@ -201,20 +200,19 @@ impl TenantHandle {
     }
 
     pub async fn member(&self, user_id: UserId) -> Result<Member> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| {
+        self.reading(Action::Read, async |txn| {
             let (m, u) = self.member_model(txn, user_id).await?;
             Ok(member_of(m, u).ok_or(Error::NotFound("member"))?)
         })
         .await
     }
 
-    fn require_for_role(&self, role: Role) -> Result<()> {
-        self.require(if role == Role::Owner {
+    fn action_for_role(role: Role) -> Action {
+        if role == Role::Owner {
             Action::ManageOwners
         } else {
             Action::ManageMembers
-        })
+        }
     }
 
     /// Adds a user to the tenant, creating the account when the email is new (then a
@@ -225,8 +223,7 @@ impl TenantHandle {
         role: Role,
         password_hash: Option<String>,
     ) -> Result<Member> {
-        self.require_for_role(role)?;
-        self.scoped(async |txn| {
+        self.scoped(Self::action_for_role(role), async |txn| {
             let user = user_or_new(txn, email, password_hash, "password").await?;
             let created_at = now();
             membership::Entity::insert(membership::ActiveModel {
@@ -258,11 +255,10 @@ impl TenantHandle {
     }
 
     pub async fn set_member_role(&self, user_id: UserId, role: Role) -> Result<Member> {
-        self.require_for_role(role)?;
-        self.scoped(async |txn| {
+        self.scoped(Self::action_for_role(role), async |txn| {
             let (m, u) = self.member_model(txn, user_id).await?;
             let current = Role::parse(&m.role).unwrap_or(Role::Viewer);
-            self.require_for_role(current)?;
+            self.require(Self::action_for_role(current)).await?;
             if current == Role::Owner && role != Role::Owner && self.owner_count(txn).await? <= 1 {
                 Err(Error::Conflict("a tenant keeps at least one owner".into()))?;
             }
@@ -284,11 +280,10 @@ impl TenantHandle {
     }
 
     pub async fn remove_member(&self, user_id: UserId) -> Result<()> {
-        self.require(Action::ManageMembers)?;
-        self.scoped(async |txn| {
+        self.scoped(Action::ManageMembers, async |txn| {
             let (m, _) = self.member_model(txn, user_id).await?;
             if m.role == Role::Owner.as_str() {
-                self.require(Action::ManageOwners)?;
+                self.require(Action::ManageOwners).await?;
                 if self.owner_count(txn).await? <= 1 {
                     Err(Error::Conflict("a tenant keeps at least one owner".into()))?;
                 }

@@ -108,6 +108,9 @@ impl ClusterSubscription {
         cluster_id: Option<ID>,
     ) -> Result<impl Stream<Item = WorkerEvent> + use<>, ApiError> {
         let handle = tenant(ctx).await?;
+        // A member only: the events below are filtered by tenant, not read through the
+        // handle.
+        handle.role().await?;
         let cluster: Option<ClusterId> = parse_optional_id("clusterId", cluster_id.as_ref())?;
         if let Some(cluster) = cluster {
             handle.cluster(cluster).await?;

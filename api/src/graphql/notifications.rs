@@ -36,7 +36,7 @@ impl NotificationMutation {
         let handle = tenant(ctx).await?;
         // The URL is checked against the outbound policy by the one who may set it.
         if let Some(url) = &input.webhook_url
-            && handle.role().allows(Action::ManageNotifications)
+            && handle.role().await?.allows(Action::ManageNotifications)
         {
             let policy = state(ctx).config.outbound_policy();
             crate::webhooks::check_webhook_url(&policy, url).await?;

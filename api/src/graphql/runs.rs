@@ -147,6 +147,7 @@ impl RunSubscription {
         task_id: Option<ID>,
     ) -> Result<impl Stream<Item = RunObj> + use<>, ApiError> {
         let handle = tenant(ctx).await?.clone();
+        handle.role().await?;
         let task: Option<TaskId> = parse_optional_id("taskId", task_id.as_ref())?;
         if let Some(task) = task {
             handle.task(task).await?;

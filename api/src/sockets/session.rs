@@ -81,6 +81,8 @@ impl Session {
                 actor: self.identity.user_id.to_string(),
             })
             .await?;
+        // The membership, read now (a handle reads it once).
+        handle.role().await?;
         *self.verified.lock().expect("session") = Some((Instant::now(), generation));
         Ok(Some(handle))
     }

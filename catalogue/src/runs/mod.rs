@@ -165,9 +165,8 @@ impl TenantHandle {
 
     /// Queues a manual run of the task; the scheduler hands it to the task's worker.
     pub async fn queue_run(&self, task_id: TaskId) -> Result<Run> {
-        self.require(Action::RunTask)?;
         let row = self
-            .scoped(async |txn| {
+            .scoped(Action::RunTask, async |txn| {
                 let task = self.task_model(txn, task_id).await?;
                 let now = now();
                 let queued = new_run(
@@ -193,9 +192,8 @@ impl TenantHandle {
     /// Stops a run: a queued one at once, a running one through its worker (the run
     /// turns STOPPED when the worker reports it). A run that has ended is a CONFLICT.
     pub async fn request_stop(&self, run_id: RunId) -> Result<Run> {
-        self.require(Action::StopRun)?;
         let row = self
-            .scoped(async |txn| {
+            .scoped(Action::StopRun, async |txn| {
                 let row = self.run_model(txn, run_id).await?;
                 let now = now();
                 let update = run::Entity::update_many()
@@ -233,8 +231,7 @@ impl TenantHandle {
 
     /// Runs of the tenant, newest first.
     pub async fn runs(&self, filter: &RunFilter, request: PageRequest) -> Result<Page<Run>> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| {
+        self.reading(Action::Read, async |txn| {
             let mut query = self.find::<run::Entity>();
             if let Some(task_id) = filter.task_id {
                 query = query.filter(run::Column::TaskId.eq(Uuid::from(task_id)));
@@ -265,15 +262,13 @@ impl TenantHandle {
     }
 
     pub async fn run(&self, id: RunId) -> Result<Run> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| Ok(self.run_model(txn, id).await?.try_into()?))
+        self.reading(Action::Read, async |txn| Ok(self.run_model(txn, id).await?.try_into()?))
             .await
     }
 
     /// The task's latest run (by creation), if it has any.
     pub async fn last_run(&self, task_id: TaskId) -> Result<Option<Run>> {
-        self.require(Action::Read)?;
-        self.reading(async |txn| {
+        self.reading(Action::Read, async |txn| {
             let row = self
                 .find::<run::Entity>()
                 .filter(run::Column::TaskId.eq(Uuid::from(task_id)))
