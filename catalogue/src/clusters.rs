@@ -113,8 +113,10 @@ impl TenantHandle {
     }
 
     pub async fn cluster(&self, id: ClusterId) -> Result<Cluster> {
-        self.reading(Action::Read, async |txn| Ok(self.cluster_model(txn, id).await?.into()))
-            .await
+        self.reading(Action::Read, async |txn| {
+            Ok(self.cluster_model(txn, id).await?.into())
+        })
+        .await
     }
 
     /// `join_token_hash`: the caller generates the token, shows it once, stores the hash.

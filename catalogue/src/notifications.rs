@@ -376,7 +376,9 @@ fn settings_of(tenant: tenant::Model) -> TenantNotifications {
 impl TenantHandle {
     /// The tenant's notification settings, without the webhook secret.
     pub async fn notifications(&self) -> Result<TenantNotifications> {
-        let tenant = self.reading(Action::Read, async |txn| self.tenant_row(txn).await).await?;
+        let tenant = self
+            .reading(Action::Read, async |txn| self.tenant_row(txn).await)
+            .await?;
         Ok(TenantNotifications {
             webhook_secret: None,
             ..settings_of(tenant)

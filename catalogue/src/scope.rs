@@ -145,7 +145,13 @@ impl TenantHandle {
         work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
     ) -> Result<T> {
         let member = self.acting(action);
-        walled(&self.db, Wall::Tenant(self.tenant_id, member), Access::Write, work).await
+        walled(
+            &self.db,
+            Wall::Tenant(self.tenant_id, member),
+            Access::Write,
+            work,
+        )
+        .await
     }
 
     /// Like [`TenantHandle::scoped`] for `work` that only reads.
@@ -155,7 +161,13 @@ impl TenantHandle {
         work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
     ) -> Result<T> {
         let member = self.acting(action);
-        walled(&self.db, Wall::Tenant(self.tenant_id, member), Access::Read, work).await
+        walled(
+            &self.db,
+            Wall::Tenant(self.tenant_id, member),
+            Access::Read,
+            work,
+        )
+        .await
     }
 
     fn acting(&self, action: Action) -> Member<'_> {
@@ -284,7 +296,10 @@ async fn walled<T>(
         None
     };
     if let Wall::Tenant(_, member) = wall {
-        let role = role.as_deref().and_then(Role::parse).ok_or_else(not_a_member)?;
+        let role = role
+            .as_deref()
+            .and_then(Role::parse)
+            .ok_or_else(not_a_member)?;
         let _ = member.role.set(role);
         allowed(role, member.action)?;
     }

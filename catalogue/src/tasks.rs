@@ -176,8 +176,10 @@ impl TenantHandle {
     }
 
     pub async fn task(&self, id: TaskId) -> Result<Task> {
-        self.reading(Action::Read, async |txn| Ok(self.task_model(txn, id).await?.try_into()?))
-            .await
+        self.reading(Action::Read, async |txn| {
+            Ok(self.task_model(txn, id).await?.try_into()?)
+        })
+        .await
     }
 
     async fn check_package(&self, conn: &impl ConnectionTrait, spec: &TaskSpec) -> DbResult<()> {

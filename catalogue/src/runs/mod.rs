@@ -262,8 +262,10 @@ impl TenantHandle {
     }
 
     pub async fn run(&self, id: RunId) -> Result<Run> {
-        self.reading(Action::Read, async |txn| Ok(self.run_model(txn, id).await?.try_into()?))
-            .await
+        self.reading(Action::Read, async |txn| {
+            Ok(self.run_model(txn, id).await?.try_into()?)
+        })
+        .await
     }
 
     /// The task's latest run (by creation), if it has any.
