@@ -87,30 +87,27 @@ fn zk_acl(grants: &[Grant]) -> Vec<zk::Acl> {
         .collect()
 }
 
+/// Each of our permissions and ZooKeeper's.
+const PERMISSIONS: [(Perms, zk::Permission); 5] = [
+    (Perms::READ, zk::Permission::READ),
+    (Perms::WRITE, zk::Permission::WRITE),
+    (Perms::CREATE, zk::Permission::CREATE),
+    (Perms::DELETE, zk::Permission::DELETE),
+    (Perms::ADMIN, zk::Permission::ADMIN),
+];
+
 fn zk_perms(perms: Perms) -> zk::Permission {
-    [
-        (Perms::READ, zk::Permission::READ),
-        (Perms::WRITE, zk::Permission::WRITE),
-        (Perms::CREATE, zk::Permission::CREATE),
-        (Perms::DELETE, zk::Permission::DELETE),
-        (Perms::ADMIN, zk::Permission::ADMIN),
-    ]
-    .into_iter()
-    .filter(|(ours, _)| perms.contains(*ours))
-    .fold(zk::Permission::NONE, |all, (_, theirs)| all | theirs)
+    PERMISSIONS
+        .into_iter()
+        .filter(|(ours, _)| perms.contains(*ours))
+        .fold(zk::Permission::NONE, |all, (_, theirs)| all | theirs)
 }
 
 fn our_perms(perms: zk::Permission) -> Perms {
-    [
-        (Perms::READ, zk::Permission::READ),
-        (Perms::WRITE, zk::Permission::WRITE),
-        (Perms::CREATE, zk::Permission::CREATE),
-        (Perms::DELETE, zk::Permission::DELETE),
-        (Perms::ADMIN, zk::Permission::ADMIN),
-    ]
-    .into_iter()
-    .filter(|(_, theirs)| perms.has(*theirs))
-    .fold(Perms(0), |all, (ours, _)| all | ours)
+    PERMISSIONS
+        .into_iter()
+        .filter(|(_, theirs)| perms.has(*theirs))
+        .fold(Perms(0), |all, (ours, _)| all | ours)
 }
 
 fn map_state(state: zk::SessionState) -> SessionState {
