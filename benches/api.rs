@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use cloudtask_testkit::TestApi;
 use cloudtask_testkit::stats::{ms, percentile};
-use sea_orm::ConnectionTrait;
 use serde_json::json;
 
 const TASKS: usize = 100_000;
@@ -58,23 +57,10 @@ async fn main() {
         .as_str()
         .unwrap()
         .to_owned();
-    let tenant_uuid = tenant_id.trim_start_matches("tnt_");
-    let cluster_uuid = cluster_id.trim_start_matches("cls_");
 
     let seed = Instant::now();
     // Bulk seeding straight in SQL: the benchmark measures reads, not 100k API writes.
-    api.catalogue
-        .connection()
-        .execute_unprepared(&format!(
-            "INSERT INTO tasks (id, tenant_id, cluster_id, name, description, state, version, spec, created_at, updated_at)
-             SELECT gen_random_uuid(), '{tenant_uuid}', '{cluster_uuid}', 'task-' || i, '', 'ACTIVE', 1,
-                    '{{\"schedule\":\"*/5 * * * *\",\"timezone\":\"UTC\",\"command\":\"echo hi\",\"timeoutSeconds\":null,\"packageSha256\":null,\"activeFrom\":null,\"activeUntil\":null}}'::json,
-                    now(), now()
-             FROM generate_series(1, {TASKS}) AS i;
-             ANALYZE tasks;"
-        ))
-        .await
-        .expect("seeding tasks");
+    api.seed_tasks(&tenant_id, &cluster_id, TASKS).await;
     let seeded_in = seed.elapsed();
 
     // Cursors at random positions: every page is a keyset seek deep inside the 100k.

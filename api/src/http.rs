@@ -53,7 +53,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
 
 fn verify_user(state: &AppState, headers: &HeaderMap) -> Option<Result<Identity, String>> {
     bearer(headers).map(|token| {
-        state.keys.verify_access(token).map_err(|e| match e {
+        state.verify_user(token).map_err(|e| match e {
             Error::Unauthenticated(why) => why,
             other => other.to_string(),
         })

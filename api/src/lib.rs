@@ -41,6 +41,8 @@ pub struct AppState {
     /// Uploads being received now (`max_uploads_in_flight`).
     pub uploads: Arc<tokio::sync::Semaphore>,
     pub sockets: sockets::SocketRegistry,
+    /// Logins revoked while their access tokens are still valid.
+    pub revoked: auth::RevokedLogins,
     /// Requests and query cost per caller per minute.
     pub budget: budget::RateBudget,
     /// The platform's ZooKeeper identity: workers' identities derive from it at join.
@@ -59,6 +61,18 @@ impl AppState {
                 cloudtask_core::config::ConfigError::new("zookeeper_auth", e.to_string())
             })?;
         Self::with_coordinator(catalogue, config, Arc::new(coordinator))
+    }
+
+    /// A user's access token, verified: signed by us, for users, not expired, and its login
+    /// not revoked.
+    pub fn verify_user(&self, token: &str) -> cloudtask_core::Result<auth::Identity> {
+        let identity = self.keys.verify_access(token)?;
+        match identity.login {
+            Some(login) if self.revoked.is_revoked(login) => Err(
+                cloudtask_core::Error::Unauthenticated("logged out: this login is revoked".into()),
+            ),
+            _ => Ok(identity),
+        }
     }
 
     pub fn with_coordinator(
@@ -93,7 +107,11 @@ impl AppState {
         let uploads = Arc::new(tokio::sync::Semaphore::new(config.max_uploads_in_flight));
         let sockets = sockets::SocketRegistry::new(config.ws_max_sockets_per_user);
         let budget = budget::RateBudget::new(&config);
+        let revoked = auth::RevokedLogins::new(chrono::Duration::seconds(
+            config.access_token_ttl_secs as i64,
+        ));
         Ok(Arc::new(AppState {
+            revoked,
             budget,
             uploads,
             catalogue,

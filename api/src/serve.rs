@@ -35,6 +35,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let config = state.config.clone();
+    // Tokens of logins revoked before this replica started are refused from its first
+    // request; later revocations arrive as events.
+    if let Err(e) = state.revoked.learn(&state.catalogue, None).await {
+        tracing::warn!(error = %e, "reading revoked logins");
+    }
     tokio::spawn(crate::sockets::follow_accounts(Arc::downgrade(&state)));
     let budgets = Arc::downgrade(&state);
     tokio::spawn(async move {

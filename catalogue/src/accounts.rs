@@ -6,7 +6,9 @@ use cloudtask_core::Result;
 use cloudtask_core::ids::{TenantId, UserId};
 use cloudtask_core::task::validate_email;
 use sea_orm::sea_query::Expr;
-use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
+};
 use uuid::Uuid;
 
 use crate::audit::write_audit;
@@ -48,8 +50,9 @@ pub enum RefreshOutcome {
     },
     /// Unknown, expired or revoked.
     Invalid,
-    /// Already spent: somebody replayed it, so its whole family is now revoked.
-    Reused,
+    /// Already spent: somebody replayed it, so the whole family (the user's login) is now
+    /// revoked.
+    Reused { user_id: UserId },
 }
 
 impl From<user::Model> for User {
@@ -200,22 +203,30 @@ impl Catalogue {
                 });
             }
             revoke_family(db, row.family_id).await?;
-            tracing::warn!(user = %UserId::from(row.user_id), "refresh token reused; family revoked");
-            Ok(RefreshOutcome::Reused)
+            let user_id = UserId::from(row.user_id);
+            tracing::warn!(user = %user_id, "refresh token reused; family revoked");
+            Ok(RefreshOutcome::Reused { user_id })
         })
         .await
     }
 
-    /// Whether the login (refresh-token family) was revoked: logged out, or a token of it
-    /// reused.
-    pub async fn login_revoked(&self, family: Uuid) -> Result<bool> {
+    /// Logins (refresh-token families) revoked since `since`, of one user or of everyone:
+    /// what an API replica must refuse access tokens of until they expire.
+    pub async fn logins_revoked_since(
+        &self,
+        since: DateTime<Utc>,
+        user: Option<UserId>,
+    ) -> Result<Vec<Uuid>> {
         self.with_db(async |db| {
-            let revoked = refresh_token::Entity::find()
-                .filter(refresh_token::Column::FamilyId.eq(family))
-                .filter(refresh_token::Column::RevokedAt.is_not_null())
-                .one(db)
-                .await?;
-            Ok(revoked.is_some())
+            let mut query = refresh_token::Entity::find()
+                .select_only()
+                .column(refresh_token::Column::FamilyId)
+                .distinct()
+                .filter(refresh_token::Column::RevokedAt.gte(since));
+            if let Some(user) = user {
+                query = query.filter(refresh_token::Column::UserId.eq(Uuid::from(user)));
+            }
+            Ok(query.into_tuple::<Uuid>().all(db).await?)
         })
         .await
     }

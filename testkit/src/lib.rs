@@ -130,6 +130,68 @@ impl TestApi {
         }
     }
 
+    /// `count` active tasks (`task-1`…) in a cluster, straight in SQL: for benchmarks and
+    /// tests that read many tasks, not write them.
+    pub async fn seed_tasks(&self, tenant_id: &str, cluster_id: &str, count: usize) {
+        let tenant = tenant_id.trim_start_matches("tnt_");
+        let cluster = cluster_id.trim_start_matches("cls_");
+        self.catalogue
+            .connection()
+            .execute_unprepared(&format!(
+                "INSERT INTO tasks (id, tenant_id, cluster_id, name, description, state, version, spec, created_at, updated_at)
+                 SELECT gen_random_uuid(), '{tenant}', '{cluster}', 'task-' || i, '', 'ACTIVE', 1,
+                        '{{\"schedule\":\"*/5 * * * *\",\"timezone\":\"UTC\",\"command\":\"echo hi\",\"timeoutSeconds\":null,\"packageSha256\":null,\"activeFrom\":null,\"activeUntil\":null}}'::json,
+                        now(), now()
+                 FROM generate_series(1, {count}) AS i;
+                 ANALYZE tasks;"
+            ))
+            .await
+            .expect("seeding tasks");
+    }
+
+    /// A run of `task_id` with `lines` stdout lines of `width` characters each, recorded as
+    /// its worker would; the run's id.
+    pub async fn run_with_lines(
+        &self,
+        cluster_id: &str,
+        task_id: &str,
+        lines: u64,
+        width: usize,
+    ) -> String {
+        use cloudtask_core::protocol::{Claim, Report};
+        use cloudtask_core::run::{LogLine, LogStream, RunStatus, RunTrigger};
+        let cluster = self
+            .catalogue
+            .cluster(cluster_id.parse().expect("a cluster id"));
+        let run = cluster
+            .claim_run(&Claim {
+                task_id: task_id.parse().expect("a task id"),
+                scheduled_at: chrono::Utc::now(),
+                attempt: 0,
+                task_version: 1,
+                worker: "w1".parse().expect("a worker name"),
+                trigger: RunTrigger::Schedule,
+                status: RunStatus::Running,
+                reason: None,
+            })
+            .await
+            .expect("a run claimed");
+        let text = "x".repeat(width);
+        let lines = (0..lines)
+            .map(|offset| LogLine {
+                offset,
+                stream: LogStream::Stdout,
+                at: chrono::Utc::now(),
+                text: text.clone(),
+            })
+            .collect();
+        cluster
+            .ingest_reports(&[Report::Logs { run: run.id, lines }])
+            .await
+            .expect("lines recorded");
+        run.id.to_string()
+    }
+
     /// A user created the way `cloudtask admin create-user` does.
     pub async fn create_user(&self, email: &str, password: &str, platform_admin: bool) {
         let password_hash = cloudtask_api::auth::hash_password(password).expect("hash");

@@ -426,41 +426,12 @@ async fn anonymous_callers_get_no_introspection_and_no_suggestions() {
     );
 }
 
-/// A run with `lines` log lines of `width` characters each, recorded as its worker would.
+/// A run of the world's task with `lines` log lines of `width` characters each.
 async fn run_with_lines(world: &World, lines: u64, width: usize) -> String {
-    use cloudtask_core::protocol::{Claim, Report};
-    use cloudtask_core::run::{LogLine, LogStream, RunStatus, RunTrigger};
-    let cluster = world
+    world
         .api
-        .catalogue
-        .cluster(world.a.cluster_id.parse().unwrap());
-    let run = cluster
-        .claim_run(&Claim {
-            task_id: world.a.task_id.parse().unwrap(),
-            scheduled_at: chrono::Utc::now(),
-            attempt: 0,
-            task_version: 1,
-            worker: "w1".parse().unwrap(),
-            trigger: RunTrigger::Schedule,
-            status: RunStatus::Running,
-            reason: None,
-        })
+        .run_with_lines(&world.a.cluster_id, &world.a.task_id, lines, width)
         .await
-        .unwrap();
-    let text = "x".repeat(width);
-    let lines = (0..lines)
-        .map(|offset| LogLine {
-            offset,
-            stream: LogStream::Stdout,
-            at: chrono::Utc::now(),
-            text: text.clone(),
-        })
-        .collect();
-    cluster
-        .ingest_reports(&[Report::Logs { run: run.id, lines }])
-        .await
-        .unwrap();
-    run.id.to_string()
 }
 
 /// 600 aliases of a run's logs (24 KB, any member) asked for 3 million lines and once
@@ -854,6 +825,70 @@ async fn parallel_logins_get_no_more_checks_than_the_address_budget() {
     assert_eq!(count_codes(&answers, "UNAUTHENTICATED"), 5, "{answers:?}");
     assert_eq!(count_codes(&answers, "RATE_LIMITED"), 35, "{answers:?}");
     still_answers(&api.client()).await;
+}
+
+/// Right passwords in parallel, from addresses with budget to spare: each check holds ~19
+/// MiB of argon2, so only `password_hash_concurrency` run at once and
+/// `password_hash_queue` more wait; the rest are refused at once (RATE_LIMITED with when to
+/// retry), never queued without bound. Without the bound all 60 would be checked together
+/// (~1.1 GiB).
+#[tokio::test]
+async fn password_checks_past_the_hashing_queue_are_refused_at_once() {
+    let api = TestApi::start_with(|c| {
+        c.login_max_attempts = 1_000;
+        c.rate_anonymous_requests_per_minute = 1_000_000;
+        c.password_hash_concurrency = 1;
+        c.password_hash_queue = 2;
+    })
+    .await;
+    api.create_user(VICTIM, crate::support::PASSWORD, false)
+        .await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(60));
+    let mut attempts = tokio::task::JoinSet::new();
+    for _ in 0..60 {
+        let client = api.client();
+        let start = start.clone();
+        attempts.spawn(async move {
+            start.wait().await;
+            client
+                .run(LOGIN, json!({ "e": VICTIM, "p": crate::support::PASSWORD }))
+                .await
+                .body
+        });
+    }
+    let answers = attempts.join_all().await;
+    let signed_in = answers
+        .iter()
+        .filter(|a| a["data"]["login"]["accessToken"].is_string())
+        .count();
+    let refused: Vec<&Value> = answers
+        .iter()
+        .filter(|a| a["errors"][0]["extensions"]["code"] == "RATE_LIMITED")
+        .collect();
+    assert_eq!(signed_in + refused.len(), 60, "{answers:?}");
+    assert!(signed_in >= 3, "the first callers are checked: {answers:?}");
+    assert!(
+        refused.len() >= 30,
+        "most of 60 simultaneous checks are refused, not queued: {signed_in} signed in"
+    );
+    for answer in refused {
+        let retry = answer["errors"][0]["extensions"]["retryAfterSeconds"].as_u64();
+        assert!(retry.is_some_and(|s| s >= 1), "{answer}");
+    }
+    // Once the checks in flight end, the next login is served.
+    let later = login_from(
+        &api.url,
+        [127, 0, 0, 1],
+        None,
+        VICTIM,
+        crate::support::PASSWORD,
+    )
+    .await;
+    assert!(
+        later.data()["login"]["accessToken"].is_string(),
+        "{}",
+        later.body
+    );
 }
 
 /// Strangers behind the load balancer fail on the owner's account from many addresses

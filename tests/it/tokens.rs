@@ -397,9 +397,12 @@ async fn refresh_tokens_rotate_and_a_reused_one_revokes_the_whole_login() {
     let reused = refresh(api, &first.refresh).await;
     assert_unauthenticated(&reused, "spent refresh token");
     assert!(reused.message().contains("already used"), "{}", reused.body);
-    // ...which revokes the whole family, including its newest token.
+    // ...which revokes the whole family, including its newest token...
     let newest = refresh(api, &second_refresh).await;
     assert_unauthenticated(&newest, "newest token of a revoked family");
+    // ...and the access tokens issued to it, though they have not expired.
+    assert_token_refused(api, access, "an access token of a replayed login").await;
+    assert_token_refused(api, &first.access, "the first access token of it").await;
 
     // Another login of the same user is a separate family and still works.
     let other = refresh(api, &other_login.refresh).await;
@@ -438,8 +441,83 @@ async fn logout_revokes_the_refresh_token_and_its_family() {
     );
 
     // Logging out with an unknown token changes nothing and says so.
-    let unknown = client.run(LOGOUT, json!({ "r": "rt_unknown" })).await;
+    let other = login(api, &world.a.owner_email, PASSWORD, Some(&world.a.id)).await;
+    let unknown = other
+        .client(api)
+        .run(LOGOUT, json!({ "r": "rt_unknown" }))
+        .await;
     assert_eq!(unknown.data()["logout"], false);
+}
+
+impl Login {
+    fn client(&self, api: &TestApi) -> Gql {
+        api.client().with_token(&self.access)
+    }
+}
+
+/// Waits (10 s at most) until `server` refuses `token`.
+async fn until_refused(server: &TestApi, token: &str, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let me = server.client().with_token(token).run(ME, json!({})).await;
+        if me.code() == Some("UNAUTHENTICATED") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} still accepts the logged-out token after 10 s: {}",
+            me.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A logged-out access token is refused at once, on the replica that logged it out and on
+/// every other, although it has not expired; another login of the same user goes on.
+#[tokio::test]
+async fn an_access_token_is_refused_once_its_login_is_logged_out_on_every_replica() {
+    let world = World::new().await;
+    let api = &world.api;
+    let replica = api.replica().await;
+    let session = login(api, &world.a.owner_email, PASSWORD, Some(&world.a.id)).await;
+    let other = login(api, &world.a.owner_email, PASSWORD, Some(&world.a.id)).await;
+    for server in [api, &replica] {
+        let tasks = session.client(server).run(TASKS, json!({})).await;
+        assert_eq!(task_ids(&tasks), vec![world.a.task_id.clone()]);
+    }
+
+    let out = session
+        .client(api)
+        .run(LOGOUT, json!({ "r": session.refresh }))
+        .await;
+    assert_eq!(out.data()["logout"], true);
+    // The replica that answered the logout refuses the token before it answers.
+    assert_token_refused(api, &session.access, "a logged-out token").await;
+    let package = api
+        .client()
+        .http
+        .get(format!("{}/packages/{SOME_SHA}", api.url))
+        .bearer_auth(&session.access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        package.status(),
+        401,
+        "package download with a logged-out token"
+    );
+    // Another replica hears of it through the catalogue's events; one started after the
+    // logout knows it from the start.
+    until_refused(&replica, &session.access, "the other replica").await;
+    assert_token_refused(&replica, &session.access, "a logged-out token, elsewhere").await;
+    let late = api.replica().await;
+    assert_token_refused(&late, &session.access, "a replica started after the logout").await;
+
+    // The user's other login is untouched.
+    for server in [api, &replica, &late] {
+        let tasks = other.client(server).run(TASKS, json!({})).await;
+        assert_eq!(task_ids(&tasks), vec![world.a.task_id.clone()]);
+    }
 }
 
 /// An address that used up its failures is refused, even with the right password and for

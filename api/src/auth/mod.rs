@@ -4,9 +4,11 @@
 //! in [`sessions`].
 
 mod passwords;
+mod revoked;
 pub mod sessions;
 
 pub use passwords::{PasswordHashing, hash_password, validate_password, verify_password};
+pub use revoked::RevokedLogins;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

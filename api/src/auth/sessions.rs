@@ -93,9 +93,12 @@ pub async fn refresh(state: &AppState, refresh_token: &str) -> Result<Session> {
         RefreshOutcome::Invalid => Err(Error::Unauthenticated(
             "invalid or expired refresh token".into(),
         )),
-        RefreshOutcome::Reused => Err(Error::Unauthenticated(
-            "refresh token already used; this login is revoked".into(),
-        )),
+        RefreshOutcome::Reused { user_id } => {
+            login_revoked(state, user_id).await;
+            Err(Error::Unauthenticated(
+                "refresh token already used; this login is revoked".into(),
+            ))
+        }
     }
 }
 
@@ -110,9 +113,8 @@ pub async fn logout(
         .catalogue
         .revoke_refresh_token(&token_hash(refresh_token))
         .await?;
-    // The login's open sockets close, on every replica.
     if let Some(user) = revoked {
-        crate::sockets::account_changed(state, user);
+        login_revoked(state, user).await;
     }
     if let Some(identity) = caller {
         state
@@ -121,6 +123,16 @@ pub async fn logout(
             .await?;
     }
     Ok(revoked.is_some())
+}
+
+/// A login of `user` was revoked: its access tokens are refused from now on here, and its
+/// open sockets close, on every replica.
+async fn login_revoked(state: &AppState, user: UserId) {
+    if let Err(e) = state.revoked.learn(&state.catalogue, Some(user)).await {
+        // The account event below still reaches every replica, this one included.
+        tracing::warn!(error = %e, "reading the logins just revoked");
+    }
+    crate::sockets::account_changed(state, user);
 }
 
 /// Issues an access token and the next refresh token of `family`, with the membership

@@ -52,8 +52,9 @@ pub fn account_changed(state: &AppState, user: UserId) {
     state.catalogue.announce(Event::Account { user });
 }
 
-/// Hears account changes made on any replica and has the user's sockets here check their
-/// session; after missed events, every socket checks. Ends with the API.
+/// Hears account changes made on any replica: learns the logins they revoked, then has the
+/// user's sockets here check their session; after missed events (and at start), learns
+/// every recent revocation and every socket checks. Ends with the API.
 pub async fn follow_accounts(state: std::sync::Weak<AppState>) {
     let Some(mut events) = (match state.upgrade() {
         Some(state) => state.catalogue.events().await.ok(),
@@ -61,13 +62,29 @@ pub async fn follow_accounts(state: std::sync::Weak<AppState>) {
     }) else {
         return;
     };
+    // Subscribed first, then read: a revocation made meanwhile is heard as an event.
+    if let Some(state) = state.upgrade() {
+        learn_revoked(&state, None).await;
+    }
     while let Some(event) = events.next().await {
         let Some(state) = state.upgrade() else { return };
         match event {
-            Event::Account { user } => state.sockets.account_changed(user),
-            Event::Resync => state.sockets.all_changed(),
+            Event::Account { user } => {
+                learn_revoked(&state, Some(user)).await;
+                state.sockets.account_changed(user);
+            }
+            Event::Resync => {
+                learn_revoked(&state, None).await;
+                state.sockets.all_changed();
+            }
             _ => {}
         }
+    }
+}
+
+async fn learn_revoked(state: &AppState, user: Option<UserId>) {
+    if let Err(e) = state.revoked.learn(&state.catalogue, user).await {
+        tracing::warn!(error = %e, "reading revoked logins");
     }
 }
 
@@ -160,9 +177,8 @@ impl Connection {
             access_token(&payload).ok_or_else(|| self.refuse(FORBIDDEN, "no access token"))?;
         let identity = self
             .state
-            .keys
-            .verify_access(token)
-            .map_err(|_| self.refuse(FORBIDDEN, "invalid or expired access token"))?;
+            .verify_user(token)
+            .map_err(|_| self.refuse(FORBIDDEN, "invalid, expired or revoked access token"))?;
         let slot = self.state.sockets.open(identity.user_id).map_err(|limit| {
             let why = format!("too many open sockets for this user (at most {limit})");
             self.refuse(TOO_MANY, &why)

@@ -64,7 +64,7 @@ impl Session {
         self.check_expiry()?;
         let generation = *self.slot.membership.borrow();
         if let Some(login) = self.identity.login
-            && self.state.catalogue.login_revoked(login).await?
+            && self.state.revoked.is_revoked(login)
         {
             return Err(Error::Unauthenticated("logged out".into()));
         }
