@@ -15,7 +15,7 @@
 //!
 //! Then everything stops and, `SETTLE` seconds later, the memory is read again. Targets
 //! (issue 16): peak − idle ≤ 512 MiB, after − idle ≤ 128 MiB, p99 under attack ≤ 5 × p99
-//! at rest.
+//! at rest. `CLOUDTASK_BENCH_ONLY=logins,uploads,nesting,answers,sockets` picks attacks.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -64,24 +64,49 @@ async fn main() {
     // Under attack.
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
+    let only = std::env::var("CLOUDTASK_BENCH_ONLY").ok();
+    let wanted = |attack: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|a| a == attack))
+    };
     let mut attacks = tokio::task::JoinSet::new();
     for i in 0..8u8 {
-        attacks.spawn(login_batches(
-            url.clone(),
-            [127, 0, 1, i + 1],
-            stop.clone(),
-            tally.clone(),
-        ));
-        attacks.spawn(uploads(server.addr.clone(), stop.clone(), tally.clone()));
-        attacks.spawn(nesting(
-            url.clone(),
-            [127, 0, 2, i + 1],
-            stop.clone(),
-            tally.clone(),
-        ));
+        if wanted("logins") {
+            attacks.spawn(login_batches(
+                url.clone(),
+                [127, 0, 1, i + 1],
+                stop.clone(),
+                tally.clone(),
+            ));
+        }
+        if wanted("uploads") {
+            attacks.spawn(uploads(server.addr.clone(), stop.clone(), tally.clone()));
+        }
+        if wanted("nesting") {
+            attacks.spawn(nesting(
+                url.clone(),
+                [127, 0, 2, i + 1],
+                stop.clone(),
+                tally.clone(),
+            ));
+        }
     }
     for _ in 0..4 {
-        attacks.spawn(huge_answers(
+        if wanted("answers") {
+            attacks.spawn(huge_answers(
+                url.clone(),
+                seeded.viewer.clone(),
+                seeded.run.clone(),
+                stop.clone(),
+                tally.clone(),
+            ));
+        }
+    }
+    for _ in 0..50 {
+        if !wanted("sockets") {
+            break;
+        }
+        attacks.spawn(subscriptions(
             url.clone(),
             seeded.viewer.clone(),
             seeded.run.clone(),
@@ -89,13 +114,6 @@ async fn main() {
             tally.clone(),
         ));
     }
-    let sockets = tokio::spawn(subscriptions(
-        url.clone(),
-        seeded.viewer.clone(),
-        seeded.run.clone(),
-        stop.clone(),
-        tally.clone(),
-    ));
     let peak = Arc::new(AtomicU64::new(0));
     let sampler = {
         let (peak, stop, pid) = (peak.clone(), stop.clone(), server.pid());
@@ -111,8 +129,6 @@ async fn main() {
     sampler.await.unwrap();
     attacks.abort_all();
     while attacks.join_next().await.is_some() {}
-    sockets.abort();
-    let _ = sockets.await;
     let peak = peak.load(Ordering::Relaxed).max(server.rss());
     let alive = http
         .get(format!("{url}/healthz"))
@@ -122,7 +138,7 @@ async fn main() {
 
     tokio::time::sleep(SETTLE).await;
     let after = server.rss();
-    let log_lines = server.stop();
+    let log = server.stop();
 
     let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
     let (rest_p50, rest_p99) = (ms(percentile(&rest, 0.5)), ms(percentile(&rest, 0.99)));
@@ -161,10 +177,32 @@ async fn main() {
         verdict(during_p99 <= 5.0 * rest_p99)
     );
     println!("| answering /healthz after the attacks | {alive} | true |");
-    println!("| server log lines (warn and up) | {log_lines} | |");
+    println!(
+        "| server log lines (warn and up) | {} | |",
+        log.lines().count()
+    );
     println!();
     println!("what the attackers got:");
     tally.print();
+    println!();
+    println!("what the server logged, most frequent first:");
+    let mut messages = std::collections::BTreeMap::<String, u64>::new();
+    for line in log.lines() {
+        // `time LEVEL target: message key=value…`: the level and message.
+        let mut words = line.split_whitespace().skip(1);
+        let level = words.next().unwrap_or_default();
+        let message: String = words
+            .skip(1)
+            .take_while(|w| !w.contains('='))
+            .collect::<Vec<_>>()
+            .join(" ");
+        *messages.entry(format!("{level} {message}")).or_default() += 1;
+    }
+    let mut messages: Vec<_> = messages.into_iter().collect();
+    messages.sort_by_key(|m| std::cmp::Reverse(m.1));
+    for (message, times) in messages.iter().take(8) {
+        println!("{times:>8}  {message}");
+    }
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -251,6 +289,7 @@ impl Server {
                 "127.0.0.1:2181/cloudtask-hostile-bench",
             )
             .env("CLOUDTASK_LOG_LEVEL", "warn")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("a log file"))
             .spawn()
@@ -280,13 +319,11 @@ impl Server {
         rss_of(self.pid())
     }
 
-    /// Stops the server; how many lines it logged.
-    fn stop(&mut self) -> usize {
+    /// Stops the server; what it logged.
+    fn stop(&mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        std::fs::read_to_string(&self.log)
-            .map(|text| text.lines().count())
-            .unwrap_or(0)
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -525,8 +562,8 @@ async fn huge_answers(
     }
 }
 
-/// The VIEWER opens 50 sockets and starts 100 `runLogs` subscriptions on each (each
-/// replays 5,000 lines), and never reads.
+/// One of the VIEWER's 50 sockets: 100 `runLogs` subscriptions (each replays 5,000
+/// lines), never read, held until the attack ends.
 async fn subscriptions(
     url: String,
     token: String,
@@ -534,65 +571,61 @@ async fn subscriptions(
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
 ) {
-    let mut open = Vec::new();
-    for _ in 0..50 {
-        let ws = format!("{}/graphql/ws", url.replace("http://", "ws://"));
-        let mut request = ws.into_client_request().expect("a WebSocket URL");
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            "graphql-transport-ws".parse().unwrap(),
-        );
-        let Ok((mut socket, _)) = tokio_tungstenite::connect_async(request).await else {
-            tally.count("VIEWER: 50 sockets × 100 runLogs", "socket refused");
-            continue;
-        };
-        let init = json!({ "type": "connection_init", "payload": { "accessToken": token } });
+    const ATTACK: &str = "VIEWER: 50 sockets × 100 runLogs";
+    let ws = format!("{}/graphql/ws", url.replace("http://", "ws://"));
+    let mut request = ws.into_client_request().expect("a WebSocket URL");
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let Ok((mut socket, _)) = tokio_tungstenite::connect_async(request).await else {
+        tally.count(ATTACK, "socket refused");
+        return;
+    };
+    let init = json!({ "type": "connection_init", "payload": { "accessToken": token } });
+    if socket
+        .send(Message::Text(init.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) if text.contains("connection_ack") => {
+            tally.count(ATTACK, "socket acknowledged");
+        }
+        Ok(Some(Ok(Message::Close(frame)))) => {
+            let code = frame.map_or(0, |f| u16::from(f.code));
+            tally.count(ATTACK, format!("socket closed {code}"));
+            return;
+        }
+        _ => {
+            tally.count(ATTACK, "no acknowledgement");
+            return;
+        }
+    }
+    let mut sent = 0;
+    for i in 0..100 {
+        let subscribe = json!({
+            "id": format!("s{i}"),
+            "type": "subscribe",
+            "payload": {
+                "query": "subscription($r: ID!) { runLogs(runId: $r, fromOffset: 0) { offset text } }",
+                "variables": { "r": run },
+            },
+        });
         if socket
-            .send(Message::Text(init.to_string().into()))
+            .send(Message::Text(subscribe.to_string().into()))
             .await
             .is_err()
         {
-            continue;
+            break;
         }
-        match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) if text.contains("connection_ack") => {
-                tally.count("VIEWER: 50 sockets × 100 runLogs", "socket acknowledged");
-            }
-            Ok(Some(Ok(Message::Close(frame)))) => {
-                let code = frame.map_or(0, |f| u16::from(f.code));
-                tally.count(
-                    "VIEWER: 50 sockets × 100 runLogs",
-                    format!("socket closed {code}"),
-                );
-                continue;
-            }
-            _ => {
-                tally.count("VIEWER: 50 sockets × 100 runLogs", "no acknowledgement");
-                continue;
-            }
-        }
-        for i in 0..100 {
-            let subscribe = json!({
-                "id": format!("s{i}"),
-                "type": "subscribe",
-                "payload": {
-                    "query": "subscription($r: ID!) { runLogs(runId: $r, fromOffset: 0) { offset text } }",
-                    "variables": { "r": run },
-                },
-            });
-            if socket
-                .send(Message::Text(subscribe.to_string().into()))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        open.push(socket);
+        sent += 1;
     }
+    tally.count(ATTACK, format!("{sent} subscriptions sent on a socket"));
     // Held open, unread, until the attack ends.
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    drop(open);
 }

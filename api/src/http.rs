@@ -14,7 +14,7 @@ use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use cloudtask_catalogue::Scope;
+
 use cloudtask_core::Error;
 use serde_json::json;
 
@@ -310,14 +310,6 @@ async fn user_package(
     let tenant_id = identity
         .tenant_id
         .ok_or_else(|| Error::Forbidden("this token names no tenant".into()))?;
-    let handle = http
-        .state
-        .catalogue
-        .tenant(Scope {
-            tenant_id,
-            user_id: identity.user_id,
-            actor: identity.user_id.to_string(),
-        })
-        .await?;
+    let handle = http.state.tenant(&identity, tenant_id).await?;
     Ok(archive(handle.package_content(&sha256).await?))
 }

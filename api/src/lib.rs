@@ -10,6 +10,7 @@ mod download;
 mod error;
 pub mod graphql;
 mod http;
+mod lanes;
 mod limits;
 mod serve;
 mod sockets;
@@ -43,6 +44,8 @@ pub struct AppState {
     pub sockets: sockets::SocketRegistry,
     /// Logins revoked while their access tokens are still valid.
     pub revoked: auth::RevokedLogins,
+    /// Catalogue connections each user may hold at once.
+    pub lanes: lanes::UserLanes,
     /// Requests and query cost per caller per minute.
     pub budget: budget::RateBudget,
     /// The platform's ZooKeeper identity: workers' identities derive from it at join.
@@ -73,6 +76,23 @@ impl AppState {
             ),
             _ => Ok(identity),
         }
+    }
+
+    /// The tenant handle of a verified user, on the user's lanes.
+    pub async fn tenant(
+        &self,
+        identity: &auth::Identity,
+        tenant_id: cloudtask_core::ids::TenantId,
+    ) -> cloudtask_core::Result<cloudtask_catalogue::TenantHandle> {
+        let handle = self
+            .catalogue
+            .tenant(cloudtask_catalogue::Scope {
+                tenant_id,
+                user_id: identity.user_id,
+                actor: identity.user_id.to_string(),
+            })
+            .await?;
+        Ok(handle.with_lanes(self.lanes.of(identity.user_id)))
     }
 
     pub fn with_coordinator(
@@ -110,8 +130,10 @@ impl AppState {
         let revoked = auth::RevokedLogins::new(chrono::Duration::seconds(
             config.access_token_ttl_secs as i64,
         ));
+        let lanes = lanes::UserLanes::new(config.db_connections_per_user);
         Ok(Arc::new(AppState {
             revoked,
+            lanes,
             budget,
             uploads,
             catalogue,

@@ -50,6 +50,7 @@ pub async fn run(
             budgets.upgrade()
         } {
             state.budget.forget_idle();
+            state.lanes.forget_idle();
         }
     });
     let trusted_proxies = Arc::new(state.trusted_proxies.clone());

@@ -20,7 +20,7 @@ use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseTransaction,
     EntityTrait, QueryFilter, Select, Statement, TransactionTrait,
 };
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::Catalogue;
@@ -53,6 +53,8 @@ pub struct TenantHandle {
     user_id: UserId,
     actor: String,
     role: Arc<OnceCell<Role>>,
+    /// Connections the handle may hold at once ([`TenantHandle::with_lanes`]).
+    lanes: Option<Arc<Semaphore>>,
 }
 
 /// A worker credential's capability inside one cluster: claims, run starts, reports and
@@ -76,6 +78,7 @@ impl Catalogue {
             user_id: scope.user_id,
             actor: scope.actor,
             role: Arc::default(),
+            lanes: None,
         })
     }
 
@@ -90,6 +93,23 @@ impl Catalogue {
 }
 
 impl TenantHandle {
+    /// The handle's operations hold at most one of `lanes`' permits each while they use a
+    /// connection: an API gives every handle of one user the same lanes, so one caller's
+    /// fan-out (aliases, nested lists, many subscriptions) waits for its own lanes instead
+    /// of taking the pool from everyone else.
+    pub fn with_lanes(mut self, lanes: Arc<Semaphore>) -> Self {
+        self.lanes = Some(lanes);
+        self
+    }
+
+    /// One of the handle's lanes, held for one operation.
+    async fn lane(&self) -> Option<OwnedSemaphorePermit> {
+        match &self.lanes {
+            Some(lanes) => lanes.clone().acquire_owned().await.ok(),
+            None => None,
+        }
+    }
+
     pub fn tenant_id(&self) -> TenantId {
         self.tenant_id
     }
@@ -104,6 +124,7 @@ impl TenantHandle {
         let role = self
             .role
             .get_or_try_init(|| async {
+                let _lane = self.lane().await;
                 let found = membership::Entity::find_by_id((
                     Uuid::from(self.tenant_id),
                     Uuid::from(self.user_id),
@@ -144,6 +165,7 @@ impl TenantHandle {
         action: Action,
         work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
     ) -> Result<T> {
+        let _lane = self.lane().await;
         let member = self.acting(action);
         walled(
             &self.db,
@@ -160,6 +182,7 @@ impl TenantHandle {
         action: Action,
         work: impl AsyncFnOnce(&DatabaseTransaction) -> DbResult<T>,
     ) -> Result<T> {
+        let _lane = self.lane().await;
         let member = self.acting(action);
         walled(
             &self.db,

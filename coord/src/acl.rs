@@ -353,36 +353,19 @@ fn same_acl(a: &[Grant], b: &[Grant]) -> bool {
 /// Returns how many nodes were changed.
 pub async fn enforce(session: &dyn Session, access: &Access, path: &str) -> Result<usize> {
     let mut changed = 0;
-    let mut stack = vec![(path.to_owned(), false)];
-    while let Some((node, expanded)) = stack.pop() {
-        if expanded {
-            let wanted = access.acl_for(&node);
-            match session.acl(&node).await {
-                Ok(current) if same_acl(&current, &wanted) => {}
-                Ok(_) => match session.set_acl(&node, &wanted).await {
-                    Ok(()) => changed += 1,
-                    Err(CoordError::NoNode(_)) => {}
-                    Err(CoordError::NoAuth(_)) => {
-                        tracing::warn!(%node, "cannot set this node's ACL (no ADMIN right)")
-                    }
-                    Err(e) => return Err(e),
-                },
+    for node in crate::subtree_children_first(session, path).await? {
+        let wanted = access.acl_for(&node);
+        match session.acl(&node).await {
+            Ok(current) if same_acl(&current, &wanted) => {}
+            Ok(_) => match session.set_acl(&node, &wanted).await {
+                Ok(()) => changed += 1,
                 Err(CoordError::NoNode(_)) => {}
-                Err(e) => return Err(e),
-            }
-            continue;
-        }
-        stack.push((node.clone(), true));
-        match session.children(&node).await {
-            Ok(children) => {
-                for child in children {
-                    stack.push((layout::join(&node, &child), false));
+                Err(CoordError::NoAuth(_)) => {
+                    tracing::warn!(%node, "cannot set this node's ACL (no ADMIN right)")
                 }
-            }
+                Err(e) => return Err(e),
+            },
             Err(CoordError::NoNode(_)) => {}
-            Err(CoordError::NoAuth(_)) => {
-                tracing::warn!(%node, "cannot list this node's children (no READ right)")
-            }
             Err(e) => return Err(e),
         }
     }

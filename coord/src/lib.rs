@@ -169,27 +169,41 @@ pub trait Coordinator: Send + Sync {
 
 /// Deletes a node and everything under it (children first). Missing nodes are fine.
 pub async fn delete_recursive(session: &dyn Session, path: &str) -> Result<()> {
-    let mut stack = vec![(path.to_owned(), false)];
-    while let Some((node, expanded)) = stack.pop() {
-        if expanded {
-            match session.delete(&node, None).await {
-                Ok(()) | Err(CoordError::NoNode(_)) => {}
-                Err(e) => return Err(e),
-            }
-            continue;
-        }
-        stack.push((node.clone(), true));
-        match session.children(&node).await {
-            Ok(children) => {
-                for child in children {
-                    stack.push((layout::join(&node, &child), false));
-                }
-            }
-            Err(CoordError::NoNode(_)) => {}
+    for node in subtree_children_first(session, path).await? {
+        match session.delete(&node, None).await {
+            Ok(()) | Err(CoordError::NoNode(_)) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// `path` and every node under it, children before their parent, listed without
+/// recursion. Nodes gone meanwhile are left out below them; a node whose children cannot
+/// be listed (no READ right) is reported and listed alone.
+pub async fn subtree_children_first(session: &dyn Session, path: &str) -> Result<Vec<String>> {
+    let mut order = Vec::new();
+    let mut stack = vec![(path.to_owned(), false)];
+    while let Some((node, expanded)) = stack.pop() {
+        if expanded {
+            order.push(node);
+            continue;
+        }
+        stack.push((node.clone(), true));
+        match session.children(&node).await {
+            Ok(children) => stack.extend(
+                children
+                    .into_iter()
+                    .map(|child| (layout::join(&node, &child), false)),
+            ),
+            Err(CoordError::NoNode(_)) => {}
+            Err(CoordError::NoAuth(_)) => {
+                tracing::warn!(%node, "cannot list this node's children (no READ right)")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(order)
 }
 
 /// A session opened on first use and opened again after it ends: for readers (the API's

@@ -121,6 +121,9 @@ pub struct Config {
     pub ws_max_subscriptions: usize,
     /// Open sockets per user on one API replica.
     pub ws_max_sockets_per_user: usize,
+    /// Catalogue connections one user's requests and sockets may hold at once, on one API
+    /// replica (of the 20 it keeps).
+    pub db_connections_per_user: usize,
     /// Requests (HTTP requests and operations started on sockets) a signed-in user may
     /// make per minute, and an anonymous client address; see `api::budget`.
     pub rate_requests_per_minute: u64,
@@ -204,6 +207,7 @@ impl Default for Config {
             ws_init_timeout_secs: 10,
             ws_max_subscriptions: 100,
             ws_max_sockets_per_user: 20,
+            db_connections_per_user: 4,
             rate_requests_per_minute: 3_000,
             rate_anonymous_requests_per_minute: 300,
             rate_cost_per_minute: 20_000_000,
@@ -345,6 +349,7 @@ impl Config {
             ("password_hash_concurrency", self.password_hash_concurrency),
             ("ws_max_subscriptions", self.ws_max_subscriptions),
             ("ws_max_sockets_per_user", self.ws_max_sockets_per_user),
+            ("db_connections_per_user", self.db_connections_per_user),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));

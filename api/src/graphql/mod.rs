@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use async_graphql::{Context, MergedObject, MergedSubscription, Schema};
-use cloudtask_catalogue::{Scope, TenantHandle};
+use cloudtask_catalogue::TenantHandle;
 use cloudtask_core::Error;
 use tokio::sync::OnceCell;
 
@@ -172,12 +172,6 @@ pub(crate) async fn tenant<'a>(ctx: &Context<'a>) -> Result<&'a TenantHandle, Er
     })?;
     request(ctx)
         .tenant
-        .get_or_try_init(|| {
-            state(ctx).catalogue.tenant(Scope {
-                tenant_id,
-                user_id: identity.user_id,
-                actor: identity.user_id.to_string(),
-            })
-        })
+        .get_or_try_init(|| state(ctx).tenant(identity, tenant_id))
         .await
 }

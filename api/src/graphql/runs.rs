@@ -24,8 +24,9 @@ use super::tasks::TaskObj;
 use super::{state, tenant};
 use crate::error::{ApiError, ApiResult};
 
-/// Lines read from the catalogue at a time while catching up.
-const LOG_PAGE: u64 = 1_000;
+/// Lines read from the catalogue at a time while catching up. A subscriber whose socket
+/// is not read keeps one page: 2,000 such subscriptions hold at most ~75 MB.
+const LOG_PAGE: u64 = 250;
 /// A subscriber re-reads at least this often even when it hears nothing (a safety net
 /// for a notification lost with a connection).
 const QUIET_RECHECK: Duration = Duration::from_secs(10);

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_graphql::futures_util::stream::{self, BoxStream, StreamExt};
 use async_graphql::{Response, ServerError};
 use chrono::Utc;
-use cloudtask_catalogue::{Scope, TenantHandle};
+use cloudtask_catalogue::TenantHandle;
 use cloudtask_core::Error;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -72,15 +72,7 @@ impl Session {
             *self.verified.lock().expect("session") = Some((Instant::now(), generation));
             return Ok(None);
         };
-        let handle = self
-            .state
-            .catalogue
-            .tenant(Scope {
-                tenant_id,
-                user_id: self.identity.user_id,
-                actor: self.identity.user_id.to_string(),
-            })
-            .await?;
+        let handle = self.state.tenant(&self.identity, tenant_id).await?;
         // The membership, read now (a handle reads it once).
         handle.role().await?;
         *self.verified.lock().expect("session") = Some((Instant::now(), generation));
