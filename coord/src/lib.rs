@@ -6,6 +6,7 @@
 pub mod acl;
 pub mod layout;
 pub mod memory;
+mod tls;
 pub mod zk;
 
 use std::sync::Arc;

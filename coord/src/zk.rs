@@ -2,7 +2,9 @@
 //! carry a chroot (`host:2181,host2:2181/cloudtask`); it is created when missing, and
 //! every path is then relative to it. Sessions authenticate with the [`Access`]'s digest
 //! credential and create every node with the ACL its policy gives the path; hosts named
-//! `tcp+tls://` are reached over TLS, verified against the configured CA.
+//! `tcp+tls://` are reached over TLS, verified against the configured CA (and named for
+//! the address in the connect string); a session refused for TLS reasons is reported as
+//! such (`CoordError::Other`, naming the host and `zookeeper_tls_ca`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,6 +198,7 @@ impl ZkSession {
             connector = connector.with_auth("digest", credential.auth().as_bytes());
         }
         if let Some(pem) = &coordinator.tls_ca {
+            crate::tls::install_crypto_provider();
             let tls = zk::TlsOptions::new()
                 .with_pem_ca(pem)
                 .map_err(|e| CoordError::Other(format!("the ZooKeeper TLS CA: {e}")))?;
@@ -205,10 +208,21 @@ impl ZkSession {
                 "tcp+tls:// ZooKeeper hosts need the CA to verify them (zookeeper_tls_ca)".into(),
             ));
         }
-        let client = connector
-            .connect(connect_string)
-            .await
-            .map_err(|e| map_err(connect_string, e))?;
+        let client = match connector.connect(connect_string).await {
+            Ok(client) => client,
+            Err(e) => {
+                // The client retried until the session timeout and says only that: when
+                // a TLS host refuses its certificate or handshake, say so instead.
+                if let Some(pem) = &coordinator.tls_ca {
+                    for (host, port) in crate::tls::tls_hosts(connect_string) {
+                        if let Some(refusal) = crate::tls::refusal(&host, port, pem).await {
+                            return Err(CoordError::Other(refusal));
+                        }
+                    }
+                }
+                return Err(map_err(connect_string, e));
+            }
+        };
         let root = client.path().to_owned();
         if root != "/" {
             // The chroot must exist before anything can be created under it. Only its

@@ -422,6 +422,18 @@ impl Config {
                 "must be `user:password` (a ZooKeeper digest credential)",
             ));
         }
+        if self.zookeeper_tls_ca.is_none()
+            && self
+                .zookeeper
+                .split(',')
+                .any(|host| host.trim().starts_with("tcp+tls://"))
+        {
+            return Err(ConfigError::new(
+                "zookeeper_tls_ca",
+                "is required when a ZooKeeper host is tcp+tls:// (a PEM file of the CA that \
+                 signed the servers' certificates)",
+            ));
+        }
         if !(1_000..=600_000).contains(&self.zookeeper_session_timeout_ms) {
             return Err(ConfigError::new(
                 "zookeeper_session_timeout_ms",
@@ -539,5 +551,25 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(config.validate().unwrap_err().key, "run_dir");
+    }
+
+    #[test]
+    fn a_tls_zookeeper_host_needs_the_ca() {
+        let tls = Config {
+            zookeeper: "tcp://zk1:2181,tcp+tls://zk2:2281/cloudtask".into(),
+            ..Config::default()
+        };
+        let refused = tls.validate().unwrap_err();
+        assert_eq!(refused.key, "zookeeper_tls_ca");
+        assert!(
+            refused.message.contains("tcp+tls://"),
+            "{}",
+            refused.message
+        );
+        let with_ca = Config {
+            zookeeper_tls_ca: Some(PathBuf::from("zookeeper-ca.pem")),
+            ..tls
+        };
+        assert!(with_ca.validate().is_ok());
     }
 }

@@ -27,6 +27,9 @@ pub struct Options {
     /// The ZooKeeper connect string (with a chroot); default: a fresh chroot on the
     /// suite's server.
     pub zookeeper: Option<String>,
+    /// `zookeeper_tls_ca` for everyone (API, schedulers, workers): the CA of a
+    /// `tcp+tls://` `zookeeper`.
+    pub zookeeper_tls_ca: Option<std::path::PathBuf>,
     pub session_timeout: Duration,
     /// Run a scheduler in this process (the usual case).
     pub in_process_scheduler: bool,
@@ -40,6 +43,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             zookeeper: None,
+            zookeeper_tls_ca: None,
             session_timeout: SESSION_TIMEOUT,
             in_process_scheduler: true,
             notify: Vec::new(),
@@ -54,6 +58,7 @@ pub struct Cluster {
     pub owner: Gql,
     pub cluster_id: String,
     pub zookeeper: String,
+    pub zookeeper_tls_ca: Option<std::path::PathBuf>,
     pub session_timeout: Duration,
     pub join_token: String,
     /// Workers reach the API through this proxy, so a test can cut them off from it.
@@ -90,6 +95,7 @@ impl Cluster {
             .unwrap_or_else(cloudtask_testkit::fresh_zookeeper);
         let session_timeout = options.session_timeout;
         let zk = zookeeper.clone();
+        let tls_ca = options.zookeeper_tls_ca.clone();
         // The outbound policy binds the API (when a webhook is set) and the sender alike.
         let allow = options
             .notify
@@ -98,6 +104,7 @@ impl Cluster {
             .map(|(_, v)| v.clone());
         let api = TestApi::start_with(move |c| {
             c.zookeeper = zk;
+            c.zookeeper_tls_ca = tls_ca;
             c.zookeeper_session_timeout_ms = session_timeout.as_millis() as u64;
             if let Some(allow) = allow {
                 c.webhook_allow_networks = allow;
@@ -124,7 +131,10 @@ impl Cluster {
         if options.in_process_scheduler {
             let scheduler = cloudtask_scheduler::Scheduler {
                 catalogue: api.catalogue.clone(),
-                coordinator: std::sync::Arc::new(owner_coordinator(&zookeeper, session_timeout)),
+                coordinator: std::sync::Arc::new(
+                    owner_coordinator(&zookeeper, session_timeout)
+                        .with_tls_ca(read_ca(&options.zookeeper_tls_ca)),
+                ),
                 identity: "test-scheduler".into(),
                 sweep: Duration::from_secs(3600),
                 writes: Default::default(),
@@ -144,6 +154,7 @@ impl Cluster {
             owner,
             cluster_id,
             zookeeper,
+            zookeeper_tls_ca: options.zookeeper_tls_ca,
             join_token,
             api_proxy,
             data: tempfile::tempdir().unwrap(),
@@ -158,6 +169,7 @@ impl Cluster {
     /// does.
     pub fn observer(&self) -> ZkCoordinator {
         owner_coordinator(&self.zookeeper, self.session_timeout)
+            .with_tls_ca(read_ca(&self.zookeeper_tls_ca))
     }
 
     pub fn worker_api_url(&self) -> String {
@@ -194,6 +206,7 @@ impl Cluster {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("CLOUDTASK_API_URL", self.worker_api_url())
             .env("CLOUDTASK_ZOOKEEPER", zookeeper)
+            .envs(tls_ca_env(&self.zookeeper_tls_ca))
             .env(
                 "CLOUDTASK_ZOOKEEPER_SESSION_TIMEOUT_MS",
                 self.session_timeout.as_millis().to_string(),
@@ -226,6 +239,7 @@ impl Cluster {
                 &self.api.state.config.database_url,
             )
             .env("CLOUDTASK_ZOOKEEPER", &self.zookeeper)
+            .envs(tls_ca_env(&self.zookeeper_tls_ca))
             .env(
                 "CLOUDTASK_ZOOKEEPER_AUTH",
                 cloudtask_testkit::test_zookeeper_auth(),
@@ -286,6 +300,7 @@ impl Cluster {
         config.api_url = self.worker_api_url();
         config.run_kill_grace_secs = 1;
         config.zookeeper = self.zookeeper.clone();
+        config.zookeeper_tls_ca = self.zookeeper_tls_ca.clone();
         config.zookeeper_session_timeout_ms = self.session_timeout.as_millis() as u64;
         config.cluster_token = Some(join_token.to_owned());
         // A worker never holds the platform's credential: its identity comes with the join.
@@ -465,6 +480,19 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The PEM text of a `zookeeper_tls_ca` file.
+pub fn read_ca(path: &Option<std::path::PathBuf>) -> Option<String> {
+    path.as_ref()
+        .map(|path| std::fs::read_to_string(path).expect("the ZooKeeper CA file"))
+}
+
+/// `CLOUDTASK_ZOOKEEPER_TLS_CA` for a process, when there is a CA.
+fn tls_ca_env(path: &Option<std::path::PathBuf>) -> Vec<(&'static str, std::path::PathBuf)> {
+    path.iter()
+        .map(|path| ("CLOUDTASK_ZOOKEEPER_TLS_CA", path.clone()))
+        .collect()
 }
 
 /// A fresh `run_dir` for workers: a temporary folder others may enter (tasks of a root

@@ -23,3 +23,4 @@ mod subscriptions;
 mod tokens;
 mod websocket;
 mod zk_acl;
+mod zk_tls;
