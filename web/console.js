@@ -248,6 +248,7 @@ function duration(run) {
 const REASONS = {
   OOM_KILLED: 'memory limit (OOM kill)', PIDS_LIMIT: 'process limit', OUTPUT_LIMIT: 'output limit',
   TIMEOUT: 'timed out', START_FAILED: 'could not start', USER_STOP: 'stopped by a user',
+  TASK_PAUSED: 'the task was paused',
   REPLACED: 'replaced by a later fire', OVERLAP_SKIP: 'overlap: the previous run was going',
   MISFIRE: 'misfire', TASK_CHANGED: 'the task changed', WORKER_LOST: 'worker lost',
   FENCED: 'worker cut off from ZooKeeper', SHUTDOWN: 'worker shut down',

@@ -77,6 +77,7 @@ text_enum!(
         OutputLimit => "OUTPUT_LIMIT",
         // A person, or the task's own policy.
         UserStop => "USER_STOP",
+        TaskPaused => "TASK_PAUSED",
         Replaced => "REPLACED",
         OverlapSkip => "OVERLAP_SKIP",
         Misfire => "MISFIRE",
@@ -92,7 +93,7 @@ text_enum!(
 );
 
 impl RunReason {
-    pub const ALL: [RunReason; 18] = [
+    pub const ALL: [RunReason; 19] = [
         RunReason::Exit,
         RunReason::Signal,
         RunReason::Timeout,
@@ -101,6 +102,7 @@ impl RunReason {
         RunReason::PidsLimit,
         RunReason::OutputLimit,
         RunReason::UserStop,
+        RunReason::TaskPaused,
         RunReason::Replaced,
         RunReason::OverlapSkip,
         RunReason::Misfire,
@@ -141,6 +143,7 @@ impl RunReason {
             RunReason::PidsLimit => "the run hit its process limit",
             RunReason::OutputLimit => "the run hit its output limit",
             RunReason::UserStop => "a user stopped the run",
+            RunReason::TaskPaused => "a user paused the task while the run was going",
             RunReason::Replaced => "a later fire replaced it (overlap policy REPLACE)",
             RunReason::OverlapSkip => "the previous run was still going (overlap policy SKIP)",
             RunReason::Misfire => "the fire could not be run on time",

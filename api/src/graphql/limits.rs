@@ -73,6 +73,8 @@ pub enum RunReasonGql {
     OutputLimit,
     /// A user stopped it (STOPPED).
     UserStop,
+    /// A user paused the task while it ran (STOPPED).
+    TaskPaused,
     /// A later fire replaced it, by the task's overlap policy REPLACE (STOPPED).
     Replaced,
     /// Not run: the previous run was still going, overlap policy SKIP (SKIPPED).
@@ -87,8 +89,8 @@ pub enum RunReasonGql {
     Fenced,
     /// Its worker shut down (LOST; retried), or before the fire time (SKIPPED).
     Shutdown,
-    /// The task left its worker (moved, paused, deleted) (LOST, retried while the task is
-    /// active; or SKIPPED before the fire time).
+    /// The task left its worker (moved to another, deleted) (LOST, retried while the task
+    /// exists; or SKIPPED before the fire time).
     TaskMoved,
     /// Queued longer than `queue_expiry_secs` with no worker to take it (FAILED).
     QueueExpired,

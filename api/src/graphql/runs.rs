@@ -242,7 +242,7 @@ impl RunObj {
     async fn reason_message(&self) -> Option<String> {
         let reason = self.0.reason?;
         Some(match &self.0.error {
-            Some(error) => format!("{}: {error}", reason.describe()),
+            Some(error) => error.clone(),
             None => reason.describe().to_owned(),
         })
     }

@@ -7,8 +7,9 @@
 //!   runTaskNow, retry ──► QUEUED ──(worker starts it)──► RUNNING ──(outcome)──► SUCCEEDED  EXIT
 //!                          │  ▲ reason WAITING_FOR_WORKER        ▲   │                FAILED     EXIT SIGNAL START_FAILED <limit>
 //!                          │  └ while no live worker can take it  │   │                TIMED_OUT  TIMEOUT <limit>
-//!                          │                                      │   │                STOPPED    USER_STOP REPLACED <limit>
+//!                          │                                      │   │                STOPPED    USER_STOP TASK_PAUSED REPLACED <limit>
 //!                          ├─(stopRun)──► STOPPED USER_STOP       │   ├─(platform)──► LOST        WORKER_LOST FENCED SHUTDOWN TASK_MOVED
+//!                          │                                      │   │        (STOPPED TASK_PAUSED: the task left its worker paused)
 //!                          └─(queue_expiry_secs)─► FAILED         │   │                           (the retry policy applies)
 //!                                          QUEUE_EXPIRED          │   └─(not started)─► SKIPPED  OVERLAP_SKIP MISFIRE TASK_CHANGED
 //!   a fire claimed ───────────────────────────────────────────────┘                              TASK_MOVED SHUTDOWN
@@ -118,7 +119,7 @@ pub fn allowed(from: Option<RunStatus>, to: RunStatus, reason: Option<RunReason>
         }
         (Some(S::Running), S::TimedOut) => limit || reason == Some(R::Timeout),
         (Some(S::Running), S::Stopped) => {
-            limit || matches!(reason, Some(R::UserStop | R::Replaced))
+            limit || matches!(reason, Some(R::UserStop | R::TaskPaused | R::Replaced))
         }
         (Some(S::Running), S::Lost) => reason.is_some_and(RunReason::is_platform),
         (Some(S::Running), S::Skipped) => skip,
@@ -160,6 +161,21 @@ pub fn complete(outcome: &Outcome) -> Outcome {
     Outcome {
         status,
         reason: Some(reason),
+        ..outcome.clone()
+    }
+}
+
+/// A run its worker stopped because the task left it (TASK_MOVED, LOST): when the task
+/// was paused (a user's doing, not the platform's), STOPPED with TASK_PAUSED instead, and
+/// not retried.
+pub fn left_paused(outcome: &Outcome) -> Outcome {
+    if (outcome.status, outcome.reason) != (RunStatus::Lost, Some(RunReason::TaskMoved)) {
+        return outcome.clone();
+    }
+    Outcome {
+        status: RunStatus::Stopped,
+        reason: Some(RunReason::TaskPaused),
+        error: Some("stopped: the task was paused".into()),
         ..outcome.clone()
     }
 }

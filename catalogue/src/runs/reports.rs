@@ -125,6 +125,7 @@ impl ClusterHandle {
                 events.add(run_event(&row));
             }
         }
+        self.paused_tasks_stop(conn, &mut finished).await?;
         let now = now();
         for chunk in finished.chunks(UPDATE_CHUNK) {
             let ended = self.finish_many(conn, chunk).await?;
@@ -139,6 +140,46 @@ impl ClusterHandle {
                 .filter(|r| r.status == RunStatus::Lost.as_str())
                 .collect();
             queue_retries(conn, &lost, now, events).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs their worker stopped because the task left it: those of a paused task were
+    /// stopped by the pause (STOPPED, TASK_PAUSED), not by the platform.
+    async fn paused_tasks_stop(
+        &self,
+        conn: &impl ConnectionTrait,
+        finished: &mut [(RunId, Outcome)],
+    ) -> DbResult<()> {
+        let moved: Vec<Uuid> = finished
+            .iter()
+            .filter(|(_, o)| o.reason == Some(RunReason::TaskMoved))
+            .map(|(run, _)| Uuid::from(*run))
+            .collect();
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let task_of: HashMap<Uuid, Uuid> = self
+            .find::<run::Entity>()
+            .select_only()
+            .column(run::Column::Id)
+            .column(run::Column::TaskId)
+            .filter(run::Column::Id.is_in(moved))
+            .into_tuple::<(Uuid, Uuid)>()
+            .all(conn)
+            .await?
+            .into_iter()
+            .collect();
+        let tasks = self.find::<task::Entity>();
+        let tasks = tasks_by_id(conn, tasks, task_of.values().copied()).await?;
+        for (run, outcome) in finished.iter_mut() {
+            let paused = task_of
+                .get(&Uuid::from(*run))
+                .and_then(|t| tasks.get(t))
+                .is_some_and(|t| t.state == TaskState::Paused.as_str());
+            if paused {
+                *outcome = machine::left_paused(outcome);
+            }
         }
         Ok(())
     }

@@ -376,7 +376,7 @@ fn stopped_for(mut outcome: Outcome, cause: RunReason) -> Outcome {
     if cause.is_platform() {
         outcome.status = RunStatus::Lost;
         outcome.reason = Some(cause);
-        outcome.error = Some(format!("stopped by the platform: {}", cause.describe()));
+        outcome.error = Some(format!("stopped: {}", cause.describe()));
     } else if outcome.reason.is_none() {
         outcome.reason = Some(cause);
     }
