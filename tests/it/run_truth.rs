@@ -25,7 +25,12 @@ async fn run_of(cluster: &Cluster, id: &str) -> Value {
 }
 
 /// Polls the run (bounded) until `done` holds.
-async fn run_until(cluster: &Cluster, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+async fn run_until(
+    cluster: &Cluster,
+    id: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     loop {
         let run = run_of(cluster, id).await;
@@ -69,7 +74,10 @@ async fn run_now_on_a_paused_task_runs_at_once_and_the_schedule_stays_paused() {
         waited < chrono::Duration::seconds(10),
         "the run waited {waited} to start"
     );
-    eprintln!("run now on a paused task: started {} ms after the ask", waited.num_milliseconds());
+    eprintln!(
+        "run now on a paused task: started {} ms after the ask",
+        waited.num_milliseconds()
+    );
 
     // The schedule stayed paused: no fire after the pause, two seconds on.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -82,7 +90,10 @@ async fn run_now_on_a_paused_task_runs_at_once_and_the_schedule_stays_paused() {
     assert_eq!(runs.len(), before.len() + 1, "{runs:#?}");
     let state = cluster
         .owner
-        .run("query($id: ID!) { task(id: $id) { state } }", json!({ "id": task }))
+        .run(
+            "query($id: ID!) { task(id: $id) { state } }",
+            json!({ "id": task }),
+        )
         .await;
     assert_eq!(state.data()["task"]["state"], "PAUSED");
 }
@@ -106,12 +117,20 @@ async fn a_queued_run_nobody_can_take_says_so_then_expires_and_is_mailed() {
         .await;
     let asked = Utc::now();
     let run = cluster.run_now(&task).await;
-    let waiting = run_until(&cluster, &run, "the run to say it waits for a worker", |r| {
-        r["reason"] == "WAITING_FOR_WORKER"
-    })
+    let waiting = run_until(
+        &cluster,
+        &run,
+        "the run to say it waits for a worker",
+        |r| r["reason"] == "WAITING_FOR_WORKER",
+    )
     .await;
     assert_eq!(waiting["status"], "QUEUED", "{waiting:#}");
-    assert!(waiting["reasonMessage"].as_str().unwrap().contains("worker"));
+    assert!(
+        waiting["reasonMessage"]
+            .as_str()
+            .unwrap()
+            .contains("worker")
+    );
 
     let ended = run_until(&cluster, &run, "the queued run to expire", |r| {
         r["finishedAt"].is_string()
@@ -128,11 +147,19 @@ async fn a_queued_run_nobody_can_take_says_so_then_expires_and_is_mailed() {
             && after < chrono::Duration::seconds(expiry as i64 + 10),
         "expired after {after}"
     );
-    eprintln!("queued run expired after {} ms (expiry {expiry} s)", after.num_milliseconds());
+    eprintln!(
+        "queued run expired after {} ms (expiry {expiry} s)",
+        after.num_milliseconds()
+    );
 
     // Mailed like a failure: the outbox holds it, with the reason.
     let tenant = crate::notifications::tenant_id(&cluster).await;
-    let notes = cluster.api.catalogue.notifications_of(tenant).await.unwrap();
+    let notes = cluster
+        .api
+        .catalogue
+        .notifications_of(tenant)
+        .await
+        .unwrap();
     let failure = notes
         .iter()
         .find(|(n, _)| n.payload["run"] == run.as_str())
@@ -183,9 +210,8 @@ async fn a_fenced_workers_run_is_lost_with_its_cause_and_retried_elsewhere() {
     cluster.start_worker("w2");
     let runs = cluster
         .runs_until(&task, "the fire's retry to succeed on w2", |runs| {
-            runs.iter().any(|r| {
-                r["attempt"] == 1 && status(r) == "SUCCEEDED" && r["worker"] == "w2"
-            })
+            runs.iter()
+                .any(|r| r["attempt"] == 1 && status(r) == "SUCCEEDED" && r["worker"] == "w2")
         })
         .await;
     let lost = runs.iter().find(|r| r["id"] == first_id.as_str()).unwrap();
@@ -279,7 +305,10 @@ async fn a_claimed_fire_is_listed_from_its_start_and_an_old_workers_outcome_gets
     let task = cluster
         .create_task(json!({ "name": "ahead", "schedule": "0 0 1 1 *", "command": "true" }))
         .await;
-    let handle = cluster.api.catalogue.cluster(cluster.cluster_id.parse().unwrap());
+    let handle = cluster
+        .api
+        .catalogue
+        .cluster(cluster.cluster_id.parse().unwrap());
     let claimed = handle
         .claim_run(&Claim {
             task_id: task.parse().unwrap(),
@@ -294,7 +323,10 @@ async fn a_claimed_fire_is_listed_from_its_start_and_an_old_workers_outcome_gets
         .await
         .unwrap();
     let id = claimed.id.to_string();
-    assert!(cluster.runs(&task).await.is_empty(), "a claimed fire is not listed");
+    assert!(
+        cluster.runs(&task).await.is_empty(),
+        "a claimed fire is not listed"
+    );
     let running = cluster
         .owner
         .run(
@@ -302,7 +334,12 @@ async fn a_claimed_fire_is_listed_from_its_start_and_an_old_workers_outcome_gets
             json!({}),
         )
         .await;
-    assert_eq!(running.data()["runs"]["edges"], json!([]), "{}", running.body);
+    assert_eq!(
+        running.data()["runs"]["edges"],
+        json!([]),
+        "{}",
+        running.body
+    );
 
     handle
         .ingest_reports(&[Report::Started {
@@ -313,7 +350,10 @@ async fn a_claimed_fire_is_listed_from_its_start_and_an_old_workers_outcome_gets
         .unwrap();
     let runs = cluster.runs(&task).await;
     assert_eq!(runs.len(), 1, "{runs:#?}");
-    assert_eq!((runs[0]["id"].as_str(), status(&runs[0])), (Some(id.as_str()), "RUNNING"));
+    assert_eq!(
+        (runs[0]["id"].as_str(), status(&runs[0])),
+        (Some(id.as_str()), "RUNNING")
+    );
     assert!(runs[0]["startedAt"].is_string());
 
     handle
@@ -337,7 +377,10 @@ async fn a_claimed_fire_is_listed_from_its_start_and_an_old_workers_outcome_gets
         "{ended:#}"
     );
     assert!(
-        ended["reasonMessage"].as_str().unwrap().contains("exit code 3"),
+        ended["reasonMessage"]
+            .as_str()
+            .unwrap()
+            .contains("exit code 3"),
         "{ended:#}"
     );
 }

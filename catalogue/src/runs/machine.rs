@@ -365,21 +365,43 @@ mod tests {
         };
         let reason_of = |o: Outcome| complete(&o).reason.unwrap();
         use RunStatus as S;
-        assert_eq!(reason_of(outcome(S::Failed, Some(3), None, None)), RunReason::Exit);
-        assert_eq!(reason_of(outcome(S::Failed, None, Some(9), None)), RunReason::Signal);
-        assert_eq!(reason_of(outcome(S::Failed, None, None, None)), RunReason::StartFailed);
         assert_eq!(
-            reason_of(outcome(S::Failed, None, Some(9), Some(RunReason::OomKilled))),
+            reason_of(outcome(S::Failed, Some(3), None, None)),
+            RunReason::Exit
+        );
+        assert_eq!(
+            reason_of(outcome(S::Failed, None, Some(9), None)),
+            RunReason::Signal
+        );
+        assert_eq!(
+            reason_of(outcome(S::Failed, None, None, None)),
+            RunReason::StartFailed
+        );
+        assert_eq!(
+            reason_of(outcome(
+                S::Failed,
+                None,
+                Some(9),
+                Some(RunReason::OomKilled)
+            )),
             RunReason::OomKilled
         );
-        assert_eq!(reason_of(outcome(S::Stopped, None, None, None)), RunReason::UserStop);
+        assert_eq!(
+            reason_of(outcome(S::Stopped, None, None, None)),
+            RunReason::UserStop
+        );
         assert_eq!(
             reason_of(outcome(S::Lost, None, None, Some(RunReason::Fenced))),
             RunReason::Fenced
         );
         // A reason that does not go with the status gives way.
         assert_eq!(
-            reason_of(outcome(S::Succeeded, Some(0), None, Some(RunReason::Fenced))),
+            reason_of(outcome(
+                S::Succeeded,
+                Some(0),
+                None,
+                Some(RunReason::Fenced)
+            )),
             RunReason::Exit
         );
     }
@@ -390,7 +412,10 @@ mod tests {
             step(Some(RunStatus::Queued), &RunEvent::Stop),
             Step::To(RunStatus::Stopped, Some(RunReason::UserStop))
         );
-        assert_eq!(step(Some(RunStatus::Running), &RunEvent::Stop), Step::StopRequested);
+        assert_eq!(
+            step(Some(RunStatus::Running), &RunEvent::Stop),
+            Step::StopRequested
+        );
         assert!(matches!(
             step(Some(RunStatus::Failed), &RunEvent::Stop),
             Step::Refuse(_)
@@ -408,7 +433,9 @@ mod tests {
             RunReason::Misfire
         );
         assert_eq!(
-            skip_reason_of(Some("not started: the worker shut down before its fire time")),
+            skip_reason_of(Some(
+                "not started: the worker shut down before its fire time"
+            )),
             RunReason::Shutdown
         );
         assert_eq!(
@@ -416,7 +443,9 @@ mod tests {
             RunReason::TaskChanged
         );
         assert_eq!(
-            skip_reason_of(Some("not started: the task left this worker before its fire time")),
+            skip_reason_of(Some(
+                "not started: the task left this worker before its fire time"
+            )),
             RunReason::TaskMoved
         );
         assert_eq!(skip_reason_of(None), RunReason::Misfire);

@@ -31,11 +31,11 @@ use uuid::Uuid;
 
 use crate::entities::{run, task};
 use crate::error::DbResult;
-pub use commands::PendingCommands;
-pub use machine::{RunEvent, Step};
 use crate::live_events::{Event, Outgoing};
 use crate::mirror_changes::notify;
 use crate::{Page, PageRequest, TenantHandle, now};
+pub use commands::PendingCommands;
+pub use machine::{RunEvent, Step};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {
@@ -224,8 +224,7 @@ impl TenantHandle {
                 let update = run::Entity::update_many()
                     .filter(self.within::<run::Entity>())
                     .filter(run::Column::Id.eq(row.id));
-                let update = match machine::step(RunStatus::parse(&row.status), &RunEvent::Stop)
-                {
+                let update = match machine::step(RunStatus::parse(&row.status), &RunEvent::Stop) {
                     Step::To(status, reason) => update
                         .col_expr(run::Column::Status, Expr::value(status.as_str()))
                         .col_expr(run::Column::Reason, Expr::value(reason.map(|r| r.as_str())))

@@ -289,12 +289,20 @@ impl ClusterHandle {
             .iter()
             .map(|(run, outcome)| {
                 let outcome: &Outcome = outcome.borrow();
-                let event = RunEvent::Finish(outcome.status, outcome.reason.unwrap_or(RunReason::Exit));
+                let event =
+                    RunEvent::Finish(outcome.status, outcome.reason.unwrap_or(RunReason::Exit));
                 let Step::To(status, reason) = machine::step(Some(RunStatus::Running), &event)
                 else {
                     unreachable!("a running run takes an outcome");
                 };
-                (*run, Outcome { status, reason, ..outcome.clone() })
+                (
+                    *run,
+                    Outcome {
+                        status,
+                        reason,
+                        ..outcome.clone()
+                    },
+                )
             })
             .collect();
         let outcomes = &outcomes[..];

@@ -120,7 +120,10 @@ mod tests {
         let first = live.enter(task);
         assert!(live.going(task));
         let patience = Duration::from_millis(50);
-        assert!(live.enter_alone(task, patience).await.is_none(), "still going");
+        assert!(
+            live.enter_alone(task, patience).await.is_none(),
+            "still going"
+        );
         // Processes that end within the patience let it in.
         let later = {
             let live = live.clone();
