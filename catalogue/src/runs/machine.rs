@@ -16,8 +16,8 @@
 //!   a fire not run ───────────────────────────────────────────────────────────────────► SKIPPED
 //! ```
 //!
-//! A claimed fire is RUNNING before its process starts (`startedAt` is null until the
-//! worker's Started report); the API shows such a run as `CLAIMED` (see the README).
+//! A claimed fire is RUNNING before its process starts (`started_at` is null until the
+//! worker's Started report); it is not listed nor announced until then (see `runs`).
 //! Every status but QUEUED and RUNNING is final: nothing moves a run out of it.
 
 use cloudtask_core::run::{Outcome, RunReason, RunStatus};
