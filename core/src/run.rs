@@ -158,6 +158,30 @@ impl RunReason {
     }
 }
 
+/// The words a worker gives for a fire it does not run (`Claim::reason` of a SKIPPED
+/// claim, `Report::Abandon`): both ends use these, and the API reads the run's reason
+/// back from them ([`RunReason::of_not_run`]). Misfires say `misfire: …` and why.
+pub mod not_run {
+    pub const OVERLAP: &str = "overlap: the previous run is still going";
+    pub const TASK_MOVED: &str = "not started: the task left this worker before its fire time";
+    pub const TASK_CHANGED: &str = "not started: the task changed before its fire time";
+    pub const SHUTDOWN: &str = "not started: the worker shut down before its fire time";
+}
+
+impl RunReason {
+    /// The reason of a fire not run, from the worker's words (see [`not_run`]); words it
+    /// does not know (an earlier worker's) read as MISFIRE.
+    pub fn of_not_run(text: Option<&str>) -> RunReason {
+        match text.unwrap_or_default() {
+            not_run::TASK_MOVED => RunReason::TaskMoved,
+            not_run::TASK_CHANGED => RunReason::TaskChanged,
+            not_run::SHUTDOWN => RunReason::Shutdown,
+            text if text.starts_with("overlap:") => RunReason::OverlapSkip,
+            _ => RunReason::Misfire,
+        }
+    }
+}
+
 /// One line of a run's output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

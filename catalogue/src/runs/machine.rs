@@ -189,21 +189,10 @@ fn skip_reason(reason: RunReason) -> RunReason {
     }
 }
 
-/// The reason of a fire not run, read from the worker's words (the protocol carries
-/// text: `overlap: …`, `misfire: …`, `not started: …`).
+/// The reason of a fire not run, from the worker's words (see
+/// [`cloudtask_core::run::not_run`]).
 pub fn skip_reason_of(text: Option<&str>) -> RunReason {
-    let text = text.unwrap_or_default();
-    if text.starts_with("overlap:") {
-        RunReason::OverlapSkip
-    } else if text.contains("shut down") {
-        RunReason::Shutdown
-    } else if text.contains("task changed") {
-        RunReason::TaskChanged
-    } else if text.contains("left this worker") {
-        RunReason::TaskMoved
-    } else {
-        RunReason::Misfire
-    }
+    RunReason::of_not_run(text)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use cloudtask_coord::layout::TaskNode;
 use cloudtask_core::ids::{RunId, TaskId};
 use cloudtask_core::protocol::Claim;
-use cloudtask_core::run::{LogLine, LogStream, Outcome, RunReason, RunStatus, RunTrigger};
+use cloudtask_core::run::{LogLine, LogStream, Outcome, RunReason, RunStatus, RunTrigger, not_run};
 use cloudtask_core::task::{OverlapPolicy, TaskSpec};
 use tokio_util::sync::CancellationToken;
 
@@ -24,8 +24,8 @@ use crate::exec::{RunSpec, Staged, execute, execute_staged};
 use crate::packages::Packages;
 use crate::report::Report;
 
-/// Why a fire of a SKIP task is not run (the catalogue reads `overlap:` as OVERLAP_SKIP).
-const OVERLAP_SKIP: &str = "overlap: the previous run is still going";
+/// Why a fire of a SKIP task is not run.
+const OVERLAP_SKIP: &str = not_run::OVERLAP;
 
 /// How long a late scheduled fire of a SKIP task waits for another run's processes to end
 /// before it is SKIPPED (see [`super::overlap::Live::enter_alone`]).
@@ -266,7 +266,7 @@ async fn claimed_run(
                     if let Some(run) = claimed.run().await {
                         reporter.send(Report::Abandon {
                             run,
-                            reason: "not started: the task left this worker before its fire time".into(),
+                            reason: not_run::TASK_MOVED.into(),
                         });
                     }
                 });

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use cloudtask_coord::WatchEvent;
 use cloudtask_coord::layout::{self, TaskNode};
 use cloudtask_core::ids::TaskId;
-use cloudtask_core::run::RunReason;
+use cloudtask_core::run::{RunReason, not_run};
 use tokio_util::sync::CancellationToken;
 
 use super::claim::PreClaim;
@@ -122,10 +122,7 @@ impl Actor {
         }
         // Handed to the task's next owner by the scheduler.
         self.manual.task_left(task);
-        self.abandon_claims(
-            task,
-            "not started: the task left this worker before its fire time",
-        );
+        self.abandon_claims(task, not_run::TASK_MOVED);
         if let Some(runs) = self.runs.get(&task) {
             for run in runs {
                 run.stop.stop(cause);
@@ -140,10 +137,7 @@ impl Actor {
         }
         let claimed: Vec<PreClaim> = self.preclaims.drain().map(|(_, c)| c).collect();
         for claimed in claimed {
-            self.abandon(
-                claimed,
-                "not started: the worker shut down before its fire time",
-            );
+            self.abandon(claimed, not_run::SHUTDOWN);
         }
         for runs in self.runs.values() {
             for run in runs {
@@ -201,10 +195,7 @@ impl Actor {
                     drop(claimed.staged.lock().expect("staged slot").take());
                 }
             } else if let Some(claimed) = self.preclaims.remove(&(task, at)) {
-                self.abandon(
-                    claimed,
-                    "not started: the task changed before its fire time",
-                );
+                self.abandon(claimed, not_run::TASK_CHANGED);
             }
         }
         let Some(entry) = self.tasks.get_mut(&task) else {
