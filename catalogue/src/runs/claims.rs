@@ -266,7 +266,11 @@ impl ClusterHandle {
             // of a fire claimed already.
             *answer = Some(match inserted.remove(&key) {
                 Some(row) => {
-                    events.add(run_event(&row));
+                    // A fire claimed to run is announced from its start (it is not listed
+                    // before); a fire recorded as not run is news now.
+                    if row.status != RunStatus::Running.as_str() {
+                        events.add(run_event(&row));
+                    }
                     row.try_into()
                 }
                 None => match self.claimed_already(txn, claim, now).await? {

@@ -499,6 +499,39 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_reads_as_its_cause_a_users_is_stopped_the_platforms_is_lost() {
+        let stopped = |reason| Outcome {
+            status: RunStatus::Stopped,
+            exit_code: None,
+            signal: Some(15),
+            error: Some("stopped".into()),
+            finished_at: Utc::now(),
+            reason,
+        };
+        let user = stopped_for(stopped(None), RunReason::UserStop);
+        assert_eq!(
+            (user.status, user.reason),
+            (RunStatus::Stopped, Some(RunReason::UserStop))
+        );
+        let replaced = stopped_for(stopped(None), RunReason::Replaced);
+        assert_eq!(replaced.reason, Some(RunReason::Replaced));
+        // A limit it hit stays its reason under a user's stop.
+        let limited = stopped_for(stopped(Some(RunReason::OomKilled)), RunReason::UserStop);
+        assert_eq!(limited.reason, Some(RunReason::OomKilled));
+        for cause in [RunReason::Fenced, RunReason::Shutdown, RunReason::TaskMoved] {
+            let lost = stopped_for(stopped(None), cause);
+            assert_eq!((lost.status, lost.reason), (RunStatus::Lost, Some(cause)));
+        }
+        // A run that ended by itself before the stop took effect keeps its outcome.
+        let mut exited = stopped(None);
+        exited.status = RunStatus::Succeeded;
+        assert_eq!(
+            stopped_for(exited, RunReason::Fenced).status,
+            RunStatus::Succeeded
+        );
+    }
+
+    #[test]
     fn successes_stops_and_manual_runs_are_not_retried() {
         let mut spec = TaskSpec::new("* * * * * *", "true");
         spec.max_retries = 3;
