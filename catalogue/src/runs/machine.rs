@@ -3,18 +3,8 @@
 //! asks [`step`] first and writes only what it answers (the status the write starts from
 //! is the one its statement filters on, so a run that moved meanwhile is left alone).
 //!
-//! ```text
-//!   runTaskNow, retry ──► QUEUED ──(worker starts it)──► RUNNING ──(outcome)──► SUCCEEDED  EXIT
-//!                          │  ▲ reason WAITING_FOR_WORKER        ▲   │                FAILED     EXIT SIGNAL START_FAILED <limit>
-//!                          │  └ while no live worker can take it  │   │                TIMED_OUT  TIMEOUT <limit>
-//!                          │                                      │   │                STOPPED    USER_STOP TASK_PAUSED REPLACED <limit>
-//!                          ├─(stopRun)──► STOPPED USER_STOP       │   ├─(platform)──► LOST        WORKER_LOST FENCED SHUTDOWN TASK_MOVED
-//!                          │                                      │   │        (STOPPED TASK_PAUSED: the task left its worker paused)
-//!                          └─(queue_expiry_secs)─► FAILED         │   │                           (the retry policy applies)
-//!                                          QUEUE_EXPIRED          │   └─(not started)─► SKIPPED  OVERLAP_SKIP MISFIRE TASK_CHANGED
-//!   a fire claimed ───────────────────────────────────────────────┘                              TASK_MOVED SHUTDOWN
-//!   a fire not run ───────────────────────────────────────────────────────────────────► SKIPPED
-//! ```
+//! The machine is drawn in the README ("Run states and reasons"); [`allowed`] is its
+//! list of transitions, and the property tests below hold [`step`] to it.
 //!
 //! A claimed fire is RUNNING before its process starts (`started_at` is null until the
 //! worker's Started report); it is not listed nor announced until then (see `runs`).
