@@ -145,7 +145,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Scheduler => {
-            let catalogue = Catalogue::connect(&config.database_url).await?;
+            let catalogue = Catalogue::connect(&config.database_url)
+                .await?
+                .with_queue_expiry(std::time::Duration::from_secs(config.queue_expiry_secs));
             let coordinator = Arc::new(ZkCoordinator::from_config(&config)?);
             let notifier = cloudtask_scheduler::notify::Notifier::new(catalogue.clone(), &config)?;
             let scheduler = cloudtask_scheduler::Scheduler {

@@ -31,7 +31,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         config.jwt_secret = Some(jwt_secret(&data_dir)?);
     }
 
-    let catalogue = Catalogue::connect(&config.database_url).await?;
+    let catalogue = Catalogue::connect(&config.database_url)
+        .await?
+        .with_queue_expiry(std::time::Duration::from_secs(config.queue_expiry_secs));
     catalogue.migrate().await?;
     let bootstrap = bootstrap(&catalogue, &config).await?;
 

@@ -244,15 +244,27 @@ function duration(run) {
   return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(1)} s`;
 }
 
+// Why a run stands where it does (Run.reason), in a few words; Run.reasonMessage says more.
 const REASONS = {
   OOM_KILLED: 'memory limit (OOM kill)', PIDS_LIMIT: 'process limit', OUTPUT_LIMIT: 'output limit',
+  TIMEOUT: 'timed out', START_FAILED: 'could not start', USER_STOP: 'stopped by a user',
+  TASK_PAUSED: 'the task was paused',
+  REPLACED: 'replaced by a later fire', OVERLAP_SKIP: 'overlap: the previous run was going',
+  MISFIRE: 'misfire', TASK_CHANGED: 'the task changed', WORKER_LOST: 'worker lost',
+  FENCED: 'worker cut off from ZooKeeper', SHUTDOWN: 'worker shut down',
+  TASK_MOVED: 'the task left its worker', QUEUE_EXPIRED: 'no worker took it in time',
+  WAITING_FOR_WORKER: 'waiting for a worker',
 };
 
 function outcome(run) {
-  if (run.reason) return REASONS[run.reason] ?? run.reason;
+  if (run.reason === 'EXIT' && run.exitCode !== null && run.exitCode !== undefined) {
+    return `exit ${run.exitCode}`;
+  }
+  if (run.reason === 'SIGNAL' && run.signal) return `signal ${run.signal}`;
+  if (run.reason && REASONS[run.reason]) return REASONS[run.reason];
   if (run.exitCode !== null && run.exitCode !== undefined) return `exit ${run.exitCode}`;
   if (run.signal) return `signal ${run.signal}`;
-  return run.error ?? '';
+  return run.error ?? run.reason ?? '';
 }
 
 const status = (value) => el('span', { class: `status ${value}`, 'data-status': value }, value);
@@ -287,7 +299,7 @@ async function attempt(action) {
 // ---- pages ----------------------------------------------------------------------------------
 
 const RUN_FIELDS = `id status trigger attempt scheduledAt startedAt finishedAt exitCode signal error
-  reason worker task { id name }`;
+  reason reasonMessage worker task { id name }`;
 
 const LIMIT_FIELDS = 'memoryMb cpuMillis maxProcesses maxOutputBytes';
 
@@ -339,7 +351,7 @@ function runRow(run, withTask) {
     el('td', {}, status(run.status)),
     el('td', {}, run.trigger.toLowerCase(), run.attempt ? ` #${run.attempt}` : ''),
     el('td', {}, duration(run)),
-    el('td', {}, outcome(run)),
+    el('td', { title: run.reasonMessage ?? '' }, outcome(run)),
     el('td', {}, run.worker ?? '—'));
 }
 
@@ -563,6 +575,7 @@ async function runPage(view, id) {
         ['Finished', when(run.finishedAt)],
         ['Duration', duration(run)],
         ['Outcome', outcome(run) || '—'],
+        ['Why', run.reasonMessage ?? '—'],
         ['Worker', run.worker ?? '—']]
         .map(([k, v]) => [el('dt', {}, k), el('dd', {}, v)])));
     stop.hidden = !ongoing(run);

@@ -34,7 +34,7 @@ pub use audit::AuditEntry;
 pub use clusters::Cluster;
 pub use logs::{MAX_LOG_BATCH, RunLog};
 pub use packages::{NewPackage, PackageInfo};
-pub use runs::{Run, RunFilter};
+pub use runs::{PendingCommands, Run, RunFilter, machine};
 pub use scope::{ClusterHandle, Scope, TenantHandle};
 pub use tasks::{NewTask, Task, TaskEdit, TaskFilter, TaskVersion};
 pub use tenants::{Member, Membership, Tenant};
@@ -47,6 +47,8 @@ use error::{CatalogueError, DbResult};
 pub struct Catalogue {
     db: DatabaseConnection,
     hub: std::sync::Arc<live_events::Hub>,
+    /// How long a queued run may wait for a worker (`queue_expiry_secs`).
+    queue_expiry: std::time::Duration,
 }
 
 /// A page of rows ordered by id (UUID v7, so by creation), with the keyset cursor.
@@ -63,6 +65,9 @@ pub struct PageRequest {
 }
 
 pub const MAX_PAGE: u64 = 200;
+
+/// `queue_expiry_secs` by default.
+pub const DEFAULT_QUEUE_EXPIRY: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl PageRequest {
     /// Rows to read: one more than the page, to know whether another follows.
@@ -103,7 +108,19 @@ impl Catalogue {
         Ok(Catalogue {
             db,
             hub: live_events::Hub::new(),
+            queue_expiry: DEFAULT_QUEUE_EXPIRY,
         })
+    }
+
+    /// The catalogue with queued runs expiring after `expiry` (`queue_expiry_secs`; the
+    /// scheduler leader ends them, see [`Catalogue::expire_queued_runs`]).
+    pub fn with_queue_expiry(mut self, expiry: std::time::Duration) -> Self {
+        self.queue_expiry = expiry;
+        self
+    }
+
+    pub fn queue_expiry(&self) -> std::time::Duration {
+        self.queue_expiry
     }
 
     /// Applies pending migrations; with none pending it changes nothing.

@@ -186,6 +186,7 @@ pub(crate) async fn run_ended(conn: &impl ConnectionTrait, row: &run::Model) -> 
         "exitCode": row.exit_code,
         "signal": row.signal,
         "error": row.error,
+        "reason": row.reason,
     });
     enqueue(
         conn,

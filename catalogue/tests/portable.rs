@@ -334,10 +334,15 @@ async fn exercise(catalogue: Catalogue) {
     assert_eq!(first.status, RunStatus::Succeeded);
     let queued = handle.queue_run(task.id).await.unwrap();
     assert_eq!(queued.status, RunStatus::Queued);
-    let (pending, _) = catalogue.pending_commands(cluster.id).await.unwrap();
-    assert_eq!(pending.len(), 1);
+    let pending = catalogue.pending_commands(cluster.id).await.unwrap();
+    assert_eq!(pending.queued.len(), 1);
+    assert!(pending.manual_tasks.contains(&task.id));
     let stopped = handle.request_stop(queued.id).await.unwrap();
     assert_eq!(stopped.status, RunStatus::Stopped);
+    assert_eq!(
+        stopped.reason,
+        Some(cloudtask_core::run::RunReason::UserStop)
+    );
     assert!(matches!(
         handle.delete_cluster(cluster.id).await,
         Err(cloudtask_core::Error::Conflict(_))

@@ -48,6 +48,9 @@ pub struct Config {
     /// After a mail about a task's failure, further failures of that task within this
     /// window are held and sent together as one digest when it ends.
     pub notify_digest_window_secs: u64,
+    /// A queued run (manual, or a retry) that no worker has taken within this long ends
+    /// FAILED with reason QUEUE_EXPIRED, and is mailed like a failure (scheduler).
+    pub queue_expiry_secs: u64,
     /// The API a worker talks to.
     pub api_url: String,
     /// The join token a worker presents for its cluster.
@@ -172,6 +175,7 @@ impl Default for Config {
             smtp_from: "CloudTask <cloudtask@localhost>".into(),
             smtp_timeout_secs: 30,
             notify_digest_window_secs: 60,
+            queue_expiry_secs: 300,
             api_url: "http://127.0.0.1:8080".into(),
             cluster_token: None,
             data_dir: PathBuf::from("./cloudtask-data"),
@@ -323,6 +327,7 @@ impl Config {
             ("run_max_line_bytes", self.run_max_line_bytes),
             ("run_max_output_bytes", self.run_max_output_bytes),
             ("smtp_timeout_secs", self.smtp_timeout_secs),
+            ("queue_expiry_secs", self.queue_expiry_secs),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));

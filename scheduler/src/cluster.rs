@@ -3,7 +3,7 @@
 //! with every write the leader makes. Each reconcile computes what ZooKeeper should hold
 //! and writes only the difference: no change, no write.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -48,6 +48,8 @@ pub struct ClusterState {
     /// Assignment folders present (live workers' and departed ones' not yet removed).
     assignment_dirs: BTreeSet<WorkerId>,
     workers: BTreeMap<WorkerId, WorkerNode>,
+    /// Tasks with a manual run queued or going: assigned even while paused.
+    manual: HashSet<TaskId>,
 }
 
 /// Leader fencing: every batch checks that our election node still exists, so a leader
@@ -103,6 +105,14 @@ impl ClusterState {
 
     pub fn workers(&self) -> &BTreeMap<WorkerId, WorkerNode> {
         &self.workers
+    }
+
+    /// The tasks with a manual run queued or going, which [`ClusterState::allocate`] gives a
+    /// worker even while they are paused: pausing stops the schedule, not the operator.
+    /// (The worker fires nothing of a paused task; it runs the runs it is handed, and
+    /// keeps the task, with its runs, until they end.)
+    pub fn hold_for_manual_runs(&mut self, tasks: HashSet<TaskId>) {
+        self.manual = tasks;
     }
 
     /// task → worker, as written.
@@ -187,6 +197,7 @@ impl ClusterState {
             assignments,
             assignment_dirs,
             workers: BTreeMap::new(),
+            manual: HashSet::new(),
         };
         state.workers = state.read_workers(session).await?;
         if session
@@ -302,8 +313,8 @@ impl ClusterState {
     }
 
     /// Writes the assignments the balanced ring gives for the live workers, touching only
-    /// tasks whose owner changes. Paused tasks and tasks no live worker can take are left
-    /// unassigned. (One function: the plan, the znode operations that carry it out and the
+    /// tasks whose owner changes. Paused tasks (but those with a manual run queued or
+    /// going) and tasks no live worker can take are left unassigned. (One function: the plan, the znode operations that carry it out and the
     /// state they leave are one transaction of thought, and written in one batch.)
     pub async fn allocate(&mut self, session: &dyn Session, fence: &Fence) -> Result<usize> {
         let id = self.id();
@@ -315,7 +326,7 @@ impl ClusterState {
         let active: Vec<(TaskId, String, BTreeSet<String>)> = self
             .tasks
             .iter()
-            .filter(|(_, node)| !node.paused)
+            .filter(|(task_id, node)| !node.paused || self.manual.contains(task_id))
             .map(|(task_id, node)| {
                 (
                     *task_id,

@@ -180,6 +180,13 @@ impl<'a> Leader<'a> {
         let mut state = self.session.state();
         let mut sweep = tokio::time::interval(self.scheduler.sweep);
         sweep.tick().await;
+        // Queued runs nobody took in time end (QUEUE_EXPIRED): checked a few times per
+        // expiry period, at most once a second.
+        let expiry = self.scheduler.catalogue.queue_expiry();
+        let mut expire = tokio::time::interval(
+            (expiry / 4).clamp(Duration::from_secs(1), Duration::from_secs(30)),
+        );
+        expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(TermEnd::Shutdown),
@@ -199,6 +206,12 @@ impl<'a> Leader<'a> {
                     }
                 },
                 _ = sweep.tick() => self.sweep().await?,
+                _ = expire.tick() => {
+                    let expired = self.scheduler.catalogue.expire_queued_runs(expiry).await?;
+                    if expired > 0 {
+                        tracing::warn!(expired, "queued runs expired: no worker took them in time");
+                    }
+                }
             }
         }
     }
@@ -261,17 +274,19 @@ impl<'a> Leader<'a> {
             self.clusters.insert(id, state);
             self.watch_workers(id);
         }
+        let pending = self.scheduler.catalogue.pending_commands(id).await?;
         let state = self.clusters.get_mut(&id).expect("loaded above");
         // Its default limits, which the mirror writes into its tasks, may have changed.
         state.cluster = cluster;
         state
             .mirror(self.session.as_ref(), &self.fence, &tasks)
             .await?;
+        state.hold_for_manual_runs(pending.manual_tasks.clone());
         let moved = state.allocate(self.session.as_ref(), &self.fence).await?;
         if moved > 0 {
             tracing::info!(cluster = %id, moved, "allocation updated");
         }
-        self.deliver_commands(id).await
+        self.deliver(id, pending).await
     }
 
     /// Hands queued manual runs to their task's worker and stop requests to the run's.
@@ -280,13 +295,26 @@ impl<'a> Leader<'a> {
     /// on the same session, which the worker relies on to take commands in order with
     /// its assignments.
     async fn deliver_commands(&mut self, cluster: ClusterId) -> anyhow::Result<()> {
+        let pending = self.scheduler.catalogue.pending_commands(cluster).await?;
+        self.deliver(cluster, pending).await
+    }
+
+    async fn deliver(
+        &mut self,
+        cluster: ClusterId,
+        pending: cloudtask_catalogue::PendingCommands,
+    ) -> anyhow::Result<()> {
         let Some(state) = self.clusters.get(&cluster) else {
             return Ok(());
         };
-        let (queued, stops) = self.scheduler.catalogue.pending_commands(cluster).await?;
+        let (queued, stops) = (pending.queued, pending.stops);
+        let mut waiting = Vec::new();
         for run in queued {
             let Some(worker) = state.assignments().get(&run.task_id) else {
-                continue; // no live owner yet: it waits in the queue
+                // No live owner yet: it waits in the queue, and says so, until a worker
+                // can take it or `queue_expiry_secs` ends it.
+                waiting.push(run);
+                continue;
             };
             if !self.sent.insert((run.id, worker.clone(), "run")) {
                 continue;
@@ -315,6 +343,10 @@ impl<'a> Leader<'a> {
                 .send_command(self.session.as_ref(), &self.fence, &worker, &command)
                 .await?;
         }
+        self.scheduler
+            .catalogue
+            .mark_waiting_for_worker(&waiting)
+            .await?;
         Ok(())
     }
 
@@ -339,8 +371,12 @@ impl<'a> Leader<'a> {
         }
         // Allocation first: the failed worker's tasks must find a new owner fast.
         let moved = state.allocate(self.session.as_ref(), &self.fence).await?;
-        let failed: Vec<WorkerId> = changes.failed.iter().map(|w| w.name.clone()).collect();
-        self.sent.retain(|(_, worker, _)| !failed.contains(worker));
+        // Commands to workers that are gone are forgotten: one of the same name on a new
+        // session is handed them again.
+        let gone: Vec<WorkerId> = (changes.failed.iter().chain(&changes.left))
+            .map(|w| w.name.clone())
+            .collect();
+        self.sent.retain(|(_, worker, _)| !gone.contains(worker));
         tracing::info!(%cluster, joined = changes.joined.len(), left = changes.left.len(),
             failed = changes.failed.len(), moved, "workers changed");
         let tenant = state.cluster.tenant_id;

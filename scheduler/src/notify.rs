@@ -283,11 +283,12 @@ impl Notifier {
                 let lines = self.inner.catalogue.last_log_lines(run, LAST_LINES).await?;
                 let mut body = format!(
                     "Task:       {}\nCluster:    {cluster}\nWorker:     {worker}\n\
-                     Scheduled:  {}\nStatus:     {}\nAttempt:    {}\nExit code:  {}\n\
-                     Signal:     {}\nError:      {}\n\nLast log lines:\n",
+                     Scheduled:  {}\nStatus:     {}\nReason:     {}\nAttempt:    {}\n\
+                     Exit code:  {}\nSignal:     {}\nError:      {}\n\nLast log lines:\n",
                     text(p, "taskName"),
                     text(p, "scheduledAt"),
                     text(p, "status"),
+                    text(p, "reason"),
                     text(p, "attempt"),
                     text(p, "exitCode"),
                     text(p, "signal"),
@@ -346,9 +347,10 @@ impl Notifier {
         for n in items {
             let p = &n.payload;
             body.push_str(&format!(
-                "  {}  {:<9}  exit {:<4}  worker {}  {}\n",
+                "  {}  {:<9}  {:<13}  exit {:<4}  worker {}  {}\n",
                 text(p, "scheduledAt"),
                 text(p, "status"),
+                text(p, "reason"),
                 text(p, "exitCode"),
                 text(p, "worker"),
                 self.run_link(p),

@@ -95,7 +95,8 @@ impl TestApi {
         config.validate().expect("test configuration is valid");
         let catalogue = Catalogue::connect(&config.database_url)
             .await
-            .expect("connect");
+            .expect("connect")
+            .with_queue_expiry(std::time::Duration::from_secs(config.queue_expiry_secs));
         catalogue.migrate().await.expect("migrate");
         Self::serve(catalogue, config).await
     }
@@ -106,7 +107,8 @@ impl TestApi {
         let config = (*self.state.config).clone();
         let catalogue = Catalogue::connect(&config.database_url)
             .await
-            .expect("connect");
+            .expect("connect")
+            .with_queue_expiry(std::time::Duration::from_secs(config.queue_expiry_secs));
         Self::serve(catalogue, config).await
     }
 

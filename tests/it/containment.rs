@@ -270,10 +270,11 @@ async fn a_worker_shut_down_or_crashed_leaves_no_daemon_of_its_runs() {
         running.iter().all(|&p| !alive(p)),
         "a daemon outlived its worker"
     );
+    // Ended by the worker's shutdown, not a user: LOST, with the cause.
     cluster
-        .runs_until(&task, "the run to be STOPPED", |runs| {
+        .runs_until(&task, "the run to be LOST for the shutdown", |runs| {
             runs.iter()
-                .any(|r| r["id"] == run && status(r) == "STOPPED")
+                .any(|r| r["id"] == run && status(r) == "LOST" && r["reason"] == "SHUTDOWN")
         })
         .await;
 

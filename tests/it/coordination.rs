@@ -436,7 +436,8 @@ async fn a_worker_cut_off_from_zookeeper_stops_its_run_before_its_session_expire
         gone(pid),
         "the run's process {pid} outlived the session of its cut-off worker"
     );
-    // Reported by the worker itself (the API is reachable): stopped, not lost.
+    // Reported by the worker itself (the API is reachable): lost for the fence, not a
+    // user's stop.
     let runs = cluster
         .runs_until(&task, "the run to end", |runs| {
             runs.iter()
@@ -444,7 +445,11 @@ async fn a_worker_cut_off_from_zookeeper_stops_its_run_before_its_session_expire
         })
         .await;
     let ended = runs.iter().find(|r| r["id"] == run.as_str()).unwrap();
-    assert_eq!(status(ended), "STOPPED", "{ended:#?}");
+    assert_eq!(
+        (status(ended), ended["reason"].as_str()),
+        ("LOST", Some("FENCED")),
+        "{ended:#?}"
+    );
 
     // Back on the network, it registers again on a new session.
     proxy.restore();

@@ -37,6 +37,8 @@ pub struct Options {
     /// lower-case): `smtp_url`, `notify_digest_window_secs`, `webhook_allow_networks`
     /// (for the API too)…
     pub notify: Vec<(&'static str, String)>,
+    /// `queue_expiry_secs` (default: the configuration's).
+    pub queue_expiry_secs: Option<u64>,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             session_timeout: SESSION_TIMEOUT,
             in_process_scheduler: true,
             notify: Vec::new(),
+            queue_expiry_secs: None,
         }
     }
 }
@@ -102,7 +105,11 @@ impl Cluster {
             .iter()
             .find(|(k, _)| *k == "webhook_allow_networks")
             .map(|(_, v)| v.clone());
+        let queue_expiry_secs = options.queue_expiry_secs;
         let api = TestApi::start_with(move |c| {
+            if let Some(secs) = queue_expiry_secs {
+                c.queue_expiry_secs = secs;
+            }
             c.zookeeper = zk;
             c.zookeeper_tls_ca = tls_ca;
             c.zookeeper_session_timeout_ms = session_timeout.as_millis() as u64;
@@ -348,7 +355,7 @@ impl Cluster {
             .run(
                 "query($task: ID!) { runs(first: 200, filter: { taskId: $task }) { edges { node {
                     id scheduledAt startedAt finishedAt status trigger attempt exitCode error worker
-                    logs(limit: 1000) { offset stream text }
+                    reason reasonMessage logs(limit: 1000) { offset stream text }
                 } } } }",
                 json!({ "task": task }),
             )
@@ -359,6 +366,15 @@ impl Cluster {
             .iter()
             .map(|e| e["node"].clone())
             .collect();
+        // Every run that has ended says why, in every test that reads runs here.
+        for run in &runs {
+            if !matches!(status(run), "QUEUED" | "RUNNING") {
+                assert!(
+                    run["reason"].is_string() && run["reasonMessage"].is_string(),
+                    "an ended run without a reason: {run:#}"
+                );
+            }
+        }
         runs.sort_by_key(|r| (at(r, "scheduledAt"), r["attempt"].as_u64()));
         runs
     }

@@ -17,6 +17,7 @@ mod isolation;
 mod notifications;
 mod output;
 mod roles;
+mod run_truth;
 mod secrets;
 mod standalone;
 mod subscriptions;

@@ -135,6 +135,7 @@ async fn a_failed_run_is_mailed_once_with_what_happened() {
         "Cluster:    acme-cluster",
         "Worker:     w1",
         "Exit code:  7",
+        "Reason:     EXIT",
         "preparing",
         "disk full",
         &format!("/runs/{run}"),
@@ -392,6 +393,7 @@ async fn webhook_deliveries_are_signed_and_retried() {
         let event: Value = serde_json::from_slice(body).unwrap();
         assert_eq!(event["data"]["run"], run.as_str(), "{event}");
         assert_eq!(event["data"]["exitCode"], 7);
+        assert_eq!(event["data"]["reason"], "EXIT", "{event}");
         assert!(event["data"]["recipients"].is_null(), "{event}");
     }
     // The retry is the same delivery.

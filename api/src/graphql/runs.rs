@@ -67,7 +67,8 @@ pub struct RunQuery;
 
 #[Object]
 impl RunQuery {
-    /// Runs of the caller's tenant, newest first.
+    /// Runs of the caller's tenant, newest first. A fire claimed ahead of its time is
+    /// listed once its process has started (or once it has ended without starting).
     #[graphql(complexity = "super::cost::list(first, super::args::DEFAULT_PAGE, child_complexity)")]
     async fn runs(
         &self,
@@ -171,6 +172,8 @@ impl RunSubscription {
                         continue;
                     }
                     match handle.run(run).await {
+                        // A fire claimed and not started is not news yet: its start is.
+                        Ok(run) if run.is_claimed_only() => continue,
                         Ok(run) => return Some((RunObj(run), (handle, events))),
                         Err(e) => tracing::warn!(error = %e, %run, "run event not readable"),
                     }
@@ -229,9 +232,20 @@ impl RunObj {
     async fn error(&self) -> Option<&str> {
         self.0.error.as_deref()
     }
-    /// The limit that ended it (or that it hit before a stop or timeout), if one did.
+    /// Why the run stands where it does: set on every run that has ended (a limit it
+    /// hit wins over a stop or timeout's own reason), and on a queued run no live worker
+    /// can take (`WAITING_FOR_WORKER`).
     async fn reason(&self) -> Option<super::limits::RunReasonGql> {
         self.0.reason.map(Into::into)
+    }
+    /// The reason in words: the run's own message when it has one (an exit code, the
+    /// worker's words), else what the reason means.
+    async fn reason_message(&self) -> Option<String> {
+        let reason = self.0.reason?;
+        Some(match &self.0.error {
+            Some(error) => error.clone(),
+            None => reason.describe().to_owned(),
+        })
     }
     /// The worker that ran it.
     async fn worker(&self) -> Option<&str> {

@@ -17,6 +17,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use super::machine::{self, RunEvent, Step};
 use super::{Run, new_run, run_event, tasks_by_id};
 use crate::ClusterHandle;
 use crate::entities::{run, task};
@@ -83,11 +84,14 @@ impl ClusterHandle {
     pub async fn start_queued_run(&self, run_id: RunId, worker: &WorkerId) -> Result<Run> {
         let run = self
             .scoped(async |txn| {
+                let Step::To(status, reason) =
+                    machine::step(Some(RunStatus::Queued), &RunEvent::Start)
+                else {
+                    unreachable!("a queued run starts");
+                };
                 let result = run::Entity::update_many()
-                    .col_expr(
-                        run::Column::Status,
-                        Expr::value(RunStatus::Running.as_str()),
-                    )
+                    .col_expr(run::Column::Status, Expr::value(status.as_str()))
+                    .col_expr(run::Column::Reason, Expr::value(reason.map(|r| r.as_str())))
                     .col_expr(run::Column::StartedAt, Expr::value(now()))
                     .col_expr(run::Column::WorkerId, Expr::value(worker.as_str()))
                     .filter(self.within::<run::Entity>())
@@ -218,13 +222,18 @@ fn claimable(task: &task::Model, claim: &Claim) -> Result<()> {
 /// Started report: a fire is claimed ahead of its time.
 fn claim_row(task: &task::Model, claim: &Claim, now: DateTime<Utc>) -> run::ActiveModel {
     let running = claim.status == RunStatus::Running;
+    let event = if running {
+        RunEvent::Claim
+    } else {
+        RunEvent::Record(machine::skip_reason_of(claim.reason.as_deref()))
+    };
     run::ActiveModel {
         finished_at: Set((!running).then_some(now)),
         error: Set(claim.reason.clone()),
         ..new_run(
             task,
             claim.trigger,
-            claim.status,
+            &event,
             claim.scheduled_at,
             Some(claim.attempt as i32),
             Some(&claim.worker),
@@ -257,7 +266,11 @@ impl ClusterHandle {
             // of a fire claimed already.
             *answer = Some(match inserted.remove(&key) {
                 Some(row) => {
-                    events.add(run_event(&row));
+                    // A fire claimed to run is announced from its start (it is not listed
+                    // before); a fire recorded as not run is news now.
+                    if row.status != RunStatus::Running.as_str() {
+                        events.add(run_event(&row));
+                    }
                     row.try_into()
                 }
                 None => match self.claimed_already(txn, claim, now).await? {
@@ -301,13 +314,19 @@ impl ClusterHandle {
         if claim.status == RunStatus::Running {
             return Ok(Some(existing));
         }
+        let Step::To(status, reason) = machine::step(
+            Some(RunStatus::Running),
+            &RunEvent::Abandon(machine::skip_reason_of(claim.reason.as_deref())),
+        ) else {
+            unreachable!("a claimed fire is given up");
+        };
         let outcome = Outcome {
-            status: RunStatus::Skipped,
+            status,
             exit_code: None,
             signal: None,
             error: claim.reason.clone(),
             finished_at: now,
-            reason: None,
+            reason,
         };
         self.finish(conn, existing.id.into(), &outcome).await
     }

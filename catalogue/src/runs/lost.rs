@@ -11,10 +11,12 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
 use uuid::Uuid;
 
+use super::machine::{self, RunEvent, Step};
 use super::{new_run, run_event};
 use crate::entities::{run, task};
 use crate::error::DbResult;
 use crate::live_events::{Event, Outgoing};
+use crate::mirror_changes::notify;
 use crate::{Catalogue, decode_spec, notifications, now};
 
 const LOST_REASON: &str = "the worker's session ended while the run was going";
@@ -38,8 +40,15 @@ impl Catalogue {
                     .all(txn)
                     .await?;
                 let now = now();
+                let Step::To(status, reason) =
+                    machine::step(Some(RunStatus::Running), &RunEvent::WorkerLost)
+                else {
+                    unreachable!("a running run is lost with its worker");
+                };
+                let reason = reason.map(|r| r.as_str().to_owned());
                 run::Entity::update_many()
-                    .col_expr(run::Column::Status, Expr::value(RunStatus::Lost.as_str()))
+                    .col_expr(run::Column::Status, Expr::value(status.as_str()))
+                    .col_expr(run::Column::Reason, Expr::value(reason.clone()))
                     .col_expr(run::Column::FinishedAt, Expr::value(now))
                     .col_expr(run::Column::Error, Expr::value(LOST_REASON))
                     .filter(run::Column::Id.is_in(lost.iter().map(|r| r.id)))
@@ -49,7 +58,8 @@ impl Catalogue {
                 let mut events = Outgoing::default();
                 for run in &lost {
                     let ended = run::Model {
-                        status: RunStatus::Lost.as_str().into(),
+                        status: status.as_str().into(),
+                        reason: reason.clone(),
                         finished_at: Some(now),
                         error: Some(LOST_REASON.into()),
                         ..run.clone()
@@ -75,9 +85,10 @@ impl Catalogue {
     }
 }
 
-/// The retry policy decides what a lost fire becomes: its next attempt is queued for the
-/// task's next owner (the unique key keeps it single).
-async fn queue_retries(
+/// The retry policy decides what a lost fire becomes (lost with its worker, or ended by
+/// the platform: fenced, shut down, moved): its next attempt is queued for the task's
+/// next owner (the unique key keeps it single). Manual runs and paused tasks get none.
+pub(super) async fn queue_retries(
     conn: &impl ConnectionTrait,
     lost: &[run::Model],
     now: DateTime<Utc>,
@@ -97,7 +108,7 @@ async fn queue_retries(
         let retry = new_run(
             &task,
             RunTrigger::Retry,
-            RunStatus::Queued,
+            &RunEvent::Queue,
             run.scheduled_at,
             Some(run.attempt + 1),
             None,
@@ -118,6 +129,8 @@ async fn queue_retries(
             .await?;
         if matches!(inserted, sea_orm::TryInsertResult::Inserted(n) if n > 0) {
             events.add(retry_event);
+            // The scheduler hands it out (a worker's report is not its to hear otherwise).
+            notify(conn, task.cluster_id.into()).await?;
         }
     }
     Ok(())

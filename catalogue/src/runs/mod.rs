@@ -10,7 +10,9 @@
 
 mod claims;
 mod commands;
+mod expiry;
 mod lost;
+pub mod machine;
 mod reports;
 
 use std::collections::HashMap;
@@ -32,6 +34,8 @@ use crate::error::DbResult;
 use crate::live_events::{Event, Outgoing};
 use crate::mirror_changes::notify;
 use crate::{Page, PageRequest, TenantHandle, now};
+pub use commands::PendingCommands;
+pub use machine::{RunEvent, Step};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {
@@ -93,17 +97,23 @@ impl TryFrom<run::Model> for Run {
     }
 }
 
-/// A new run of `task`. `attempt` is given for scheduled fires and their retries, whose
-/// `fire_at` (the unique key's) is the scheduled time; a manual run (None) has no fire.
+/// A new run of `task`, born of `event` (a queue, a claim, a record of a fire not run:
+/// the state machine gives its status). `attempt` is given for scheduled fires and their
+/// retries, whose `fire_at` (the unique key's) is the scheduled time; a manual run (None)
+/// has no fire.
 fn new_run(
     task: &task::Model,
     trigger: RunTrigger,
-    status: RunStatus,
+    event: &RunEvent,
     scheduled_at: DateTime<Utc>,
     attempt: Option<i32>,
     worker: Option<&WorkerId>,
     now: DateTime<Utc>,
 ) -> run::ActiveModel {
+    let (status, reason) = match machine::step(None, event) {
+        Step::To(status, reason) => (status, reason),
+        other => unreachable!("{event:?} creates no run: {other:?}"),
+    };
     run::ActiveModel {
         id: Set(Uuid::now_v7()),
         tenant_id: Set(task.tenant_id),
@@ -123,7 +133,22 @@ fn new_run(
         error: Set(None),
         created_at: Set(now),
         stop_requested_at: Set(None),
-        reason: Set(None),
+        reason: Set(reason.map(|r| r.as_str().to_owned())),
+    }
+}
+
+/// Runs a user is shown in lists: all but fires claimed and not started yet.
+fn started_or_not_running() -> sea_orm::Condition {
+    sea_orm::Condition::any()
+        .add(run::Column::Status.ne(RunStatus::Running.as_str()))
+        .add(run::Column::StartedAt.is_not_null())
+}
+
+impl Run {
+    /// A fire claimed ahead of its time whose process has not started (RUNNING with no
+    /// `started_at`): not listed, nor announced, until it starts.
+    pub fn is_claimed_only(&self) -> bool {
+        self.status == RunStatus::Running && self.started_at.is_none()
     }
 }
 
@@ -172,7 +197,7 @@ impl TenantHandle {
                 let queued = new_run(
                     &task,
                     RunTrigger::Manual,
-                    RunStatus::Queued,
+                    &RunEvent::Queue,
                     now,
                     None,
                     None,
@@ -199,18 +224,18 @@ impl TenantHandle {
                 let update = run::Entity::update_many()
                     .filter(self.within::<run::Entity>())
                     .filter(run::Column::Id.eq(row.id));
-                let update = match RunStatus::parse(&row.status) {
-                    Some(RunStatus::Queued) => update
-                        .col_expr(
-                            run::Column::Status,
-                            Expr::value(RunStatus::Stopped.as_str()),
-                        )
+                let update = match machine::step(RunStatus::parse(&row.status), &RunEvent::Stop) {
+                    Step::To(status, reason) => update
+                        .col_expr(run::Column::Status, Expr::value(status.as_str()))
+                        .col_expr(run::Column::Reason, Expr::value(reason.map(|r| r.as_str())))
                         .col_expr(run::Column::FinishedAt, Expr::value(now))
-                        .col_expr(run::Column::Error, Expr::value("stopped before it started")),
-                    Some(RunStatus::Running) => {
-                        update.col_expr(run::Column::StopRequestedAt, Expr::value(now))
-                    }
-                    _ => Err(Error::Conflict("the run has ended already".into()))?,
+                        .col_expr(run::Column::Error, Expr::value("stopped before it started"))
+                        .filter(run::Column::Status.eq(row.status.as_str())),
+                    Step::StopRequested => update
+                        .col_expr(run::Column::StopRequestedAt, Expr::value(now))
+                        .filter(run::Column::Status.eq(row.status.as_str())),
+                    Step::Refuse(why) => Err(Error::Conflict(why.into()))?,
+                    Step::Ignore => Err(Error::Conflict("the run has ended already".into()))?,
                 };
                 update.exec(txn).await?;
                 self.audit(txn, "stopRun", "run", run_id).await?;
@@ -229,10 +254,12 @@ impl TenantHandle {
         events.publish(&self.db, &self.hub);
     }
 
-    /// Runs of the tenant, newest first.
+    /// Runs of the tenant, newest first. A fire claimed but not started yet (claimed ahead
+    /// of its time; it may still be given up, or dropped as not due) is not listed until
+    /// its start is reported.
     pub async fn runs(&self, filter: &RunFilter, request: PageRequest) -> Result<Page<Run>> {
         self.reading(Action::Read, async |txn| {
-            let mut query = self.find::<run::Entity>();
+            let mut query = self.find::<run::Entity>().filter(started_or_not_running());
             if let Some(task_id) = filter.task_id {
                 query = query.filter(run::Column::TaskId.eq(Uuid::from(task_id)));
             }
@@ -274,6 +301,7 @@ impl TenantHandle {
             let row = self
                 .find::<run::Entity>()
                 .filter(run::Column::TaskId.eq(Uuid::from(task_id)))
+                .filter(started_or_not_running())
                 .order_by_desc(run::Column::Id)
                 .one(txn)
                 .await?;

@@ -8,13 +8,15 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::RunId;
 use cloudtask_core::protocol::Report;
-use cloudtask_core::run::{Outcome, RunStatus, RunTrigger};
+use cloudtask_core::run::{Outcome, RunReason, RunStatus, RunTrigger};
 use cloudtask_core::task::TaskState;
 use cloudtask_core::{Error, Result};
 use sea_orm::sea_query::{CaseStatement, Expr, SimpleExpr};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
 use uuid::Uuid;
 
+use super::lost::queue_retries;
+use super::machine::{self, RunEvent, Step};
 use super::{run_event, tasks_by_id};
 use crate::entities::{run, run_log_line, task};
 use crate::error::DbResult;
@@ -107,7 +109,7 @@ impl ClusterHandle {
                     if !outcome.status.is_final() || outcome.status == RunStatus::Skipped {
                         Err(Error::bad_input("status", "not an outcome"))?;
                     }
-                    finished.push((*run, outcome));
+                    finished.push((*run, machine::complete(outcome)));
                 }
                 Report::Logs { .. } => {}
             }
@@ -118,12 +120,65 @@ impl ClusterHandle {
             }
         }
         for chunk in started.chunks(UPDATE_CHUNK) {
-            self.mark_started(conn, chunk).await?;
-        }
-        for chunk in finished.chunks(UPDATE_CHUNK) {
-            for row in self.finish_many(conn, chunk).await? {
+            // A claimed fire is listed and announced from its start (see `runs`).
+            for row in self.mark_started(conn, chunk).await? {
                 events.add(run_event(&row));
-                notifications::run_ended(conn, &row).await?;
+            }
+        }
+        self.paused_tasks_stop(conn, &mut finished).await?;
+        let now = now();
+        for chunk in finished.chunks(UPDATE_CHUNK) {
+            let ended = self.finish_many(conn, chunk).await?;
+            for row in &ended {
+                events.add(run_event(row));
+                notifications::run_ended(conn, row).await?;
+            }
+            // Runs the platform ended (fenced, shut down, moved): the retry policy
+            // applies, as to a run lost with its worker.
+            let lost: Vec<run::Model> = ended
+                .into_iter()
+                .filter(|r| r.status == RunStatus::Lost.as_str())
+                .collect();
+            queue_retries(conn, &lost, now, events).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs their worker stopped because the task left it: those of a paused task were
+    /// stopped by the pause (STOPPED, TASK_PAUSED), not by the platform.
+    async fn paused_tasks_stop(
+        &self,
+        conn: &impl ConnectionTrait,
+        finished: &mut [(RunId, Outcome)],
+    ) -> DbResult<()> {
+        let moved: Vec<Uuid> = finished
+            .iter()
+            .filter(|(_, o)| o.reason == Some(RunReason::TaskMoved))
+            .map(|(run, _)| Uuid::from(*run))
+            .collect();
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let task_of: HashMap<Uuid, Uuid> = self
+            .find::<run::Entity>()
+            .select_only()
+            .column(run::Column::Id)
+            .column(run::Column::TaskId)
+            .filter(run::Column::Id.is_in(moved))
+            .into_tuple::<(Uuid, Uuid)>()
+            .all(conn)
+            .await?
+            .into_iter()
+            .collect();
+        let tasks = self.find::<task::Entity>();
+        let tasks = tasks_by_id(conn, tasks, task_of.values().copied()).await?;
+        for (run, outcome) in finished.iter_mut() {
+            let paused = task_of
+                .get(&Uuid::from(*run))
+                .and_then(|t| tasks.get(t))
+                .is_some_and(|t| t.state == TaskState::Paused.as_str());
+            if paused {
+                *outcome = machine::left_paused(outcome);
             }
         }
         Ok(())
@@ -170,13 +225,19 @@ impl ClusterHandle {
         let outcomes: Vec<(RunId, Outcome)> = due
             .iter()
             .map(|row| {
+                let error = reasons.get(&row.id).map(|r| (*r).to_owned());
+                let event = RunEvent::Abandon(machine::skip_reason_of(error.as_deref()));
+                let Step::To(status, reason) = machine::step(Some(RunStatus::Running), &event)
+                else {
+                    unreachable!("a claimed fire is given up");
+                };
                 let outcome = Outcome {
-                    status: RunStatus::Skipped,
+                    status,
                     exit_code: None,
                     signal: None,
-                    error: reasons.get(&row.id).map(|r| (*r).to_owned()),
+                    error,
                     finished_at: now,
-                    reason: None,
+                    reason,
                 };
                 (row.id.into(), outcome)
             })
@@ -184,13 +245,13 @@ impl ClusterHandle {
         self.finish_many(conn, &outcomes).await
     }
 
-    /// Started reports: the start time lands on runs still going.
+    /// Started reports: the start time lands on runs still going; the runs it landed on.
     async fn mark_started(
         &self,
         conn: &impl ConnectionTrait,
         started: &[(RunId, DateTime<Utc>)],
-    ) -> DbResult<()> {
-        run::Entity::update_many()
+    ) -> DbResult<Vec<run::Model>> {
+        Ok(run::Entity::update_many()
             .col_expr(
                 run::Column::StartedAt,
                 per_run(started, run::Column::StartedAt, |at| Some(*at)),
@@ -198,9 +259,8 @@ impl ClusterHandle {
             .filter(self.within::<run::Entity>())
             .filter(run::Column::Id.is_in(ids(started)))
             .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
-            .exec(conn)
-            .await?;
-        Ok(())
+            .exec_with_returning(conn)
+            .await?)
     }
 
     /// An outcome lands only on a run that has none yet; the ended run, if this one did.
@@ -213,8 +273,9 @@ impl ClusterHandle {
         Ok(self.finish_many(conn, &[(run_id, outcome)]).await?.pop())
     }
 
-    /// Outcomes of many runs in one statement: each lands only on a run that has none
-    /// yet. Returns the runs that ended here. A run given twice takes its first outcome.
+    /// Outcomes of many runs in one statement: each lands only on a run still RUNNING
+    /// (the state machine's [`RunEvent::Finish`]; a queued run has no outcome to take).
+    /// Returns the runs that ended here. A run given twice takes its first outcome.
     async fn finish_many(
         &self,
         conn: &impl ConnectionTrait,
@@ -223,8 +284,30 @@ impl ClusterHandle {
         if outcomes.is_empty() {
             return Ok(Vec::new());
         }
+        // What the machine makes of each outcome (made whole by `machine::complete`).
+        let outcomes: Vec<(RunId, Outcome)> = outcomes
+            .iter()
+            .map(|(run, outcome)| {
+                let outcome: &Outcome = outcome.borrow();
+                let event =
+                    RunEvent::Finish(outcome.status, outcome.reason.unwrap_or(RunReason::Exit));
+                let Step::To(status, reason) = machine::step(Some(RunStatus::Running), &event)
+                else {
+                    unreachable!("a running run takes an outcome");
+                };
+                (
+                    *run,
+                    Outcome {
+                        status,
+                        reason,
+                        ..outcome.clone()
+                    },
+                )
+            })
+            .collect();
+        let outcomes = &outcomes[..];
         let column = |column: run::Column, value: fn(&Outcome) -> sea_orm::Value| {
-            (column, per_run(outcomes, column, |o| value(o.borrow())))
+            (column, per_run(outcomes, column, value))
         };
         let mut update = run::Entity::update_many();
         for (name, value) in [
@@ -242,10 +325,7 @@ impl ClusterHandle {
         Ok(update
             .filter(self.within::<run::Entity>())
             .filter(run::Column::Id.is_in(ids(outcomes)))
-            .filter(
-                run::Column::Status
-                    .is_in([RunStatus::Queued.as_str(), RunStatus::Running.as_str()]),
-            )
+            .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
             .exec_with_returning(conn)
             .await?)
     }

@@ -309,6 +309,7 @@ pub(super) fn ended_by(outcome: &mut Outcome, reason: RunReason) -> String {
         RunReason::OomKilled => "its memory limit: the kernel killed a process of it (OOM)",
         RunReason::PidsLimit => "its process limit: a fork was refused",
         RunReason::OutputLimit => "its output limit",
+        other => other.describe(),
     };
     outcome.reason = Some(reason);
     if !matches!(outcome.status, RunStatus::Stopped | RunStatus::TimedOut) {

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use cloudtask_coord::layout::CommandNode;
 use cloudtask_core::ids::{RunId, TaskId};
+use cloudtask_core::run::RunReason;
 
 use super::Actor;
 use super::start::Start;
@@ -88,7 +89,7 @@ impl Actor {
             CommandNode::Stop { run } => {
                 let running = self.shared.running.lock().expect("run registry");
                 match running.get(&run) {
-                    Some(stop) => stop.cancel(),
+                    Some(stop) => stop.stop(RunReason::UserStop),
                     None => tracing::info!(%run, "stop for a run not going here"),
                 }
             }

@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use cloudtask_coord::layout::{CommandNode, TaskNode};
 use cloudtask_coord::{Coordinator, SharedSession};
 use cloudtask_core::ids::{ClusterId, RunId, TaskId, WorkerId};
-use cloudtask_core::run::RunTrigger;
+use cloudtask_core::run::{RunReason, RunTrigger};
 use cloudtask_core::schedule::Schedule;
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
@@ -111,6 +111,7 @@ impl Engine {
             events: events_tx,
             shutdown,
             running: Arc::default(),
+            live: overlap::Live::default(),
             catch_ups: Arc::new(tokio::sync::Semaphore::new(CATCH_UP_CONCURRENCY)),
         };
         let actor = Actor {
@@ -194,9 +195,38 @@ struct TaskEntry {
 
 struct ActiveRun {
     id: u64,
-    stop: CancellationToken,
+    stop: Halt,
     /// Cancelled when the run's job ends (a REPLACE waits on it).
     ended: CancellationToken,
+}
+
+/// A run's stop, with why it was stopped: the first cause given wins. A run stopped with
+/// no cause given was stopped by the worker's shutdown (its token is the shutdown's
+/// child). The cause decides the outcome: a user's stop or a REPLACE is STOPPED; the
+/// platform's (fence, shutdown, the task leaving) is LOST, which the task's retry policy
+/// follows.
+#[derive(Clone)]
+struct Halt {
+    token: CancellationToken,
+    cause: Arc<std::sync::OnceLock<RunReason>>,
+}
+
+impl Halt {
+    fn new(token: CancellationToken) -> Self {
+        Halt {
+            token,
+            cause: Arc::default(),
+        }
+    }
+
+    fn stop(&self, cause: RunReason) {
+        let _ = self.cause.set(cause);
+        self.token.cancel();
+    }
+
+    fn cause(&self) -> RunReason {
+        self.cause.get().copied().unwrap_or(RunReason::Shutdown)
+    }
 }
 
 /// What the actor's jobs report back.
@@ -225,7 +255,9 @@ struct Shared {
     events: mpsc::UnboundedSender<Event>,
     shutdown: CancellationToken,
     /// Runs in progress by id, for stop commands.
-    running: Arc<Mutex<HashMap<RunId, CancellationToken>>>,
+    running: Arc<Mutex<HashMap<RunId, Halt>>>,
+    /// The runs whose processes are going, per task: what overlap looks at.
+    live: overlap::Live,
     /// Takeover catch-ups asking the API at once (a worker given thousands of tasks
     /// must not open thousands of requests).
     catch_ups: Arc<tokio::sync::Semaphore>,

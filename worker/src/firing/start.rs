@@ -11,18 +11,25 @@ use chrono::{DateTime, Utc};
 use cloudtask_coord::layout::TaskNode;
 use cloudtask_core::ids::{RunId, TaskId};
 use cloudtask_core::protocol::Claim;
-use cloudtask_core::run::{LogLine, LogStream, Outcome, RunStatus, RunTrigger};
-use cloudtask_core::task::TaskSpec;
+use cloudtask_core::run::{LogLine, LogStream, Outcome, RunReason, RunStatus, RunTrigger, not_run};
+use cloudtask_core::task::{OverlapPolicy, TaskSpec};
 use tokio_util::sync::CancellationToken;
 
 use super::claim::{PreClaim, StagedSlot, claim_fire};
 use super::overlap::{Overlap, overlap};
 use super::timers::LATE;
-use super::{ActiveRun, Actor, Event, Shared};
+use super::{ActiveRun, Actor, Event, Halt, Shared};
 use crate::backoff::Backoff;
 use crate::exec::{RunSpec, Staged, execute, execute_staged};
 use crate::packages::Packages;
 use crate::report::Report;
+
+/// Why a fire of a SKIP task is not run.
+const OVERLAP_SKIP: &str = not_run::OVERLAP;
+
+/// How long a late scheduled fire of a SKIP task waits for another run's processes to end
+/// before it is SKIPPED (see [`super::overlap::Live::enter_alone`]).
+const LATE_OVERLAP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How a run gets its record before it starts.
 pub(super) enum Start {
@@ -93,10 +100,10 @@ impl Actor {
         fits(shell, *version, node, &self.shared.packages).then(|| claimed.staged.clone())
     }
 
-    /// What the overlap policy makes of a fire of `task` now.
+    /// What the overlap policy makes of a fire of `task` now: a run of it is going while
+    /// its processes are (see [`super::overlap::Live`]).
     fn overlap(&self, task: TaskId, node: &TaskNode) -> Overlap {
-        let running = self.runs.get(&task).is_some_and(|r| !r.is_empty());
-        overlap(node.spec.overlap_policy, running)
+        overlap(node.spec.overlap_policy, self.shared.live.going(task))
     }
 
     pub(super) fn dispatch(
@@ -116,7 +123,7 @@ impl Actor {
         match self.overlap(task, &node) {
             Overlap::StartNow => {}
             Overlap::Skip => {
-                let reason = "overlap: the previous run is still going";
+                let reason = OVERLAP_SKIP;
                 match claimed {
                     Some(claimed) => self.abandon(claimed, reason),
                     None => self.record_skipped(task, &node, scheduled_at, reason),
@@ -125,7 +132,7 @@ impl Actor {
             }
             Overlap::Replace => {
                 for run in &self.runs[&task] {
-                    run.stop.cancel();
+                    run.stop.stop(RunReason::Replaced);
                     replaced.push(run.ended.clone());
                 }
             }
@@ -161,7 +168,7 @@ impl Actor {
         };
         let id = self.next_run;
         self.next_run += 1;
-        let stop = self.shared.shutdown.child_token();
+        let stop = Halt::new(self.shared.shutdown.child_token());
         let ended = CancellationToken::new();
         self.runs.entry(task).or_default().push(ActiveRun {
             id,
@@ -188,9 +195,10 @@ async fn run_fire(
     task: TaskId,
     node: &TaskNode,
     start: Start,
-    stop: &CancellationToken,
+    halt: &Halt,
     hurry: &CancellationToken,
 ) -> Option<(DateTime<Utc>, u32)> {
+    let stop = &halt.token;
     let (run_id, claim, staged) = match start {
         Start::Claim(claim) => (claim_fire(shared, node, &claim, stop).await?, claim, None),
         Start::Claimed(claimed) => claimed_run(shared, node, claimed, stop).await?,
@@ -220,8 +228,8 @@ async fn run_fire(
         .running
         .lock()
         .expect("run registry")
-        .insert(run_id, stop.clone());
-    let retry = execute_fire(shared, node, run_id, &claim, staged, stop, hurry).await;
+        .insert(run_id, halt.clone());
+    let retry = execute_fire(shared, node, run_id, &claim, staged, halt, hurry).await;
     shared.running.lock().expect("run registry").remove(&run_id);
     retry
 }
@@ -258,7 +266,7 @@ async fn claimed_run(
                     if let Some(run) = claimed.run().await {
                         reporter.send(Report::Abandon {
                             run,
-                            reason: "not started: the task left this worker before its fire time".into(),
+                            reason: not_run::TASK_MOVED.into(),
                         });
                     }
                 });
@@ -286,9 +294,10 @@ async fn execute_fire(
     run_id: RunId,
     claim: &Claim,
     staged: Option<Staged>,
-    stop: &CancellationToken,
+    halt: &Halt,
     hurry: &CancellationToken,
 ) -> Option<(DateTime<Utc>, u32)> {
+    let stop = &halt.token;
     let spec = &node.spec;
     let workdir = match staged {
         Some(ref shell) => Ok(shell.spec().workdir.clone()),
@@ -298,6 +307,28 @@ async fn execute_fire(
                 .workdir(spec.package_sha256.as_deref())
                 .await
         }
+    };
+    // The processes go from here: counted for overlap until they have ended. A scheduled
+    // fire of a SKIP task that another run of it overtook meanwhile (this one waited for
+    // its claim or its package) is not run; a shell let go already is running, whatever
+    // came. (Manual runs never wait for an overlapping run; retries were dispatched
+    // through the policy.)
+    let released = staged.as_ref().is_some_and(Staged::released);
+    let alone = spec.overlap_policy == OverlapPolicy::Skip
+        && claim.trigger == RunTrigger::Schedule
+        && !released;
+    let live = if alone {
+        shared.live.enter_alone(claim.task_id, LATE_OVERLAP).await
+    } else {
+        Some(shared.live.enter(claim.task_id))
+    };
+    let Some(live) = live else {
+        drop(staged);
+        shared.reporter.send(Report::Abandon {
+            run: run_id,
+            reason: OVERLAP_SKIP.into(),
+        });
+        return None;
     };
     let outcome = match workdir {
         Ok(workdir) => {
@@ -320,6 +351,8 @@ async fn execute_fire(
         }
         Err(e) => unprepared(shared, run_id, e.to_string()),
     };
+    drop(live);
+    let outcome = stopped_for(outcome, halt.cause());
     let status = outcome.status;
     shared.reporter.send(Report::Finish {
         run: run_id,
@@ -330,6 +363,24 @@ async fn execute_fire(
         _ = stop.cancelled() => None,
         _ = tokio::time::sleep(wait) => Some((claim.scheduled_at, claim.attempt + 1)),
     }
+}
+
+/// A stopped run's outcome, by why it was stopped: a user's stop or a REPLACE is
+/// STOPPED (a limit it hit stays its reason); the platform's (the worker fenced itself
+/// off, shut down, or lost the task) is LOST with that reason, and the catalogue queues
+/// its retry as the task's policy allows. Any other outcome stands.
+fn stopped_for(mut outcome: Outcome, cause: RunReason) -> Outcome {
+    if outcome.status != RunStatus::Stopped {
+        return outcome;
+    }
+    if cause.is_platform() {
+        outcome.status = RunStatus::Lost;
+        outcome.reason = Some(cause);
+        outcome.error = Some(format!("stopped: {}", cause.describe()));
+    } else if outcome.reason.is_none() {
+        outcome.reason = Some(cause);
+    }
+    outcome
 }
 
 /// A run whose package could not be made ready: FAILED, with a SYSTEM line saying why.
@@ -349,7 +400,7 @@ fn unprepared(shared: &Shared, run: RunId, message: String) -> Outcome {
         signal: None,
         error: Some(message),
         finished_at: Utc::now(),
-        reason: None,
+        reason: Some(RunReason::StartFailed),
     }
 }
 
@@ -444,6 +495,39 @@ mod tests {
         assert_eq!(
             retry_after(&spec, &claim(RunTrigger::Retry, 2), RunStatus::Failed),
             None
+        );
+    }
+
+    #[test]
+    fn a_stop_reads_as_its_cause_a_users_is_stopped_the_platforms_is_lost() {
+        let stopped = |reason| Outcome {
+            status: RunStatus::Stopped,
+            exit_code: None,
+            signal: Some(15),
+            error: Some("stopped".into()),
+            finished_at: Utc::now(),
+            reason,
+        };
+        let user = stopped_for(stopped(None), RunReason::UserStop);
+        assert_eq!(
+            (user.status, user.reason),
+            (RunStatus::Stopped, Some(RunReason::UserStop))
+        );
+        let replaced = stopped_for(stopped(None), RunReason::Replaced);
+        assert_eq!(replaced.reason, Some(RunReason::Replaced));
+        // A limit it hit stays its reason under a user's stop.
+        let limited = stopped_for(stopped(Some(RunReason::OomKilled)), RunReason::UserStop);
+        assert_eq!(limited.reason, Some(RunReason::OomKilled));
+        for cause in [RunReason::Fenced, RunReason::Shutdown, RunReason::TaskMoved] {
+            let lost = stopped_for(stopped(None), cause);
+            assert_eq!((lost.status, lost.reason), (RunStatus::Lost, Some(cause)));
+        }
+        // A run that ended by itself before the stop took effect keeps its outcome.
+        let mut exited = stopped(None);
+        exited.status = RunStatus::Succeeded;
+        assert_eq!(
+            stopped_for(exited, RunReason::Fenced).status,
+            RunStatus::Succeeded
         );
     }
 

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use cloudtask_coord::WatchEvent;
 use cloudtask_coord::layout::{self, TaskNode};
 use cloudtask_core::ids::TaskId;
+use cloudtask_core::run::{RunReason, not_run};
 use tokio_util::sync::CancellationToken;
 
 use super::claim::PreClaim;
@@ -26,7 +27,7 @@ impl Actor {
             self.hurry = CancellationToken::new();
             let all: Vec<TaskId> = self.tasks.keys().copied().collect();
             for task in all {
-                self.drop_task(task);
+                self.drop_task(task, RunReason::Fenced);
             }
             self.manual = ManualRuns::default();
             self.epoch = current.epoch;
@@ -38,7 +39,7 @@ impl Actor {
             .copied()
             .collect();
         for task in gone {
-            self.drop_task(task);
+            self.drop_task(task, RunReason::TaskMoved);
         }
         for task in &current.tasks {
             if !self.tasks.contains_key(task) {
@@ -114,19 +115,17 @@ impl Actor {
         self.generations
     }
 
-    pub(super) fn drop_task(&mut self, task: TaskId) {
+    /// The task leaves this worker; its runs stop, for `cause`.
+    pub(super) fn drop_task(&mut self, task: TaskId, cause: RunReason) {
         if let Some(entry) = self.tasks.remove(&task) {
             entry.watcher.cancel();
         }
         // Handed to the task's next owner by the scheduler.
         self.manual.task_left(task);
-        self.abandon_claims(
-            task,
-            "not started: the task left this worker before its fire time",
-        );
+        self.abandon_claims(task, not_run::TASK_MOVED);
         if let Some(runs) = self.runs.get(&task) {
             for run in runs {
-                run.stop.cancel();
+                run.stop.stop(cause);
             }
         }
     }
@@ -134,18 +133,15 @@ impl Actor {
     pub(super) fn stop_all(&mut self) {
         let all: Vec<TaskId> = self.tasks.keys().copied().collect();
         for task in all {
-            self.drop_task(task);
+            self.drop_task(task, RunReason::Shutdown);
         }
         let claimed: Vec<PreClaim> = self.preclaims.drain().map(|(_, c)| c).collect();
         for claimed in claimed {
-            self.abandon(
-                claimed,
-                "not started: the worker shut down before its fire time",
-            );
+            self.abandon(claimed, not_run::SHUTDOWN);
         }
         for runs in self.runs.values() {
             for run in runs {
-                run.stop.cancel();
+                run.stop.stop(RunReason::Shutdown);
             }
         }
     }
@@ -199,10 +195,7 @@ impl Actor {
                     drop(claimed.staged.lock().expect("staged slot").take());
                 }
             } else if let Some(claimed) = self.preclaims.remove(&(task, at)) {
-                self.abandon(
-                    claimed,
-                    "not started: the task changed before its fire time",
-                );
+                self.abandon(claimed, not_run::TASK_CHANGED);
             }
         }
         let Some(entry) = self.tasks.get_mut(&task) else {
