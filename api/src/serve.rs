@@ -100,6 +100,7 @@ pub async fn run(
             let io = TokioIo::new(tcp);
             let mut connection = pin!(builder.serve_connection_with_upgrades(io, service));
             let mut stop = pin!(signal_tx.closed());
+            let mut stopping = false;
             loop {
                 tokio::select! {
                     result = connection.as_mut() => {
@@ -108,7 +109,11 @@ pub async fn run(
                         }
                         break;
                     }
-                    _ = &mut stop => connection.as_mut().graceful_shutdown(),
+                    // Once: a finished future must not be polled again.
+                    _ = &mut stop, if !stopping => {
+                        stopping = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
                 }
             }
             drop(close_rx);

@@ -278,6 +278,50 @@ async fn read_answer(tcp: &mut tokio::net::TcpStream, within: Duration) -> Strin
     .await
 }
 
+/// Shutting the API down lets a request in flight finish: its body, sent after the
+/// shutdown began, is read and answered, and the server then ends. (Each connection's task
+/// used to poll its finished shutdown signal again and panic, dropping the request.)
+#[tokio::test]
+async fn a_request_in_flight_is_answered_when_the_api_shuts_down() {
+    use tokio::io::AsyncWriteExt;
+    let api = cloudtask_testkit::TestApi::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(cloudtask_api::run(
+        api.state.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+    let within = Duration::from_secs(10);
+    let body = r#"{"query":"{ __typename }"}"#;
+    let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    tcp.write_all(
+        format!(
+            "POST /graphql HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // The handler is reading the body: the request is in flight.
+    let go_on = read_until(&mut tcp, within, |t| t.contains("\r\n\r\n")).await;
+    assert!(go_on.starts_with("HTTP/1.1 100"), "{go_on}");
+
+    shutdown.cancel();
+    tcp.write_all(body.as_bytes()).await.unwrap();
+    let answer = until_closed(&mut tcp, within).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""__typename":"Query""#), "{answer}");
+    tokio::time::timeout(within, server)
+        .await
+        .expect("the server ends once its connections have")
+        .expect("the server task ends without a panic")
+        .expect("the server ends cleanly");
+}
+
 /// Slow clients cannot hold connections: a request head sent halfway, a body that stops,
 /// and a kept-alive connection that goes quiet are all closed after their timeouts.
 #[tokio::test]
