@@ -94,6 +94,19 @@ async fn assert_token_refused(api: &TestApi, token: &str, what: &str) {
     );
 }
 
+/// The HTTP status of downloading a package (none has `SOME_SHA`: the answer is about the
+/// token alone) with `token`, or without one.
+async fn package_download(api: &TestApi, token: Option<&str>) -> u16 {
+    let mut request = api
+        .client()
+        .http
+        .get(format!("{}/packages/{SOME_SHA}", api.url));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -166,13 +179,11 @@ async fn requests_without_a_token_are_unauthenticated() {
             .await,
         "deleteTask",
     );
-    let download = anonymous
-        .http
-        .get(format!("{}/packages/{SOME_SHA}", world.api.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(download.status(), 401, "package download without a token");
+    assert_eq!(
+        package_download(&world.api, None).await,
+        401,
+        "package download without a token"
+    );
 
     // Nothing was created or deleted.
     let clusters = world.a.owner.run("{ clusters { name } }", json!({})).await;
@@ -282,16 +293,8 @@ async fn expired_access_tokens_are_refused_with_the_reason() {
         "the message says why: {}",
         response.body
     );
-    let download = api
-        .client()
-        .http
-        .get(format!("{}/packages/{SOME_SHA}", api.url))
-        .bearer_auth(&expired)
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        download.status(),
+        package_download(api, Some(&expired)).await,
         401,
         "package download with an expired token"
     );
@@ -338,16 +341,8 @@ async fn a_worker_credential_is_not_a_user_token() {
         .unwrap()
         .to_owned();
     assert_token_refused(api, &credential, "worker credential").await;
-    let download = api
-        .client()
-        .http
-        .get(format!("{}/packages/{SOME_SHA}", api.url))
-        .bearer_auth(&credential)
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        download.status(),
+        package_download(api, Some(&credential)).await,
         401,
         "user package route with a worker credential"
     );
@@ -493,16 +488,8 @@ async fn an_access_token_is_refused_once_its_login_is_logged_out_on_every_replic
     assert_eq!(out.data()["logout"], true);
     // The replica that answered the logout refuses the token before it answers.
     assert_token_refused(api, &session.access, "a logged-out token").await;
-    let package = api
-        .client()
-        .http
-        .get(format!("{}/packages/{SOME_SHA}", api.url))
-        .bearer_auth(&session.access)
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        package.status(),
+        package_download(api, Some(&session.access)).await,
         401,
         "package download with a logged-out token"
     );
@@ -634,15 +621,11 @@ async fn a_removed_member_loses_access_at_once_despite_a_valid_token() {
             response.body
         );
     }
-    let download = api
-        .client()
-        .http
-        .get(format!("{}/packages/{SOME_SHA}", api.url))
-        .bearer_auth(&session.access)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(download.status(), 403, "package route after removal");
+    assert_eq!(
+        package_download(api, Some(&session.access)).await,
+        403,
+        "package route after removal"
+    );
 
     // Nor can the refresh token mint a new access token for that tenant.
     assert_unauthenticated(
