@@ -12,6 +12,9 @@ macro_rules! text_enum {
         pub enum $name { $($variant),+ }
 
         impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
             }
@@ -93,28 +96,6 @@ text_enum!(
 );
 
 impl RunReason {
-    pub const ALL: [RunReason; 19] = [
-        RunReason::Exit,
-        RunReason::Signal,
-        RunReason::Timeout,
-        RunReason::StartFailed,
-        RunReason::OomKilled,
-        RunReason::PidsLimit,
-        RunReason::OutputLimit,
-        RunReason::UserStop,
-        RunReason::TaskPaused,
-        RunReason::Replaced,
-        RunReason::OverlapSkip,
-        RunReason::Misfire,
-        RunReason::TaskChanged,
-        RunReason::WorkerLost,
-        RunReason::Fenced,
-        RunReason::Shutdown,
-        RunReason::TaskMoved,
-        RunReason::QueueExpired,
-        RunReason::WaitingForWorker,
-    ];
-
     /// A limit of the task's containment.
     pub fn is_limit(self) -> bool {
         matches!(
@@ -215,16 +196,7 @@ mod tests {
 
     #[test]
     fn statuses_round_trip_through_text_and_json() {
-        for status in [
-            RunStatus::Queued,
-            RunStatus::Running,
-            RunStatus::Succeeded,
-            RunStatus::Failed,
-            RunStatus::TimedOut,
-            RunStatus::Stopped,
-            RunStatus::Lost,
-            RunStatus::Skipped,
-        ] {
+        for &status in RunStatus::ALL {
             assert_eq!(RunStatus::parse(status.as_str()), Some(status));
             let json = serde_json::to_string(&status).unwrap();
             assert_eq!(json, format!("\"{}\"", status.as_str()));

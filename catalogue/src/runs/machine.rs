@@ -190,19 +190,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const STATUSES: [RunStatus; 8] = [
-        RunStatus::Queued,
-        RunStatus::Running,
-        RunStatus::Succeeded,
-        RunStatus::Failed,
-        RunStatus::TimedOut,
-        RunStatus::Stopped,
-        RunStatus::Lost,
-        RunStatus::Skipped,
-    ];
-
     fn status() -> impl Strategy<Value = RunStatus> {
-        prop::sample::select(STATUSES.to_vec())
+        prop::sample::select(RunStatus::ALL.to_vec())
     }
 
     fn reason() -> impl Strategy<Value = RunReason> {
