@@ -1473,3 +1473,109 @@ async fn each_caller_has_a_budget_over_time_and_others_are_served() {
     assert_eq!(refused.code(), Some("RATE_LIMITED"), "{}", refused.body);
     assert_eq!(refused.status, 429);
 }
+
+/// Read locks waiting in this test's database: the catalogue connections held by reads of a
+/// locked table.
+async fn waiting_on_locks(db: &sea_orm::DatabaseConnection) -> i64 {
+    use sea_orm::{ConnectionTrait, Statement};
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        ))
+        .await
+        .expect("pg_stat_activity")
+        .expect("a row");
+    row.try_get("", "n").expect("a count")
+}
+
+/// One user's fan-out holds only their own catalogue connections
+/// (`db_connections_per_user`): with 20 of their requests stuck on a locked table, only 4
+/// connections wait and another tenant's user is served at once. With lanes as wide as the
+/// pool (20), the same fan-out takes every connection (19: one listens for the catalogue's
+/// changes) and the other user waits: what every user saw before the lanes.
+#[tokio::test]
+async fn one_users_fan_out_leaves_catalogue_connections_to_everybody_else() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    const AUDIT: &str = "{ auditLog(first: 5) { edges { node { id } } } }";
+    let within = Duration::from_secs(20);
+    for (lanes, held, served) in [(4, 4, true), (20, 19, false)] {
+        let api = TestApi::start_with(|c| c.db_connections_per_user = lanes).await;
+        let alpha = api
+            .tenant_with_cluster("alpha", crate::support::PASSWORD)
+            .await;
+        let beta = api
+            .tenant_with_cluster("beta", crate::support::PASSWORD)
+            .await;
+        let db = sea_orm::Database::connect(&api.state.config.database_url)
+            .await
+            .expect("connect");
+        // Every read of the audit log now waits, holding its connection.
+        let lock = db.begin().await.expect("begin");
+        lock.execute_unprepared("LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
+            .await
+            .expect("lock");
+        let fan_out: Vec<_> = (0..20)
+            .map(|_| {
+                let owner = alpha.owner.clone();
+                tokio::spawn(async move { owner.run(AUDIT, json!({})).await })
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + within;
+        while waiting_on_locks(&db).await < held {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the fan-out never took its {held} connections ({} waiting)",
+                waiting_on_locks(&db).await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let other = beta.owner.clone();
+        let mut tasks = tokio::spawn(async move {
+            other
+                .run("{ tasks(first: 5) { edges { node { name } } } }", json!({}))
+                .await
+        });
+        let answered = tokio::time::timeout(Duration::from_secs(3), &mut tasks).await;
+        assert_eq!(
+            answered.is_ok(),
+            served,
+            "with {lanes} connections per user, another user is served at once: {served}"
+        );
+        assert_eq!(
+            waiting_on_locks(&db).await,
+            held,
+            "the fan-out holds no more than its lanes"
+        );
+
+        // Unlocked: nothing was lost on either side.
+        lock.rollback().await.expect("unlock");
+        let listed = match answered {
+            Ok(answer) => answer.expect("the task"),
+            Err(_) => tokio::time::timeout(within, tasks)
+                .await
+                .expect("served once a connection is free")
+                .expect("the task"),
+        };
+        assert!(listed.code().is_none(), "{}", listed.body);
+        assert!(
+            listed.data()["tasks"]["edges"].is_array(),
+            "{}",
+            listed.body
+        );
+        for read in fan_out {
+            let answer = tokio::time::timeout(within, read)
+                .await
+                .expect("every read of the fan-out is answered")
+                .expect("the task");
+            assert!(answer.code().is_none(), "{}", answer.body);
+            assert!(
+                answer.data()["auditLog"]["edges"].is_array(),
+                "{}",
+                answer.body
+            );
+        }
+    }
+}
