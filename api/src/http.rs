@@ -110,12 +110,26 @@ async fn graphql(
         Some(Ok(_)) => &http.schema,
         _ => &http.anonymous,
     };
+    let spent = crate::graphql::cost::Spent::default();
     let batch = batch
         .data(RequestContext::new(auth, client_ip))
-        .data(crate::graphql::cost::Spent::default());
+        .data(spent.clone());
     let response = schema.execute_batch(batch).await;
-    GraphQLResponse::from(response).into_response()
+    // A big answer is written off the async workers (other requests go on meanwhile),
+    // within the caller's turn when it was heavy (`spent` holds it until then).
+    let written = if spent.answer_bytes() < BIG_ANSWER {
+        GraphQLResponse::from(response).into_response()
+    } else {
+        tokio::task::spawn_blocking(move || GraphQLResponse::from(response).into_response())
+            .await
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    };
+    drop(spent);
+    written
 }
+
+/// Answers with more text than this are written on a blocking thread.
+const BIG_ANSWER: usize = 1 << 20;
 
 /// A caller past its requests per minute: 429 with when to retry.
 fn rate_limited(over: &crate::budget::OverBudget) -> Response {

@@ -45,7 +45,9 @@ pub struct AppState {
     /// Logins revoked while their access tokens are still valid.
     pub revoked: auth::RevokedLogins,
     /// Catalogue connections each user may hold at once.
-    pub lanes: lanes::UserLanes,
+    pub lanes: lanes::Lanes<cloudtask_core::ids::UserId>,
+    /// Each caller's turn for heavy operations (one at a time).
+    pub heavy: lanes::Lanes<budget::Caller>,
     /// Requests and query cost per caller per minute.
     pub budget: budget::RateBudget,
     /// The platform's ZooKeeper identity: workers' identities derive from it at join.
@@ -130,10 +132,11 @@ impl AppState {
         let revoked = auth::RevokedLogins::new(chrono::Duration::seconds(
             config.access_token_ttl_secs as i64,
         ));
-        let lanes = lanes::UserLanes::new(config.db_connections_per_user);
+        let lanes = lanes::Lanes::new(config.db_connections_per_user);
         Ok(Arc::new(AppState {
             revoked,
             lanes,
+            heavy: lanes::Lanes::new(1),
             budget,
             uploads,
             catalogue,

@@ -51,6 +51,7 @@ pub async fn run(
         } {
             state.budget.forget_idle();
             state.lanes.forget_idle();
+            state.heavy.forget_idle();
         }
     });
     let trusted_proxies = Arc::new(state.trusted_proxies.clone());

@@ -96,6 +96,10 @@ pub struct Config {
     pub query_max_complexity: usize,
     /// Largest answer, in bytes of text, one request (or HTTP batch) may produce.
     pub query_max_answer_bytes: usize,
+    /// Queries and mutations that cost at least this much (as `query_max_complexity`
+    /// counts) are heavy: a caller's heavy operations run one at a time on each replica,
+    /// their answers written included; the next waits its turn.
+    pub query_heavy_complexity: usize,
     /// Most operations in one HTTP batch.
     pub query_max_batch: usize,
     /// Bounds on a query's text, checked before it is parsed: characters, tokens, and how
@@ -196,6 +200,7 @@ impl Default for Config {
             query_max_depth: 12,
             query_max_complexity: 1_000_000,
             query_max_answer_bytes: 16 << 20,
+            query_heavy_complexity: 10_000,
             query_max_batch: 10,
             query_max_chars: 20_000,
             query_max_tokens: 2_000,
@@ -344,6 +349,7 @@ impl Config {
             ("query_max_depth", self.query_max_depth),
             ("query_max_complexity", self.query_max_complexity),
             ("query_max_answer_bytes", self.query_max_answer_bytes),
+            ("query_heavy_complexity", self.query_heavy_complexity),
             ("query_max_batch", self.query_max_batch),
             ("max_uploads_in_flight", self.max_uploads_in_flight),
             ("query_max_chars", self.query_max_chars),

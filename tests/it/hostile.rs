@@ -1579,3 +1579,77 @@ async fn one_users_fan_out_leaves_catalogue_connections_to_everybody_else() {
         }
     }
 }
+
+/// A caller's heavy operations (costing `query_heavy_complexity` or more) run one at a time:
+/// with three of one user's big reads stuck on a locked table only one of them holds a
+/// connection, the others wait their turn; another user's heavy read takes its own turn, and
+/// the first user's light requests are not held up.
+#[tokio::test]
+async fn a_callers_heavy_operations_take_turns() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    const HEAVY: &str = "{ auditLog(first: 100) { edges { node { id } } } }";
+    let within = Duration::from_secs(20);
+    let api = TestApi::start_with(|c| c.query_heavy_complexity = 50).await;
+    let alpha = api
+        .tenant_with_cluster("alpha", crate::support::PASSWORD)
+        .await;
+    let beta = api
+        .tenant_with_cluster("beta", crate::support::PASSWORD)
+        .await;
+    let db = sea_orm::Database::connect(&api.state.config.database_url)
+        .await
+        .expect("connect");
+    let lock = db.begin().await.expect("begin");
+    lock.execute_unprepared("LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let until_waiting = |n: i64| {
+        let db = db.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + within;
+            while waiting_on_locks(&db).await < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never {n} reads waiting ({} are)",
+                    waiting_on_locks(&db).await
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let heavy = |owner: &cloudtask_testkit::Gql| {
+        let owner = owner.clone();
+        tokio::spawn(async move { owner.run(HEAVY, json!({})).await })
+    };
+    let alphas: Vec<_> = (0..3).map(|_| heavy(&alpha.owner)).collect();
+    until_waiting(1).await;
+    let betas = heavy(&beta.owner);
+    until_waiting(2).await;
+
+    let me = tokio::time::timeout(
+        Duration::from_secs(3),
+        alpha.owner.run("{ me { email } }", json!({})),
+    )
+    .await
+    .expect("a light request of the same user is not held up");
+    assert!(me.data()["me"]["email"].is_string(), "{}", me.body);
+    assert_eq!(
+        waiting_on_locks(&db).await,
+        2,
+        "one heavy read per user at a time"
+    );
+
+    lock.rollback().await.expect("unlock");
+    for read in alphas.into_iter().chain([betas]) {
+        let answer = tokio::time::timeout(within, read)
+            .await
+            .expect("every heavy read is answered in its turn")
+            .expect("the task");
+        assert!(answer.code().is_none(), "{}", answer.body);
+        assert!(
+            answer.data()["auditLog"]["edges"].is_array(),
+            "{}",
+            answer.body
+        );
+    }
+}

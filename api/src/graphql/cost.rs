@@ -6,10 +6,13 @@
 //! - the operations of one HTTP batch (at most `query_max_batch`) share that budget;
 //! - the answer's text is counted as it is resolved and stops at `query_max_answer_bytes`
 //!   (later fields fail at once with one error);
-//! - an answer carries at most [`MAX_ERRORS`] errors, each at most [`MAX_MESSAGE`] long.
+//! - an answer carries at most [`MAX_ERRORS`] errors, each at most [`MAX_MESSAGE`] long;
+//! - heavy queries and mutations (costing `query_heavy_complexity` or more) take the
+//!   caller's turn ([`crate::AppState::heavy`]) and hold it until their answer is written:
+//!   one caller's big answers run one at a time, on at most one core.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextExecute, NextResolve, NextValidation,
@@ -40,6 +43,25 @@ pub struct Spent(Arc<SpentInner>);
 struct SpentInner {
     complexity: AtomicUsize,
     answer_bytes: AtomicUsize,
+    /// The caller's turn for heavy operations, once one of them took it: kept until the
+    /// answer is written (the HTTP handler drops its clone after writing it).
+    turn: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl Spent {
+    /// The text of the answer so far, in bytes.
+    pub fn answer_bytes(&self) -> usize {
+        self.0.answer_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Waits for the caller's turn (`lanes`: one permit), unless this request holds it.
+    async fn take_turn(&self, lanes: Arc<tokio::sync::Semaphore>) {
+        if self.0.turn.lock().expect("turn").is_some() {
+            return;
+        }
+        let permit = lanes.acquire_owned().await.ok();
+        *self.0.turn.lock().expect("turn") = permit;
+    }
 }
 
 /// The limits, from the configuration.
@@ -47,6 +69,7 @@ struct SpentInner {
 pub struct Costs {
     pub max_complexity: usize,
     pub max_answer_bytes: usize,
+    pub heavy_complexity: usize,
 }
 
 impl ExtensionFactory for Costs {
@@ -54,6 +77,7 @@ impl ExtensionFactory for Costs {
         Arc::new(CostExtension {
             costs: *self,
             counting: AtomicBool::new(false),
+            complexity: AtomicUsize::new(0),
             own: Spent::default(),
         })
     }
@@ -64,6 +88,8 @@ struct CostExtension {
     /// Answers are counted for queries and mutations (`execute`), not for the events of
     /// a subscription, which are answers of their own over time.
     counting: AtomicBool,
+    /// This operation's cost, once validated.
+    complexity: AtomicUsize,
     /// This operation's own spending, when it is not part of an HTTP batch.
     own: Spent,
 }
@@ -118,6 +144,23 @@ impl Extension for CostExtension {
         next: NextExecute<'_>,
     ) -> Response {
         self.counting.store(true, Ordering::Relaxed);
+        if self.complexity.load(Ordering::Relaxed) >= self.costs.heavy_complexity
+            && let (Some(state), Some(request)) = (
+                ctx.data_opt::<Arc<crate::AppState>>(),
+                ctx.data_opt::<super::RequestContext>(),
+            )
+        {
+            let lanes = state.heavy.of(request.caller());
+            self.spent(ctx).take_turn(lanes).await;
+            // Resolving a big answer polls for long without yielding: the worker thread
+            // hands its other tasks to a new one first, so they are not kept waiting.
+            let runtime = tokio::runtime::Handle::current();
+            if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+                return tokio::task::block_in_place(|| {
+                    runtime.block_on(next.run(ctx, operation_name))
+                });
+            }
+        }
         next.run(ctx, operation_name).await
     }
 
@@ -127,6 +170,7 @@ impl Extension for CostExtension {
         next: NextValidation<'_>,
     ) -> Result<ValidationResult, Vec<ServerError>> {
         let result = next.run(ctx).await?;
+        self.complexity.store(result.complexity, Ordering::Relaxed);
         let total = self
             .spent(ctx)
             .0

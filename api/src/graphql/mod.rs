@@ -133,6 +133,7 @@ pub fn build_schema(state: Option<Arc<AppState>>, audience: Audience) -> AppSche
             .extension(cost::Costs {
                 max_complexity: state.config.query_max_complexity,
                 max_answer_bytes: state.config.query_max_answer_bytes,
+                heavy_complexity: state.config.query_heavy_complexity,
             })
             .limit_depth(state.config.query_max_depth)
             .limit_complexity(state.config.query_max_complexity)
