@@ -1474,20 +1474,92 @@ async fn each_caller_has_a_budget_over_time_and_others_are_served() {
     assert_eq!(refused.status, 429);
 }
 
-/// Read locks waiting in this test's database: the catalogue connections held by reads of a
-/// locked table.
-async fn waiting_on_locks(db: &sea_orm::DatabaseConnection) -> i64 {
-    use sea_orm::{ConnectionTrait, Statement};
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT count(*) AS n FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        ))
+/// Two tenants' owners on an API whose audit log this test holds locked: every read of it
+/// waits, holding its catalogue connection, until [`LockedAuditLog::unlock`].
+struct LockedAuditLog {
+    _api: TestApi,
+    alpha: Gql,
+    beta: Gql,
+    db: sea_orm::DatabaseConnection,
+    lock: sea_orm::DatabaseTransaction,
+}
+
+const WITHIN: Duration = Duration::from_secs(20);
+
+impl LockedAuditLog {
+    async fn start(adjust: impl FnOnce(&mut cloudtask_core::config::Config)) -> Self {
+        use sea_orm::{ConnectionTrait, TransactionTrait};
+        let api = TestApi::start_with(adjust).await;
+        let password = crate::support::PASSWORD;
+        let alpha = api.tenant_with_cluster("alpha", password).await.owner;
+        let beta = api.tenant_with_cluster("beta", password).await.owner;
+        let db = sea_orm::Database::connect(&api.state.config.database_url)
+            .await
+            .expect("connect");
+        let lock = db.begin().await.expect("begin");
+        lock.execute_unprepared("LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
+            .await
+            .expect("lock");
+        LockedAuditLog {
+            _api: api,
+            alpha,
+            beta,
+            db,
+            lock,
+        }
+    }
+
+    /// Reads of the locked table waiting now: the connections they hold.
+    async fn waiting(&self) -> i64 {
+        use sea_orm::{ConnectionTrait, Statement};
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                self.db.get_database_backend(),
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ))
+            .await
+            .expect("pg_stat_activity")
+            .expect("a row");
+        row.try_get("", "n").expect("a count")
+    }
+
+    async fn until_waiting(&self, n: i64) {
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        while self.waiting().await < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never {n} reads waiting ({} are)",
+                self.waiting().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn unlock(self) {
+        self.lock.rollback().await.expect("unlock");
+    }
+}
+
+/// `query` by `caller`, in a task of its own.
+fn spawn_query(caller: &Gql, query: &'static str) -> tokio::task::JoinHandle<GqlResponse> {
+    let caller = caller.clone();
+    tokio::spawn(async move { caller.run(query, json!({})).await })
+}
+
+/// The answer of a spawned query, once it comes: data under `field`, no error.
+async fn answered(query: tokio::task::JoinHandle<GqlResponse>, field: &str) {
+    let answer = tokio::time::timeout(WITHIN, query)
         .await
-        .expect("pg_stat_activity")
-        .expect("a row");
-    row.try_get("", "n").expect("a count")
+        .expect("answered once the table is unlocked")
+        .expect("the task");
+    assert_listed(&answer, field);
+}
+
+fn assert_listed(answer: &GqlResponse, field: &str) {
+    assert!(answer.code().is_none(), "{}", answer.body);
+    assert!(answer.data()[field]["edges"].is_array(), "{}", answer.body);
 }
 
 /// One user's fan-out holds only their own catalogue connections
@@ -1497,85 +1569,34 @@ async fn waiting_on_locks(db: &sea_orm::DatabaseConnection) -> i64 {
 /// changes) and the other user waits: what every user saw before the lanes.
 #[tokio::test]
 async fn one_users_fan_out_leaves_catalogue_connections_to_everybody_else() {
-    use sea_orm::{ConnectionTrait, TransactionTrait};
     const AUDIT: &str = "{ auditLog(first: 5) { edges { node { id } } } }";
-    let within = Duration::from_secs(20);
+    const TASKS: &str = "{ tasks(first: 5) { edges { node { name } } } }";
     for (lanes, held, served) in [(4, 4, true), (20, 19, false)] {
-        let api = TestApi::start_with(|c| c.db_connections_per_user = lanes).await;
-        let alpha = api
-            .tenant_with_cluster("alpha", crate::support::PASSWORD)
-            .await;
-        let beta = api
-            .tenant_with_cluster("beta", crate::support::PASSWORD)
-            .await;
-        let db = sea_orm::Database::connect(&api.state.config.database_url)
-            .await
-            .expect("connect");
-        // Every read of the audit log now waits, holding its connection.
-        let lock = db.begin().await.expect("begin");
-        lock.execute_unprepared("LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
-            .await
-            .expect("lock");
-        let fan_out: Vec<_> = (0..20)
-            .map(|_| {
-                let owner = alpha.owner.clone();
-                tokio::spawn(async move { owner.run(AUDIT, json!({})).await })
-            })
-            .collect();
-        let deadline = tokio::time::Instant::now() + within;
-        while waiting_on_locks(&db).await < held {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the fan-out never took its {held} connections ({} waiting)",
-                waiting_on_locks(&db).await
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let locked = LockedAuditLog::start(|c| c.db_connections_per_user = lanes).await;
+        let fan_out: Vec<_> = (0..20).map(|_| spawn_query(&locked.alpha, AUDIT)).collect();
+        locked.until_waiting(held).await;
 
-        let other = beta.owner.clone();
-        let mut tasks = tokio::spawn(async move {
-            other
-                .run("{ tasks(first: 5) { edges { node { name } } } }", json!({}))
-                .await
-        });
-        let answered = tokio::time::timeout(Duration::from_secs(3), &mut tasks).await;
+        let mut tasks = spawn_query(&locked.beta, TASKS);
+        let at_once = tokio::time::timeout(Duration::from_secs(3), &mut tasks).await;
         assert_eq!(
-            answered.is_ok(),
+            at_once.is_ok(),
             served,
             "with {lanes} connections per user, another user is served at once: {served}"
         );
         assert_eq!(
-            waiting_on_locks(&db).await,
+            locked.waiting().await,
             held,
             "the fan-out holds no more than its lanes"
         );
 
         // Unlocked: nothing was lost on either side.
-        lock.rollback().await.expect("unlock");
-        let listed = match answered {
-            Ok(answer) => answer.expect("the task"),
-            Err(_) => tokio::time::timeout(within, tasks)
-                .await
-                .expect("served once a connection is free")
-                .expect("the task"),
-        };
-        assert!(listed.code().is_none(), "{}", listed.body);
-        assert!(
-            listed.data()["tasks"]["edges"].is_array(),
-            "{}",
-            listed.body
-        );
+        locked.unlock().await;
+        match at_once {
+            Ok(listed) => assert_listed(&listed.expect("the task"), "tasks"),
+            Err(_) => answered(tasks, "tasks").await,
+        }
         for read in fan_out {
-            let answer = tokio::time::timeout(within, read)
-                .await
-                .expect("every read of the fan-out is answered")
-                .expect("the task");
-            assert!(answer.code().is_none(), "{}", answer.body);
-            assert!(
-                answer.data()["auditLog"]["edges"].is_array(),
-                "{}",
-                answer.body
-            );
+            answered(read, "auditLog").await;
         }
     }
 }
@@ -1586,70 +1607,28 @@ async fn one_users_fan_out_leaves_catalogue_connections_to_everybody_else() {
 /// the first user's light requests are not held up.
 #[tokio::test]
 async fn a_callers_heavy_operations_take_turns() {
-    use sea_orm::{ConnectionTrait, TransactionTrait};
     const HEAVY: &str = "{ auditLog(first: 100) { edges { node { id } } } }";
-    let within = Duration::from_secs(20);
-    let api = TestApi::start_with(|c| c.query_heavy_complexity = 50).await;
-    let alpha = api
-        .tenant_with_cluster("alpha", crate::support::PASSWORD)
-        .await;
-    let beta = api
-        .tenant_with_cluster("beta", crate::support::PASSWORD)
-        .await;
-    let db = sea_orm::Database::connect(&api.state.config.database_url)
-        .await
-        .expect("connect");
-    let lock = db.begin().await.expect("begin");
-    lock.execute_unprepared("LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("lock");
-    let until_waiting = |n: i64| {
-        let db = db.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + within;
-            while waiting_on_locks(&db).await < n {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "never {n} reads waiting ({} are)",
-                    waiting_on_locks(&db).await
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    let heavy = |owner: &cloudtask_testkit::Gql| {
-        let owner = owner.clone();
-        tokio::spawn(async move { owner.run(HEAVY, json!({})).await })
-    };
-    let alphas: Vec<_> = (0..3).map(|_| heavy(&alpha.owner)).collect();
-    until_waiting(1).await;
-    let betas = heavy(&beta.owner);
-    until_waiting(2).await;
+    let locked = LockedAuditLog::start(|c| c.query_heavy_complexity = 50).await;
+    let alphas: Vec<_> = (0..3).map(|_| spawn_query(&locked.alpha, HEAVY)).collect();
+    locked.until_waiting(1).await;
+    let beta = spawn_query(&locked.beta, HEAVY);
+    locked.until_waiting(2).await;
 
     let me = tokio::time::timeout(
         Duration::from_secs(3),
-        alpha.owner.run("{ me { email } }", json!({})),
+        locked.alpha.run("{ me { email } }", json!({})),
     )
     .await
     .expect("a light request of the same user is not held up");
     assert!(me.data()["me"]["email"].is_string(), "{}", me.body);
     assert_eq!(
-        waiting_on_locks(&db).await,
+        locked.waiting().await,
         2,
         "one heavy read per user at a time"
     );
 
-    lock.rollback().await.expect("unlock");
-    for read in alphas.into_iter().chain([betas]) {
-        let answer = tokio::time::timeout(within, read)
-            .await
-            .expect("every heavy read is answered in its turn")
-            .expect("the task");
-        assert!(answer.code().is_none(), "{}", answer.body);
-        assert!(
-            answer.data()["auditLog"]["edges"].is_array(),
-            "{}",
-            answer.body
-        );
+    locked.unlock().await;
+    for read in alphas.into_iter().chain([beta]) {
+        answered(read, "auditLog").await;
     }
 }
