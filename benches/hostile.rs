@@ -13,6 +13,9 @@
 //! - the same VIEWER opening 50 sockets with 100 `runLogs` subscriptions each (5,000),
 //!   never reading what they are sent.
 //!
+//! Beside the legitimate user, the machine's floor: `GET /healthz` at the same pace, at
+//! rest and under attack (the attackers run on the same two cores as the server).
+//!
 //! Then everything stops and, `SETTLE` seconds later, the memory is read again. Targets
 //! (issue 16): peak − idle ≤ 512 MiB, after − idle ≤ 128 MiB, p99 under attack ≤ 5 × p99
 //! at rest. `CLOUDTASK_BENCH_ONLY=logins,uploads,nesting,answers,sockets` picks attacks.
@@ -58,7 +61,10 @@ async fn main() {
     let stop = AtomicBool::new(false);
     legitimate(&http, &url, &seeded.owner, Duration::from_secs(3), &stop).await;
     let idle = server.rss();
-    let rest = legitimate(&http, &url, &seeded.owner, Duration::from_secs(15), &stop).await;
+    let (rest, floor_rest) = tokio::join!(
+        legitimate(&http, &url, &seeded.owner, Duration::from_secs(15), &stop),
+        floor(&url, Duration::from_secs(15), &stop),
+    );
     let idle = idle.max(server.rss());
 
     // Under attack.
@@ -124,7 +130,11 @@ async fn main() {
             }
         })
     };
-    let during = legitimate(&http, &url, &seeded.owner, ATTACK, &AtomicBool::new(false)).await;
+    let measuring = AtomicBool::new(false);
+    let (during, floor_during) = tokio::join!(
+        legitimate(&http, &url, &seeded.owner, ATTACK, &measuring),
+        floor(&url, ATTACK, &measuring),
+    );
     stop.store(true, Ordering::Relaxed);
     sampler.await.unwrap();
     attacks.abort_all();
@@ -175,6 +185,20 @@ async fn main() {
         "| p99 under attack ÷ p99 at rest | {:.2} | ≤ 5: {} |",
         during_p99 / rest_p99,
         verdict(during_p99 <= 5.0 * rest_p99)
+    );
+    let floor_ratio =
+        percentile(&floor_during, 0.99).as_secs_f64() / percentile(&floor_rest, 0.99).as_secs_f64();
+    println!(
+        "| floor: /healthz at rest p50 / p99 → under attack p50 / p99 | {:.2} / {:.2} → {:.2} / {:.2} ms | |",
+        ms(percentile(&floor_rest, 0.5)),
+        ms(percentile(&floor_rest, 0.99)),
+        ms(percentile(&floor_during, 0.5)),
+        ms(percentile(&floor_during, 0.99)),
+    );
+    println!("| floor's p99 under attack ÷ at rest | {floor_ratio:.2} | |");
+    println!(
+        "| tasks' p99 ratio ÷ the floor's | {:.2} | |",
+        during_p99 / rest_p99 / floor_ratio
     );
     println!("| answering /healthz after the attacks | {alive} | true |");
     println!(
@@ -349,6 +373,47 @@ async fn legitimate(
     time: Duration,
     stop: &AtomicBool,
 ) -> Vec<Duration> {
+    paced("tasks(first: 50)", time, stop, || async {
+        let answer = http
+            .post(format!("{url}/graphql"))
+            .bearer_auth(token)
+            .json(&json!({ "query": TASKS_QUERY }))
+            .send()
+            .await;
+        match answer {
+            Ok(answer) => answer.json::<Value>().await.is_ok_and(|body| {
+                body["data"]["tasks"]["edges"]
+                    .as_array()
+                    .is_some_and(|e| e.len() == 50)
+            }),
+            Err(_) => false,
+        }
+    })
+    .await
+}
+
+/// The machine's floor beside it: `GET /healthz` (no catalogue, no GraphQL) at the same
+/// pace, from a client of its own. What it loses under attack is what the machine's two
+/// cores, shared by the attackers, the server and Postgres, take from any answer.
+async fn floor(url: &str, time: Duration, stop: &AtomicBool) -> Vec<Duration> {
+    let http = reqwest::Client::new();
+    paced("/healthz", time, stop, || async {
+        let answer = http.get(format!("{url}/healthz")).send().await;
+        match answer {
+            Ok(answer) => answer.status().is_success() && answer.bytes().await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+}
+
+/// `ask` one at a time at `PACE` for `time`; each answer's latency, sorted (a failed
+/// answer counts too, and is reported).
+async fn paced<F, A>(what: &str, time: Duration, stop: &AtomicBool, mut ask: F) -> Vec<Duration>
+where
+    F: FnMut() -> A,
+    A: std::future::Future<Output = bool>,
+{
     let end = Instant::now() + time;
     let mut latencies = Vec::new();
     let mut failures = 0;
@@ -356,20 +421,7 @@ async fn legitimate(
     while Instant::now() < end && !stop.load(Ordering::Relaxed) {
         next += PACE;
         let start = Instant::now();
-        let answer = http
-            .post(format!("{url}/graphql"))
-            .bearer_auth(token)
-            .json(&json!({ "query": TASKS_QUERY }))
-            .send()
-            .await;
-        let ok = match answer {
-            Ok(answer) => answer.json::<Value>().await.is_ok_and(|body| {
-                body["data"]["tasks"]["edges"]
-                    .as_array()
-                    .is_some_and(|e| e.len() == 50)
-            }),
-            Err(_) => false,
-        };
+        let ok = ask().await;
         latencies.push(start.elapsed());
         if !ok {
             failures += 1;
@@ -377,10 +429,7 @@ async fn legitimate(
         tokio::time::sleep_until(next).await;
     }
     if failures > 0 {
-        println!(
-            "the legitimate user got {failures} failed answers of {}",
-            latencies.len()
-        );
+        println!("{what}: {failures} failed answers of {}", latencies.len());
     }
     latencies.sort();
     latencies
