@@ -19,6 +19,8 @@ pub struct PrivateZooKeeper {
     child: Option<std::process::Child>,
     /// The CA that signed the server's certificate, when it serves TLS only.
     tls: Option<TestCa>,
+    /// The server's Java heap (`-Xmx`).
+    heap: &'static str,
 }
 
 /// The jars a Netty (TLS) server needs besides ZooKeeper's own (Debian's `netty-all.jar`
@@ -43,6 +45,12 @@ fn free_port() -> u16 {
 
 impl PrivateZooKeeper {
     pub async fn start() -> PrivateZooKeeper {
+        Self::start_with_heap("128m").await
+    }
+
+    /// [`PrivateZooKeeper::start`] with a Java heap of `heap` (`-Xmx`, e.g. `1g`), for
+    /// trees of hundreds of thousands of nodes (benchmarks).
+    pub async fn start_with_heap(heap: &'static str) -> PrivateZooKeeper {
         let port = free_port();
         let dir = Self::folder();
         Self::write_config(
@@ -54,6 +62,7 @@ impl PrivateZooKeeper {
             dir,
             child: None,
             tls: None,
+            heap,
         };
         zk.restart().await;
         zk
@@ -84,6 +93,7 @@ impl PrivateZooKeeper {
             dir,
             child: None,
             tls: Some(ca),
+            heap: "128m",
         };
         zk.restart().await;
         zk
@@ -153,7 +163,7 @@ impl PrivateZooKeeper {
         }
         let log = std::fs::File::create(self.log_file()).expect("zk log");
         let mut command = std::process::Command::new("java");
-        command.arg("-Xmx128m");
+        command.arg(format!("-Xmx{}", self.heap));
         if self.tls.is_some() {
             command.arg(
                 "-Dzookeeper.serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
