@@ -14,7 +14,6 @@ use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-
 use cloudtask_core::Error;
 use serde_json::json;
 
