@@ -573,6 +573,48 @@ async fn an_answer_stops_at_its_size_limit_with_few_errors() {
     still_answers(&world.api.client()).await;
 }
 
+/// The events of a subscription are answers of their own: the size limit holds for each,
+/// not for all of them together. A followed log was cut with `query_max_answer_bytes`
+/// once its lines together passed 16 MiB (about 350,000 short lines).
+#[tokio::test]
+async fn a_followed_log_is_not_cut_when_its_lines_together_pass_the_answer_limit() {
+    let world = World::with_config(|c| c.query_max_answer_bytes = 16 << 10).await;
+    // 100 lines of 1,000 characters: six times the limit together, each far below it.
+    let run = run_with_lines(&world, 100, 1_000).await;
+    let token = world.a.owner.token.clone().unwrap();
+    let mut socket = GqlSocket::connect(&world.api.url, &token).await;
+    socket
+        .subscribe(
+            "follow",
+            "subscription($r: ID!) { runLogs(runId: $r) { offset text } }",
+            json!({ "r": run }),
+        )
+        .await;
+    for offset in 0..100 {
+        match socket.reply("follow", Duration::from_secs(20)).await {
+            Reply::Next(payload) => {
+                assert!(payload.get("errors").is_none(), "line {offset}: {payload}");
+                assert_eq!(payload["data"]["runLogs"]["offset"], offset, "{payload}");
+            }
+            other => panic!("line {offset}: expected it, got {other:?}"),
+        }
+    }
+    // One answer holding them all is still held to the limit.
+    let all = world
+        .a
+        .owner
+        .run(
+            &format!("{{ run(id: \"{run}\") {{ logs(limit: 100) {{ text }} }} }}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(all.expect_code(), "BAD_USER_INPUT", "{}", all.body);
+    assert_eq!(
+        all.body["errors"][0]["extensions"]["limit"],
+        "query_max_answer_bytes"
+    );
+}
+
 /// Batches are bounded in count (10,000 operations once starved the pool) and share one
 /// cost budget (each item used to get a fresh one).
 #[tokio::test]

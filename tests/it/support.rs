@@ -30,7 +30,12 @@ pub const CREATE_TASK: &str = "mutation($input: CreateTaskInput!) {
 
 impl World {
     pub async fn new() -> World {
-        let api = TestApi::start().await;
+        World::with_config(|_| {}).await
+    }
+
+    /// A world whose API runs with `adjust`ed configuration.
+    pub async fn with_config(adjust: impl FnOnce(&mut cloudtask_core::config::Config)) -> World {
+        let api = TestApi::start_with(adjust).await;
         api.create_user(ADMIN_EMAIL, PASSWORD, true).await;
         let admin = api.login(ADMIN_EMAIL, PASSWORD, None).await;
         let a = Self::tenant(&api, &admin, "alpha").await;

@@ -85,8 +85,8 @@ impl ExtensionFactory for Costs {
 
 struct CostExtension {
     costs: Costs,
-    /// Answers are counted for queries and mutations (`execute`), not for the events of
-    /// a subscription, which are answers of their own over time.
+    /// Answers are counted inside `execute`: a query or mutation, or one event of a
+    /// subscription (each event is executed, and counted, on its own).
     counting: AtomicBool,
     /// This operation's cost, once validated.
     complexity: AtomicUsize,
@@ -135,8 +135,7 @@ fn leaf_bytes(value: &Value) -> usize {
 
 #[async_graphql::async_trait::async_trait]
 impl Extension for CostExtension {
-    /// A query or mutation, over HTTP or a socket (a subscription's events are resolved
-    /// outside this hook, each an answer of its own).
+    /// A query or mutation, over HTTP or a socket, or one event of a subscription.
     async fn execute(
         &self,
         ctx: &ExtensionContext<'_>,
@@ -144,6 +143,12 @@ impl Extension for CostExtension {
         next: NextExecute<'_>,
     ) -> Response {
         self.counting.store(true, Ordering::Relaxed);
+        if ctx.data_opt::<Spent>().is_none() {
+            // Not part of an HTTP batch: this one answer is all that counts. The events of
+            // a subscription come through here one by one, each an answer of its own: a
+            // followed log is not cut once its lines together pass the limit.
+            self.own.0.answer_bytes.store(0, Ordering::Relaxed);
+        }
         if self.complexity.load(Ordering::Relaxed) >= self.costs.heavy_complexity
             && let (Some(state), Some(request)) = (
                 ctx.data_opt::<Arc<crate::AppState>>(),
