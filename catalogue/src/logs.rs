@@ -34,9 +34,14 @@ pub(crate) fn log_row(run_id: RunId, line: &LogLine) -> run_log_line::ActiveMode
         offset: Set(line.offset as i64),
         stream: Set(line.stream.as_str().into()),
         at: Set(line.at),
-        // Postgres text cannot hold NUL: written as workers escape it (`\x00`).
-        line: Set(line.text.replace('\0', "\\x00")),
+        line: Set(stored_text(&line.text)),
     }
+}
+
+/// A line's text as stored: Postgres text cannot hold NUL, written as workers escape it
+/// (`\x00`).
+pub(crate) fn stored_text(text: &str) -> String {
+    text.replace('\0', "\\x00")
 }
 
 impl Catalogue {

@@ -8,11 +8,13 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use cloudtask_core::ids::RunId;
 use cloudtask_core::protocol::Report;
-use cloudtask_core::run::{Outcome, RunReason, RunStatus, RunTrigger};
+use cloudtask_core::run::{LogLine, Outcome, RunReason, RunStatus, RunTrigger};
 use cloudtask_core::task::TaskState;
 use cloudtask_core::{Error, Result};
-use sea_orm::sea_query::{CaseStatement, Expr, SimpleExpr};
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::sea_query::{ArrayType, CaseStatement, Expr, SimpleExpr};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect, Statement,
+};
 use uuid::Uuid;
 
 use super::lost::queue_retries;
@@ -21,7 +23,7 @@ use super::{run_event, tasks_by_id};
 use crate::entities::{run, run_log_line, task};
 use crate::error::DbResult;
 use crate::live_events::{Event, Outgoing};
-use crate::logs::{MAX_LOG_BATCH, log_row};
+use crate::logs::{MAX_LOG_BATCH, log_row, stored_text};
 use crate::{ClusterHandle, notifications, now};
 
 /// Runs updated by one statement in a batch: each column's value is a CASE over the run
@@ -339,7 +341,7 @@ async fn store_lines(conn: &impl ConnectionTrait, reports: &[&Report]) -> DbResu
     let mut stored: Vec<(RunId, u64)> = Vec::new();
     for report in reports {
         if let Report::Logs { run, lines } = report {
-            rows.extend(lines.iter().map(|line| log_row(*run, line)));
+            rows.extend(lines.iter().map(|line| (*run, line)));
             if let Some(next) = lines.iter().map(|l| l.offset + 1).max() {
                 match stored.iter_mut().find(|(r, _)| r == run) {
                     Some((_, n)) => *n = (*n).max(next),
@@ -352,6 +354,14 @@ async fn store_lines(conn: &impl ConnectionTrait, reports: &[&Report]) -> DbResu
     for (run, next) in stored {
         events.add(Event::Logs { run, next });
     }
+    if rows.is_empty() {
+        return Ok(events);
+    }
+    if conn.get_database_backend() == DbBackend::Postgres {
+        conn.execute_raw(insert_lines_statement(&rows)).await?;
+        return Ok(events);
+    }
+    let rows: Vec<_> = rows.iter().map(|(run, line)| log_row(*run, line)).collect();
     for chunk in rows.chunks(1_000) {
         run_log_line::Entity::insert_many(chunk.to_vec())
             .on_conflict_do_nothing_on([run_log_line::Column::RunId, run_log_line::Column::Offset])
@@ -359,6 +369,41 @@ async fn store_lines(conn: &impl ConnectionTrait, reports: &[&Report]) -> DbResu
             .await?;
     }
     Ok(events)
+}
+
+/// Every line of a batch in one statement of five arrays (Postgres): the same text for
+/// every batch, so it is planned once per connection, where a multi-row insert has a new
+/// statement (and plan) for every row count and binds five values a line.
+fn insert_lines_statement(rows: &[(RunId, &LogLine)]) -> Statement {
+    fn array(kind: ArrayType, values: impl Iterator<Item = sea_orm::Value>) -> sea_orm::Value {
+        sea_orm::Value::Array(kind, Some(Box::new(values.collect())))
+    }
+    let line = |(_, line): &(RunId, &LogLine)| stored_text(&line.text);
+    Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        r#"INSERT INTO run_log_lines (run_id, "offset", stream, at, line)
+           SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::timestamptz[], $5::text[])
+           ON CONFLICT (run_id, "offset") DO NOTHING"#,
+        [
+            array(
+                ArrayType::Uuid,
+                rows.iter().map(|(run, _)| Uuid::from(*run).into()),
+            ),
+            array(
+                ArrayType::BigInt,
+                rows.iter().map(|(_, l)| (l.offset as i64).into()),
+            ),
+            array(
+                ArrayType::String,
+                rows.iter().map(|(_, l)| l.stream.as_str().into()),
+            ),
+            array(
+                ArrayType::ChronoDateTimeUtc,
+                rows.iter().map(|(_, l)| l.at.into()),
+            ),
+            array(ArrayType::String, rows.iter().map(|r| line(r).into())),
+        ],
+    )
 }
 
 /// `column = CASE id WHEN .. THEN .. END` over the runs of one batch.
