@@ -171,7 +171,12 @@ pub struct Started {
 /// One thing a worker reports about a run: when its process started (a fire is claimed
 /// ahead of its time), that a claimed fire was not started, a batch of its log lines, or
 /// how it ended. Reports of one run are delivered in the order they were made.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// On the wire an object tagged by `kind` (`{"kind":"logs","run":…,"lines":[…]}`). It is
+/// read by [`Report`]'s own `Deserialize`, field by field in any order, straight into
+/// its values: serde's derive for a tagged enum would first copy the whole object (every
+/// line of a batch) into a buffer of its own, a second parse of every log line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum Report {
     Started {
@@ -203,6 +208,97 @@ impl Report {
             | Report::Logs { run, .. }
             | Report::Finish { run, .. } => *run,
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Report {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Report, D::Error> {
+        deserializer.deserialize_map(ReportVisitor)
+    }
+}
+
+/// The kinds of [`Report`], as tagged on the wire.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum ReportKind {
+    Started,
+    Abandon,
+    Logs,
+    Finish,
+}
+
+/// The fields of every kind of [`Report`]: a field has one type whatever the kind, so each
+/// is read as it comes, before or after the tag. Fields a kind does not have are ignored,
+/// as serde's derive does.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum ReportField {
+    Kind,
+    Run,
+    At,
+    Reason,
+    Lines,
+    Outcome,
+    #[serde(other)]
+    Other,
+}
+
+struct ReportVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ReportVisitor {
+    type Value = Report;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a run report: an object with a kind")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Report, A::Error> {
+        use serde::de::Error;
+        fn once<'de, A: serde::de::MapAccess<'de>, T: Deserialize<'de>>(
+            map: &mut A,
+            slot: &mut Option<T>,
+            name: &'static str,
+        ) -> Result<(), A::Error> {
+            if slot.is_some() {
+                return Err(A::Error::duplicate_field(name));
+            }
+            *slot = Some(map.next_value()?);
+            Ok(())
+        }
+        let (mut kind, mut run, mut at, mut reason, mut lines, mut outcome) =
+            (None, None, None, None, None, None);
+        while let Some(field) = map.next_key::<ReportField>()? {
+            match field {
+                ReportField::Kind => once(&mut map, &mut kind, "kind")?,
+                ReportField::Run => once(&mut map, &mut run, "run")?,
+                ReportField::At => once(&mut map, &mut at, "at")?,
+                ReportField::Reason => once(&mut map, &mut reason, "reason")?,
+                ReportField::Lines => once(&mut map, &mut lines, "lines")?,
+                ReportField::Outcome => once(&mut map, &mut outcome, "outcome")?,
+                ReportField::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let run = run.ok_or_else(|| A::Error::missing_field("run"))?;
+        Ok(match kind.ok_or_else(|| A::Error::missing_field("kind"))? {
+            ReportKind::Started => Report::Started {
+                run,
+                at: at.ok_or_else(|| A::Error::missing_field("at"))?,
+            },
+            ReportKind::Abandon => Report::Abandon {
+                run,
+                reason: reason.ok_or_else(|| A::Error::missing_field("reason"))?,
+            },
+            ReportKind::Logs => Report::Logs {
+                run,
+                lines: lines.ok_or_else(|| A::Error::missing_field("lines"))?,
+            },
+            ReportKind::Finish => Report::Finish {
+                run,
+                outcome: outcome.ok_or_else(|| A::Error::missing_field("outcome"))?,
+            },
+        })
     }
 }
 
@@ -269,6 +365,65 @@ mod tests {
                 r#"{{"credential":"c","expiresAt":"2030-01-02T03:04:05Z","tenantId":"{tenant}","clusterId":"{cluster}"}}"#
             )
         );
+    }
+
+    /// Reports read back as serde's derive for a tagged enum wrote and read them: the tag
+    /// anywhere, unknown fields ignored, a missing or repeated field refused.
+    #[test]
+    fn reports_read_in_any_field_order_and_as_written() {
+        let run = RunId::new();
+        let at: DateTime<Utc> = "2030-01-02T03:04:05Z".parse().unwrap();
+        let line = LogLine {
+            offset: 7,
+            stream: crate::run::LogStream::Stderr,
+            at,
+            text: "a \"quoted\" line".into(),
+        };
+        let outcome = Outcome {
+            status: RunStatus::Failed,
+            exit_code: Some(3),
+            signal: None,
+            error: Some("exit 3".into()),
+            finished_at: at,
+            reason: None,
+        };
+        let reports = vec![
+            Report::Started { run, at },
+            Report::Abandon {
+                run,
+                reason: "paused".into(),
+            },
+            Report::Logs {
+                run,
+                lines: vec![line.clone(), line],
+            },
+            Report::Finish { run, outcome },
+        ];
+        let written = text(&ReportBatch {
+            reports: reports.clone(),
+        });
+        assert!(written.contains(r#"{"kind":"logs","run":""#), "{written}");
+        let read: ReportBatch = serde_json::from_str(&written).unwrap();
+        assert_eq!(read.reports, reports);
+
+        let moved = json!({ "run": run, "at": at, "extra": [1, 2], "kind": "started" });
+        assert_eq!(
+            serde_json::from_value::<Report>(moved).unwrap(),
+            Report::Started { run, at }
+        );
+        for bad in [
+            json!({ "kind": "started", "run": run }),
+            json!({ "kind": "started", "at": at }),
+            json!({ "run": run, "at": at }),
+            json!({ "kind": "nothing", "run": run, "at": at }),
+        ] {
+            assert!(
+                serde_json::from_value::<Report>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+        let twice = format!(r#"{{"kind":"logs","run":"{run}","lines":[],"lines":[]}}"#);
+        assert!(serde_json::from_str::<Report>(&twice).is_err());
     }
 
     #[test]

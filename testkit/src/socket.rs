@@ -137,6 +137,27 @@ impl GqlSocket {
         }
     }
 
+    /// Reads until the connection ends, with a close frame or without one (as on a
+    /// protocol error), within `within`; the messages the server sent before.
+    pub async fn until_gone(&mut self, within: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut messages = Vec::new();
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("the socket stayed open for {within:?}; it sent {messages:?}")
+                });
+            match frame {
+                Some(Ok(Message::Text(text))) => {
+                    messages.push(serde_json::from_str(&text).expect("JSON"));
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return messages,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// Starts operation `id`.
     pub async fn subscribe(&mut self, id: &str, query: &str, variables: Value) {
         self.send(json!({ "id": id, "type": "subscribe",

@@ -573,6 +573,35 @@ async fn an_answer_stops_at_its_size_limit_with_few_errors() {
     still_answers(&world.api.client()).await;
 }
 
+/// A socket message is held to what an HTTP request may carry (2 MiB): a larger one ends
+/// the connection before it is read whole. Sockets took messages of up to 64 MiB, each
+/// held in memory until parsed; this 3 MiB `connection_init` was acknowledged.
+#[tokio::test]
+async fn a_socket_message_larger_than_a_request_ends_the_connection() {
+    let world = World::new().await;
+    let token = world.a.owner.token.clone().unwrap();
+    let mut socket = GqlSocket::open(&world.api.url).await;
+    socket
+        .send(json!({
+            "type": "connection_init",
+            "payload": { "accessToken": token, "padding": "x".repeat(3 << 20) },
+        }))
+        .await;
+    let said = socket.until_gone(Duration::from_secs(10)).await;
+    assert!(said.is_empty(), "nothing acknowledged: {said:?}");
+    // A message within the limit is served as before.
+    let mut socket = GqlSocket::open(&world.api.url).await;
+    socket
+        .send(json!({
+            "type": "connection_init",
+            "payload": { "accessToken": token, "padding": "x".repeat(1 << 20) },
+        }))
+        .await;
+    let ack = socket.message(Duration::from_secs(10)).await;
+    assert_eq!(ack["type"], "connection_ack", "{ack}");
+    still_answers(&world.api.client()).await;
+}
+
 /// The events of a subscription are answers of their own: the size limit holds for each,
 /// not for all of them together. A followed log was cut with `query_max_answer_bytes`
 /// once its lines together passed 16 MiB (about 350,000 short lines).
