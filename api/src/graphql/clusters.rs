@@ -240,7 +240,8 @@ impl WorkerObj {
     }
     /// How it holds every process of a run and enforces limits, as it detected at its
     /// start: `cgroup-v1 (freezer, pids, memory, cpu)`, `cgroup-v2 (kill, …)` or
-    /// `process-tree (…)` (no cgroups: no memory, CPU or process limits).
+    /// `process-tree (…)` (no cgroups: memory and process limits held by the worker
+    /// sampling `/proc`, no CPU limit).
     async fn containment(&self) -> Option<&str> {
         self.0
             .node

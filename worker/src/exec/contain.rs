@@ -4,8 +4,9 @@
 //! Detected once at the worker's start ([`Containment::detect`]): a cgroup per run when
 //! the machine lets the worker make cgroups (v1 controllers or v2, see [`cgroup`]), else
 //! the run's *process tree*: its process group, its session and every process carrying
-//! its `CLOUDTASK_RUN_ID`, read from `/proc`. The choice is logged and published in the
-//! worker's facts. A run's shell enters its cgroup before it runs anything of the command:
+//! its `CLOUDTASK_RUN_ID`, read from `/proc`, whose memory and processes the worker
+//! samples to hold the run's limits ([`Members::over_limit`]). The choice is logged and
+//! published in the worker's facts. A run's shell enters its cgroup before it runs anything of the command:
 //! it is started holding on its stdin (the staging hold, see [`super::staging`]), moved in,
 //! and only then let go, so nothing it forks is ever outside.
 //!
@@ -59,6 +60,9 @@ struct Inner {
     /// Where the parents are recorded, for the next start after a crash.
     record: Option<PathBuf>,
 }
+
+/// How often the process tree's memory and processes are read, without a cgroup.
+pub(super) const SAMPLE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The file under the data folder that names the worker's cgroup parents.
 const RECORD: &str = "cgroups";
@@ -120,7 +124,7 @@ impl Containment {
     pub fn describe(&self) -> String {
         match &self.0.tree {
             Some(tree) => tree.describe(),
-            None => "process-tree (process group, session, CLOUDTASK_RUN_ID)".into(),
+            None => "process-tree (process group, session, CLOUDTASK_RUN_ID; memory and processes sampled)".into(),
         }
     }
 
@@ -245,6 +249,36 @@ impl Members {
                     let _ = killpg(Pid::from_raw(*group), signal);
                 }
                 procs::signal_each(&procs::run_members(*group, *run), signal);
+            }
+        }
+    }
+
+    /// Ends when the run is over its memory or process limit, where no cgroup holds it:
+    /// its process tree is sampled every [`SAMPLE`] (memory resident in all its processes,
+    /// processes and threads alive at once). Never ends for a cgroup: the kernel enforces
+    /// those limits itself.
+    pub async fn over_limit(&self, limits: &RunLimits) -> RunReason {
+        let (Members::Tree { group, run }, true) = (
+            self,
+            limits.memory_mb.is_some() || limits.max_processes.is_some(),
+        ) else {
+            return std::future::pending().await;
+        };
+        let (group, run) = (*group, *run);
+        let memory = limits.memory_mb.map(|mb| u64::from(mb) << 20);
+        let processes = limits.max_processes.map(u64::from);
+        let mut tick = tokio::time::interval(SAMPLE);
+        loop {
+            tick.tick().await;
+            let usage =
+                tokio::task::spawn_blocking(move || procs::usage(&procs::run_members(group, run)))
+                    .await
+                    .unwrap_or_default();
+            if memory.is_some_and(|m| usage.resident > m) {
+                return RunReason::OomKilled;
+            }
+            if processes.is_some_and(|p| usage.threads > p) {
+                return RunReason::PidsLimit;
             }
         }
     }

@@ -236,11 +236,13 @@ async fn supervise(
         Exited(std::io::Result<std::process::ExitStatus>),
         TimedOut,
         Stopped,
+        OverLimit(RunReason),
     }
     let end = tokio::select! {
         status = child.wait() => End::Exited(status),
         _ = timed_out => End::TimedOut,
         _ = stop.cancelled() => End::Stopped,
+        reason = members.over_limit(&spec.limits) => End::OverLimit(reason),
     };
     let (status, note, error) = match end {
         End::Exited(status) => {
@@ -258,6 +260,23 @@ async fn supervise(
             if let Some(note) = contain::limited(&mut result, &members) {
                 lines.system(note).await;
             }
+            return ended(result, readers).await;
+        }
+        End::OverLimit(reason) => {
+            // As the kernel would end it: at once, no grace.
+            members.kill();
+            let exited = terminate_group(&members, limits, hurry, &mut child, false).await;
+            let mut result = exited
+                .map(exit_outcome)
+                .unwrap_or_else(|| outcome(RunStatus::Failed, None, None, None));
+            contain::ended_by(&mut result, reason);
+            let limit = match reason {
+                RunReason::OomKilled => "memory limit",
+                _ => "process limit",
+            };
+            let note = format!("the run went over its {limit}: the worker killed it");
+            result.error = Some(note.clone());
+            lines.system(note).await;
             return ended(result, readers).await;
         }
         End::TimedOut => {
@@ -390,6 +409,60 @@ mod tests {
             }
         }
         (outcome, lines)
+    }
+
+    /// Without a cgroup the worker holds a run's memory and process limits itself, from
+    /// `/proc`: a memory hog and a run that starts too many processes are killed, FAILED
+    /// with their reason, within a moment and with nothing of them left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_cgroups_a_run_over_its_memory_or_process_limit_is_killed() {
+        let cases = [
+            (
+                "python3 -c 'import time; held = b\"x\" * (200 << 20); time.sleep(30)'; echo survived",
+                RunLimits {
+                    memory_mb: Some(64),
+                    ..RunLimits::default()
+                },
+                RunReason::OomKilled,
+            ),
+            (
+                "for i in $(seq 40); do sleep 30 & done; wait; echo survived",
+                RunLimits {
+                    max_processes: Some(10),
+                    ..RunLimits::default()
+                },
+                RunReason::PidsLimit,
+            ),
+        ];
+        for (command, run_limits, reason) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (reporter, mut reports) = Reporter::capture();
+            let mut spec = spec(command, dir.path());
+            spec.limits = run_limits;
+            let started = std::time::Instant::now();
+            let outcome = execute(&spec, limits_wide(), &reporter, &never(), &never()).await;
+            let took = started.elapsed();
+            assert_eq!(outcome.status, RunStatus::Failed, "{command}: {outcome:?}");
+            assert_eq!(outcome.reason, Some(reason), "{command}: {outcome:?}");
+            assert!(took < Duration::from_secs(10), "{command}: took {took:?}");
+            assert!(
+                procs::run_members(0, spec.run_id).is_empty(),
+                "{command}: processes of the run are left"
+            );
+            drop(reporter);
+            let mut texts = Vec::new();
+            while let Some(Report::Logs { lines, .. }) = reports.recv().await {
+                texts.extend(lines.into_iter().map(|l| l.text));
+            }
+            assert!(
+                texts.iter().any(|t| t.contains("the worker killed it")),
+                "{command}: {texts:?}"
+            );
+            assert!(
+                !texts.iter().any(|t| t == "survived"),
+                "{command}: {texts:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -15,6 +15,8 @@ pub(super) struct Stat {
     pub group: i32,
     pub session: i32,
     pub state: char,
+    /// Its threads (1 for a process with no other).
+    pub threads: u64,
 }
 
 impl Stat {
@@ -33,11 +35,44 @@ pub(super) fn stat(pid: i32) -> Option<Stat> {
     let _parent = fields.next()?;
     let group = fields.next()?.parse().ok()?;
     let session = fields.next()?.parse().ok()?;
+    // tty_nr … nice (fields 7–19), then num_threads (20).
+    let threads = fields.nth(13)?.parse().ok()?;
     Some(Stat {
         group,
         session,
         state,
+        threads,
     })
+}
+
+/// What a set of processes holds now.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Usage {
+    /// Resident memory of them all, in bytes (shared pages counted in each).
+    pub resident: u64,
+    /// Their processes and threads.
+    pub threads: u64,
+}
+
+/// The resident memory and threads of `pids` (those gone meanwhile count nothing).
+pub(super) fn usage(pids: &[i32]) -> Usage {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |p| p as u64);
+    let mut usage = Usage::default();
+    for &pid in pids {
+        let Some(stat) = stat(pid) else {
+            continue;
+        };
+        let resident = fs::read_to_string(format!("/proc/{pid}/statm"))
+            .ok()
+            .and_then(|t| t.split(' ').nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0);
+        usage.resident += resident * page;
+        usage.threads += stat.threads;
+    }
+    usage
 }
 
 /// Whether `pid` is a process that has not ended (a zombie has).
