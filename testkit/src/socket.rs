@@ -107,8 +107,28 @@ impl GqlSocket {
     }
 
     /// Reads until the server closes the socket, within `within` in all; panics when it
-    /// stays open.
+    /// stays open, or ends without a close frame.
     pub async fn until_close(&mut self, within: Duration) -> Closed {
+        let (messages, close) = self.read_to_end(within).await;
+        let (code, reason) = close.unwrap_or_else(|| {
+            panic!("the socket ended without a close frame; it sent {messages:?}")
+        });
+        Closed {
+            code,
+            reason,
+            messages,
+        }
+    }
+
+    /// Reads until the connection ends, with a close frame or without one (as on a
+    /// protocol error), within `within`; the messages the server sent before.
+    pub async fn until_gone(&mut self, within: Duration) -> Vec<Value> {
+        self.read_to_end(within).await.0
+    }
+
+    /// The messages until the connection ends (within `within`, else a panic), and the
+    /// close frame's code and reason, if it ended with one.
+    async fn read_to_end(&mut self, within: Duration) -> (Vec<Value>, Option<(u16, String)>) {
         let deadline = tokio::time::Instant::now() + within;
         let mut messages = Vec::new();
         loop {
@@ -122,38 +142,13 @@ impl GqlSocket {
                     messages.push(serde_json::from_str(&text).expect("JSON"));
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = frame
+                    let close = frame
                         .map(|f| (u16::from(f.code), f.reason.to_string()))
                         .unwrap_or((1005, String::new()));
-                    return Closed {
-                        code,
-                        reason,
-                        messages,
-                    };
+                    return (messages, Some(close));
                 }
                 Some(Ok(_)) => continue,
-                other => panic!("the socket ended without a close frame: {other:?}"),
-            }
-        }
-    }
-
-    /// Reads until the connection ends, with a close frame or without one (as on a
-    /// protocol error), within `within`; the messages the server sent before.
-    pub async fn until_gone(&mut self, within: Duration) -> Vec<Value> {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut messages = Vec::new();
-        loop {
-            let frame = tokio::time::timeout_at(deadline, self.socket.next())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("the socket stayed open for {within:?}; it sent {messages:?}")
-                });
-            match frame {
-                Some(Ok(Message::Text(text))) => {
-                    messages.push(serde_json::from_str(&text).expect("JSON"));
-                }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return messages,
-                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return (messages, None),
             }
         }
     }
