@@ -333,8 +333,8 @@ impl ClusterHandle {
     }
 }
 
-/// The log lines of the batch, in one insert per thousand; the events that say how far
-/// each run's lines are stored.
+/// The log lines of the batch, in one statement (Postgres) or one insert per thousand
+/// (SQLite); the events that say how far each run's lines are stored.
 async fn store_lines(conn: &impl ConnectionTrait, reports: &[&Report]) -> DbResult<Outgoing> {
     let mut rows = Vec::new();
     // Per run, the offset after its last line in this batch (for subscribers).
@@ -378,7 +378,6 @@ fn insert_lines_statement(rows: &[(RunId, &LogLine)]) -> Statement {
     fn array(kind: ArrayType, values: impl Iterator<Item = sea_orm::Value>) -> sea_orm::Value {
         sea_orm::Value::Array(kind, Some(Box::new(values.collect())))
     }
-    let line = |(_, line): &(RunId, &LogLine)| stored_text(&line.text);
     Statement::from_sql_and_values(
         DbBackend::Postgres,
         r#"INSERT INTO run_log_lines (run_id, "offset", stream, at, line)
@@ -401,7 +400,10 @@ fn insert_lines_statement(rows: &[(RunId, &LogLine)]) -> Statement {
                 ArrayType::ChronoDateTimeUtc,
                 rows.iter().map(|(_, l)| l.at.into()),
             ),
-            array(ArrayType::String, rows.iter().map(|r| line(r).into())),
+            array(
+                ArrayType::String,
+                rows.iter().map(|(_, l)| stored_text(&l.text).into()),
+            ),
         ],
     )
 }
