@@ -179,7 +179,10 @@ async fn stack(cluster_name: &str) -> Stack {
     let stop = CancellationToken::new();
     let scheduler = cloudtask_scheduler::Scheduler {
         catalogue: api.catalogue.clone(),
-        coordinator: Arc::new(ZkCoordinator::new(zookeeper.clone(), SESSION_TIMEOUT)),
+        // The platform's own credential, as the API's: the tree the API made has ACLs.
+        coordinator: Arc::new(
+            ZkCoordinator::from_config(&api.state.config).expect("the API's ZooKeeper settings"),
+        ),
         identity: "bench".into(),
         sweep: Duration::from_secs(3600),
         writes: Default::default(),

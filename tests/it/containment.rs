@@ -483,3 +483,95 @@ fn carrying(run: &str) -> usize {
         })
         .count()
 }
+
+/// Where no cgroup holds a run (a worker that is not root, or told `process-tree`), the
+/// worker holds the run's memory and process limits itself: it samples the run's
+/// processes and kills a run over either, which ends FAILED with its reason. Runs on any
+/// machine.
+#[tokio::test]
+async fn a_process_tree_worker_ends_a_run_over_its_memory_or_process_limit() {
+    let mut cluster = Cluster::start().await;
+    cluster.start_worker_with(
+        "w1",
+        std::sync::Arc::new(cloudtask_worker::clock::SystemClock),
+        |config| config.containment = "process-tree".into(),
+    );
+    let hog = cluster
+        .create_task(json!({
+            "name": "hog",
+            "schedule": "0 0 1 1 *",
+            "limits": { "memoryMb": 64 },
+            // `tail` holds a line it has not finished: it grows until it is killed.
+            "command": "head -c 4000000000 /dev/zero | tail -n 1 | wc -c; echo survived",
+        }))
+        .await;
+    let crowd = cluster
+        .create_task(json!({
+            "name": "crowd",
+            "schedule": "0 0 1 1 *",
+            "limits": { "maxProcesses": 10 },
+            // 40 sleepers, three of them out of the run's group and session.
+            "command": "for i in $(seq 37); do sleep 30 & done; setsid sleep 31 & nohup sleep 32 >/dev/null & (setsid sleep 33 &) ; wait; echo survived",
+        }))
+        .await;
+    let fine = cluster
+        .create_task(json!({
+            "name": "fine",
+            "schedule": "0 0 1 1 *",
+            "limits": { "memoryMb": 64, "maxProcesses": 10 },
+            "command": "echo alive",
+        }))
+        .await;
+    for t in [&hog, &crowd, &fine] {
+        cluster.wait_assigned(t).await;
+    }
+
+    for (task, reason, what) in [
+        (&hog, "OOM_KILLED", "memory limit"),
+        (&crowd, "PIDS_LIMIT", "process limit"),
+    ] {
+        let run = cluster.run_now(task).await;
+        let runs = cluster
+            .runs_until(task, "the run over its limit to end", |runs| {
+                runs.iter()
+                    .any(|r| r["id"] == run && status(r) != "RUNNING" && status(r) != "QUEUED")
+            })
+            .await;
+        let ended = runs.iter().find(|r| r["id"] == run).unwrap();
+        assert_eq!(status(ended), "FAILED", "{ended:#}");
+        assert_eq!(reason_of(&cluster, &run).await, reason, "{ended:#}");
+        let logs = ended["logs"].as_array().unwrap();
+        assert!(
+            logs.iter()
+                .any(|l| l["stream"] == "SYSTEM" && l["text"].as_str().unwrap().contains(what)),
+            "{ended:#}"
+        );
+        assert!(
+            !logs.iter().any(|l| l["text"] == "survived"),
+            "the command went on after its limit: {ended:#}"
+        );
+        assert_eq!(carrying(&run), 0, "processes of {task} outlived its run");
+    }
+
+    // A run within its limits is untouched.
+    let run = cluster.run_now(&fine).await;
+    cluster
+        .runs_until(&fine, "a run within its limits to succeed", |runs| {
+            runs.iter()
+                .any(|r| r["id"] == run && status(r) == "SUCCEEDED")
+        })
+        .await;
+
+    let workers = cluster
+        .owner
+        .run(
+            "query($id: ID!) { cluster(id: $id) { workers { containment } } }",
+            json!({ "id": cluster.cluster_id }),
+        )
+        .await;
+    let containment = workers.data()["cluster"]["workers"][0]["containment"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(containment.starts_with("process-tree"), "{}", workers.body);
+}

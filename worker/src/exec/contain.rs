@@ -270,10 +270,12 @@ impl Members {
         let mut tick = tokio::time::interval(SAMPLE);
         loop {
             tick.tick().await;
-            let usage =
-                tokio::task::spawn_blocking(move || procs::usage(&procs::run_members(group, run)))
-                    .await
-                    .unwrap_or_default();
+            // Runs sampled at about the same moment share one look at the machine.
+            let usage = tokio::task::spawn_blocking(move || {
+                procs::usage(&procs::scan(SAMPLE / 2).members(group, run))
+            })
+            .await
+            .unwrap_or_default();
             if memory.is_some_and(|m| usage.resident > m) {
                 return RunReason::OomKilled;
             }

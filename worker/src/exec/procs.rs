@@ -2,8 +2,15 @@
 //! ended and only waits for its parent to read its status), and the processes of a run
 //! when the kernel gives no cgroup to hold them (its process group, its session, and any
 //! process still carrying the run's `CLOUDTASK_RUN_ID`).
+//!
+//! Finding a run's processes means looking at every process of the machine. One look
+//! ([`Scan`]) serves every run the worker samples at about the same moment, and a
+//! process's run id is read from its environment once, when it is first seen.
 
+use std::collections::HashMap;
 use std::fs;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cloudtask_core::ids::RunId;
 use nix::sys::signal::{Signal, kill};
@@ -17,6 +24,8 @@ pub(super) struct Stat {
     pub state: char,
     /// Its threads (1 for a process with no other).
     pub threads: u64,
+    /// When it started, in clock ticks since boot: with the pid, names one process.
+    pub started: u64,
 }
 
 impl Stat {
@@ -37,11 +46,14 @@ pub(super) fn stat(pid: i32) -> Option<Stat> {
     let session = fields.next()?.parse().ok()?;
     // tty_nr … nice (fields 7–19), then num_threads (20).
     let threads = fields.nth(13)?.parse().ok()?;
+    // itrealvalue (21), then starttime (22).
+    let started = fields.nth(1)?.parse().ok()?;
     Some(Stat {
         group,
         session,
         state,
         threads,
+        started,
     })
 }
 
@@ -90,30 +102,103 @@ fn all_pids() -> Vec<i32> {
         .collect()
 }
 
-/// Whether the process's environment holds the run's id (what a run's processes inherit
-/// unless they clear their environment).
-fn carries(pid: i32, marker: &[u8]) -> bool {
-    fs::read(format!("/proc/{pid}/environ"))
-        .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == marker))
+/// The run id in a process's environment (what a run's processes inherit unless they
+/// clear their environment): `Some(None)` for an environment without one, `None` when
+/// it could not be read (gone, a kernel thread, or caught in an exec).
+fn run_of(pid: i32) -> Option<Option<Vec<u8>>> {
+    let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    if env.is_empty() {
+        return None;
+    }
+    Some(
+        env.split(|b| *b == 0)
+            .find_map(|var| var.strip_prefix(b"CLOUDTASK_RUN_ID="))
+            .map(<[u8]>::to_vec),
+    )
 }
 
-/// The live processes of a run without a cgroup: its process group, its session (both
-/// led by the run's shell, `group`), and any process carrying the run's id, wherever it
-/// went (`setsid`, a double fork, `nohup`). A program that also clears its environment
-/// escapes this; cgroups hold it.
-pub(super) fn run_members(group: i32, run: RunId) -> Vec<i32> {
-    let marker = format!("CLOUDTASK_RUN_ID={run}").into_bytes();
-    let me = std::process::id() as i32;
-    all_pids()
-        .into_iter()
-        .filter(|&pid| pid != me)
-        .filter(|&pid| {
-            stat(pid).is_some_and(|s| {
-                let led = group > 0 && (s.group == group || s.session == group);
-                s.live() && (led || carries(pid, &marker))
+/// One look at the live processes of the machine (this one left out).
+#[derive(Debug, Default)]
+pub(super) struct Scan {
+    procs: Vec<Seen>,
+}
+
+#[derive(Debug)]
+struct Seen {
+    pid: i32,
+    stat: Stat,
+    run: Option<Arc<[u8]>>,
+}
+
+impl Scan {
+    /// The processes of a run: its process group, its session (both led by the run's
+    /// shell, `group`), and any process carrying the run's id, wherever it went
+    /// (`setsid`, a double fork, `nohup`). A program that also clears its environment
+    /// escapes this; cgroups hold it.
+    pub fn members(&self, group: i32, run: RunId) -> Vec<i32> {
+        let id = run.to_string();
+        self.procs
+            .iter()
+            .filter(|p| {
+                let led = group > 0 && (p.stat.group == group || p.stat.session == group);
+                led || p.run.as_deref() == Some(id.as_bytes())
             })
-        })
-        .collect()
+            .map(|p| p.pid)
+            .collect()
+    }
+}
+
+/// The last scan, and the run ids of the processes it saw (by pid and start time).
+#[derive(Default)]
+struct Scans {
+    last: Option<(Instant, Arc<Scan>)>,
+    runs: HashMap<(i32, u64), Option<Arc<[u8]>>>,
+}
+
+static SCANS: Mutex<Option<Scans>> = Mutex::new(None);
+
+/// The live processes of the machine, seen at most `fresh` ago: runs sampled at about
+/// the same moment share one look. Blocks (reads `/proc`).
+pub(super) fn scan(fresh: Duration) -> Arc<Scan> {
+    let mut scans = SCANS.lock().unwrap_or_else(|e| e.into_inner());
+    let scans = scans.get_or_insert_with(Scans::default);
+    if let Some((at, scan)) = &scans.last
+        && at.elapsed() <= fresh
+    {
+        return scan.clone();
+    }
+    let at = Instant::now();
+    let me = std::process::id() as i32;
+    let mut runs = HashMap::with_capacity(scans.runs.len());
+    let mut procs = Vec::new();
+    for pid in all_pids() {
+        let Some(stat) = stat(pid).filter(|s| s.live() && pid != me) else {
+            continue;
+        };
+        let key = (pid, stat.started);
+        let run = match scans.runs.remove(&key) {
+            Some(known) => Some(known),
+            None => run_of(pid).map(|run| run.map(Arc::from)),
+        };
+        // Unread environments are read again at the next look.
+        if let Some(run) = &run {
+            runs.insert(key, run.clone());
+        }
+        procs.push(Seen {
+            pid,
+            stat,
+            run: run.flatten(),
+        });
+    }
+    scans.runs = runs;
+    let scan = Arc::new(Scan { procs });
+    scans.last = Some((at, scan.clone()));
+    scan
+}
+
+/// The live processes of a run without a cgroup, now (see [`Scan::members`]).
+pub(super) fn run_members(group: i32, run: RunId) -> Vec<i32> {
+    scan(Duration::ZERO).members(group, run)
 }
 
 /// Sends `signal` to each process; a process gone meanwhile is no error.
@@ -151,5 +236,33 @@ mod tests {
         assert!(live(sleeper.id() as i32));
         sleeper.kill().unwrap();
         sleeper.wait().unwrap();
+    }
+
+    #[test]
+    fn a_run_is_found_by_its_group_and_by_its_id_outside_it() {
+        let run = RunId::new();
+        // Its own session and group, carrying the run's id.
+        let mut away = std::process::Command::new("setsid")
+            .args(["sleep", "30"])
+            .env("CLOUDTASK_RUN_ID", run.to_string())
+            .spawn()
+            .unwrap();
+        let pid = away.id() as i32;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !run_members(0, run).contains(&pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the run's process was never found"
+            );
+            std::thread::yield_now();
+        }
+        // Seen again from what the first look read of it; not another run's.
+        assert_eq!(run_members(0, run), vec![pid]);
+        assert!(run_members(0, RunId::new()).is_empty());
+        // Its group, by the group's leader.
+        assert!(run_members(pid, RunId::new()).contains(&pid));
+        away.kill().unwrap();
+        away.wait().unwrap();
+        assert!(run_members(0, run).is_empty());
     }
 }
