@@ -347,7 +347,10 @@ async fn exercise(catalogue: Catalogue) {
         handle.delete_cluster(cluster.id).await,
         Err(cloudtask_core::Error::Conflict(_))
     ));
+    // A run's lines go with it when its task is deleted.
+    assert_eq!(log_lines(&catalogue).await, 2);
     handle.delete_task(task.id).await.unwrap();
+    assert_eq!(log_lines(&catalogue).await, 0, "lines outlived their runs");
     handle.delete_cluster(cluster.id).await.unwrap();
     assert!(
         handle
@@ -361,4 +364,19 @@ async fn exercise(catalogue: Catalogue) {
             .len()
             >= 5
     );
+}
+
+/// Log lines stored, of any run.
+async fn log_lines(catalogue: &Catalogue) -> i64 {
+    use sea_orm::{ConnectionTrait, Statement};
+    let db = catalogue.connection();
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM run_log_lines",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get::<i64>("", "n").unwrap()
 }

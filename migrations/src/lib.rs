@@ -1,6 +1,7 @@
 //! Catalogue migrations. Written with sea-query's schema builder, so the same migrations
-//! create the catalogue on Postgres and on SQLite (standalone mode). The one exception is
-//! row-level security (`m20261215_000001_row_security`), Postgres-only and skipped on
+//! create the catalogue on Postgres and on SQLite (standalone mode). The exceptions are
+//! row-level security (`m20261215_000001_row_security`) and log lines kept without a
+//! foreign key (`m20261217_000001_log_lines_without_fk`), Postgres-only and skipped on
 //! SQLite; other Postgres-only features (LISTEN/NOTIFY for the scheduler) go behind one
 //! module of the catalogue crate, with an in-process stand-in for SQLite.
 
@@ -11,6 +12,7 @@ mod m20261201_000001_run_control;
 mod m20261202_000001_notifications;
 mod m20261215_000001_row_security;
 mod m20261216_000001_run_limits;
+mod m20261217_000001_log_lines_without_fk;
 pub mod row_security;
 
 pub struct Migrator;
@@ -24,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000001_notifications::Migration),
             Box::new(m20261215_000001_row_security::Migration),
             Box::new(m20261216_000001_run_limits::Migration),
+            Box::new(m20261217_000001_log_lines_without_fk::Migration),
         ]
     }
 }

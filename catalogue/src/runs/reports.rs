@@ -11,7 +11,7 @@ use cloudtask_core::protocol::Report;
 use cloudtask_core::run::{LogLine, Outcome, RunReason, RunStatus, RunTrigger};
 use cloudtask_core::task::TaskState;
 use cloudtask_core::{Error, Result};
-use sea_orm::sea_query::{ArrayType, CaseStatement, Expr, SimpleExpr};
+use sea_orm::sea_query::{ArrayType, CaseStatement, Expr, LockType, SimpleExpr};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect, Statement,
 };
@@ -72,7 +72,9 @@ impl ClusterHandle {
         Ok(())
     }
 
-    /// The runs of the batch that are this cluster's.
+    /// The runs of the batch that are this cluster's, held (`FOR KEY SHARE`, on Postgres)
+    /// until the batch commits: a run is not deleted under lines being stored for it (its
+    /// lines have no foreign key, see the `log_lines_without_fk` migration).
     async fn known_runs(
         &self,
         conn: &impl ConnectionTrait,
@@ -86,6 +88,7 @@ impl ClusterHandle {
             .select_only()
             .column(run::Column::Id)
             .filter(run::Column::Id.is_in(runs))
+            .lock(LockType::KeyShare)
             .into_tuple::<Uuid>()
             .all(conn)
             .await?
