@@ -187,6 +187,7 @@ async fn stack(cluster_name: &str) -> Stack {
         sweep: Duration::from_secs(3600),
         writes: Default::default(),
         notifier: None,
+        pruning: None,
     };
     tokio::spawn(scheduler.run(stop.clone()));
     // What the scenario before left for Postgres to flush is flushed now, not during

@@ -164,6 +164,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 sweep: cloudtask_scheduler::SWEEP,
                 writes: Arc::default(),
                 notifier: Some(notifier),
+                pruning: cloudtask_scheduler::retention::Pruning::from_config(&config),
             };
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -66,6 +66,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             catalogue.clone(),
             &config,
         )?),
+        pruning: cloudtask_scheduler::retention::Pruning::from_config(&config),
     };
     let scheduler = tokio::spawn(scheduler.run(scheduler_stop.clone()));
 

@@ -14,6 +14,10 @@ pub mod tenant {
         pub notify_emails: Option<Json>,
         pub webhook_url: Option<String>,
         pub webhook_secret: Option<String>,
+        /// The tenant's own retention horizons (`Retention`); null: the platform's.
+        pub retention: Option<Json>,
+        /// What the last pruning pass deleted (`Pruned`).
+        pub last_prune: Option<Json>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -283,6 +287,8 @@ pub mod run {
         pub stop_requested_at: Option<DateTimeUtc>,
         /// `RunReason` text: why it ended as it did (e.g. the limit that ended it).
         pub reason: Option<String>,
+        /// When retention deleted its lines (its outcome is kept).
+        pub logs_pruned_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

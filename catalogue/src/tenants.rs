@@ -115,6 +115,8 @@ impl Catalogue {
                 notify_emails: Set(None),
                 webhook_url: Set(None),
                 webhook_secret: Set(None),
+                retention: Set(None),
+                last_prune: Set(None),
             })
             .exec_with_returning(txn)
             .await

@@ -51,6 +51,20 @@ pub struct Config {
     /// A queued run (manual, or a retry) that no worker has taken within this long ends
     /// FAILED with reason QUEUE_EXPIRED, and is mailed like a failure (scheduler).
     pub queue_expiry_secs: u64,
+    /// Runs created more than this many days ago are deleted with their lines; the
+    /// longest a tenant may keep them (0: no horizon). Pruned by the scheduler leader.
+    pub retention_run_days: u32,
+    /// Runs of a task beyond its newest this many are deleted (0: no cap).
+    pub retention_runs_per_task: u32,
+    /// The lines of runs created more than this many days ago are deleted, their
+    /// outcomes kept (0: no horizon).
+    pub retention_log_days: u32,
+    /// Audit entries older than this many days are deleted (0: no horizon).
+    pub retention_audit_days: u32,
+    /// How often the scheduler leader prunes (0: never).
+    pub retention_interval_secs: u64,
+    /// Rows one pruning statement deletes at most: each is its own short transaction.
+    pub retention_batch: u32,
     /// The API a worker talks to.
     pub api_url: String,
     /// The join token a worker presents for its cluster.
@@ -180,6 +194,12 @@ impl Default for Config {
             smtp_timeout_secs: 30,
             notify_digest_window_secs: 60,
             queue_expiry_secs: 300,
+            retention_run_days: 90,
+            retention_runs_per_task: 10_000,
+            retention_log_days: 30,
+            retention_audit_days: 365,
+            retention_interval_secs: 300,
+            retention_batch: 1_000,
             api_url: "http://127.0.0.1:8080".into(),
             cluster_token: None,
             data_dir: PathBuf::from("./cloudtask-data"),
@@ -445,6 +465,27 @@ impl Config {
                  signed the servers' certificates)",
             ));
         }
+        for (key, days) in [
+            ("retention_run_days", self.retention_run_days),
+            ("retention_log_days", self.retention_log_days),
+            ("retention_audit_days", self.retention_audit_days),
+        ] {
+            if days > crate::retention::MAX_DAYS {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "must be at most {} (0: no horizon)",
+                        crate::retention::MAX_DAYS
+                    ),
+                ));
+            }
+        }
+        if !(1..=100_000).contains(&self.retention_batch) {
+            return Err(ConfigError::new(
+                "retention_batch",
+                "must be between 1 and 100000",
+            ));
+        }
         if !(1_000..=600_000).contains(&self.zookeeper_session_timeout_ms) {
             return Err(ConfigError::new(
                 "zookeeper_session_timeout_ms",
@@ -502,6 +543,16 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The platform's retention horizons.
+    pub fn retention(&self) -> crate::retention::Retention {
+        crate::retention::Retention::from_config(
+            self.retention_run_days,
+            self.retention_runs_per_task,
+            self.retention_log_days,
+            self.retention_audit_days,
+        )
     }
 
     /// Where runs work (`run_dir`, or its default).

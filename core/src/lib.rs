@@ -10,6 +10,7 @@ pub mod ids;
 pub mod limits;
 pub mod net;
 pub mod protocol;
+pub mod retention;
 pub mod roles;
 pub mod run;
 pub mod schedule;

@@ -35,7 +35,9 @@ impl Role {
         match action {
             Read => true,
             RunTask | StopRun | PauseTask | EditTask | UploadPackage => self <= Role::Operator,
-            ManageClusters | ManageMembers | ReadAudit | ManageNotifications => self <= Role::Admin,
+            ManageClusters | ManageMembers | ReadAudit | ManageNotifications | ManageRetention => {
+                self <= Role::Admin
+            }
             // Only an owner may make or unmake owners (or change an owner's role).
             ManageOwners => self == Role::Owner,
         }
@@ -62,6 +64,8 @@ pub enum Action {
     ReadAudit,
     /// Set the tenant's default recipients and webhook.
     ManageNotifications,
+    /// Set how long the tenant's runs, lines and audit entries are kept.
+    ManageRetention,
 }
 
 #[cfg(test)]
@@ -82,6 +86,7 @@ mod tests {
             Action::ManageOwners,
             Action::ReadAudit,
             Action::ManageNotifications,
+            Action::ManageRetention,
         ];
         for action in actions {
             for pair in Role::ALL.windows(2) {

@@ -13,6 +13,7 @@ mod m20261202_000001_notifications;
 mod m20261215_000001_row_security;
 mod m20261216_000001_run_limits;
 mod m20261217_000001_log_lines_without_fk;
+mod m20261218_000001_retention;
 pub mod row_security;
 
 pub struct Migrator;
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261215_000001_row_security::Migration),
             Box::new(m20261216_000001_run_limits::Migration),
             Box::new(m20261217_000001_log_lines_without_fk::Migration),
+            Box::new(m20261218_000001_retention::Migration),
         ]
     }
 }

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod election;
 pub mod notify;
 mod outbound;
+pub mod retention;
 pub mod ring;
 
 use std::collections::{BTreeMap, HashSet};
@@ -41,6 +42,8 @@ pub struct Scheduler {
     pub writes: Arc<AtomicU64>,
     /// Delivers the notification outbox while this replica leads (None: not here).
     pub notifier: Option<notify::Notifier>,
+    /// Prunes the tenants' history while this replica leads (None: not here).
+    pub pruning: Option<retention::Pruning>,
 }
 
 /// Why a leadership term ended.
@@ -106,6 +109,9 @@ impl Scheduler {
         let _end_of_term = term.clone().drop_guard();
         if let Some(notifier) = &self.notifier {
             tokio::spawn(notifier.clone().run(term.clone()));
+        }
+        if let Some(pruning) = &self.pruning {
+            tokio::spawn(pruning.clone().run(self.catalogue.clone(), term.clone()));
         }
         let changes = self.catalogue.listen_changes().await.ok();
         let fence = Fence {

@@ -101,6 +101,7 @@ fn start_scheduler(setup: &Setup, identity: &str) -> (CancellationToken, Arc<Ato
         sweep: Duration::from_secs(3600),
         writes: writes.clone(),
         notifier: None,
+        pruning: None,
     };
     tokio::spawn(scheduler.run(shutdown.clone()));
     (shutdown, writes)

@@ -67,6 +67,7 @@ async fn workers_and_assigned_worker_are_visible() {
         sweep: Duration::from_secs(3600),
         writes: Arc::default(),
         notifier: None,
+        pruning: None,
     };
     tokio::spawn(scheduler.run(shutdown.clone()));
     let worker = coordinator.connect().await.unwrap();

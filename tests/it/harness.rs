@@ -39,6 +39,8 @@ pub struct Options {
     pub notify: Vec<(&'static str, String)>,
     /// `queue_expiry_secs` (default: the configuration's).
     pub queue_expiry_secs: Option<u64>,
+    /// How the in-process scheduler prunes while it leads (default: it does not).
+    pub pruning: Option<cloudtask_scheduler::retention::Pruning>,
 }
 
 impl Default for Options {
@@ -50,6 +52,7 @@ impl Default for Options {
             in_process_scheduler: true,
             notify: Vec::new(),
             queue_expiry_secs: None,
+            pruning: None,
         }
     }
 }
@@ -152,6 +155,7 @@ impl Cluster {
                     )
                     .expect("notifier settings"),
                 ),
+                pruning: options.pruning.clone(),
             };
             tokio::spawn(scheduler.run(scheduler_stop.clone()));
         }

@@ -25,6 +25,7 @@ const SNAPSHOT: &str = "{
     auditLog(first: 200) { edges { node { id operation objectType objectId } } }
     runs(first: 200) { edges { node { id status finishedAt logs(limit: 1000) { offset text } } } }
     notificationSettings { notifyEmails webhookUrl }
+    retention { own { runDays runsPerTask logDays auditDays } }
 }";
 
 /// The tenant's state as its owner sees it.

@@ -16,6 +16,7 @@ mod hostile;
 mod isolation;
 mod notifications;
 mod output;
+mod retention;
 mod roles;
 mod run_truth;
 mod secrets;

@@ -30,6 +30,7 @@ const CASES: &[&str] = &[
     "dashboard",
     "auditLog",
     "notificationSettings",
+    "retention",
     // Mutations.
     "createTask",
     "createTask(package)",
@@ -53,6 +54,7 @@ const CASES: &[&str] = &[
     "removeMember(VIEWER)",
     "removeMember(OWNER)",
     "setNotificationSettings",
+    "setRetention",
 ];
 
 /// Role → the cases it may perform in its tenant (see `Role::allows` in core/src/roles.rs).
@@ -61,7 +63,7 @@ const CASES: &[&str] = &[
 #[rustfmt::skip]
 const ALLOWED: [(&str, &[&str]); 4] = [
     ("OWNER", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings", "retention",
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
@@ -70,11 +72,12 @@ const ALLOWED: [(&str, &[&str]); 4] = [
         /* ManageMembers  */ "addMember(VIEWER)", "setMemberRole(VIEWER->OPERATOR)", "removeMember(VIEWER)",
         /* ReadAudit      */ "auditLog",
         /* Notifications  */ "setNotificationSettings",
+        /* Retention      */ "setRetention",
         /* ManageOwners   */ "addMember(OWNER)", "setMemberRole(VIEWER->OWNER)",
                              "setMemberRole(OWNER->VIEWER)", "removeMember(OWNER)",
     ]),
     ("ADMIN", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings", "retention",
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
@@ -83,16 +86,17 @@ const ALLOWED: [(&str, &[&str]); 4] = [
         /* ManageMembers  */ "addMember(VIEWER)", "setMemberRole(VIEWER->OPERATOR)", "removeMember(VIEWER)",
         /* ReadAudit      */ "auditLog",
         /* Notifications  */ "setNotificationSettings",
+        /* Retention      */ "setRetention",
     ]),
     ("OPERATOR", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings", "retention",
         /* EditTask       */ "createTask", "updateTask", "cloneTask", "deleteTask",
         /* UploadPackage  */ "createTask(package)", "uploadPackage",
         /* PauseTask      */ "pauseTask", "resumeTask",
         /* RunTask/StopRun */ "runTaskNow", "stopRun",
     ]),
     ("VIEWER", &[
-        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings",
+        /* Read           */ "me", "tenant", "clusters", "cluster", "tasks", "task", "runs", "run", "members", "dashboard", "notificationSettings", "retention",
     ]),
 ];
 
@@ -278,6 +282,15 @@ async fn prepare(world: &World, case: &str, tag: &str) -> Call {
                 setNotificationSettings(input: $input) { notifyEmails }
             }",
             json!({ "input": { "notifyEmails": [format!("{tag}@alpha.example")] } }),
+        ),
+        "retention" => Call::new(
+            "{ retention { held { runDays } lastPrune { at } } }",
+            json!({}),
+        ),
+        "setRetention" => Call::new(
+            "mutation($input: RetentionInput!) { setRetention(input: $input) { own { runDays } } }",
+            // A value of each role's own, so that each call changes something.
+            json!({ "input": { "runDays": 1 + ROLES.iter().position(|r| r.to_lowercase() == tag).unwrap_or(9) } }),
         ),
         "createTask" => Call::new(
             CREATE_TASK,

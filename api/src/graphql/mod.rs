@@ -13,6 +13,7 @@ mod limits;
 mod members;
 mod notifications;
 mod packages;
+mod retention;
 mod runs;
 mod tasks;
 mod tenants;
@@ -39,6 +40,7 @@ pub struct QueryRoot(
     tasks::TaskQuery,
     runs::RunQuery,
     notifications::NotificationQuery,
+    retention::RetentionQuery,
     members::MemberQuery,
     audit::AuditQuery,
 );
@@ -51,6 +53,7 @@ pub struct MutationRoot(
     members::MemberMutation,
     clusters::ClusterMutation,
     notifications::NotificationMutation,
+    retention::RetentionMutation,
     tasks::TaskMutation,
     packages::PackageMutation,
     runs::RunMutation,

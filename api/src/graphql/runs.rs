@@ -254,6 +254,11 @@ impl RunObj {
     async fn created_at(&self) -> DateTime<Utc> {
         self.0.created_at
     }
+    /// When retention deleted the run's lines (its outcome is kept); null while they
+    /// are kept.
+    async fn logs_pruned_at(&self) -> Option<DateTime<Utc>> {
+        self.0.logs_pruned_at
+    }
     /// Log lines from `fromOffset` (default 0), in order, at most `limit` (default and
     /// maximum 5000).
     #[graphql(complexity = "super::cost::list(Some(limit), MAX_LOG_PAGE, child_complexity)")]

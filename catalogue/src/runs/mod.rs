@@ -57,6 +57,8 @@ pub struct Run {
     /// Why it ended as it did, when the status alone does not say (e.g. the limit).
     pub reason: Option<RunReason>,
     pub created_at: DateTime<Utc>,
+    /// When retention deleted its lines (its outcome is kept).
+    pub logs_pruned_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -93,6 +95,7 @@ impl TryFrom<run::Model> for Run {
             error: m.error,
             reason: m.reason.as_deref().and_then(RunReason::parse),
             created_at: m.created_at,
+            logs_pruned_at: m.logs_pruned_at,
         })
     }
 }
@@ -134,6 +137,7 @@ fn new_run(
         created_at: Set(now),
         stop_requested_at: Set(None),
         reason: Set(reason.map(|r| r.as_str().to_owned())),
+        logs_pruned_at: Set(None),
     }
 }
 
