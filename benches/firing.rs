@@ -259,7 +259,16 @@ impl Stack {
             )
             .env("CLOUDTASK_WORKER_NAME", name)
             .env("CLOUDTASK_DATA_DIR", &config.data_dir)
-            .env("CLOUDTASK_LOG_LEVEL", "warn")
+            // The bench's own settings pass through: CLOUDTASK_CONTAINMENT to compare how
+            // runs are held, CLOUDTASK_LOG_LEVEL to look inside.
+            .env(
+                "CLOUDTASK_LOG_LEVEL",
+                std::env::var("CLOUDTASK_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+            )
+            .env(
+                "CLOUDTASK_CONTAINMENT",
+                std::env::var("CLOUDTASK_CONTAINMENT").unwrap_or_else(|_| "auto".into()),
+            )
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();

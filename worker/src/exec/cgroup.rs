@@ -285,16 +285,16 @@ impl Drop for Cage {
         if listed(&members).into_iter().any(procs::live) {
             kill_in(&members);
         }
-        if !try_remove(&dirs) {
-            remove_later(dirs);
-        }
+        // Removed by the remover's thread: a cgroup's removal blocks (its controllers go
+        // offline), and a run's end is often on a runtime thread.
+        remove_later(dirs);
     }
 }
 
-/// Cgroups still emptying when their run ended (a process in uninterruptible sleep, a
-/// zombie its new parent has not reaped yet) go to one thread of the process, which
-/// removes each once it can (for 30 s at most): no runtime thread waits for them, and
-/// a burst of ended runs costs one thread, not one each.
+/// Cgroups of ended runs go to one thread of the process, which removes each at once or,
+/// still emptying (a process in uninterruptible sleep, a zombie its new parent has not
+/// reaped yet), once it can (for 30 s at most): no runtime thread waits for them, and a
+/// burst of ended runs costs one thread, not one each.
 fn remove_later(dirs: Vec<PathBuf>) {
     use std::sync::mpsc;
     static LATER: std::sync::OnceLock<mpsc::Sender<Vec<PathBuf>>> = std::sync::OnceLock::new();

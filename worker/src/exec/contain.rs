@@ -272,7 +272,10 @@ impl Members {
             tick.tick().await;
             // Runs sampled at about the same moment share one look at the machine.
             let usage = tokio::task::spawn_blocking(move || {
-                procs::usage(&procs::scan(SAMPLE / 2).members(group, run))
+                let since = std::time::Instant::now()
+                    .checked_sub(SAMPLE / 2)
+                    .unwrap_or_else(std::time::Instant::now);
+                procs::usage(&procs::scan(since).members(group, run))
             })
             .await
             .unwrap_or_default();

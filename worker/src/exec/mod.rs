@@ -109,7 +109,12 @@ pub async fn execute(
     stop: &CancellationToken,
     hurry: &CancellationToken,
 ) -> Outcome {
-    let spawned = contain::spawn(spec, &limits.containment);
+    // Off the runtime's threads: making a cgroup and moving a process into one (v1
+    // waits for an RCU grace period) block for milliseconds.
+    let (owned, containment) = (spec.clone(), limits.containment.clone());
+    let spawned = tokio::task::spawn_blocking(move || contain::spawn(&owned, &containment))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     supervise_logged(spec, spawned, limits, reporter, stop, hurry).await
 }
 
@@ -159,27 +164,29 @@ async fn supervise_logged(
 fn command(spec: &RunSpec, staged: bool) -> Command {
     #[cfg(unix)]
     let mut command = {
-        // By its path: with PATH in the child's environment, a bare `sh` makes the
-        // standard library fork the whole worker instead of using posix_spawn.
-        let mut c = Command::new("/bin/sh");
-        // `--`: a command that starts with `-` is a command, not the shell's options.
-        c.arg("-c").arg("--");
-        if staged {
-            c.arg(format!("{HOLD}{}", spec.command));
+        let script = if staged {
+            format!("{HOLD}{}", spec.command)
         } else {
-            c.arg(&spec.command);
-        }
+            spec.command.clone()
+        };
+        // By its path: with PATH in the child's environment, a bare `sh` makes the
+        // standard library fork the whole worker instead of using posix_spawn. `--`: a
+        // command that starts with `-` is a command, not the shell's options.
+        let shell = ["/bin/sh", "-c", "--", script.as_str()].map(std::ffi::OsStr::new);
+        let mut c = identity::command_as(&spec.identity, &shell);
         c.process_group(0);
         c
     };
     #[cfg(windows)]
     let mut command = {
         let _ = staged;
-        let mut c = Command::new("cmd");
-        c.arg("/C").arg(&spec.command);
-        c
+        let shell = ["cmd", "/C", spec.command.as_str()].map(std::ffi::OsStr::new);
+        identity::command_as(&spec.identity, &shell)
     };
     command.env_clear();
+    if let Some(home) = &spec.identity.home {
+        command.env("HOME", home).env("TMPDIR", home);
+    }
     for name in INHERITED {
         if let Ok(value) = std::env::var(name) {
             command.env(name, value);
@@ -188,7 +195,6 @@ fn command(spec: &RunSpec, staged: bool) -> Command {
     if std::env::var_os("PATH").is_none() {
         command.env("PATH", "/usr/local/bin:/usr/bin:/bin");
     }
-    identity::apply(&mut command, &spec.identity);
     command
         .envs(&spec.env)
         .env("CLOUDTASK_RUN_ID", spec.run_id.to_string())

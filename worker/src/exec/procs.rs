@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cloudtask_core::ids::RunId;
 use nix::sys::signal::{Signal, kill};
@@ -157,13 +157,15 @@ struct Scans {
 
 static SCANS: Mutex<Option<Scans>> = Mutex::new(None);
 
-/// The live processes of the machine, seen at most `fresh` ago: runs sampled at about
-/// the same moment share one look. Blocks (reads `/proc`).
-pub(super) fn scan(fresh: Duration) -> Arc<Scan> {
+/// The live processes of the machine, as a look started at `since` or later found them:
+/// callers that asked while a look was under way share the next one (which sees
+/// everything alive when each asked), and samplers that take one a little old share it.
+/// Blocks (reads `/proc`).
+pub(super) fn scan(since: Instant) -> Arc<Scan> {
     let mut scans = SCANS.lock().unwrap_or_else(|e| e.into_inner());
     let scans = scans.get_or_insert_with(Scans::default);
     if let Some((at, scan)) = &scans.last
-        && at.elapsed() <= fresh
+        && *at >= since
     {
         return scan.clone();
     }
@@ -198,7 +200,7 @@ pub(super) fn scan(fresh: Duration) -> Arc<Scan> {
 
 /// The live processes of a run without a cgroup, now (see [`Scan::members`]).
 pub(super) fn run_members(group: i32, run: RunId) -> Vec<i32> {
-    scan(Duration::ZERO).members(group, run)
+    scan(Instant::now()).members(group, run)
 }
 
 /// Sends `signal` to each process; a process gone meanwhile is no error.
@@ -248,7 +250,7 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = away.id() as i32;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !run_members(0, run).contains(&pid) {
             assert!(
                 std::time::Instant::now() < deadline,

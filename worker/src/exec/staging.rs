@@ -85,7 +85,8 @@ impl Drop for Staged {
 
 /// Starts the fire's shell now, held until [`Staged::release`], in its cgroup when
 /// `containment` has them. None when it cannot be staged (too many held, the spawn
-/// failed, not on Unix): the fire starts at its time.
+/// failed, not on Unix): the fire starts at its time. Blocks (spawning, making the
+/// cgroup and moving the shell in): call it off the runtime's threads.
 pub fn stage(spec: RunSpec, containment: &Containment) -> Option<Staged> {
     #[cfg(unix)]
     {

@@ -237,7 +237,14 @@ impl Actor {
                         let env = shared.claims.envs().of(task, node.version);
                         let identity = shared.packages.identity();
                         let spec = run_spec(&node, run, &claim, env, workdir, identity);
-                        if let Some(shell) = stage(spec, &shared.limits.containment) {
+                        // Off the runtime's threads: starting a shell and putting it in
+                        // its cgroup block (see `exec::stage`).
+                        let containment = shared.limits.containment.clone();
+                        let shell = tokio::task::spawn_blocking(move || stage(spec, &containment))
+                            .await
+                            .ok()
+                            .flatten();
+                        if let Some(shell) = shell {
                             *staged.lock().expect("staged slot") = Some((node.version, shell));
                         }
                     }
