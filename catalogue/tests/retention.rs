@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use cloudtask_catalogue::{
-    Catalogue, ClusterHandle, NewPackage, NewTask, NewUser, PageRequest, Scope, TenantHandle,
+    Catalogue, ClusterHandle, NewPackage, NewTask, PageRequest, TenantHandle,
 };
 use cloudtask_core::archive::{ArchiveFormat, ArchiveSummary};
 use cloudtask_core::ids::{ClusterId, RunId, TaskId};
@@ -162,38 +162,7 @@ async fn lines(handle: &TenantHandle, run: RunId) -> usize {
 
 async fn exercise(catalogue: Catalogue) {
     catalogue.migrate().await.unwrap();
-    let admin = catalogue
-        .create_user(NewUser {
-            email: "admin@example.com".into(),
-            password_hash: "x".into(),
-            platform_admin: true,
-        })
-        .await
-        .unwrap();
-    let actor = admin.id.to_string();
-    let tenant = catalogue
-        .create_tenant(
-            (admin.id, &actor),
-            "acme",
-            "owner@acme.example",
-            Some("hash".into()),
-        )
-        .await
-        .unwrap();
-    let owner = catalogue
-        .user_credentials("owner@acme.example")
-        .await
-        .unwrap()
-        .unwrap()
-        .user;
-    let handle = catalogue
-        .tenant(Scope {
-            tenant_id: tenant.id,
-            user_id: owner.id,
-            actor: "owner".into(),
-        })
-        .await
-        .unwrap();
+    let (tenant, handle) = cloudtask_testkit::owned_tenant(&catalogue, "acme").await;
     let cluster = handle
         .create_cluster("main", "token-hash".into())
         .await

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use cloudtask_catalogue::{Catalogue, NewTask, NewUser, Scope, TenantHandle};
+use cloudtask_catalogue::{Catalogue, NewTask, TenantHandle};
 use cloudtask_coord::layout::{self, WorkerNode};
 use cloudtask_coord::zk::ZkCoordinator;
 use cloudtask_coord::{Coordinator, NodeKind, Session};
@@ -32,33 +32,7 @@ async fn setup(tasks: usize) -> Setup {
         .await
         .unwrap();
     catalogue.migrate().await.unwrap();
-    let admin = catalogue
-        .create_user(NewUser {
-            email: "admin@x.example".into(),
-            password_hash: "x".into(),
-            platform_admin: true,
-        })
-        .await
-        .unwrap();
-    let actor = admin.id.to_string();
-    let tenant = catalogue
-        .create_tenant((admin.id, &actor), "t", "owner@x.example", Some("x".into()))
-        .await
-        .unwrap();
-    let owner = catalogue
-        .user_credentials("owner@x.example")
-        .await
-        .unwrap()
-        .unwrap()
-        .user;
-    let handle = catalogue
-        .tenant(Scope {
-            tenant_id: tenant.id,
-            user_id: owner.id,
-            actor: "owner".into(),
-        })
-        .await
-        .unwrap();
+    let (_, handle) = cloudtask_testkit::owned_tenant(&catalogue, "t").await;
     let cluster = handle
         .create_cluster("main", "hash".into())
         .await

@@ -11,7 +11,7 @@ mod zookeeper;
 use std::sync::Arc;
 
 use cloudtask_api::AppState;
-use cloudtask_catalogue::{Catalogue, NewUser};
+use cloudtask_catalogue::{Catalogue, NewUser, Scope, Tenant, TenantHandle};
 use cloudtask_core::config::Config;
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
@@ -64,6 +64,40 @@ impl Drop for TestApi {
 }
 
 pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+/// A tenant named `name` made by a platform admin on a migrated `catalogue`, with its
+/// owner (`owner@<name>.example`), and the owner's handle on it.
+pub async fn owned_tenant(catalogue: &Catalogue, name: &str) -> (Tenant, TenantHandle) {
+    let admin = catalogue
+        .create_user(NewUser {
+            email: format!("admin@{name}.example"),
+            password_hash: "x".into(),
+            platform_admin: true,
+        })
+        .await
+        .expect("the platform admin");
+    let actor = admin.id.to_string();
+    let owner_email = format!("owner@{name}.example");
+    let tenant = catalogue
+        .create_tenant((admin.id, &actor), name, &owner_email, Some("x".into()))
+        .await
+        .expect("the tenant");
+    let owner = catalogue
+        .user_credentials(&owner_email)
+        .await
+        .expect("the owner's account")
+        .expect("an owner")
+        .user;
+    let handle = catalogue
+        .tenant(Scope {
+            tenant_id: tenant.id,
+            user_id: owner.id,
+            actor: "owner".into(),
+        })
+        .await
+        .expect("the owner's handle");
+    (tenant, handle)
+}
 
 /// The platform's ZooKeeper credential in tests (`zookeeper_auth`): generated once per
 /// test process, so the coordination tree has ACLs in every test that uses it.

@@ -440,6 +440,12 @@ async fn limits_end_a_memory_hog_and_hold_a_fork_bomb_while_the_worker_runs_othe
     );
 
     // The worker says how it holds runs.
+    let containment = containment_of(&cluster).await;
+    assert!(containment.starts_with("cgroup-"), "{containment}");
+}
+
+/// `Worker.containment` of the cluster's first worker.
+async fn containment_of(cluster: &Cluster) -> String {
     let workers = cluster
         .owner
         .run(
@@ -447,11 +453,10 @@ async fn limits_end_a_memory_hog_and_hold_a_fork_bomb_while_the_worker_runs_othe
             json!({ "id": cluster.cluster_id }),
         )
         .await;
-    let containment = workers.data()["cluster"]["workers"][0]["containment"]
+    workers.data()["cluster"]["workers"][0]["containment"]
         .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert!(containment.starts_with("cgroup-"), "{}", workers.body);
+        .unwrap_or_else(|| panic!("no containment: {}", workers.body))
+        .to_owned()
 }
 
 /// `Run.reason` of a run.
@@ -562,16 +567,6 @@ async fn a_process_tree_worker_ends_a_run_over_its_memory_or_process_limit() {
         })
         .await;
 
-    let workers = cluster
-        .owner
-        .run(
-            "query($id: ID!) { cluster(id: $id) { workers { containment } } }",
-            json!({ "id": cluster.cluster_id }),
-        )
-        .await;
-    let containment = workers.data()["cluster"]["workers"][0]["containment"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert!(containment.starts_with("process-tree"), "{}", workers.body);
+    let containment = containment_of(&cluster).await;
+    assert!(containment.starts_with("process-tree"), "{containment}");
 }
