@@ -134,16 +134,51 @@ pub struct ErrorCodes;
 
 impl ExtensionFactory for ErrorCodes {
     fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(ErrorCodes)
+        Arc::new(ErrorCodesOf::default())
     }
 }
 
+/// [`ErrorCodes`] for one request: its id, once the request is seen.
+#[derive(Default)]
+struct ErrorCodesOf {
+    request_id: std::sync::Mutex<Option<String>>,
+}
+
 #[async_graphql::async_trait::async_trait]
-impl Extension for ErrorCodes {
+impl Extension for ErrorCodesOf {
+    async fn prepare_request(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        request: async_graphql::Request,
+        next: async_graphql::extensions::NextPrepareRequest<'_>,
+    ) -> async_graphql::ServerResult<async_graphql::Request> {
+        let id = request
+            .data
+            .get(&std::any::TypeId::of::<crate::graphql::RequestId>())
+            .and_then(|d| d.downcast_ref::<crate::graphql::RequestId>());
+        if let Some(id) = id {
+            *self.request_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.0.clone());
+        }
+        next.run(ctx, request).await
+    }
+
     async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
         let mut response = next.run(ctx).await;
         give_codes(&mut response);
         crate::graphql::cost::cap_errors(&mut response);
+        let id = self
+            .request_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(id) = id {
+            for error in &mut response.errors {
+                error
+                    .extensions
+                    .get_or_insert_with(Default::default)
+                    .set("requestId", id.clone());
+            }
+        }
         response
     }
 

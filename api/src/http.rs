@@ -68,11 +68,36 @@ fn graphql_refusal(status: StatusCode, code: &str, message: String) -> Response 
         .into_response()
 }
 
+/// Every `POST /graphql` has an id: the caller's `X-Request-Id` when it is a plain token
+/// (1 to 64 letters, digits, `.`, `_`, `-`, `:`), a new one otherwise. It is in the span
+/// of everything logged while the request is served, in the answer's `X-Request-Id`
+/// header, and in the `extensions.requestId` of each of its GraphQL errors.
 async fn graphql(
+    http: State<Http>,
+    client: Extension<ClientAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    use tracing::Instrument;
+    let id = crate::graphql::RequestId::from_header(
+        headers.get("x-request-id").and_then(|v| v.to_str().ok()),
+    );
+    let span = tracing::info_span!("graphql", request_id = %id.0);
+    let mut response = graphql_request(http, client, headers, body, id.clone())
+        .instrument(span)
+        .await;
+    if let Ok(value) = header::HeaderValue::from_str(&id.0) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+async fn graphql_request(
     State(http): State<Http>,
     Extension(ClientAddr(client_ip)): Extension<ClientAddr>,
     headers: HeaderMap,
     body: Body,
+    id: crate::graphql::RequestId,
 ) -> Response {
     let config = &http.state.config;
     let content_type = headers
@@ -112,7 +137,8 @@ async fn graphql(
     let spent = crate::graphql::cost::Spent::default();
     let batch = batch
         .data(RequestContext::new(auth, client_ip))
-        .data(spent.clone());
+        .data(spent.clone())
+        .data(id);
     let response = schema.execute_batch(batch).await;
     // A big answer is written off the async workers (other requests go on meanwhile),
     // within the caller's turn when it was heavy (`spent` holds it until then).

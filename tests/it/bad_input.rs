@@ -588,3 +588,44 @@ async fn values_of_the_wrong_type_are_bad_user_input() {
     assert_code(&syntax, "BAD_USER_INPUT", "syntax error");
     guard.unchanged("values of the wrong type").await;
 }
+
+/// Every GraphQL request has an id: in the answer's `X-Request-Id` and in each error's
+/// `extensions.requestId`; a caller's plain id is kept, anything else replaced.
+#[tokio::test]
+async fn every_request_has_an_id_in_its_answer_and_its_errors() {
+    let api = TestApi::start().await;
+    let client = reqwest::Client::new();
+    let ask = |id: Option<&str>| {
+        let mut request = client
+            .post(format!("{}/graphql", api.url))
+            .json(&json!({ "query": "{ me { id } }" }));
+        if let Some(id) = id {
+            request = request.header("x-request-id", id);
+        }
+        request.send()
+    };
+    for (given, kept) in [
+        (None, false),
+        (Some("trace-42.a_b:c"), true),
+        (Some("x".repeat(65).as_str()), false),
+        (Some("two words"), false),
+        (Some("'; DROP TABLE runs; --"), false),
+    ] {
+        let answer = ask(given).await.unwrap();
+        let id = answer
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no X-Request-Id for {given:?}"));
+        let body: Value = answer.json().await.unwrap();
+        let error = &body["errors"][0];
+        assert_eq!(error["extensions"]["code"], "UNAUTHENTICATED", "{body}");
+        assert_eq!(error["extensions"]["requestId"], id.as_str(), "{body}");
+        if kept {
+            assert_eq!(Some(id.as_str()), given);
+        } else {
+            assert!(id.starts_with("req_"), "{id} for {given:?}");
+        }
+    }
+}

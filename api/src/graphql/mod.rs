@@ -65,6 +65,26 @@ pub struct SubscriptionRoot(runs::RunSubscription, clusters::ClusterSubscription
 
 pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
+/// The id of one HTTP request to `/graphql` (see `http::graphql`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    /// The caller's id when it is a plain token of at most 64 characters, else a new one.
+    pub fn from_header(given: Option<&str>) -> RequestId {
+        let plain = |id: &str| {
+            (1..=64).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+        };
+        match given {
+            Some(id) if plain(id) => RequestId(id.to_owned()),
+            _ => RequestId(format!("req_{}", uuid::Uuid::now_v7().simple())),
+        }
+    }
+}
+
 /// Built once per HTTP request from its headers, and once per operation on a socket.
 #[derive(Clone)]
 pub struct RequestContext {
