@@ -141,7 +141,7 @@ impl ExtensionFactory for ErrorCodes {
 /// [`ErrorCodes`] for one request: its id, once the request is seen.
 #[derive(Default)]
 struct ErrorCodesOf {
-    request_id: std::sync::Mutex<Option<String>>,
+    request_id: std::sync::OnceLock<String>,
 }
 
 #[async_graphql::async_trait::async_trait]
@@ -157,7 +157,7 @@ impl Extension for ErrorCodesOf {
             .get(&std::any::TypeId::of::<crate::graphql::RequestId>())
             .and_then(|d| d.downcast_ref::<crate::graphql::RequestId>());
         if let Some(id) = id {
-            *self.request_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.0.clone());
+            let _ = self.request_id.set(id.0.clone());
         }
         next.run(ctx, request).await
     }
@@ -166,12 +166,7 @@ impl Extension for ErrorCodesOf {
         let mut response = next.run(ctx).await;
         give_codes(&mut response);
         crate::graphql::cost::cap_errors(&mut response);
-        let id = self
-            .request_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(id) = id {
+        if let Some(id) = self.request_id.get() {
             for error in &mut response.errors {
                 error
                     .extensions

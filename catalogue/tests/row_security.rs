@@ -3,7 +3,7 @@
 //! of the handle's tenant or cluster. The tests' database user is a superuser that owns
 //! the tables, so this also shows the handle leaves the owner role.
 
-use cloudtask_catalogue::{Catalogue, ClusterHandle, NewTask, NewUser, Scope, TenantHandle};
+use cloudtask_catalogue::{Catalogue, ClusterHandle, NewTask, TenantHandle};
 use cloudtask_core::protocol::Claim;
 use cloudtask_core::run::{RunStatus, RunTrigger};
 use cloudtask_core::task::{TaskSpec, TaskState};
@@ -17,33 +17,7 @@ struct Tenant {
 /// A tenant named `name` with one cluster per entry of `clusters`, each holding one task
 /// named `<cluster>-task` and one claimed run of it.
 async fn tenant(catalogue: &Catalogue, name: &str, clusters: &[&str]) -> Tenant {
-    let admin = catalogue
-        .create_user(NewUser {
-            email: format!("admin@{name}.example"),
-            password_hash: "x".into(),
-            platform_admin: true,
-        })
-        .await
-        .unwrap();
-    let actor = admin.id.to_string();
-    let owner_email = format!("owner@{name}.example");
-    let tenant = catalogue
-        .create_tenant((admin.id, &actor), name, &owner_email, Some("x".into()))
-        .await
-        .unwrap();
-    let owner = catalogue
-        .user_credentials(&owner_email)
-        .await
-        .unwrap()
-        .unwrap();
-    let handle = catalogue
-        .tenant(Scope {
-            tenant_id: tenant.id,
-            user_id: owner.user.id,
-            actor: owner_email,
-        })
-        .await
-        .unwrap();
+    let (_, handle) = cloudtask_testkit::owned_tenant(catalogue, name).await;
     let mut handles = Vec::new();
     for cluster_name in clusters {
         let token = format!("{name}-{cluster_name}-token");

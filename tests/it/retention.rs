@@ -62,6 +62,21 @@ async fn a_tenants_horizons_are_kept_within_the_platforms_and_the_leader_prunes_
         longer.body
     );
     assert_eq!(settings(&cluster).await["own"], none);
+    for (input, field) in [
+        (json!({ "auditDays": -1 }), "auditDays"),
+        (json!({ "logDays": 0 }), "logDays"),
+    ] {
+        let refused = cluster
+            .owner
+            .run(
+                "mutation($input: RetentionInput!) { setRetention(input: $input) { own { runDays } } }",
+                json!({ "input": input }),
+            )
+            .await;
+        assert_eq!(refused.code(), Some("BAD_USER_INPUT"), "{}", refused.body);
+        assert!(refused.body.to_string().contains(field), "{}", refused.body);
+    }
+    assert_eq!(settings(&cluster).await["own"], none);
 
     let set = cluster
         .owner
